@@ -1,0 +1,31 @@
+"""hwprune: hardware-constrained pruning for PyTorch.
+
+Three independent axes: *structure* (``hwprune.structures``: how a weight is cut into groups),
+*method* (``Magnitude`` and the learned methods: how the pattern is found) and *deployment*
+(``finalize``, ``shrink``, ``save``: what is done with the pattern). See README.md.
+"""
+
+from . import schedules, structures
+from .errors import (
+    ConfigError,
+    HwpruneError,
+    LifecycleError,
+    StructureError,
+    TargetError,
+)
+from .methods import Magnitude, Pruner
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Magnitude",
+    "Pruner",
+    "schedules",
+    "structures",
+    "HwpruneError",
+    "StructureError",
+    "TargetError",
+    "ConfigError",
+    "LifecycleError",
+    "__version__",
+]

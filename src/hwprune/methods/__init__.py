@@ -1,0 +1,6 @@
+"""Pruning methods. Each is a ``Pruner`` with the same lifecycle (see ``base``)."""
+
+from .base import PrunedLayer, Pruner
+from .magnitude import Magnitude
+
+__all__ = ["Pruner", "PrunedLayer", "Magnitude"]

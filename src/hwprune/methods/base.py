@@ -1,0 +1,262 @@
+"""The pruning lifecycle every method shares.
+
+::
+
+    pruner = Method(model, structure, ..., targets=None)   # validate, then parametrize
+    opt = torch.optim.SGD(pruner.param_groups(lr=0.1, momentum=0.9))
+    loss = task_loss + pruner.penalty(); ...; opt.step(); pruner.step()
+    pruner.epoch_end()
+    model = pruner.finalize()                               # plain modules, zeros baked in
+
+A method subclasses ``Pruner`` and fills in a few hooks: the parametrization that computes a
+layer's effective weight, what happens at ``step``/``epoch_end``, its penalty, its own
+learnable parameters and their optimizer settings, and its extra resumable state. Everything
+a user can get wrong is checked in ``__init__`` before the model is touched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from ..errors import ConfigError, LifecycleError, StructureError
+from ..structures import Structure, parse_structure
+from ..targets import Spec, Target, resolve_targets
+
+__all__ = ["Pruner", "PrunedLayer"]
+
+
+@dataclass
+class PrunedLayer:
+    """One target weight under pruning: where it lives, its structure, its parametrization."""
+
+    target: Target
+    structure: Structure
+    shape: tuple[int, ...]
+    parametrization: nn.Module | None = None
+
+    @property
+    def name(self) -> str:
+        return self.target.name
+
+    @property
+    def module(self) -> nn.Module:
+        return self.target.module
+
+    @property
+    def param(self) -> str:
+        return self.target.param
+
+    def effective_weight(self) -> Tensor:
+        """The weight the layer computes with now (mask, scale, ... applied)."""
+        return getattr(self.module, self.param)
+
+    def original(self) -> nn.Parameter:
+        """The trainable tensor underneath the parametrization."""
+        return self.module.parametrizations[self.param].original
+
+
+class Pruner:
+    """Base class of all methods. Subclasses override the ``_hooks`` below, not the verbs."""
+
+    def __init__(self, model: nn.Module, structure: str | Structure, targets: Spec = None):
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            raise ConfigError(
+                "create the pruner on the bare model, then wrap it in DistributedDataParallel"
+            )
+        self.model = model
+        self.structure = parse_structure(structure)
+        self.layers: dict[str, PrunedLayer] = {}
+        for t in resolve_targets(model, targets):
+            shape = tuple(getattr(t.module, t.param).shape)
+            self.structure.validate(shape, t.name)
+            if parametrize.is_parametrized(t.module, t.param):
+                raise StructureError(
+                    f"{t.name} is already parametrized (another pruner?); finalize it first"
+                )
+            self.layers[t.name] = PrunedLayer(t, self.structure, shape)
+        self._check_config()  # method-specific validation, still before the model is touched
+        self.steps = 0
+        self.epochs = 0
+        self._final_masks: dict[str, Tensor] | None = None
+        for layer in self.layers.values():
+            layer.parametrization = self._make_parametrization(layer)
+            parametrize.register_parametrization(layer.module, layer.param, layer.parametrization)
+        self._on_attach()
+
+    # -- hooks for methods ---------------------------------------------------------------
+    def _check_config(self) -> None:
+        """Raise ``ConfigError`` for bad method parameters (called before attaching)."""
+
+    def _make_parametrization(self, layer: PrunedLayer) -> nn.Module:
+        raise NotImplementedError
+
+    def _on_attach(self) -> None:
+        """Called once parametrizations are registered (e.g. a one-shot prune)."""
+
+    def _on_step(self) -> None:
+        """Called after each optimizer step; ``self.steps`` is already incremented."""
+
+    def _on_epoch_end(self) -> None:
+        """Called at each epoch end; ``self.epochs`` is already incremented."""
+
+    def _penalty(self) -> Tensor | None:
+        return None
+
+    def _method_param_groups(self, defaults: dict[str, Any]) -> list[dict[str, Any]]:
+        """Groups for the method's own learnable parameters (each with its settings)."""
+        return []
+
+    def _mask(self, layer: PrunedLayer) -> Tensor:
+        """Bool tensor of the weight's shape: which weights are kept now."""
+        return layer.parametrization.mask.clone()
+
+    def _final_weight(self, layer: PrunedLayer) -> Tensor:
+        """The weight to bake in at ``finalize()`` (deterministic, eval-mode value)."""
+        return layer.effective_weight()
+
+    def _extra_state(self) -> dict[str, Any]:
+        """Resumable state outside the parametrizations (RNG, ADMM phase, ...)."""
+        return {}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    # -- the public verbs ------------------------------------------------------------------
+    def param_groups(self, **defaults: Any) -> list[dict[str, Any]]:
+        """Optimizer parameter groups: the model's parameters with ``defaults``, then one
+        group per kind of the method's own parameters with the method's settings."""
+        self._check_live("param_groups")
+        method_groups = self._method_param_groups(defaults)
+        owned = {id(p) for g in method_groups for p in g["params"]}
+        model_params = [
+            p for p in self.model.parameters() if p.requires_grad and id(p) not in owned
+        ]
+        return [{"params": model_params, **defaults}, *method_groups]
+
+    def penalty(self) -> Tensor:
+        """The method's regulariser to add to the loss (a zero tensor where it has none)."""
+        self._check_live("penalty")
+        p = self._penalty()
+        return p if p is not None else torch.zeros((), device=self._device())
+
+    def step(self) -> None:
+        """Advance the method by one optimizer step (schedules, ADMM updates, ...)."""
+        self._check_live("step")
+        self.steps += 1
+        with torch.no_grad():
+            self._on_step()
+
+    def epoch_end(self) -> None:
+        """Advance per-epoch schedules (temperature, epoch-based sparsity schedules)."""
+        self._check_live("epoch_end")
+        self.epochs += 1
+        with torch.no_grad():
+            self._on_epoch_end()
+
+    def masks(self) -> dict[str, Tensor]:
+        """``{parameter name: bool tensor of the weight's shape}``: True where kept."""
+        if self._final_masks is not None:
+            return {k: v.clone() for k, v in self._final_masks.items()}
+        with torch.no_grad():
+            return {name: self._mask(layer) for name, layer in self.layers.items()}
+
+    def finalize(self) -> nn.Module:
+        """Bake the effective weights (zeros, scales) into plain modules, in place.
+
+        Removes every parametrization this pruner registered; the returned model (the same
+        object as ``pruner.model``) needs nothing of hwprune to run. The pruner is finished
+        afterwards: ``masks()`` still answers, the training verbs raise.
+        """
+        self._check_live("finalize")
+        was_training = self.model.training
+        self.model.eval()
+        with torch.no_grad():
+            finals = {name: self._final_weight(layer).detach().clone()
+                      for name, layer in self.layers.items()}
+            self._final_masks = {name: self._mask(layer) for name, layer in self.layers.items()}
+            for name, layer in self.layers.items():
+                parametrize.remove_parametrizations(
+                    layer.module, layer.param, leave_parametrized=False
+                )
+                getattr(layer.module, layer.param).copy_(finals[name])
+                layer.parametrization = None
+        self.model.train(was_training)
+        return self.model
+
+    @property
+    def finalized(self) -> bool:
+        return self._final_masks is not None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume exactly: counters, and per layer the
+        parametrization's state (masks, alphas, logits, ...), plus method extras."""
+        self._check_live("state_dict")
+        return {
+            "method": type(self).__name__,
+            "structure": str(self.structure),
+            "steps": self.steps,
+            "epochs": self.epochs,
+            "layers": {
+                name: {k: v.detach().clone() for k, v in layer.parametrization.state_dict().items()}
+                for name, layer in self.layers.items()
+            },
+            "extra": self._extra_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict()`` output into this pruner (built the same way)."""
+        self._check_live("load_state_dict")
+        if state.get("method") != type(self).__name__:
+            raise ConfigError(
+                f"state is from method {state.get('method')!r}, this pruner is "
+                f"{type(self).__name__!r}"
+            )
+        if state.get("structure") != str(self.structure):
+            raise ConfigError(
+                f"state has structure {state.get('structure')!r}, this pruner "
+                f"{str(self.structure)!r}"
+            )
+        if set(state["layers"]) != set(self.layers):
+            raise ConfigError(
+                "state targets differ from this pruner's: missing "
+                f"{sorted(set(self.layers) - set(state['layers']))}, unexpected "
+                f"{sorted(set(state['layers']) - set(self.layers))}"
+            )
+        for name, layer in self.layers.items():
+            layer.parametrization.load_state_dict(state["layers"][name])
+        self.steps, self.epochs = int(state["steps"]), int(state["epochs"])
+        self._load_extra_state(state.get("extra", {}))
+
+    # -- summaries ---------------------------------------------------------------------------
+    def sparsity(self) -> float:
+        """Fraction of the targeted weights that are pruned now."""
+        masks = self.masks()
+        total = sum(m.numel() for m in masks.values())
+        kept = sum(int(m.sum()) for m in masks.values())
+        return 1.0 - kept / total
+
+    def layer_sparsity(self) -> dict[str, float]:
+        return {n: 1.0 - m.float().mean().item() for n, m in self.masks().items()}
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(structure={str(self.structure)!r}, "
+                f"layers={len(self.layers)}, steps={self.steps}, epochs={self.epochs})")
+
+    # -- helpers ------------------------------------------------------------------------
+    def _check_live(self, verb: str) -> None:
+        if self.finalized:
+            raise LifecycleError(f"{verb}() after finalize(): this pruner is finished")
+
+    def _device(self) -> torch.device:
+        return next(iter(self.layers.values())).original().device
+
+    def _iter_layers(self) -> Iterator[PrunedLayer]:
+        return iter(self.layers.values())

@@ -1,0 +1,171 @@
+"""Magnitude pruning: the baseline every method is compared against.
+
+Groups (of any structure) are ranked by the L1 or L2 norm of their weights and the smallest are
+removed, one-shot or gradually (``hwprune.schedules``: Zhu & Gupta's cubic, or linear).
+
+Choices, documented because users compare against them:
+
+* ``sparsity`` is the fraction of *groups* removed (for element structure: of weights). For a
+  k-of-n structure it is implied by k and n; passing a different value is an error.
+* Layer scope removes ``round(sparsity * groups)`` groups in every layer. Global scope ranks
+  all layers' groups together by their norm per weight (L1 / group size, L2 / sqrt(group
+  size)), so groups of different sizes compete fairly.
+* Every layer keeps at least one group (a layer with nothing left would cut the network),
+  except with ``structure="layer"``, where removing the whole layer is the point.
+* Scores come from the *effective* (already masked) weights, so during a gradual schedule a
+  pruned group scores 0 and stays pruned; masks only grow.
+* Ties keep the lower group index (a stable sort), so masks are deterministic, which keeps
+  distributed ranks identical.
+* k-of-n patterns are pruned one-shot (the pattern is exact at every step; there is nothing to
+  ramp); a ``schedule`` other than ``OneShot`` is refused for them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from ..parametrize import Mask
+from ..schedules import OneShot, Schedule
+from ..structures import KofN, Layer, Structure
+from ..targets import Spec
+from .base import PrunedLayer, Pruner
+
+__all__ = ["Magnitude"]
+
+_SCOPES = ("layer", "global")
+_NORMS = ("l1", "l2")
+
+
+class Magnitude(Pruner):
+    """Prune the groups of smallest norm.
+
+    Args:
+        model: the model to prune (modified in place).
+        structure: see ``hwprune.structures.parse_structure``.
+        sparsity: fraction of groups to remove, in [0, 1); implied for k-of-n.
+        schedule: ``None`` prunes once, now; or a ``hwprune.schedules.Schedule`` (``OneShot``
+            at a later step, ``Cubic``, ``Linear``), counted in ``step()`` or ``epoch_end()``.
+        scope: ``"layer"`` (same sparsity in every layer) or ``"global"``.
+        norm: ``"l1"`` or ``"l2"`` norm of each group.
+        targets: which weights; see ``hwprune.targets``.
+    """
+
+    def __init__(self, model: nn.Module, structure: str | Structure = "element",
+                 sparsity: float | None = None, schedule: Schedule | None = None,
+                 scope: str = "layer", norm: str = "l1", targets: Spec = None):
+        self.final_sparsity = sparsity
+        self.schedule = schedule if schedule is not None else OneShot()
+        self.scope = scope
+        self.norm = norm
+        super().__init__(model, structure, targets)
+
+    def _check_config(self) -> None:
+        if self.scope not in _SCOPES:
+            raise ConfigError(f"scope must be one of {_SCOPES}; got {self.scope!r}")
+        if self.norm not in _NORMS:
+            raise ConfigError(f"norm must be one of {_NORMS}; got {self.norm!r}")
+        if not isinstance(self.schedule, Schedule):
+            raise ConfigError(
+                "schedule must be None (one-shot now) or a hwprune.schedules.Schedule "
+                f"(OneShot, Linear, Cubic); got {self.schedule!r}"
+            )
+        if isinstance(self.structure, KofN):
+            implied = self.structure.sparsity
+            if self.final_sparsity is not None and not math.isclose(self.final_sparsity, implied):
+                raise ConfigError(
+                    f"structure {self.structure} implies sparsity {implied:g}; got sparsity="
+                    f"{self.final_sparsity} (leave it out)"
+                )
+            if self.scope != "layer":
+                raise ConfigError(f"scope='global' has no meaning for {self.structure}: "
+                                  "k is kept in every run; use scope='layer'")
+            if not isinstance(self.schedule, OneShot):
+                raise ConfigError(f"{self.structure} is pruned one-shot; use schedule=None "
+                                  "or OneShot(at=...)")
+            self.final_sparsity = implied
+            return
+        s = self.final_sparsity
+        if s is None:
+            raise ConfigError("sparsity is required (the fraction of groups to remove, in [0, 1))")
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 <= s < 1.0:
+            raise ConfigError(f"sparsity must be a number in [0, 1); got {s!r}")
+        if self.schedule.initial > s:
+            raise ConfigError(f"schedule initial sparsity {self.schedule.initial} exceeds "
+                              f"sparsity {s}")
+
+    def _make_parametrization(self, layer: PrunedLayer) -> nn.Module:
+        w = getattr(layer.module, layer.param)
+        return Mask(torch.ones(layer.shape, dtype=torch.bool, device=w.device))
+
+    def _on_attach(self) -> None:
+        with torch.no_grad():
+            self._maybe_update(0, "step")
+            self._maybe_update(0, "epoch")
+
+    def _on_step(self) -> None:
+        self._maybe_update(self.steps, "step")
+
+    def _on_epoch_end(self) -> None:
+        self._maybe_update(self.epochs, "epoch")
+
+    def _maybe_update(self, t: int, unit: str) -> None:
+        if self.schedule.unit == unit and self.schedule.due(t):
+            self.prune_to(self.schedule.sparsity(t, self.final_sparsity))
+
+    @property
+    def current_target(self) -> float:
+        """The sparsity the schedule asks for at the current position."""
+        t = self.steps if self.schedule.unit == "step" else self.epochs
+        return self.schedule.sparsity(t, self.final_sparsity)
+
+    @torch.no_grad()
+    def prune_to(self, sparsity: float) -> None:
+        """Recompute every mask so that ``sparsity`` of the groups are removed."""
+        scores = {n: l.structure.scores(l.effective_weight(), self.norm)
+                  for n, l in self.layers.items()}
+        if isinstance(self.structure, KofN):
+            keeps = {n: self.structure.keep_top(s) for n, s in scores.items()}
+        elif self.scope == "layer":
+            keeps = {n: _keep_smallest_removed(s, sparsity, self._min_keep()) for n, s in
+                     scores.items()}
+        else:
+            keeps = self._global_keep(scores, sparsity)
+        for name, layer in self.layers.items():
+            mask = layer.structure.expand(keeps[name].to(torch.float32), layer.shape) > 0.5
+            layer.parametrization.mask.copy_(mask)
+
+    def _min_keep(self) -> int:
+        return 0 if isinstance(self.structure, Layer) else 1
+
+    def _global_keep(self, scores: dict[str, Tensor], sparsity: float) -> dict[str, Tensor]:
+        per_weight = {}
+        for name, s in scores.items():
+            sizes = self.layers[name].structure.group_sizes(self.layers[name].shape).to(s)
+            per_weight[name] = s / (sizes if self.norm == "l1" else sizes.sqrt())
+        flat = torch.cat(list(per_weight.values()))
+        keep_flat = _keep_smallest_removed(flat, sparsity, 0)
+        keeps, i = {}, 0
+        for name, s in per_weight.items():
+            k = keep_flat[i:i + s.numel()].clone()
+            i += s.numel()
+            if not k.any() and self._min_keep():
+                k[int(s.argmax())] = True  # a layer never loses all its groups
+            keeps[name] = k
+        return keeps
+
+
+def _keep_smallest_removed(scores: Tensor, sparsity: float, min_keep: int) -> Tensor:
+    """Bool keep-vector: all but the ``round(sparsity * n)`` lowest scores (ties: the lower
+    index is kept), keeping at least ``min_keep``."""
+    n = scores.numel()
+    remove = min(math.floor(sparsity * n + 0.5), n - min_keep)
+    keep = torch.ones(n, dtype=torch.bool, device=scores.device)
+    if remove > 0:
+        # stable descending sort: among equal scores the lower index ranks first (is kept)
+        order = torch.sort(scores.double().cpu(), descending=True, stable=True).indices
+        keep[order[n - remove:].to(scores.device)] = False
+    return keep

@@ -1,0 +1,386 @@
+"""Structures: how a weight tensor is cut into groups that live or die together.
+
+This is the first of hwprune's three axes (structure, method, deployment). Every structure
+answers the same two questions for a weight of shape ``(K, C, *kernel)`` (a Linear weight is
+``(K, C)``, an LSTM/GRU weight matrix is a Linear weight per gate row):
+
+* ``to_groups(w)``: the *group view*, a ``(num_groups, group_size)`` matrix, one row per group;
+* ``from_groups(g, shape)``: the way back, exact (``from_groups(to_groups(w), w.shape) == w``).
+
+Methods score rows (a norm, a learned scale, a logit) and give back one value per group;
+``expand`` broadcasts such per-group values back to the weight's shape. No method reshapes
+weights itself.
+
+Group order convention: groups are ordered so that the *run axis* varies fastest (the input
+dimension, unless stated otherwise). That makes ``KofN``, the k-of-n constraint, one generic
+wrapper: a run is ``n`` consecutive groups, and a line of ``line_length(shape)`` groups along
+the run axis must be a multiple of ``n``. For a conv weight (K, C, R, S) and element groups,
+a run is ``n`` consecutive input channels at one (k, r, s): the layout of NVIDIA's 2:4
+sparse tensor cores.
+
+Block structures tile the im2col matrix ``w.reshape(K, C*R*S)``; tiles at a ragged edge are
+zero-padded in the group view (so norms are unaffected) and the padding is dropped on the way
+back; ``group_sizes`` counts only real weights.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .errors import StructureError
+
+__all__ = [
+    "Structure",
+    "Element",
+    "Filter",
+    "Channel",
+    "Kernel",
+    "Column",
+    "Layer",
+    "Block",
+    "KofN",
+    "parse_structure",
+    "STRUCTURE_NAMES",
+]
+
+Shape = Sequence[int]
+
+
+class Structure:
+    """A way of cutting a weight tensor into groups. Subclasses define the group view."""
+
+    name: str = "structure"
+    #: weights need at least this many dimensions (2: Linear; 3: Conv with a kernel axis)
+    min_ndim: int = 2
+
+    # -- the interface -------------------------------------------------------------------
+    def to_groups(self, w: Tensor) -> Tensor:
+        """The ``(num_groups, group_size)`` view of ``w``."""
+        raise NotImplementedError
+
+    def from_groups(self, g: Tensor, shape: Shape) -> Tensor:
+        """Inverse of ``to_groups``: a tensor of ``shape`` from its group view."""
+        raise NotImplementedError
+
+    def line_length(self, shape: Shape) -> int:
+        """How many consecutive groups lie along the run axis (for k-of-n runs)."""
+        raise NotImplementedError
+
+    # -- shared helpers ------------------------------------------------------------------
+    def validate(self, shape: Shape, layer: str = "weight") -> None:
+        """Raise ``StructureError`` naming ``layer`` if a weight of ``shape`` cannot have it."""
+        if len(shape) < 2:
+            raise StructureError(
+                f"{layer}: structure {self} needs a weight with at least 2 dimensions "
+                f"(out, in, *kernel); got shape {tuple(shape)}"
+            )
+        if len(shape) < self.min_ndim:
+            raise StructureError(
+                f"{layer}: structure {self} needs a conv weight (out, in, *kernel) but the "
+                f"weight has shape {tuple(shape)}; for a linear weight use 'element', "
+                f"'filter', 'channel', 'layer', 'block:BHxBW' or 'k:n', or restrict targets= "
+                f"to conv layers (e.g. targets=torch.nn.Conv2d)"
+            )
+
+    def num_groups(self, shape: Shape) -> int:
+        return self.to_groups(torch.empty(tuple(shape), device="meta")).shape[0]
+
+    def group_sizes(self, shape: Shape) -> Tensor:
+        """Number of real weights in each group (blocks at a ragged edge have fewer)."""
+        return self.to_groups(torch.ones(tuple(shape))).sum(dim=1)
+
+    def expand(self, values: Tensor, shape: Shape) -> Tensor:
+        """Broadcast one value per group (a mask, a scale) back to the weight's ``shape``."""
+        g = self.to_groups(torch.empty(tuple(shape), device="meta"))
+        if values.shape != (g.shape[0],):
+            raise StructureError(
+                f"{self}: expected one value per group, shape ({g.shape[0]},); "
+                f"got {tuple(values.shape)}"
+            )
+        return self.from_groups(values[:, None].expand(g.shape[0], g.shape[1]), shape)
+
+    def scores(self, w: Tensor, norm: str = "l1") -> Tensor:
+        """One magnitude per group: the L1 or L2 norm of its weights."""
+        g = self.to_groups(w)
+        if norm == "l1":
+            return g.abs().sum(dim=1)
+        if norm == "l2":
+            return g.pow(2).sum(dim=1).sqrt()
+        raise StructureError(f"norm must be 'l1' or 'l2'; got {norm!r}")
+
+    def __str__(self) -> str:
+        return self.name
+
+    def __repr__(self) -> str:
+        return f"Structure({str(self)!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Structure) and str(self) == str(other)
+
+    def __hash__(self) -> int:
+        return hash(str(self))
+
+
+def _moved(shape: Shape, axis: int) -> tuple[int, ...]:
+    """``shape`` after ``movedim(axis, -1)``."""
+    s = list(shape)
+    s.append(s.pop(axis))
+    return tuple(s)
+
+
+class Element(Structure):
+    """One group per weight. Groups are ordered with ``axis`` (default: input) fastest."""
+
+    name = "element"
+
+    def __init__(self, axis: int = 1):
+        self.axis = axis
+
+    def validate(self, shape: Shape, layer: str = "weight") -> None:
+        super().validate(shape, layer)
+        if not 0 <= self.axis < len(shape):
+            raise StructureError(
+                f"{layer}: element axis {self.axis} is out of range for shape {tuple(shape)}"
+            )
+
+    def to_groups(self, w: Tensor) -> Tensor:
+        return w.movedim(self.axis, -1).reshape(-1, 1)
+
+    def from_groups(self, g: Tensor, shape: Shape) -> Tensor:
+        return g.reshape(_moved(shape, self.axis)).movedim(-1, self.axis)
+
+    def line_length(self, shape: Shape) -> int:
+        return shape[self.axis]
+
+    def __str__(self) -> str:
+        return "element" if self.axis == 1 else f"element@{self.axis}"
+
+
+class Filter(Structure):
+    """``W[k]``: an output channel (conv filter, or a neuron's row of a linear layer)."""
+
+    name = "filter"
+
+    def to_groups(self, w: Tensor) -> Tensor:
+        return w.reshape(w.shape[0], -1)
+
+    def from_groups(self, g: Tensor, shape: Shape) -> Tensor:
+        return g.reshape(tuple(shape))
+
+    def line_length(self, shape: Shape) -> int:
+        return shape[0]
+
+
+class Channel(Structure):
+    """``W[:, c]``: an input channel (a column of a linear layer)."""
+
+    name = "channel"
+
+    def to_groups(self, w: Tensor) -> Tensor:
+        return w.movedim(1, 0).reshape(w.shape[1], -1)
+
+    def from_groups(self, g: Tensor, shape: Shape) -> Tensor:
+        return g.reshape(_moved_front(shape, 1)).movedim(0, 1)
+
+    def line_length(self, shape: Shape) -> int:
+        return shape[1]
+
+
+def _moved_front(shape: Shape, axis: int) -> tuple[int, ...]:
+    """``shape`` after ``movedim(axis, 0)``."""
+    s = list(shape)
+    s.insert(0, s.pop(axis))
+    return tuple(s)
+
+
+class Kernel(Structure):
+    """``W[k, c]``: one 2D (or 1D/3D) kernel of a conv. Ordered (k, c), c fastest."""
+
+    name = "kernel"
+    min_ndim = 3
+
+    def to_groups(self, w: Tensor) -> Tensor:
+        return w.reshape(w.shape[0] * w.shape[1], -1)
+
+    def from_groups(self, g: Tensor, shape: Shape) -> Tensor:
+        return g.reshape(tuple(shape))
+
+    def line_length(self, shape: Shape) -> int:
+        return shape[1]
+
+
+class Column(Structure):
+    """``W[:, c, r, s]``: one column of the im2col matrix, across all filters.
+
+    Ordered (r, s, c) with the input channel fastest, like ``Element``.
+    """
+
+    name = "column"
+    min_ndim = 3
+
+    def to_groups(self, w: Tensor) -> Tensor:
+        return w.movedim(1, -1).reshape(w.shape[0], -1).t()
+
+    def from_groups(self, g: Tensor, shape: Shape) -> Tensor:
+        return g.t().reshape(_moved(shape, 1)).movedim(-1, 1)
+
+    def line_length(self, shape: Shape) -> int:
+        return shape[1]
+
+
+class Layer(Structure):
+    """The whole weight: the layer (or, with shrink, a whole residual branch) lives or dies."""
+
+    name = "layer"
+
+    def to_groups(self, w: Tensor) -> Tensor:
+        return w.reshape(1, -1)
+
+    def from_groups(self, g: Tensor, shape: Shape) -> Tensor:
+        return g.reshape(tuple(shape))
+
+    def line_length(self, shape: Shape) -> int:
+        return 1
+
+
+class Block(Structure):
+    """``bh x bw`` tiles of the im2col matrix ``W.reshape(K, C*R*S)``, ordered row-major."""
+
+    name = "block"
+
+    def __init__(self, bh: int, bw: int):
+        if not (isinstance(bh, int) and isinstance(bw, int)) or bh < 1 or bw < 1:
+            raise StructureError(f"block sizes must be positive integers; got {bh}x{bw}")
+        self.bh, self.bw = bh, bw
+
+    def validate(self, shape: Shape, layer: str = "weight") -> None:
+        super().validate(shape, layer)
+        rows, cols = shape[0], math.prod(shape[1:])
+        if self.bh > rows or self.bw > cols:
+            raise StructureError(
+                f"{layer}: block {self.bh}x{self.bw} is larger than its im2col matrix "
+                f"{rows}x{cols}; allowed: bh <= {rows}, bw <= {cols}"
+            )
+
+    def _padded(self, shape: Shape) -> tuple[int, int, int, int]:
+        rows, cols = shape[0], math.prod(shape[1:])
+        return rows, cols, -(-rows // self.bh) * self.bh, -(-cols // self.bw) * self.bw
+
+    def to_groups(self, w: Tensor) -> Tensor:
+        rows, cols, prow, pcol = self._padded(w.shape)
+        m = w.reshape(rows, cols)
+        if (prow, pcol) != (rows, cols):
+            m = torch.nn.functional.pad(m, (0, pcol - cols, 0, prow - rows))
+        t = m.reshape(prow // self.bh, self.bh, pcol // self.bw, self.bw).permute(0, 2, 1, 3)
+        return t.reshape(-1, self.bh * self.bw)
+
+    def from_groups(self, g: Tensor, shape: Shape) -> Tensor:
+        rows, cols, prow, pcol = self._padded(shape)
+        t = g.reshape(prow // self.bh, pcol // self.bw, self.bh, self.bw).permute(0, 2, 1, 3)
+        return t.reshape(prow, pcol)[:rows, :cols].reshape(tuple(shape))
+
+    def line_length(self, shape: Shape) -> int:
+        return -(-math.prod(shape[1:]) // self.bw)
+
+    def __str__(self) -> str:
+        return f"block:{self.bh}x{self.bw}"
+
+
+class KofN(Structure):
+    """Exactly ``k`` kept in every run of ``n`` consecutive groups of ``base`` along its run
+    axis. ``KofN(2, 4)`` is NVIDIA's 2:4 (element groups, runs along the input channels).
+
+    ``n`` must divide the number of groups along the run axis; hwprune refuses rather than
+    pads, because a padded run is not the pattern hardware executes.
+    """
+
+    name = "k:n"
+
+    def __init__(self, k: int, n: int, base: Structure | None = None):
+        if not (isinstance(k, int) and isinstance(n, int)) or n < 1 or not 1 <= k <= n:
+            raise StructureError(f"k-of-n needs integers with 1 <= k <= n; got k={k}, n={n}")
+        if isinstance(base, KofN):
+            raise StructureError("the base of a k-of-n structure cannot itself be k-of-n")
+        self.k, self.n = k, n
+        self.base = base if base is not None else Element()
+        self.min_ndim = self.base.min_ndim
+
+    def validate(self, shape: Shape, layer: str = "weight") -> None:
+        self.base.validate(shape, layer)
+        line = self.base.line_length(shape)
+        if line % self.n:
+            divisors = [d for d in range(2, line + 1) if line % d == 0][:8]
+            raise StructureError(
+                f"{layer}: {self} needs runs of {self.n} {self.base} groups, but the run axis "
+                f"has {line} (shape {tuple(shape)}), which {self.n} does not divide; allowed n "
+                f"here: {divisors}. hwprune does not pad runs."
+            )
+
+    def to_groups(self, w: Tensor) -> Tensor:
+        return self.base.to_groups(w)
+
+    def from_groups(self, g: Tensor, shape: Shape) -> Tensor:
+        return self.base.from_groups(g, shape)
+
+    def line_length(self, shape: Shape) -> int:
+        return self.base.line_length(shape)
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of groups removed, implied by k and n."""
+        return 1.0 - self.k / self.n
+
+    def keep_top(self, scores: Tensor) -> Tensor:
+        """Bool keep-mask over groups: the ``k`` highest scores of every run of ``n``."""
+        runs = scores.reshape(-1, self.n)
+        top = runs.topk(self.k, dim=1).indices
+        keep = torch.zeros_like(runs, dtype=torch.bool).scatter_(1, top, True)
+        return keep.reshape(-1)
+
+    def __str__(self) -> str:
+        base = "" if str(self.base) == "element" else f"@{self.base}"
+        return f"{self.k}:{self.n}{base}"
+
+
+_SIMPLE = {
+    "element": Element,
+    "weight": Element,  # DPP's name for element-level k-of-n
+    "filter": Filter,
+    "channel": Channel,
+    "kernel": Kernel,
+    "column": Column,
+    "layer": Layer,
+}
+STRUCTURE_NAMES = ("element", "filter", "channel", "kernel", "column", "layer")
+_ALLOWED = (
+    "a name (" + ", ".join(STRUCTURE_NAMES) + "), 'k:n' (e.g. '2:4', optionally '2:4@kernel'), "
+    "'block:BHxBW' (e.g. 'block:4x4'), or an object from hwprune.structures"
+)
+_KN = re.compile(r"^(\d+):(\d+)(?:@(\w+))?$")
+_BLOCK = re.compile(r"^block:(\d+)x(\d+)$")
+
+
+def parse_structure(spec: str | Structure) -> Structure:
+    """A ``Structure`` from its name or spec string (``str(s)`` parses back to ``s``)."""
+    if isinstance(spec, Structure):
+        return spec
+    if not isinstance(spec, str):
+        raise StructureError(f"structure must be {_ALLOWED}; got {spec!r}")
+    s = spec.strip().lower()
+    if s in _SIMPLE:
+        return _SIMPLE[s]()
+    if s.startswith("element@") and s[8:].isdigit():
+        return Element(axis=int(s[8:]))
+    if m := _KN.match(s):
+        k, n, base = int(m[1]), int(m[2]), m[3]
+        if base is not None and base not in _SIMPLE:
+            raise StructureError(f"unknown base {base!r} in {spec!r}; allowed: {_ALLOWED}")
+        return KofN(k, n, _SIMPLE[base]() if base else None)
+    if m := _BLOCK.match(s):
+        return Block(int(m[1]), int(m[2]))
+    raise StructureError(f"unknown structure {spec!r}; allowed: {_ALLOWED}")

@@ -1,0 +1,123 @@
+"""Which parameters a method prunes: the ``targets=`` argument.
+
+Default: the weight of every Conv and Linear layer except the network's first conv and its last
+linear layer (the input and the classifier are small and sensitive; every method in the field
+leaves them dense by default). ``targets`` may also be
+
+* a name or glob, or a list of them, matched against module names (``"layer1.*"``) and
+  parameter names (``"layer1.0.conv1.weight"``);
+* module types (``nn.Conv2d`` or a tuple of types);
+* a predicate ``f(name, module) -> bool`` over modules.
+
+A selected Conv/Linear module contributes its ``weight``; an LSTM/GRU/RNN module contributes
+every ``weight_ih_l*`` / ``weight_hh_l*`` matrix (biases are never pruned).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from torch import nn
+
+from .errors import TargetError
+
+__all__ = ["Target", "resolve_targets", "PRUNABLE_TYPES"]
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_RNN = (nn.RNNBase,)
+PRUNABLE_TYPES = (*_CONV, nn.Linear, *_RNN)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One prunable weight: ``getattr(module, param)`` inside ``model`` at ``name``."""
+
+    name: str  # the parameter's full name as the user knows it, e.g. "layer1.0.conv1.weight"
+    module_name: str
+    module: nn.Module
+    param: str  # attribute name on the module: "weight", "weight_ih_l0", ...
+
+
+def _weights_of(module: nn.Module) -> list[str]:
+    if isinstance(module, _RNN):
+        return [n for n, _ in module.named_parameters(recurse=False) if n.startswith("weight_")]
+    if isinstance(module, (*_CONV, nn.Linear)):
+        return ["weight"]
+    return []
+
+
+def _full(module_name: str, param: str) -> str:
+    return f"{module_name}.{param}" if module_name else param
+
+
+def _all_candidates(model: nn.Module) -> list[Target]:
+    return [
+        Target(_full(mname, p), mname, m, p)
+        for mname, m in model.named_modules()
+        for p in _weights_of(m)
+    ]
+
+
+def _default(candidates: list[Target]) -> list[Target]:
+    convs = [t for t in candidates if isinstance(t.module, _CONV)]
+    linears = [t for t in candidates if isinstance(t.module, nn.Linear)]
+    skip = set()
+    if convs:
+        skip.add(convs[0].name)
+    if linears:
+        skip.add(linears[-1].name)
+    return [t for t in candidates if isinstance(t.module, (*_CONV, nn.Linear)) and t.name not in skip]
+
+
+def _matches(pattern: str, t: Target) -> bool:
+    return fnmatch.fnmatchcase(t.name, pattern) or fnmatch.fnmatchcase(t.module_name, pattern)
+
+
+Spec = str | type | tuple | Callable[[str, nn.Module], bool] | Iterable[str] | None
+
+
+def resolve_targets(model: nn.Module, targets: Spec = None) -> list[Target]:
+    """The ordered list of weights ``targets`` selects in ``model``; never empty."""
+    candidates = _all_candidates(model)
+    if not candidates:
+        raise TargetError(
+            f"{type(model).__name__} has no Conv, Linear or RNN layer to prune; hwprune prunes "
+            f"the weights of nn.Conv1d/2d/3d, nn.Linear, nn.LSTM/GRU/RNN"
+        )
+    if targets is None:
+        chosen = _default(candidates)
+        what = "the default (every Conv/Linear weight but the first conv and the last linear)"
+    elif isinstance(targets, type) or (
+        isinstance(targets, tuple) and targets and all(isinstance(t, type) for t in targets)
+    ):
+        chosen = [t for t in candidates if isinstance(t.module, targets)]
+        what = f"types {targets}"
+    elif callable(targets):
+        chosen = [t for t in candidates if targets(t.module_name, t.module)]
+        what = "the predicate"
+    else:
+        patterns = [targets] if isinstance(targets, str) else list(targets)
+        if not all(isinstance(p, str) for p in patterns):
+            raise TargetError(
+                "targets must be None, a name/glob or a list of them, module types, or a "
+                f"predicate f(name, module) -> bool; got {targets!r}"
+            )
+        chosen = [t for t in candidates if any(_matches(p, t) for p in patterns)]
+        unmatched = [p for p in patterns if not any(_matches(p, t) for t in candidates)]
+        if unmatched:
+            raise TargetError(
+                f"targets {unmatched} match no prunable weight; prunable weights are: "
+                f"{_preview(candidates)}"
+            )
+        what = f"targets {patterns}"
+    if not chosen:
+        raise TargetError(f"{what} selects no weight; prunable weights are: {_preview(candidates)}")
+    return chosen
+
+
+def _preview(candidates: list[Target], limit: int = 12) -> str:
+    names = [t.name for t in candidates]
+    more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
