@@ -5,7 +5,7 @@ Three independent axes: *structure* (``hwprune.structures``: how a weight is cut
 (``finalize``, ``shrink``, ``save``: what is done with the pattern). See README.md.
 """
 
-from . import schedules, structures
+from . import models, schedules, structures
 from .errors import (
     ConfigError,
     HwpruneError,
@@ -14,12 +14,16 @@ from .errors import (
     TargetError,
 )
 from .methods import Magnitude, Pruner
+from .report import Report, report
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Magnitude",
     "Pruner",
+    "report",
+    "Report",
+    "models",
     "schedules",
     "structures",
     "HwpruneError",

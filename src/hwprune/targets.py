@@ -68,7 +68,8 @@ def _default(candidates: list[Target]) -> list[Target]:
         skip.add(convs[0].name)
     if linears:
         skip.add(linears[-1].name)
-    return [t for t in candidates if isinstance(t.module, (*_CONV, nn.Linear)) and t.name not in skip]
+    layers = (*_CONV, nn.Linear)
+    return [t for t in candidates if isinstance(t.module, layers) and t.name not in skip]
 
 
 def _matches(pattern: str, t: Target) -> bool:

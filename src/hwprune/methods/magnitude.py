@@ -11,7 +11,8 @@ Choices, documented because users compare against them:
   all layers' groups together by their norm per weight (L1 / group size, L2 / sqrt(group
   size)), so groups of different sizes compete fairly.
 * Every layer keeps at least one group (a layer with nothing left would cut the network),
-  except with ``structure="layer"``, where removing the whole layer is the point.
+  except with ``structure="layer"``, where removing the whole layer is the point. In global
+  scope each layer's best group is reserved before ranking, so the total is still exact.
 * Scores come from the *effective* (already masked) weights, so during a gradual schedule a
   pruned group scores 0 and stays pruned; masks only grow.
 * Ties keep the lower group index (a stable sort), so masks are deterministic, which keeps
@@ -145,16 +146,19 @@ class Magnitude(Pruner):
         per_weight = {}
         for name, s in scores.items():
             sizes = self.layers[name].structure.group_sizes(self.layers[name].shape).to(s)
-            per_weight[name] = s / (sizes if self.norm == "l1" else sizes.sqrt())
+            s = s / (sizes if self.norm == "l1" else sizes.sqrt())
+            if self._min_keep():
+                # each layer's best group is reserved first, so no layer is emptied and the
+                # global count is still exact
+                s = s.clone()
+                s[int(s.argmax())] = torch.inf
+            per_weight[name] = s
         flat = torch.cat(list(per_weight.values()))
-        keep_flat = _keep_smallest_removed(flat, sparsity, 0)
+        keep_flat = _keep_smallest_removed(flat, sparsity, self._min_keep() * len(scores))
         keeps, i = {}, 0
         for name, s in per_weight.items():
-            k = keep_flat[i:i + s.numel()].clone()
+            keeps[name] = keep_flat[i:i + s.numel()]
             i += s.numel()
-            if not k.any() and self._min_keep():
-                k[int(s.argmax())] = True  # a layer never loses all its groups
-            keeps[name] = k
         return keeps
 
 

@@ -1,0 +1,62 @@
+"""Model zoo: CIFAR ResNets (akamaster layout), a digits CNN, LeNet-5 and MLPs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from hwprune.errors import HwpruneError
+from hwprune.models.resnet_cifar import (
+    BasicBlock,
+    CifarResNet,
+    PadShortcut,
+    load_pretrained,
+    resnet20,
+    resnet32,
+    resnet44,
+    resnet56,
+    resnet110,
+    resnet_cifar,
+)
+from hwprune.models.small import MLP, LeNet5, SmallCNN
+
+__all__ = [
+    "MLP",
+    "MODELS",
+    "BasicBlock",
+    "CifarResNet",
+    "LeNet5",
+    "PadShortcut",
+    "SmallCNN",
+    "get_model",
+    "load_pretrained",
+    "resnet110",
+    "resnet20",
+    "resnet32",
+    "resnet44",
+    "resnet56",
+    "resnet_cifar",
+]
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "small_cnn": SmallCNN,
+    "lenet5": LeNet5,
+    "mlp": MLP,
+    "resnet20": resnet20,
+    "resnet32": resnet32,
+    "resnet44": resnet44,
+    "resnet56": resnet56,
+    "resnet110": resnet110,
+}
+
+
+def get_model(name: str, **kwargs: object) -> nn.Module:
+    """Build a model by registry name, passing ``kwargs`` to its constructor."""
+    try:
+        factory = MODELS[name]
+    except (KeyError, TypeError):
+        raise HwpruneError(
+            f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}"
+        ) from None
+    return factory(**kwargs)

@@ -1,0 +1,64 @@
+"""Minimal training and evaluation loops shared by the demo, the benchmarks and recipes.
+
+They show the lifecycle in its plainest form (``loss + pruner.penalty()``, ``pruner.step()``
+after each optimizer step, ``pruner.epoch_end()`` after each epoch); users are expected to call
+the pruner from their own loops instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from .methods.base import Pruner
+
+__all__ = ["make_loader", "train_epoch", "evaluate"]
+
+
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
+    """A single-process loader; shuffling is seeded so runs repeat exactly."""
+    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
+
+
+def train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
+                pruner: Pruner | None = None,
+                augment: Callable[[Tensor], Tensor] | None = None) -> dict[str, float]:
+    """One epoch of cross-entropy training; returns mean loss and training accuracy."""
+    model.train()
+    total_loss, correct, seen = 0.0, 0, 0
+    for x, y in loader:
+        if augment is not None:
+            x = augment(x)
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        if pruner is not None:
+            loss = loss + pruner.penalty()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if pruner is not None:
+            pruner.step()
+        total_loss += loss.item() * len(y)
+        correct += int((logits.argmax(1) == y).sum())
+        seen += len(y)
+    if pruner is not None:
+        pruner.epoch_end()
+    return {"loss": total_loss / seen, "accuracy": correct / seen}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader) -> float:
+    """Top-1 accuracy in eval mode (the model's mode is restored afterwards)."""
+    was_training = model.training
+    model.eval()
+    correct, seen = 0, 0
+    for x, y in loader:
+        correct += int((model(x).argmax(1) == y).sum())
+        seen += len(y)
+    model.train(was_training)
+    return correct / seen

@@ -1,0 +1,47 @@
+"""Small models built in the tests themselves (no data files needed)."""
+
+import pytest
+import torch
+from torch import nn
+
+
+class TinyNet(nn.Module):
+    """conv -> conv(grouped option) -> conv -> linear -> linear, with BN: every structure fits."""
+
+    def __init__(self, groups: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 16, 3, padding=1, groups=groups)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.conv3 = nn.Conv2d(16, 16, 3, padding=1)
+        self.fc1 = nn.Linear(16 * 4 * 4, 32)
+        self.fc2 = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        x = nn.functional.max_pool2d(torch.relu(self.conv3(x)), 2)
+        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+
+
+class TinyLSTM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        self.lstm = nn.LSTM(8, 16, num_layers=2, batch_first=True)
+        self.head = nn.Linear(16, 20)
+
+    def forward(self, x):
+        return self.head(self.lstm(self.emb(x))[0])
+
+
+@pytest.fixture
+def tiny():
+    torch.manual_seed(0)
+    return TinyNet()
+
+
+@pytest.fixture
+def x8():
+    return torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
