@@ -39,13 +39,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import HwpruneError
 from .structures import Channel, Filter, Kernel, Structure, parse_structure
+from .targets import CONV_TYPES, LINEAR_TYPES, RNN_TYPES
 
 __all__ = ["LayerRow", "Report", "report"]
 
 #: module types whose weights get a row (RNNBase covers LSTM, GRU and RNN)
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_LINEAR = (nn.Linear,)
-_RNN = (nn.RNNBase,)
+_CONV, _LINEAR, _RNN = CONV_TYPES, LINEAR_TYPES, RNN_TYPES
 _SUPPORTED = "Conv1d/2d/3d, Linear, LSTM/GRU/RNN"
 
 

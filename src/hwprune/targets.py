@@ -23,11 +23,12 @@ from torch import nn
 
 from .errors import TargetError
 
-__all__ = ["Target", "resolve_targets", "PRUNABLE_TYPES"]
+__all__ = ["Target", "resolve_targets", "CONV_TYPES", "LINEAR_TYPES", "RNN_TYPES", "PRUNABLE_TYPES"]
 
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_RNN = (nn.RNNBase,)
-PRUNABLE_TYPES = (*_CONV, nn.Linear, *_RNN)
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+LINEAR_TYPES = (nn.Linear,)
+RNN_TYPES = (nn.RNNBase,)  # LSTM, GRU, RNN
+PRUNABLE_TYPES = (*CONV_TYPES, *LINEAR_TYPES, *RNN_TYPES)
 
 
 @dataclass(frozen=True)
@@ -41,9 +42,9 @@ class Target:
 
 
 def _weights_of(module: nn.Module) -> list[str]:
-    if isinstance(module, _RNN):
+    if isinstance(module, RNN_TYPES):
         return [n for n, _ in module.named_parameters(recurse=False) if n.startswith("weight_")]
-    if isinstance(module, (*_CONV, nn.Linear)):
+    if isinstance(module, (*CONV_TYPES, *LINEAR_TYPES)):
         return ["weight"]
     return []
 
@@ -61,14 +62,14 @@ def _all_candidates(model: nn.Module) -> list[Target]:
 
 
 def _default(candidates: list[Target]) -> list[Target]:
-    convs = [t for t in candidates if isinstance(t.module, _CONV)]
-    linears = [t for t in candidates if isinstance(t.module, nn.Linear)]
+    convs = [t for t in candidates if isinstance(t.module, CONV_TYPES)]
+    linears = [t for t in candidates if isinstance(t.module, LINEAR_TYPES)]
     skip = set()
     if convs:
         skip.add(convs[0].name)
     if linears:
         skip.add(linears[-1].name)
-    layers = (*_CONV, nn.Linear)
+    layers = (*CONV_TYPES, *LINEAR_TYPES)
     return [t for t in candidates if isinstance(t.module, layers) and t.name not in skip]
 
 

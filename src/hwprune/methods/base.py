@@ -16,7 +16,6 @@ a user can get wrong is checked in ``__init__`` before the model is touched.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -257,6 +256,3 @@ class Pruner:
 
     def _device(self) -> torch.device:
         return next(iter(self.layers.values())).original().device
-
-    def _iter_layers(self) -> Iterator[PrunedLayer]:
-        return iter(self.layers.values())
