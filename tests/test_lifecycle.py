@@ -10,10 +10,11 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import hwprune as hp
-from conftest import TinyLSTM, TinyNet
 from hwprune.errors import ConfigError, LifecycleError, StructureError, TargetError
 from hwprune.schedules import Cubic
 from hwprune.targets import resolve_targets
+
+from conftest import TinyLSTM, TinyNet
 
 # -- targets -------------------------------------------------------------------------------
 

@@ -10,10 +10,11 @@ from hypothesis import strategies as st
 from torch import nn
 
 import hwprune as hp
-from conftest import TinyNet
 from hwprune.errors import ConfigError
 from hwprune.schedules import Cubic, Linear, OneShot
 from hwprune.structures import parse_structure
+
+from conftest import TinyNet
 
 CONV_TARGETS = ["conv2", "conv3"]
 

@@ -13,13 +13,14 @@ from .errors import (
     StructureError,
     TargetError,
 )
-from .methods import Magnitude, Pruner
+from .methods import PSP, Magnitude, Pruner
 from .report import Report, report
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Magnitude",
+    "PSP",
     "Pruner",
     "report",
     "Report",

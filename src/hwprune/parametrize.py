@@ -10,7 +10,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Mask"]
+from .structures import Structure
+
+__all__ = ["Mask", "GroupScale"]
 
 
 class Mask(nn.Module):
@@ -23,3 +25,29 @@ class Mask(nn.Module):
     def forward(self, w: Tensor) -> Tensor:
         # masked_fill, not w * mask: an inf/nan in a pruned weight must not leak through.
         return w.masked_fill(~self.mask, 0.0)
+
+
+class GroupScale(nn.Module):
+    """``Q = alpha ⊙ W`` with one learnable ``alpha`` per group of ``structure`` (PSP).
+
+    Groups whose ``keep`` flag is off are zero in the forward pass. The flag enters through a
+    straight-through estimator: the forward value is ``alpha * keep``, the gradient with
+    respect to ``alpha`` is that of ``alpha`` itself, i.e. dE/dalpha_i = sum over group i of
+    dE/dq * w, also for a group that is off. That lets a pruned group come back when its
+    gradient outweighs the decay (the paper's "dynamic" pruning); the pruner decides.
+    """
+
+    def __init__(self, structure: Structure, shape: tuple[int, ...], like: Tensor):
+        super().__init__()
+        self.structure = structure
+        self.shape = tuple(shape)
+        groups = structure.num_groups(shape)
+        self.alpha = nn.Parameter(torch.ones(groups, dtype=like.dtype, device=like.device))
+        self.register_buffer("keep", torch.ones(groups, dtype=torch.bool, device=like.device))
+
+    def effective_alpha(self) -> Tensor:
+        gated = self.alpha * self.keep
+        return self.alpha + (gated - self.alpha).detach()
+
+    def forward(self, w: Tensor) -> Tensor:
+        return w * self.structure.expand(self.effective_alpha(), self.shape)

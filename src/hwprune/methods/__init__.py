@@ -2,5 +2,6 @@
 
 from .base import PrunedLayer, Pruner
 from .magnitude import Magnitude
+from .psp import PSP
 
-__all__ = ["Pruner", "PrunedLayer", "Magnitude"]
+__all__ = ["Pruner", "PrunedLayer", "Magnitude", "PSP"]

@@ -121,6 +121,10 @@ class Pruner:
         """The weight to bake in at ``finalize()`` (deterministic, eval-mode value)."""
         return layer.effective_weight()
 
+    def _layer_extras(self) -> dict[str, dict[str, Any]]:
+        """Method-specific per-layer facts for the report (PSP: alphas; DPP: confidence)."""
+        return {}
+
     def _extra_state(self) -> dict[str, Any]:
         """Resumable state outside the parametrizations (RNG, ADMM phase, ...)."""
         return {}
@@ -181,6 +185,7 @@ class Pruner:
             finals = {name: self._final_weight(layer).detach().clone()
                       for name, layer in self.layers.items()}
             self._final_masks = {name: self._mask(layer) for name, layer in self.layers.items()}
+            self._final_extras = self._layer_extras()
             for name, layer in self.layers.items():
                 parametrize.remove_parametrizations(
                     layer.module, layer.param, leave_parametrized=False
@@ -189,6 +194,14 @@ class Pruner:
                 layer.parametrization = None
         self.model.train(was_training)
         return self.model
+
+    def layer_extras(self) -> dict[str, dict[str, Any]]:
+        """``{parameter name: {fact: value}}`` the method adds to reports; after
+        ``finalize()``, the values as they were at that moment."""
+        if self.finalized:
+            return self._final_extras
+        with torch.no_grad():
+            return self._layer_extras()
 
     @property
     def finalized(self) -> bool:

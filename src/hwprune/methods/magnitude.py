@@ -34,6 +34,7 @@ from ..schedules import OneShot, Schedule
 from ..structures import KofN, Layer, Structure
 from ..targets import Spec
 from .base import PrunedLayer, Pruner
+from .selection import keep_all_but_lowest
 
 __all__ = ["Magnitude"]
 
@@ -131,7 +132,7 @@ class Magnitude(Pruner):
         if isinstance(self.structure, KofN):
             keeps = {n: self.structure.keep_top(s) for n, s in scores.items()}
         elif self.scope == "layer":
-            keeps = {n: _keep_smallest_removed(s, sparsity, self._min_keep()) for n, s in
+            keeps = {n: keep_all_but_lowest(s, sparsity, self._min_keep()) for n, s in
                      scores.items()}
         else:
             keeps = self._global_keep(scores, sparsity)
@@ -154,22 +155,10 @@ class Magnitude(Pruner):
                 s[int(s.argmax())] = torch.inf
             per_weight[name] = s
         flat = torch.cat(list(per_weight.values()))
-        keep_flat = _keep_smallest_removed(flat, sparsity, self._min_keep() * len(scores))
+        keep_flat = keep_all_but_lowest(flat, sparsity, self._min_keep() * len(scores))
         keeps, i = {}, 0
         for name, s in per_weight.items():
             keeps[name] = keep_flat[i:i + s.numel()]
             i += s.numel()
         return keeps
 
-
-def _keep_smallest_removed(scores: Tensor, sparsity: float, min_keep: int) -> Tensor:
-    """Bool keep-vector: all but the ``round(sparsity * n)`` lowest scores (ties: the lower
-    index is kept), keeping at least ``min_keep``."""
-    n = scores.numel()
-    remove = min(math.floor(sparsity * n + 0.5), n - min_keep)
-    keep = torch.ones(n, dtype=torch.bool, device=scores.device)
-    if remove > 0:
-        # stable descending sort: among equal scores the lower index ranks first (is kept)
-        order = torch.sort(scores.double().cpu(), descending=True, stable=True).indices
-        keep[order[n - remove:].to(scores.device)] = False
-    return keep

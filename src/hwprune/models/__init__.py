@@ -7,6 +7,16 @@ from collections.abc import Callable
 from torch import nn
 
 from hwprune.errors import HwpruneError
+from hwprune.models.densenet import (
+    DenseBlock,
+    DenseLayer,
+    DenseNet,
+    DenseTransition,
+    densenet40,
+    densenet_bc,
+    densenet_bc100,
+    densenet_cifar,
+)
 from hwprune.models.resnet_cifar import (
     BasicBlock,
     CifarResNet,
@@ -20,15 +30,26 @@ from hwprune.models.resnet_cifar import (
     resnet_cifar,
 )
 from hwprune.models.small import MLP, LeNet5, SmallCNN
+from hwprune.models.vgg import VGG, VGG16_CFG, vgg16_cifar
 
 __all__ = [
     "MLP",
     "MODELS",
+    "VGG",
+    "VGG16_CFG",
     "BasicBlock",
     "CifarResNet",
+    "DenseBlock",
+    "DenseLayer",
+    "DenseNet",
+    "DenseTransition",
     "LeNet5",
     "PadShortcut",
     "SmallCNN",
+    "densenet40",
+    "densenet_bc",
+    "densenet_bc100",
+    "densenet_cifar",
     "get_model",
     "load_pretrained",
     "resnet110",
@@ -37,6 +58,7 @@ __all__ = [
     "resnet44",
     "resnet56",
     "resnet_cifar",
+    "vgg16_cifar",
 ]
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -48,6 +70,9 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet44": resnet44,
     "resnet56": resnet56,
     "resnet110": resnet110,
+    "densenet40": densenet40,
+    "densenet_bc100": densenet_bc100,
+    "vgg16": vgg16_cifar,
 }
 
 

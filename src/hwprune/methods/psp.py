@@ -1,0 +1,203 @@
+"""PSP: Parameterized Structured Pruning (Schindler, Roth, Pernkopf, Fröning, 2019).
+
+Every group (structure) ``i`` of a target weight gets one learnable scale ``alpha_i``,
+initialised to 1; the layer computes with ``Q = alpha ⊙ W``. The alphas are trained with the
+weights, in their own optimizer group, and a regulariser on them decides which groups survive:
+
+* ``variant="decay"`` (the method): weight decay ``alpha_decay`` on the alphas, i.e. the
+  paper's update ``Δα(t+1) = μ Δα(t) − η ∂E/∂α − λ η α`` when the optimizer is SGD with
+  momentum. Decay pulls every alpha towards 0; the task gradient holds up the important ones,
+  which opens a gap between important and unimportant groups.
+* ``variant="l1"``: an L1 penalty ``alpha_decay * Σ|α|`` (returned by ``penalty()``) instead of
+  weight decay.
+* ``variant="fixed"``: the alphas train as in ``"decay"``, but instead of a threshold the
+  ``sparsity`` fraction of groups with the smallest ``|α|`` are off in each layer (ties are
+  broken by the group's weight norm), following an optional ``schedule``.
+
+The L1-norm magnitude baseline of the paper is ``hp.Magnitude(..., norm="l1")``.
+
+Choices the paper leaves open, made explicit (all parameters):
+
+* ``threshold`` (ε) defaults to ``1e-2``: a group is off while ``|α| < ε``.
+* Off groups may come back (``revive=True``, the paper's "dynamic" pruning): the forward pass
+  uses 0 for them, but α still receives the straight-through gradient ``Σ ∂E/∂q · w`` and is
+  re-tested after every step. ``revive=False`` makes pruning permanent.
+* Thresholding starts at step ``threshold_start`` (default 0: from the first step).
+* Every layer keeps at least its largest-``|α|`` group (a layer with nothing left would cut
+  the network and can make BatchNorm statistics degenerate), except with
+  ``structure="layer"``, where removing the whole layer is the point.
+
+A caveat users should know: a scale on a conv's *filters* (or on the whole layer) that is
+directly followed by BatchNorm is cancelled by the normalisation in training mode, so the
+task gives it no gradient and decay alone drives all of them down together. Scales on input
+channels and im2col columns (the paper's main structures) do not have that problem.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from ..parametrize import GroupScale
+from ..schedules import OneShot, Schedule
+from ..structures import KofN, Layer, Structure
+from ..targets import Spec
+from .base import PrunedLayer, Pruner
+from .selection import keep_all_but_lowest
+
+__all__ = ["PSP"]
+
+_VARIANTS = ("decay", "l1", "fixed")
+
+
+class PSP(Pruner):
+    """Learned structure scales with weight decay (or an L1 penalty, or a fixed sparsity).
+
+    Args:
+        model: the model to prune (modified in place).
+        structure: ``"channel"``, ``"column"``, ``"filter"``, ``"kernel"``, ``"layer"`` (or
+            ``"element"``, ``"block:BHxBW"``); k-of-n patterns are refused (use DPP).
+        alpha_decay: the sparsity knob: weight decay (``"decay"``, ``"fixed"``) or L1
+            coefficient (``"l1"``) on the alphas; >= 0.
+        threshold: ε; groups with ``|α| < ε`` are off (``"decay"``, ``"l1"``); > 0.
+        variant: ``"decay"``, ``"l1"`` or ``"fixed"``.
+        sparsity: fraction of groups off per layer, only for ``variant="fixed"``.
+        schedule: for ``"fixed"``, how ``sparsity`` ramps up (``hwprune.schedules``; default:
+            the full sparsity from the start, re-ranked after every step).
+        revive: whether off groups may come back (see the module docstring).
+        threshold_start: the step from which thresholding (or ranking) applies.
+        alpha_lr, alpha_momentum: optimizer settings of the alpha group; default: the same as
+            the weights' (as in the paper).
+        targets: which weights; see ``hwprune.targets``.
+    """
+
+    def __init__(self, model: nn.Module, structure: str | Structure = "channel",
+                 alpha_decay: float = 1e-3, threshold: float = 1e-2, variant: str = "decay",
+                 sparsity: float | None = None, schedule: Schedule | None = None,
+                 revive: bool = True, threshold_start: int = 0,
+                 alpha_lr: float | None = None, alpha_momentum: float | None = None,
+                 targets: Spec = None):
+        self.alpha_decay = alpha_decay
+        self.threshold = threshold
+        self.variant = variant
+        self.final_sparsity = sparsity
+        self.schedule = schedule if schedule is not None else OneShot()
+        self.revive = revive
+        self.threshold_start = threshold_start
+        self.alpha_lr = alpha_lr
+        self.alpha_momentum = alpha_momentum
+        super().__init__(model, structure, targets)
+
+    # -- construction ---------------------------------------------------------------------
+    def _check_config(self) -> None:
+        if self.variant not in _VARIANTS:
+            raise ConfigError(f"variant must be one of {_VARIANTS}; got {self.variant!r}")
+        if isinstance(self.structure, KofN):
+            raise ConfigError(f"PSP learns which groups survive, it cannot keep a fixed "
+                              f"{self.structure} pattern; use hp.DPP or hp.Magnitude for k:n")
+        _check_number("alpha_decay", self.alpha_decay, low=0.0, low_open=False)
+        _check_number("threshold", self.threshold, low=0.0, low_open=True)
+        if not isinstance(self.threshold_start, int) or self.threshold_start < 0:
+            raise ConfigError(f"threshold_start must be a non-negative integer; got "
+                              f"{self.threshold_start!r}")
+        for field in ("alpha_lr", "alpha_momentum"):
+            if getattr(self, field) is not None:
+                _check_number(field, getattr(self, field), low=0.0, low_open=False)
+        if self.variant == "fixed":
+            s = self.final_sparsity
+            if s is None:
+                raise ConfigError("variant='fixed' needs sparsity= (fraction of groups off "
+                                  "per layer, in [0, 1))")
+            _check_number("sparsity", s, low=0.0, low_open=False, high=1.0)
+            if not isinstance(self.schedule, Schedule):
+                raise ConfigError("schedule must be None or a hwprune.schedules.Schedule; got "
+                                  f"{self.schedule!r}")
+        elif self.final_sparsity is not None:
+            raise ConfigError(f"sparsity= applies only to variant='fixed'; variant "
+                              f"{self.variant!r} sets sparsity through alpha_decay and "
+                              "threshold")
+
+    def _make_parametrization(self, layer: PrunedLayer) -> nn.Module:
+        return GroupScale(layer.structure, layer.shape, getattr(layer.module, layer.param))
+
+    # -- the lifecycle hooks --------------------------------------------------------------
+    def _method_param_groups(self, defaults: dict[str, Any]) -> list[dict[str, Any]]:
+        group = {**defaults, "params": list(self.alphas(live=True).values())}
+        group["weight_decay"] = 0.0 if self.variant == "l1" else self.alpha_decay
+        if self.alpha_lr is not None:
+            group["lr"] = self.alpha_lr
+        if self.alpha_momentum is not None:
+            group["momentum"] = self.alpha_momentum
+        return [group]
+
+    def _penalty(self) -> Tensor | None:
+        if self.variant != "l1":
+            return None
+        return self.alpha_decay * sum(a.abs().sum() for a in self.alphas(live=True).values())
+
+    def _on_step(self) -> None:
+        if self.steps >= self.threshold_start:
+            self._update_keep()
+
+    def _on_epoch_end(self) -> None:
+        if self.variant == "fixed" and self.schedule.unit == "epoch":
+            self._update_keep()
+
+    def _mask(self, layer: PrunedLayer) -> Tensor:
+        p = layer.parametrization
+        return layer.structure.expand(p.keep.to(torch.float32), layer.shape) > 0.5
+
+    def _layer_extras(self) -> dict[str, dict[str, Any]]:
+        """Per layer: the alphas (as a list) and the fraction of groups that are off."""
+        out = {}
+        for name, layer in self.layers.items():
+            p = layer.parametrization
+            out[name] = {"alpha": p.alpha.detach().cpu().tolist(),
+                         "pruned_fraction": 1.0 - p.keep.float().mean().item()}
+        return out
+
+    # -- PSP itself -----------------------------------------------------------------------
+    def alphas(self, live: bool = False) -> dict[str, Tensor]:
+        """``{parameter name: alpha}``; the live parameters if ``live``, else detached copies."""
+        return {n: (l.parametrization.alpha if live else l.parametrization.alpha.detach().clone())
+                for n, l in self.layers.items()}
+
+    @torch.no_grad()
+    def _update_keep(self) -> None:
+        for layer in self.layers.values():
+            p = layer.parametrization
+            magnitude = p.alpha.abs()
+            if self.variant == "fixed":
+                keep = self._rank_keep(layer, magnitude)
+            else:
+                keep = magnitude >= self.threshold
+                if not isinstance(layer.structure, Layer) and not keep.any():
+                    keep[int(magnitude.argmax())] = True  # a layer keeps its best group
+            if not self.revive:
+                keep &= p.keep
+            p.keep.copy_(keep)
+
+    def _rank_keep(self, layer: PrunedLayer, magnitude: Tensor) -> Tensor:
+        t = self.steps if self.schedule.unit == "step" else self.epochs
+        sparsity = self.schedule.sparsity(t, self.final_sparsity)
+        min_keep = 0 if isinstance(layer.structure, Layer) else 1
+        # ties (all alphas start at 1) go to the group with the larger weight norm: rank in
+        # the order of descending norm, where the selection keeps the lower index
+        norms = layer.structure.scores(layer.original().detach(), "l2")
+        by_norm = torch.sort(norms, descending=True, stable=True).indices
+        keep = torch.empty_like(magnitude, dtype=torch.bool)
+        keep[by_norm] = keep_all_but_lowest(magnitude[by_norm], sparsity, min_keep)
+        return keep
+
+def _check_number(field: str, value: Any, low: float, low_open: bool,
+                  high: float | None = None) -> None:
+    ok = not isinstance(value, bool) and isinstance(value, (int, float))
+    if ok:
+        ok = (value > low if low_open else value >= low) and (high is None or value < high)
+    if not ok:
+        lo = "(" if low_open else "["
+        hi = f"{high})" if high is not None else "inf)"
+        raise ConfigError(f"{field} must be a number in {lo}{low:g}, {hi}; got {value!r}")
