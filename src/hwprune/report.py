@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -72,10 +72,13 @@ class LayerRow:
     dense_bytes: int
     #: bytes with the index overhead counted; filled by a later issue (see ``_stored_bytes``)
     stored_bytes: int | None = None
+    #: method-specific facts from ``pruner.layer_extras()`` (PSP: alphas, pruned fraction)
+    extras: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["shape"] = list(self.shape)
+        d["extras"] = _plain(self.extras)
         return d
 
 
@@ -183,6 +186,13 @@ class Report:
         summary = self._summary()
         out.append(f"**Total**: {summary[0]}")
         out += [f"**Baseline**: {s.removeprefix('baseline ')}" for s in summary[1:]]
+        keys = sorted({k for r in self.rows for k, v in r.extras.items()
+                       if isinstance(v, (int, float))})
+        if keys:  # the method's scalar per-layer facts (lists such as alphas: JSON and plots)
+            out += ["", "Method extras:", "", line(["layer", *keys]),
+                    line(["---"] * (len(keys) + 1))]
+            out += [line([r.name, *(_fmt_extra(r.extras.get(k)) for k in keys)])
+                    for r in self.rows if r.extras]
         return "\n".join(out) + "\n"
 
     def print(self, console: Any = None) -> None:
@@ -421,12 +431,19 @@ def _row_macs(
     return macs, unseen
 
 
+def _fmt_extra(v: Any) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
 def report(
     model: nn.Module,
     example_inputs: Tensor | tuple[Any, ...],
     baseline: nn.Module | Report | None = None,
     structures: str | Structure | Mapping[str, str | Structure] | None = None,
     name: str | None = None,
+    pruner: Any = None,
 ) -> Report:
     """Per-layer and total kept fractions, parameters, MACs and bytes of ``model``.
 
@@ -436,6 +453,9 @@ def report(
     measured on the same inputs, to compare a shrunk model with the dense one.
     ``structures``: the structure each weight was pruned with, for the ``structure`` column: one
     name or object for every row, or {parameter name: structure}.
+    ``pruner``: the pruner that produced the model (live or finalized): gives each pruned row
+    its structure (unless ``structures`` is given) and the method's per-layer extras
+    (``pruner.layer_extras()``: PSP's alphas and pruned fraction, ...).
     """
     if not isinstance(model, nn.Module):
         raise HwpruneError(f"report: model must be a torch.nn.Module; got {type(model).__name__}")
@@ -451,6 +471,11 @@ def report(
     macs, unseen = _row_macs(model, weights, counts, steps)
     model_macs += unseen
     names = [f"{mname}.{p}" if mname else p for mname, _, p in weights]
+    extras: dict[str, dict[str, Any]] = {}
+    if pruner is not None:
+        extras = pruner.layer_extras()
+        if structures is None:
+            structures = {n: pruner.structure for n in pruner.layers if n in names}
     structure_of = _structure_for(structures, names)
 
     out: list[LayerRow] = []
@@ -475,6 +500,7 @@ def report(
                 macs_remaining=(2 * dense * kept + numel) // (2 * numel) if numel else 0,
                 dense_bytes=numel * w.element_size(),
                 stored_bytes=_stored_bytes(w, structure),
+                extras=extras.get(row_name, {}),
             )
         )
 

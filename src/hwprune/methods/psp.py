@@ -151,12 +151,19 @@ class PSP(Pruner):
         return layer.structure.expand(p.keep.to(torch.float32), layer.shape) > 0.5
 
     def _layer_extras(self) -> dict[str, dict[str, Any]]:
-        """Per layer: the alphas (as a list) and the fraction of groups that are off."""
+        """Per layer: the fraction of groups that are off, |alpha| quantiles, and the alphas
+        themselves (a list, for histograms)."""
         out = {}
         for name, layer in self.layers.items():
             p = layer.parametrization
-            out[name] = {"alpha": p.alpha.detach().cpu().tolist(),
-                         "pruned_fraction": 1.0 - p.keep.float().mean().item()}
+            magnitude = p.alpha.detach().abs().float().cpu()
+            out[name] = {"pruned_fraction": 1.0 - p.keep.float().mean().item(),
+                         "alpha_abs_min": magnitude.min().item(),
+                         "alpha_abs_median": magnitude.median().item(),
+                         "alpha_abs_max": magnitude.max().item(),
+                         "alpha": p.alpha.detach().cpu().tolist()}
+            if self.variant != "fixed":
+                out[name]["threshold"] = self.threshold
         return out
 
     # -- PSP itself -----------------------------------------------------------------------

@@ -1,0 +1,53 @@
+"""Plots write real images from real pruning results; the report carries method extras."""
+
+import json
+
+import pytest
+import torch
+
+import hwprune as hp
+from hwprune.errors import HwpruneError
+from hwprune.plots import alpha_histograms, kept_fraction_bars
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def psp_run(tiny, x8):
+    pruner = hp.PSP(tiny, "channel", threshold=0.05, targets=["conv2", "conv3"])
+    with torch.no_grad():
+        for a in pruner.alphas(live=True).values():
+            a[: a.numel() // 4] = 0.01  # a quarter of each layer's channels below threshold
+    pruner.step()
+    return tiny, pruner, x8
+
+
+def test_report_carries_psp_extras(psp_run):
+    model, pruner, x = psp_run
+    rep = hp.report(model, x, pruner=pruner)
+    rows = {r.name: r for r in rep.rows}
+    assert rows["conv2.weight"].structure == "channel"
+    assert rows["conv1.weight"].structure == "-" and rows["conv1.weight"].extras == {}
+    extras = rows["conv3.weight"].extras
+    assert extras["pruned_fraction"] == 0.25 and extras["threshold"] == 0.05
+    assert len(extras["alpha"]) == 16 and extras["alpha_abs_min"] == pytest.approx(0.01)
+    assert rows["conv3.weight"].kept_channels == 0.75
+    md = rep.to_markdown()
+    assert "Method extras" in md and "pruned_fraction" in md
+    assert json.loads(rep.to_json())["rows"][2]["extras"]["pruned_fraction"] == 0.25
+    pruner.finalize()  # extras survive finalize
+    assert hp.report(model, x, pruner=pruner).rows[2].extras["pruned_fraction"] == 0.25
+
+
+def test_plots_write_pngs(psp_run, tmp_path):
+    model, pruner, x = psp_run
+    hist = alpha_histograms(pruner.layer_extras(), tmp_path / "alphas.png")
+    bars = kept_fraction_bars(hp.report(model, x), tmp_path / "sub" / "kept.png")
+    for path in (hist, bars):
+        data = path.read_bytes()
+        assert data.startswith(PNG) and len(data) > 5_000
+
+
+def test_alpha_histograms_need_alphas(tmp_path):
+    with pytest.raises(HwpruneError, match="PSP"):
+        alpha_histograms({"fc.weight": {"pruned_fraction": 0.5}}, tmp_path / "x.png")
