@@ -145,26 +145,37 @@ def _train(model, pruner, opt, steps, seed_base=100):
             pruner.epoch_end()
 
 
-def _make(seed=0):
+METHODS = {
+    "magnitude-gradual": lambda m: hp.Magnitude(m, "channel", 0.75, schedule=Cubic(0, 20, every=4)),
+    # strong decay and a high threshold, so that 30 steps on random data prune something
+    "psp-decay": lambda m: hp.PSP(m, "channel", alpha_decay=0.05, alpha_lr=0.5, threshold=0.5),
+    "psp-layer-gates": lambda m: hp.PSP(m, "layer", alpha_decay=0.05, alpha_lr=0.5,
+                                        threshold=0.5, targets=["conv3", "bn2", "fc1"]),
+}
+
+
+def _make(method="magnitude-gradual", seed=0):
     torch.manual_seed(seed)
     model = TinyNet()
-    pruner = hp.Magnitude(model, "channel", 0.75, schedule=Cubic(0, 20, every=4))
+    pruner = METHODS[method](model)
     opt = torch.optim.SGD(pruner.param_groups(lr=0.05, momentum=0.9))
     return model, pruner, opt
 
 
-def test_state_dicts_resume_a_gradual_run_exactly(tmp_path):
-    model, pruner, opt = _make()
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_state_dicts_resume_a_run_exactly(tmp_path, method):
+    model, pruner, opt = _make(method)
     _train(model, pruner, opt, 30)
+    assert pruner.sparsity() > 0, "the run must prune something for the test to mean anything"
     straight = copy.deepcopy(pruner.finalize().state_dict())
 
-    model, pruner, opt = _make()
+    model, pruner, opt = _make(method)
     _train(model, pruner, opt, 10)
     path = tmp_path / "ckpt.pt"
     torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
                 "pruner": pruner.state_dict()}, path)
 
-    model, pruner, opt = _make(seed=123)  # a different init: everything must come from the file
+    model, pruner, opt = _make(method, seed=123)  # everything must come from the file
     ckpt = torch.load(path, weights_only=True)
     model.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt["opt"])
@@ -175,16 +186,23 @@ def test_state_dicts_resume_a_gradual_run_exactly(tmp_path):
     assert straight.keys() == resumed.keys()
     for k in straight:
         assert torch.equal(straight[k], resumed[k]), k
-    channels_kept = (straight["conv3.weight"].abs().sum((0, 2, 3)) != 0).float().mean()
+
+
+def test_gradual_magnitude_reaches_its_channel_sparsity():
+    model, pruner, opt = _make()
+    _train(model, pruner, opt, 30)
+    weights = pruner.finalize().state_dict()
+    channels_kept = (weights["conv3.weight"].abs().sum((0, 2, 3)) != 0).float().mean()
     assert channels_kept.item() == 0.25
 
 
-def test_model_state_dict_round_trips_while_pruning(x8):
-    model, pruner, opt = _make()
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_model_state_dict_round_trips_while_pruning(x8, method):
+    model, pruner, opt = _make(method)
     _train(model, pruner, opt, 12)
     state = model.state_dict()
-    assert any(k.endswith("parametrizations.weight.0.mask") for k in state)
-    other, other_pruner, _ = _make(seed=7)
+    assert any(".parametrizations.weight." in k for k in state)
+    other, other_pruner, _ = _make(method, seed=7)
     other.load_state_dict(state)
     model.eval(), other.eval()
     assert torch.equal(model(x8), other(x8))

@@ -229,3 +229,48 @@ def test_bad_input_is_refused_at_construction(tiny, kwargs, error, match):
     kwargs.setdefault("structure", "channel")
     with pytest.raises(error, match=match):
         hp.PSP(tiny, **kwargs)
+
+
+def test_layer_structure_gates_whole_residual_branches():
+    torch.manual_seed(0)
+    model = resnet20()
+    x = torch.randn(2, 3, 32, 32)
+    pruner = hp.PSP(model, "layer", targets="layer*.*.bn2")
+    assert len(pruner.layers) == 9 and "layer2.1.bn2.weight" in pruner.masks()
+    _set_alpha(pruner, "layer2.1.bn2.weight", 0, 1e-3)
+    pruner.step()
+    model.eval()
+    y = model(x)
+
+    pruner.finalize()
+    assert not model.layer2[1].bn2.weight.any() and not model.layer2[1].bn2.bias.any()
+    assert torch.equal(model(x), y)  # finalize folded the gate exactly
+
+    # the branch is gone: the block's output is relu(shortcut(input))
+    seen = {}
+    model.layer2[1].register_forward_hook(lambda m, i, o: seen.update(inp=i[0], out=o))
+    model(x)
+    assert torch.allclose(seen["out"], torch.relu(model.layer2[1].shortcut(seen["inp"])))
+    assert not pruner.masks()["layer2.1.bn2.weight"].any()
+    assert pruner.masks()["layer2.0.bn2.weight"].all()
+
+
+def test_layer_structure_gates_a_densenet_layer():
+    torch.manual_seed(0)
+    model = densenet_cifar(depth=10, growth_rate=4)
+    pruner = hp.PSP(model, "layer", targets="block1.layers.0.conv1")
+    _set_alpha(pruner, "block1.layers.0.conv1.weight", 0, 0.0)
+    pruner.step()
+    seen = {}
+    model.block1.layers[0].register_forward_hook(lambda m, i, o: seen.setdefault("out", o))
+    model(torch.randn(2, 3, 32, 32))
+    assert seen["out"].shape[1] == 4 and not seen["out"].any()
+
+
+def test_norm_layers_are_targets_only_for_psp_layer_gates(tiny):
+    with pytest.raises(hp.TargetError, match="match no prunable weight"):
+        hp.PSP(tiny, "channel", targets="bn2")
+    with pytest.raises(hp.TargetError, match="match no prunable weight"):
+        hp.Magnitude(tiny, "layer", 0.5, targets="bn2")
+    assert [t for t in hp.PSP(TinyNet(), "layer").layers] == ["conv2.weight", "conv3.weight",
+                                                               "fc1.weight"]

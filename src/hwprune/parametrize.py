@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from .structures import Structure
 
-__all__ = ["Mask", "GroupScale"]
+__all__ = ["Mask", "GroupScale", "TiedScale"]
 
 
 class Mask(nn.Module):
@@ -51,3 +51,16 @@ class GroupScale(nn.Module):
 
     def forward(self, w: Tensor) -> Tensor:
         return w * self.structure.expand(self.effective_alpha(), self.shape)
+
+
+class TiedScale(nn.Module):
+    """A second tensor (a bias) scaled by another ``GroupScale``'s single alpha, so that a
+    gated module's whole output is ``alpha * f(x)`` (PSP's layer structure)."""
+
+    def __init__(self, gate: GroupScale):
+        super().__init__()
+        # not a submodule: the gate's alpha must be owned (and optimized, saved) once
+        object.__setattr__(self, "gate", gate)
+
+    def forward(self, b: Tensor) -> Tensor:
+        return b * self.gate.effective_alpha()

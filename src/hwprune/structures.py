@@ -234,9 +234,15 @@ class Column(Structure):
 
 
 class Layer(Structure):
-    """The whole weight: the layer (or, with shrink, a whole residual branch) lives or dies."""
+    """The whole weight: the layer (or, with shrink, a whole residual branch) lives or dies.
+
+    The only structure that also fits a 1-D weight (a norm layer's scale, gated by PSP)."""
 
     name = "layer"
+
+    def validate(self, shape: Shape, layer: str = "weight") -> None:
+        if len(shape) < 1:
+            raise StructureError(f"{layer}: structure layer needs a weight; got a scalar")
 
     def to_groups(self, w: Tensor) -> Tensor:
         return w.reshape(1, -1)

@@ -11,6 +11,10 @@ leaves them dense by default). ``targets`` may also be
 
 A selected Conv/Linear module contributes its ``weight``; an LSTM/GRU/RNN module contributes
 every ``weight_ih_l*`` / ``weight_hh_l*`` matrix (biases are never pruned).
+
+With ``norm_layers=True`` (PSP's ``"layer"`` structure, which gates a module's whole output)
+BatchNorm/GroupNorm/LayerNorm modules with affine parameters may be named too, so that the
+last BatchNorm of a residual branch can gate the branch. They are never selected by default.
 """
 
 from __future__ import annotations
@@ -23,11 +27,13 @@ from torch import nn
 
 from .errors import TargetError
 
-__all__ = ["Target", "resolve_targets", "CONV_TYPES", "LINEAR_TYPES", "RNN_TYPES", "PRUNABLE_TYPES"]
+__all__ = ["Target", "resolve_targets", "CONV_TYPES", "LINEAR_TYPES", "RNN_TYPES", "NORM_TYPES",
+           "PRUNABLE_TYPES"]
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 LINEAR_TYPES = (nn.Linear,)
 RNN_TYPES = (nn.RNNBase,)  # LSTM, GRU, RNN
+NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 PRUNABLE_TYPES = (*CONV_TYPES, *LINEAR_TYPES, *RNN_TYPES)
 
 
@@ -41,7 +47,9 @@ class Target:
     param: str  # attribute name on the module: "weight", "weight_ih_l0", ...
 
 
-def _weights_of(module: nn.Module) -> list[str]:
+def _weights_of(module: nn.Module, norm_layers: bool = False) -> list[str]:
+    if norm_layers and isinstance(module, NORM_TYPES):
+        return ["weight"] if getattr(module, "weight", None) is not None else []
     if isinstance(module, RNN_TYPES):
         return [n for n, _ in module.named_parameters(recurse=False) if n.startswith("weight_")]
     if isinstance(module, (*CONV_TYPES, *LINEAR_TYPES)):
@@ -53,11 +61,11 @@ def _full(module_name: str, param: str) -> str:
     return f"{module_name}.{param}" if module_name else param
 
 
-def _all_candidates(model: nn.Module) -> list[Target]:
+def _all_candidates(model: nn.Module, norm_layers: bool = False) -> list[Target]:
     return [
         Target(_full(mname, p), mname, m, p)
         for mname, m in model.named_modules()
-        for p in _weights_of(m)
+        for p in _weights_of(m, norm_layers)
     ]
 
 
@@ -80,9 +88,12 @@ def _matches(pattern: str, t: Target) -> bool:
 Spec = str | type | tuple | Callable[[str, nn.Module], bool] | Iterable[str] | None
 
 
-def resolve_targets(model: nn.Module, targets: Spec = None) -> list[Target]:
+def resolve_targets(model: nn.Module, targets: Spec = None,
+                    norm_layers: bool = False) -> list[Target]:
     """The ordered list of weights ``targets`` selects in ``model``; never empty."""
     candidates = _all_candidates(model)
+    if targets is not None and norm_layers:
+        candidates = _all_candidates(model, norm_layers=True)
     if not candidates:
         raise TargetError(
             f"{type(model).__name__} has no Conv, Linear or RNN layer to prune; hwprune prunes "

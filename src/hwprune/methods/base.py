@@ -73,7 +73,7 @@ class Pruner:
         self.model = model
         self.structure = parse_structure(structure)
         self.layers: dict[str, PrunedLayer] = {}
-        for t in resolve_targets(model, targets):
+        for t in resolve_targets(model, targets, norm_layers=self._norm_targets_allowed()):
             shape = tuple(getattr(t.module, t.param).shape)
             self.structure.validate(shape, t.name)
             if parametrize.is_parametrized(t.module, t.param):
@@ -91,6 +91,10 @@ class Pruner:
         self._on_attach()
 
     # -- hooks for methods ---------------------------------------------------------------
+    def _norm_targets_allowed(self) -> bool:
+        """Whether ``targets`` may name norm layers (whole-output gates; PSP's "layer")."""
+        return False
+
     def _check_config(self) -> None:
         """Raise ``ConfigError`` for bad method parameters (called before attaching)."""
 

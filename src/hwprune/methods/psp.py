@@ -23,6 +23,12 @@ Choices the paper leaves open, made explicit (all parameters):
   uses 0 for them, but α still receives the straight-through gradient ``Σ ∂E/∂q · w`` and is
   re-tested after every step. ``revive=False`` makes pruning permanent.
 * Thresholding starts at step ``threshold_start`` (default 0: from the first step).
+* ``structure="layer"`` gates a module's whole output: one alpha scales its weight *and* its
+  bias, so a pruned layer outputs exactly zero. Its ``targets`` may then also name norm
+  layers: in a post-activation residual block the branch ends in a BatchNorm, and
+  ``hp.PSP(model, "layer", targets="layer*.*.bn2")`` gates whole residual branches (BN's
+  output scales exactly with its weight and bias). A DenseNet layer is gated through its last
+  conv (``targets="block*.layers.*.conv2"`` for DenseNet-BC), whose output is all it adds.
 * Every layer keeps at least its largest-``|α|`` group (a layer with nothing left would cut
   the network and can make BatchNorm statistics degenerate), except with
   ``structure="layer"``, where removing the whole layer is the point.
@@ -39,9 +45,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from ..errors import ConfigError
-from ..parametrize import GroupScale
+from ..parametrize import GroupScale, TiedScale
 from ..schedules import OneShot, Schedule
 from ..structures import KofN, Layer, Structure
 from ..targets import Spec
@@ -120,8 +127,31 @@ class PSP(Pruner):
                               f"{self.variant!r} sets sparsity through alpha_decay and "
                               "threshold")
 
+    def _norm_targets_allowed(self) -> bool:
+        return isinstance(self.structure, Layer)
+
     def _make_parametrization(self, layer: PrunedLayer) -> nn.Module:
         return GroupScale(layer.structure, layer.shape, getattr(layer.module, layer.param))
+
+    def _gated_biases(self) -> list[PrunedLayer]:
+        """Layers whose bias the layer structure scales along with the weight."""
+        if not isinstance(self.structure, Layer):
+            return []
+        return [l for l in self.layers.values()
+                if l.param == "weight" and getattr(l.module, "bias", None) is not None]
+
+    def _on_attach(self) -> None:
+        for layer in self._gated_biases():
+            parametrize.register_parametrization(layer.module, "bias",
+                                                 TiedScale(layer.parametrization))
+
+    def finalize(self) -> nn.Module:
+        self._check_live("finalize")
+        with torch.no_grad():  # bake the gated biases while the alphas still exist
+            for layer in self._gated_biases():
+                parametrize.remove_parametrizations(layer.module, "bias",
+                                                    leave_parametrized=True)
+        return super().finalize()
 
     # -- the lifecycle hooks --------------------------------------------------------------
     def _method_param_groups(self, defaults: dict[str, Any]) -> list[dict[str, Any]]:
