@@ -37,6 +37,7 @@ from torch import nn
 import hwprune as hp
 from hwprune.data import augment_cifar, data_dir, load_cifar10, load_digits
 from hwprune.models import SmallCNN, load_pretrained
+from hwprune.plots import alpha_histograms
 from hwprune.schedules import Cubic
 from hwprune.training import evaluate, make_loader, train_epoch
 
@@ -114,7 +115,8 @@ def base_model(task: Task, root: str | None) -> nn.Module:
     return load_pretrained(data_dir(root) / "weights" / "cifar10-resnet20-akamaster.th")
 
 
-def run_point(task, model0, train, test, augment, variant, structure, knob, seed):
+def run_point(task, model0, train, test, augment, variant, structure, knob, seed,
+              out: Path | None = None):
     torch.manual_seed(seed)
     model = copy.deepcopy(model0)
     loader = make_loader(train, task.batch_size, shuffle=True, seed=seed)
@@ -127,6 +129,10 @@ def run_point(task, model0, train, test, augment, variant, structure, knob, seed
         train_epoch(model, loader, opt, pruner, augment=augment)
         sched.step()
     sparsity = structure_sparsity(pruner)
+    if out is not None and variant == "decay" and seed == task.seeds[0]:
+        # the alpha distribution PSP's decay produced (the gap below/above the threshold)
+        alpha_histograms(pruner.layer_extras(),
+                         out.parent / f"{out.name}_alphas_{structure}_{knob:g}.png")
     pruner.finalize()
     accuracy = evaluate(model, make_loader(test, 1000, shuffle=False))
     return {"task": task.name, "structure": structure, "variant": variant, "knob": knob,
@@ -237,7 +243,7 @@ def main(argv=None) -> int:
                     if (structure, variant, knob, seed) in done:
                         continue
                     r = run_point(task, model0, train, test, augment, variant, structure, knob,
-                                  seed)
+                                  seed, out)
                     records.append(r)
                     with jsonl.open("a") as f:
                         f.write(json.dumps(r) + "\n")
