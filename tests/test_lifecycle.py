@@ -151,6 +151,8 @@ METHODS = {
     "psp-decay": lambda m: hp.PSP(m, "channel", alpha_decay=0.05, alpha_lr=0.5, threshold=0.5),
     "psp-layer-gates": lambda m: hp.PSP(m, "layer", alpha_decay=0.05, alpha_lr=0.5,
                                         threshold=0.5, targets=["conv3", "bn2", "fc1"]),
+    # sampled masks: resuming must restore the noise generator too
+    "dpp-2:4-quantized": lambda m: hp.DPP(m, "2:4", quantize_bits=8, anneal_epochs=3),
 }
 
 

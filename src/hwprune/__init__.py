@@ -13,7 +13,7 @@ from .errors import (
     StructureError,
     TargetError,
 )
-from .methods import PSP, Magnitude, Pruner
+from .methods import DPP, PSP, Magnitude, Pruner
 from .report import Report, report
 
 __version__ = "0.1.0"
@@ -21,6 +21,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Magnitude",
     "PSP",
+    "DPP",
     "Pruner",
     "report",
     "Report",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from .errors import ConfigError
 
-__all__ = ["Schedule", "OneShot", "Linear", "Cubic"]
+__all__ = ["Schedule", "OneShot", "Linear", "Cubic", "Anneal"]
 
 _UNITS = ("step", "epoch")
 
@@ -79,3 +79,22 @@ class Cubic(Schedule):
 
     def ramp(self, p: float) -> float:
         return 1.0 - (1.0 - p) ** 3
+
+
+class Anneal:
+    """A value moving linearly from ``start`` to ``end`` over ``duration`` steps or epochs,
+    then staying at ``end`` however long the run (DPP's Gumbel-softmax temperature)."""
+
+    def __init__(self, start: float, end: float, duration: int, unit: str = "epoch"):
+        if unit not in _UNITS:
+            raise ConfigError(f"anneal unit must be one of {_UNITS}; got {unit!r}")
+        if not isinstance(duration, int) or duration < 1:
+            raise ConfigError(f"anneal duration must be a positive integer; got {duration!r}")
+        self.start, self.end, self.duration, self.unit = start, end, duration, unit
+
+    def value(self, t: int) -> float:
+        return self.start + (self.end - self.start) * min(max(t / self.duration, 0.0), 1.0)
+
+    def __repr__(self) -> str:
+        return (f"Anneal(start={self.start}, end={self.end}, duration={self.duration}, "
+                f"unit={self.unit!r})")

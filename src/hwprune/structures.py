@@ -87,8 +87,16 @@ class Structure:
                 f"to conv layers (e.g. targets=torch.nn.Conv2d)"
             )
 
+    def group_shape(self, shape: Shape) -> tuple[int, int]:
+        """``(num_groups, group_size)`` of the group view of a weight of ``shape``."""
+        cache = self.__dict__.setdefault("_group_shapes", {})  # expand() runs every forward
+        key = tuple(shape)
+        if key not in cache:
+            cache[key] = tuple(self.to_groups(torch.empty(key, device="meta")).shape)
+        return cache[key]
+
     def num_groups(self, shape: Shape) -> int:
-        return self.to_groups(torch.empty(tuple(shape), device="meta")).shape[0]
+        return self.group_shape(shape)[0]
 
     def group_sizes(self, shape: Shape) -> Tensor:
         """Number of real weights in each group (blocks at a ragged edge have fewer)."""
@@ -96,13 +104,13 @@ class Structure:
 
     def expand(self, values: Tensor, shape: Shape) -> Tensor:
         """Broadcast one value per group (a mask, a scale) back to the weight's ``shape``."""
-        g = self.to_groups(torch.empty(tuple(shape), device="meta"))
-        if values.shape != (g.shape[0],):
+        groups, size = self.group_shape(shape)
+        if values.shape != (groups,):
             raise StructureError(
-                f"{self}: expected one value per group, shape ({g.shape[0]},); "
+                f"{self}: expected one value per group, shape ({groups},); "
                 f"got {tuple(values.shape)}"
             )
-        return self.from_groups(values[:, None].expand(g.shape[0], g.shape[1]), shape)
+        return self.from_groups(values[:, None].expand(groups, size), shape)
 
     def scores(self, w: Tensor, norm: str = "l1") -> Tensor:
         """One magnitude per group: the L1 or L2 norm of its weights."""
@@ -319,7 +327,11 @@ class KofN(Structure):
     def validate(self, shape: Shape, layer: str = "weight") -> None:
         self.base.validate(shape, layer)
         line = self.base.line_length(shape)
-        if line % self.n:
+        per_unit = self.base.num_groups(shape) // shape[0]  # groups per output unit
+        # runs lie within a line, or are whole lines that tile each output unit (DPP's rows
+        # over all C*R*S inputs of a filter)
+        spans_lines = self.n % line == 0 and per_unit % self.n == 0
+        if line % self.n and not spans_lines:
             divisors = [d for d in range(2, line + 1) if line % d == 0][:8]
             raise StructureError(
                 f"{layer}: {self} needs runs of {self.n} {self.base} groups, but the run axis "

@@ -1,7 +1,8 @@
 """Pruning methods. Each is a ``Pruner`` with the same lifecycle (see ``base``)."""
 
 from .base import PrunedLayer, Pruner
+from .dpp import DPP
 from .magnitude import Magnitude
 from .psp import PSP
 
-__all__ = ["Pruner", "PrunedLayer", "Magnitude", "PSP"]
+__all__ = ["Pruner", "PrunedLayer", "Magnitude", "PSP", "DPP"]

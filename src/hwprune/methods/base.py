@@ -75,12 +75,13 @@ class Pruner:
         self.layers: dict[str, PrunedLayer] = {}
         for t in resolve_targets(model, targets, norm_layers=self._norm_targets_allowed()):
             shape = tuple(getattr(t.module, t.param).shape)
-            self.structure.validate(shape, t.name)
+            structure = self._layer_structure(shape, t.name)
+            structure.validate(shape, t.name)
             if parametrize.is_parametrized(t.module, t.param):
                 raise StructureError(
                     f"{t.name} is already parametrized (another pruner?); finalize it first"
                 )
-            self.layers[t.name] = PrunedLayer(t, self.structure, shape)
+            self.layers[t.name] = PrunedLayer(t, structure, shape)
         self._check_config()  # method-specific validation, still before the model is touched
         self.steps = 0
         self.epochs = 0
@@ -94,6 +95,10 @@ class Pruner:
     def _norm_targets_allowed(self) -> bool:
         """Whether ``targets`` may name norm layers (whole-output gates; PSP's "layer")."""
         return False
+
+    def _layer_structure(self, shape: tuple[int, ...], name: str) -> Structure:
+        """The structure of one layer (DPP's rows depend on the layer's shape)."""
+        return self.structure
 
     def _check_config(self) -> None:
         """Raise ``ConfigError`` for bad method parameters (called before attaching)."""

@@ -1,0 +1,183 @@
+"""hp.DPP: exactly k per row in every training pass, sampled masks in training and a fixed
+one in eval, logits that find the useful inputs, joint quantization, exact finalize, errors."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import hwprune as hp
+from hwprune.errors import ConfigError, StructureError
+
+CONVS = ["conv2", "conv3"]
+GRANULARITIES = [("weight", 0.25), ("weight", 5), ("kernel", 3), ("filter", 0.5),
+                 ("2:4", None), ("1:4", None), ("2:8", None), ("1:2@kernel", None)]
+
+
+def _rows_of(pruner, name, mask):
+    """The mask as (rows, n) over the layer's k-of-n rows."""
+    s = pruner.layers[name].structure
+    g = s.to_groups(mask.float())
+    assert torch.equal(g.amin(1), g.amax(1)), "a group is partly kept"
+    return g.amax(1).reshape(-1, s.n), s.k
+
+
+def _record_masks(pruner):
+    """Hooks on each parametrization: its output *is* the weight the layer computed with
+    (weights are random, so nonzero = kept). Returns the list every pass appends to."""
+    passes: list[dict[str, torch.Tensor]] = []
+
+    def hook(module, inputs, output, name):
+        if not passes or name in passes[-1]:
+            passes.append({})
+        passes[-1][name] = output.detach() != 0
+
+    for name, layer in pruner.layers.items():
+        layer.parametrization.register_forward_hook(
+            lambda m, i, o, name=name: hook(m, i, o, name))
+    return passes
+
+
+@pytest.mark.parametrize("structure, k", GRANULARITIES)
+def test_every_training_pass_keeps_exactly_k_per_row(tiny, x8, structure, k):
+    pruner = hp.DPP(tiny, structure, k=k, targets=CONVS)
+    passes = _record_masks(pruner)
+    tiny.train()
+    for _ in range(3):
+        tiny(x8)
+    assert len(passes) == 3
+    for masks in passes:
+        for name, mask in masks.items():
+            rows, kk = _rows_of(pruner, name, mask)
+            assert (rows.sum(1) == kk).all()
+
+
+def test_masks_are_sampled_in_training_and_fixed_in_eval(tiny, x8):
+    pruner = hp.DPP(tiny, "weight", k=0.5, logit_init="zeros", targets=CONVS)
+    passes = _record_masks(pruner)
+    tiny.train()
+    for _ in range(3):
+        tiny(x8)
+    train = [p["conv3.weight"] for p in passes]
+    assert not torch.equal(train[0], train[1]) and not torch.equal(train[1], train[2])
+    tiny.eval()
+    for _ in range(2):
+        tiny(x8)
+    evals = [p["conv3.weight"] for p in passes[3:]]
+    assert torch.equal(evals[0], evals[1])
+    assert torch.equal(evals[0], pruner.masks()["conv3.weight"])
+
+
+def test_logits_find_the_inputs_that_matter():
+    """Only inputs 1 and 6 of 8 carry the target; DPP with k=2 must learn to keep them."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 8, generator=g)
+    y = 2.0 * x[:, 1:2] - 1.5 * x[:, 6:7]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 1))
+    pruner = hp.DPP(model, "weight", k=2, logit_init="zeros", noise_scale=1.0,
+                    temperature=(1.0, 1.0), entropy_weight=0.0, targets=["0"])
+    opt = torch.optim.Adam(pruner.param_groups(lr=0.05))
+    for _ in range(400):
+        loss = F.mse_loss(model(x), y) + pruner.penalty()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        pruner.step()
+    logits = pruner.layers["0.weight"].parametrization.logits.detach()[0]
+    assert set(logits.topk(2).indices.tolist()) == {1, 6}, logits
+    assert pruner.masks()["0.weight"][0].nonzero().flatten().tolist() == [1, 6]
+    model.eval()
+    assert F.mse_loss(model(x), y).item() < 1e-3
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_joint_quantization_leaves_at_most_2_to_the_bits_values(tiny, x8, bits):
+    pruner = hp.DPP(tiny, "2:4", quantize_bits=bits, targets=CONVS)
+    opt = torch.optim.SGD(pruner.param_groups(lr=0.01))
+    tiny(x8).sum().backward()
+    opt.step()
+    tiny.eval()
+    y = tiny(x8)
+    model = pruner.finalize()
+    assert torch.equal(model(x8), y)
+    for name in CONVS:
+        w = model.get_submodule(name).weight
+        assert w.unique().numel() <= 2 ** bits
+        assert ((w != 0).movedim(1, -1).reshape(-1, 4).sum(1) <= 2).all()
+
+
+@pytest.mark.parametrize("structure, k", GRANULARITIES)
+def test_finalize_is_exact_in_eval_mode(tiny, x8, structure, k):
+    pruner = hp.DPP(tiny, structure, k=k, targets=CONVS)
+    with torch.no_grad():
+        for layer in pruner.layers.values():
+            layer.parametrization.logits.normal_()
+    tiny.eval()
+    y = tiny(x8)
+    masks = pruner.masks()
+    extras = pruner.layer_extras()
+    pruner.finalize()
+    assert torch.equal(tiny(x8), y)
+    for name, mask in masks.items():
+        assert torch.equal(tiny.get_parameter(name) != 0, mask)
+        assert 0.0 <= extras[name]["confidence"] <= 1.0
+        assert -1e-6 <= extras[name]["diversity"] <= 1.0
+
+
+def test_temperature_anneals_linearly_per_epoch_and_stops_at_its_end(tiny):
+    pruner = hp.DPP(tiny, "2:4", temperature=(5.0, 0.5), anneal_epochs=10, targets=CONVS)
+    taus = []
+    for _ in range(15):
+        pruner.epoch_end()
+        taus.append(pruner.layers["conv2.weight"].parametrization.tau)
+    assert taus[:3] == pytest.approx([4.55, 4.1, 3.65])
+    assert taus[9:] == [0.5] * 6
+    assert [h["epoch"] for h in pruner.history] == list(range(1, 16))
+
+
+def test_metrics_on_known_distributions(tiny):
+    pruner = hp.DPP(tiny, "2:4", targets=["conv3"])
+    logits = pruner.layers["conv3.weight"].parametrization.logits
+    with torch.no_grad():
+        logits.zero_()  # uniform rows: no confidence, no diversity
+    m = pruner.layer_extras()["conv3.weight"]
+    assert m["confidence"] == pytest.approx(0.0, abs=1e-6)
+    assert m["diversity"] == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():  # every row sure, rows spread evenly over the 4 entries
+        logits.fill_(-50.0)
+        logits[torch.arange(logits.shape[0]), torch.arange(logits.shape[0]) % 4] = 50.0
+    m = pruner.layer_extras()["conv3.weight"]
+    assert m["confidence"] == pytest.approx(1.0, abs=1e-4)
+    assert m["diversity"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_logits_get_no_weight_decay_and_the_entropy_penalty_is_the_row_entropy_sum(tiny):
+    pruner = hp.DPP(tiny, "2:4", entropy_weight=0.1, logit_lr=0.3, targets=CONVS)
+    groups = pruner.param_groups(lr=0.1, weight_decay=5e-4)
+    assert groups[1]["weight_decay"] == 0.0 and groups[1]["lr"] == 0.3
+    logits = [layer.parametrization.logits for layer in pruner.layers.values()]
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in logits}
+    p = [torch.softmax(lg, 1) for lg in logits]
+    expected = 0.1 * sum(-(q * q.log()).sum() for q in p)
+    assert torch.isclose(pruner.penalty(), expected)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(structure="weight", k=500), StructureError, "exceeds the row length"),
+    (dict(structure="weight", k=0), ConfigError, "k must be"),
+    (dict(structure="weight", k=-2), ConfigError, "k must be"),
+    (dict(structure="weight"), ConfigError, "needs k="),
+    (dict(structure="5:4"), StructureError, "1 <= k <= n"),
+    (dict(structure="2:4", k=3), ConfigError, "implies k=2"),
+    (dict(structure="2:3"), StructureError, "does not divide"),
+    (dict(structure="2:4", temperature=(5.0, 0.0)), ConfigError, "temperature"),
+    (dict(structure="2:4", temperature=(-1.0, 0.5)), ConfigError, "temperature"),
+    (dict(structure="2:4", quantize_bits=1), ConfigError, "quantize_bits"),
+    (dict(structure="2:4", quantize_bits=17), ConfigError, "quantize_bits"),
+    (dict(structure="channel"), ConfigError, "DPP structure"),
+    (dict(structure="2:4", noise_scale=-0.1), ConfigError, "noise_scale"),
+])
+def test_bad_input_is_refused_at_construction(tiny, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        hp.DPP(tiny, targets=CONVS, **kwargs)
