@@ -13,8 +13,10 @@ from rich.console import Console
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+import hwprune as hp
 from hwprune.errors import HwpruneError, StructureError
 from hwprune.report import LayerRow, Report, report
+from hwprune.storage import file_layout
 from hwprune.structures import KofN
 
 # ---------------------------------------------------------------------------------- helpers
@@ -309,7 +311,7 @@ def test_to_json_round_trips(tmp_path) -> None:
         assert got["macs_dense"] == row.macs_dense
         assert got["macs_remaining"] == row.macs_remaining
         assert got["kept_elements"] == row.kept_elements
-        assert got["stored_bytes"] is None  # storage with index overhead: later issue
+        assert got["stored_bytes"] == row.stored_bytes and got["encoding"] == row.encoding
     assert loaded["total"] == rep.total
     path = tmp_path / "report.json"
     assert json.loads(rep.to_json(path)) == json.loads(path.read_text())
@@ -412,3 +414,25 @@ def test_bad_structures() -> None:
         report(model, x, structures="triangle")
     with pytest.raises(HwpruneError, match="baseline"):
         report(model, x, baseline="dense")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("structure, sparsity, encoding", [
+    ("2:4", None, "kofn"), ("block:4x4", 0.5, "block"), ("element", 0.9, None)])
+def test_stored_bytes_are_the_data_hwprune_save_writes(tmp_path, structure, sparsity, encoding):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.Conv2d(16, 32, 3), nn.Flatten(),
+                          nn.Linear(32 * 6 * 6, 64), nn.Linear(64, 10))
+    pruner = hp.Magnitude(model, structure, sparsity)
+    pruner.finalize()
+    rep = report(model, torch.randn(1, 3, 10, 10), pruner=pruner)
+    weights = {r.name: model.get_parameter(r.name).detach() for r in rep.rows}
+    path = tmp_path / "weights.hwp"
+    hp.save(weights, path, hints={r.name: r.structure for r in rep.rows if r.structure != "-"})
+    layout = file_layout(path)
+    assert layout["data_bytes"] == rep.total["stored_bytes"]
+    assert layout["size"] == rep.total["stored_bytes"] + layout["header_bytes"]
+    pruned = [r for r in rep.rows if r.structure != "-"]
+    if encoding:
+        assert {r.encoding for r in pruned} == {encoding}
+    assert all(r.stored_bytes < r.dense_bytes for r in pruned)
+    assert all(torch.equal(v, weights[k]) for k, v in hp.load(path).items())

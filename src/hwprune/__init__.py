@@ -15,6 +15,7 @@ from .errors import (
 )
 from .methods import DPP, PSP, Magnitude, Pruner
 from .report import Report, report
+from .storage import load, save
 
 __version__ = "0.1.0"
 
@@ -24,6 +25,8 @@ __all__ = [
     "DPP",
     "Pruner",
     "report",
+    "save",
+    "load",
     "Report",
     "models",
     "schedules",

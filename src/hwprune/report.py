@@ -19,9 +19,10 @@ MACs times its kept element fraction: every weight of a conv or linear layer is 
 often (once per output position), so each zero removes the same share of the work. That is the
 arithmetic an ideal sparse kernel would do, not a latency prediction.
 
-Storage with the index overhead counted (CSR pointers, block indices, k-of-n positions) is a
-later issue; ``LayerRow.stored_bytes`` and ``total["stored_bytes"]`` are ``None`` until
-``_stored_bytes`` below fills them.
+Stored bytes count the index overhead: each weight is encoded the way ``hwprune.save`` stores
+it (``hwprune.storage.stored_bytes``: the smallest exact encoding among dense, bitmask, CSR,
+k-of-n, block, unified and quantized, with the structure as a hint), so the stored total is
+the data section of the file ``hwprune.save`` writes for these weights.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from torch.nn.utils import parametrize
 from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import HwpruneError
+from .storage import stored_bytes
 from .structures import Channel, Filter, Kernel, Structure, parse_structure
 from .targets import CONV_TYPES, LINEAR_TYPES, RNN_TYPES
 
@@ -70,8 +72,12 @@ class LayerRow:
     macs_dense: int
     macs_remaining: int
     dense_bytes: int
-    #: bytes with the index overhead counted; filled by a later issue (see ``_stored_bytes``)
+    #: bytes as ``hwprune.save`` stores the weight, index overhead included
     stored_bytes: int | None = None
+    #: of ``stored_bytes``, the index/metadata part (masks, pointers, positions, sign bits)
+    index_bytes: int | None = None
+    #: the encoding ``hwprune.save`` picks for the weight
+    encoding: str | None = None
     #: method-specific facts from ``pruner.layer_extras()`` (PSP: alphas, pruned fraction)
     extras: dict[str, Any] = field(default_factory=dict)
 
@@ -88,9 +94,9 @@ class Report:
 
     ``total`` keys: ``params``, ``kept_params``, ``kept_elements``, ``pruning_ratio`` (params /
     kept params), ``macs_dense``, ``macs_remaining``, ``mac_reduction`` (dense / remaining),
-    ``dense_bytes``, ``stored_bytes`` and ``compression_ratio`` (``None`` until index overhead is
-    counted) -- all sums over the prunable rows -- plus ``model_macs`` (every MAC of the forward
-    pass, including ops outside prunable layers such as attention matmuls; BN, activations and
+    ``dense_bytes``, ``stored_bytes``, ``index_bytes`` and ``compression_ratio`` (dense / stored,
+    index overhead included) -- all sums over the prunable rows -- plus ``model_macs`` (every
+    MAC of the forward pass, including ops outside prunable layers such as attention matmuls; BN, activations and
     pooling have none), ``model_macs_remaining`` (the same with the prunable rows' zeros
     skipped) and ``model_params`` (every parameter, biases and BN included).
     Ratios are ``None`` where the denominator is 0.
@@ -267,13 +273,9 @@ def _kept_groups(structure: Structure, w: Tensor) -> float:
     return _frac(int(alive.sum()), alive.numel())
 
 
-def _stored_bytes(weight: Tensor, structure: str) -> int | None:
-    """Bytes to store ``weight`` in the format its structure implies, index overhead included.
-
-    The place where the storage issue plugs in (CSR pointers for elements, block indices,
-    log2(C(n, k)) bits per k-of-n group, ...). Until then: ``None``, never a guess.
-    """
-    return None
+def _storage(weight: Tensor, structure: str) -> dict[str, Any]:
+    """How ``hwprune.save`` stores ``weight``: encoding, total and index bytes."""
+    return stored_bytes(weight, hints=None if structure == "-" else structure)
 
 
 def _module_type(m: nn.Module) -> str:
@@ -483,6 +485,7 @@ def report(
         w = getattr(m, p).detach()  # the parametrized (effective) value if parametrized
         numel, kept = w.numel(), int(torch.count_nonzero(w))
         structure = structure_of[row_name]
+        storage = _storage(w, structure)
         out.append(
             LayerRow(
                 name=row_name,
@@ -499,7 +502,9 @@ def report(
                 # exact integer rounding of dense * kept / numel
                 macs_remaining=(2 * dense * kept + numel) // (2 * numel) if numel else 0,
                 dense_bytes=numel * w.element_size(),
-                stored_bytes=_stored_bytes(w, structure),
+                stored_bytes=storage["total_bytes"],
+                index_bytes=storage["index_bytes"],
+                encoding=storage["encoding"],
                 extras=extras.get(row_name, {}),
             )
         )
@@ -525,6 +530,7 @@ def report(
         "model_params": sum(p.numel() for p in model.parameters()),
         "dense_bytes": dense_bytes,
         "stored_bytes": stored_bytes,
+        "index_bytes": sum(r.index_bytes or 0 for r in out),
         "compression_ratio": None if stored_bytes is None else _div(dense_bytes, stored_bytes),
     }
     rep = Report(name=name or type(model).__name__, rows=out, total=total)

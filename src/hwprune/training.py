@@ -27,8 +27,10 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0)
 
 def train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                 pruner: Pruner | None = None,
-                augment: Callable[[Tensor], Tensor] | None = None) -> dict[str, float]:
-    """One epoch of cross-entropy training; returns mean loss and training accuracy."""
+                augment: Callable[[Tensor], Tensor] | None = None,
+                on_step: Callable[[], object] | None = None) -> dict[str, float]:
+    """One epoch of cross-entropy training; returns mean loss and training accuracy.
+    ``on_step`` runs after every optimizer step (e.g. a per-step LR scheduler's ``step``)."""
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
     for x, y in loader:
@@ -43,6 +45,8 @@ def train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Opt
         optimizer.step()
         if pruner is not None:
             pruner.step()
+        if on_step is not None:
+            on_step()
         total_loss += loss.item() * len(y)
         correct += int((logits.argmax(1) == y).sum())
         seen += len(y)

@@ -194,6 +194,10 @@ class Pruner:
             finals = {name: self._final_weight(layer).detach().clone()
                       for name, layer in self.layers.items()}
             self._final_masks = {name: self._mask(layer) for name, layer in self.layers.items()}
+            # +0.0 where pruned: w * mask leaves -0.0 for negative w, which would hide the
+            # pattern from the storage encoders (a -0.0 is a stored value, not an absent one)
+            finals = {name: w.masked_fill(~self._final_masks[name], 0.0)
+                      for name, w in finals.items()}
             self._final_extras = self._layer_extras()
             for name, layer in self.layers.items():
                 parametrize.remove_parametrizations(

@@ -1,0 +1,161 @@
+"""Bit-level helpers shared by the encodings: raw bit views, bit packing, k-subset ranks.
+
+Encodings work on the *raw bits* of a tensor (an unsigned integer per element), never on float
+values, so every round trip is bitwise exact: -0.0, NaN payloads and subnormals survive, and
+"nonzero" means "some bit set" (-0.0 counts as nonzero and is stored).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .errors import StorageError
+
+__all__ = [
+    "raw_bits",
+    "from_raw_bits",
+    "dtype_name",
+    "dtype_from_name",
+    "uint_for",
+    "pack_uint",
+    "unpack_uint",
+    "ceil_log2",
+    "log2_comb",
+    "subset_rank",
+    "subset_unrank",
+]
+
+_SIGNED = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_UNSIGNED = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float32`` -> ``"float32"`` (what the container's metadata records)."""
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise StorageError(f"unknown dtype {name!r} in stored metadata")
+    return dtype
+
+
+def raw_bits(t: Tensor) -> np.ndarray:
+    """The flattened raw bits of ``t``: one unsigned int per element of the same width.
+
+    Element sizes other than 1, 2, 4, 8 bytes (complex128) come back as ``uint8`` rows of the
+    element's bytes; only the dense encoding accepts those.
+    """
+    t = t.detach().cpu().contiguous().reshape(-1)
+    size = t.element_size()
+    if size in _SIGNED:
+        return t.view(_SIGNED[size]).numpy().view(_UNSIGNED[size]).copy()
+    return t.view(torch.uint8).numpy().reshape(-1, size).copy()
+
+
+def from_raw_bits(bits: np.ndarray, dtype: torch.dtype, shape: tuple[int, ...]) -> Tensor:
+    """Inverse of ``raw_bits``: a tensor of ``dtype`` and ``shape`` holding exactly ``bits``."""
+    size = torch.empty((), dtype=dtype).element_size()
+    bits = np.ascontiguousarray(bits)
+    if size in _SIGNED:
+        signed = bits.astype(_UNSIGNED[size], copy=False).view(f"i{size}")
+        t = torch.from_numpy(signed.copy()).view(dtype)
+    else:
+        t = torch.from_numpy(bits.astype(np.uint8, copy=False).reshape(-1).copy()).view(dtype)
+    if t.numel() != math.prod(shape):
+        raise StorageError(f"stored data has {t.numel()} elements, shape {shape} needs more/less")
+    return t.reshape(shape)
+
+
+def uint_for(max_value: int) -> np.dtype:
+    """The smallest unsigned dtype (uint8/16/32/64) that holds ``max_value``."""
+    for dt in (np.uint8, np.uint16, np.uint32, np.uint64):
+        if max_value <= np.iinfo(dt).max:
+            return np.dtype(dt)
+    raise StorageError(f"{max_value} does not fit in 64 bits")
+
+
+def ceil_log2(x: int) -> int:
+    """Exact ``ceil(log2(x))`` for a positive integer (0 for 1): the bits to tell x cases apart."""
+    return (x - 1).bit_length()
+
+
+def log2_comb(n: int, k: int) -> float:
+    """``log2(C(n, k))`` without forming the (possibly huge) integer."""
+    if not 0 <= k <= n:
+        return 0.0
+    return (math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)) / math.log(2)
+
+
+def pack_uint(values: np.ndarray, width: int) -> np.ndarray:
+    """Pack unsigned ints of ``width`` bits each, most significant bit first, into bytes.
+
+    The result has exactly ``ceil(len(values) * width / 8)`` bytes: no per-value padding.
+    """
+    if width == 0 or values.size == 0:
+        return np.zeros(0, np.uint8)
+    v = values.astype(np.uint64).reshape(-1)
+    shifts = np.arange(width - 1, -1, -1, dtype=np.uint64)
+    bits = ((v[:, None] >> shifts) & np.uint64(1)).astype(np.uint8)
+    return np.packbits(bits.reshape(-1))
+
+
+def unpack_uint(packed: np.ndarray, width: int, count: int) -> np.ndarray:
+    """Inverse of ``pack_uint``: ``count`` values of ``width`` bits, as uint64."""
+    expected = -(-count * width // 8)
+    if packed.dtype != np.uint8 or packed.size != expected:
+        raise StorageError(
+            f"packed array has {packed.size} bytes of {packed.dtype}; {count} values of "
+            f"{width} bits need {expected} uint8"
+        )
+    if width == 0 or count == 0:
+        return np.zeros(count, np.uint64)
+    bits = np.unpackbits(packed, count=count * width).reshape(count, width).astype(np.uint64)
+    shifts = np.arange(width - 1, -1, -1, dtype=np.uint64)
+    return (bits << shifts).sum(axis=1, dtype=np.uint64)
+
+
+@lru_cache(maxsize=64)
+def _comb_table(n: int, k: int) -> np.ndarray:
+    """``table[i, x] = C(x, i + 1)`` for x < n, i < k (uint64; exact for n <= 64)."""
+    return np.array([[math.comb(x, i) for x in range(n)] for i in range(1, k + 1)], np.uint64)
+
+
+def subset_rank(positions: np.ndarray, n: int) -> np.ndarray:
+    """Combinatorial-number-system rank of each row of sorted ``positions`` (rows of k < n).
+
+    ``rank = sum_i C(p_i, i)`` over the sorted positions ``p_1 < ... < p_k`` is a bijection
+    onto ``[0, C(n, k))``, so it fits in exactly ``ceil(log2(C(n, k)))`` bits.
+    """
+    runs, k = positions.shape
+    if n > 64:
+        raise StorageError(f"k-of-n ranks support n <= 64; got n={n}")
+    if k == 0:
+        return np.zeros(runs, np.uint64)
+    table = _comb_table(n, k)
+    return table[np.arange(k)[None, :], positions].sum(axis=1, dtype=np.uint64)
+
+
+def subset_unrank(ranks: np.ndarray, n: int, k: int) -> np.ndarray:
+    """Inverse of ``subset_rank``: the sorted positions (runs, k) of each rank."""
+    if n > 64:
+        raise StorageError(f"k-of-n ranks support n <= 64; got n={n}")
+    ranks = ranks.astype(np.uint64).copy()
+    if ranks.size and int(ranks.max()) >= math.comb(n, k):
+        raise StorageError(f"a stored k-of-n rank is out of range for {k}:{n}")
+    out = np.zeros((ranks.size, k), np.int64)
+    if k == 0:
+        return out
+    table = _comb_table(n, k)
+    for i in range(k, 0, -1):
+        # greedy: the largest x with C(x, i) <= rank (C(x, i) grows with x: a sorted search)
+        x = np.searchsorted(table[i - 1], ranks, side="right") - 1
+        out[:, i - 1] = x
+        ranks = ranks - table[i - 1][x]
+    return out

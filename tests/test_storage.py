@@ -1,0 +1,529 @@
+"""hwprune.storage: bitwise round trips of every encoding and of the container, the chooser's
+picks on real pruned tensors, exact byte accounting, and a container that refuses damaged or
+unsafe files."""
+
+import hashlib
+import math
+import pickle
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import hwprune as hp
+from hwprune.storage import (
+    StorageError,
+    choose,
+    decode,
+    encode,
+    encodings_for,
+    file_layout,
+    load,
+    save,
+    stored_bytes,
+)
+from hwprune.storage import container as container_mod
+from hwprune.storage._bits import pack_uint, subset_rank, subset_unrank, unpack_uint
+from hwprune.storage.encodings import ENCODINGS, _tiles
+from hwprune.structures import Block, KofN
+
+from conftest import TinyNet
+
+FLOATS = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+SETTINGS = settings(max_examples=40, deadline=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def raw(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(_INT[t.element_size()])
+
+
+def assert_bits_equal(a: torch.Tensor, b: torch.Tensor) -> None:
+    assert a.dtype == b.dtype and a.shape == b.shape
+    assert torch.equal(raw(a), raw(b))
+
+
+def sparse_tensor(shape, dtype, sparsity, seed, specials=False):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randn(shape, generator=g, dtype=torch.float64)
+    t[torch.rand(shape, generator=g, dtype=torch.float64) < sparsity] = 0.0
+    t = t.to(dtype)
+    if specials and t.numel() >= 3:
+        flat = t.view(-1)
+        flat[0] = -0.0
+        flat[1] = 1e-40 if dtype == torch.float64 else torch.finfo(dtype).tiny / 4  # subnormal
+        flat[2] = torch.finfo(dtype).max
+    return t
+
+
+shapes = st.lists(st.integers(1, 7), min_size=1, max_size=4).map(tuple)
+
+
+# -- every encoding round-trips bitwise; the chooser never loses -----------------------------
+@SETTINGS
+@given(shape=shapes, dtype=st.sampled_from(FLOATS), sparsity=st.floats(0, 1),
+       seed=st.integers(0, 10_000), specials=st.booleans())
+def test_every_applicable_encoding_round_trips_and_choose_is_smallest(
+        shape, dtype, sparsity, seed, specials):
+    t = sparse_tensor(shape, dtype, sparsity, seed, specials)
+    encs = encodings_for(t)
+    assert encs[0].encoding == "dense"
+    for enc in encs:
+        assert_bits_equal(enc.decode(), t)
+        assert enc.total_bytes == enc.nbytes + enc.index_bytes
+    best = choose(t)
+    assert_bits_equal(best.decode(), t)
+    assert best.total_bytes == min(e.total_bytes for e in encs)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_nan_inf_and_negative_zero_survive_and_only_go_dense(dtype):
+    t = torch.zeros(4, 8, dtype=dtype)
+    bits = raw(t)
+    nan_payload = {torch.float16: 0x7E01, torch.bfloat16: 0x7FC3, torch.float32: 0x7FC0_0123,
+                   torch.float64: 0x7FF8_0000_0000_0042}[dtype]
+    bits[0, 0] = nan_payload  # a NaN with a payload
+    t[1, 1] = float("inf")
+    t[2, 2] = -0.0
+    assert torch.isnan(t[0, 0])
+    assert [e.encoding for e in encodings_for(t)] == ["dense"]
+    assert_bits_equal(choose(t).decode(), t)
+    # -0.0 alone (no NaN/inf) survives every sparse encoding; it is not a kept weight
+    z = torch.zeros(4, 8, dtype=dtype)
+    z[2, 2] = -0.0
+    for enc in encodings_for(z):
+        assert_bits_equal(enc.decode(), z)
+    assert stored_bytes(z)["kept"] == 0 and stored_bytes(z)["bits_per_kept_weight"] is None
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int8, torch.bool, torch.uint8,
+                                   torch.complex64, torch.complex128])
+def test_other_dtypes_round_trip(dtype):
+    t = (torch.arange(24).reshape(4, 6) % 3).to(dtype)
+    for enc in encodings_for(t):
+        assert enc.decode().dtype == dtype and torch.equal(enc.decode(), t)
+    empty = torch.zeros(0, 3, dtype=dtype)
+    assert choose(empty).encoding == "dense" and choose(empty).total_bytes == 0
+
+
+# -- k-of-n ------------------------------------------------------------------------------------
+kofn_cases = st.tuples(st.sampled_from([2, 4, 8, 16]), st.integers(1, 15)).filter(
+    lambda nk: nk[1] < nk[0]).map(lambda nk: (nk[1], nk[0]))
+
+
+@SETTINGS
+@given(kn=kofn_cases, out=st.integers(1, 4), runs=st.integers(1, 3),
+       kernel=st.sampled_from([(), (1,), (3, 3), (2, 1)]), dtype=st.sampled_from(FLOATS),
+       seed=st.integers(0, 10_000), positions=st.sampled_from(["rank", "index"]))
+def test_kofn_round_trips_with_exact_position_bits(kn, out, runs, kernel, dtype, seed, positions):
+    k, n = kn
+    shape = (out, n * runs, *kernel)
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=g).to(dtype)
+    s = KofN(k, n)
+    keep = s.keep_top(s.to_groups(torch.rand(shape, generator=g)).reshape(-1))
+    groups = s.to_groups(w).reshape(-1).clone()
+    groups[~keep] = 0
+    groups[keep & (torch.rand(keep.shape, generator=g) < 0.1)] = 0.0  # kept weights that are 0
+    groups[keep & (torch.rand(keep.shape, generator=g) < 0.1)] = -0.0
+    w = s.from_groups(groups[:, None], shape)
+
+    enc = encode(w, "kofn", k=k, n=n, positions=positions)
+    assert_bits_equal(enc.decode(), w)
+    nruns = w.numel() // n
+    width = (math.comb(n, k) - 1).bit_length() if positions == "rank" else k * (n - 1).bit_length()
+    assert width == (math.ceil(math.log2(math.comb(n, k))) if positions == "rank"
+                     else k * math.ceil(math.log2(n)))
+    assert enc.index_bytes == math.ceil(nruns * width / 8)
+    assert enc.nbytes == nruns * k * w.element_size()
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 5, 8, 9])
+def test_subset_rank_is_a_bijection_onto_the_minimum_range(n):
+    from itertools import combinations
+
+    for k in range(1, n):
+        subsets = np.array(list(combinations(range(n), k)))
+        ranks = subset_rank(subsets, n)
+        assert sorted(ranks.tolist()) == list(range(math.comb(n, k)))
+        assert np.array_equal(subset_unrank(ranks, n, k), subsets)
+
+
+@given(width=st.integers(0, 64), values=st.lists(st.integers(0, 2**64 - 1), max_size=40))
+def test_bit_packing_is_exact_and_tight(width, values):
+    v = np.array([x % (1 << width) if width else 0 for x in values], np.uint64)
+    packed = pack_uint(v, width)
+    assert packed.size == math.ceil(v.size * width / 8)
+    assert np.array_equal(unpack_uint(packed, width, v.size), v)
+
+
+def test_kofn_refuses_what_does_not_fit():
+    w = torch.ones(4, 8)
+    with pytest.raises(StorageError, match="nonzeros"):
+        encode(w, "kofn", k=2, n=4)
+    with pytest.raises(StorageError, match="dividing"):
+        encode(torch.zeros(4, 6), "kofn", k=1, n=4)
+    w = torch.zeros(4, 8)
+    w[:, ::4] = 1.0  # 1 of 4 along dim 1 ...
+    assert encode(w, "kofn", n=4).meta["k"] == 1
+    with pytest.raises(StorageError):  # ... but not along dim 0
+        encode(w.t().contiguous(), "kofn", k=1, n=4)
+
+
+# -- block, unified, quantized ---------------------------------------------------------------
+@SETTINGS
+@given(rows=st.integers(1, 12), cols=st.integers(1, 12), bh=st.integers(1, 5),
+       bw=st.integers(1, 5), density=st.floats(0, 1), seed=st.integers(0, 10_000),
+       dtype=st.sampled_from(FLOATS))
+def test_block_round_trips_including_ragged_edges(rows, cols, bh, bw, density, seed, dtype):
+    bh, bw = min(bh, rows), min(bw, cols)
+    g = torch.Generator().manual_seed(seed)
+    b = Block(bh, bw)
+    w = torch.randn(rows, cols, generator=g).to(dtype)
+    keep = torch.rand(b.num_groups(w.shape), generator=g) < density
+    w = torch.where(b.expand(keep, w.shape), w, 0.0)
+    enc = encode(w, "block", bh=bh, bw=bw)
+    assert_bits_equal(enc.decode(), w)
+    kept_real = int((b.group_sizes(w.shape) * (b.scores(w) > 0)).sum())
+    assert enc.nbytes == kept_real * w.element_size()
+    assert enc.index_bytes == math.ceil(b.num_groups(w.shape) / 8)
+
+
+def test_tile_order_is_the_block_structures_group_order():
+    w = torch.arange(1, 7 * 10 + 1, dtype=torch.int32).reshape(7, 10)
+    for bh, bw in [(2, 3), (4, 4), (1, 5), (7, 1)]:
+        ours = _tiles(w.numpy().reshape(-1), 7, 10, bh, bw)
+        assert np.array_equal(ours, Block(bh, bw).to_groups(w).numpy())
+
+
+def unified_tensor(rows, cols, b, seed, dtype=torch.float32):
+    """Rows of 1 x b blocks, each zero, unified (one magnitude, random signs) or free."""
+    g = torch.Generator().manual_seed(seed)
+    blocks = -(-cols // b)
+    state = torch.randint(0, 3, (rows, blocks), generator=g)
+    mag = torch.rand(rows, blocks, generator=g) + 0.1
+    w = torch.randn(rows, blocks * b, generator=g)
+    signs = torch.randint(0, 2, (rows, blocks * b), generator=g) * 2.0 - 1
+    uni = (mag.repeat_interleave(b, 1) * signs)
+    st_ = state.repeat_interleave(b, 1)
+    w = torch.where(st_ == 0, torch.zeros_like(w), torch.where(st_ == 1, uni, w))
+    return w[:, :cols].contiguous().to(dtype)
+
+
+@SETTINGS
+@given(rows=st.integers(1, 8), cols=st.integers(1, 20), b=st.sampled_from([2, 3, 4, 8]),
+       seed=st.integers(0, 10_000), dtype=st.sampled_from(FLOATS))
+def test_unified_round_trips(rows, cols, b, seed, dtype):
+    b = min(b, cols)
+    w = unified_tensor(rows, cols, b, seed, dtype)
+    w.view(-1)[0] = -0.0  # a unified block of magnitude 0 with a sign, or a free block
+    enc = encode(w, "unified", bh=1, bw=b)
+    assert_bits_equal(enc.decode(), w)
+
+
+@SETTINGS
+@given(q=st.integers(1, 127), scale=st.floats(1e-3, 10), shape=shapes,
+       dtype=st.sampled_from(FLOATS), seed=st.integers(0, 10_000))
+def test_quantized_round_trips_integer_times_scale(q, scale, shape, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(-q, q + 1, shape, generator=g)
+    codes.view(-1)[0] = q  # the range is reached
+    s = torch.tensor(scale, dtype=dtype)
+    w = codes.to(dtype) * s
+    enc = encode(w, "quantized")
+    assert_bits_equal(enc.decode(), w)
+    bits = (2 * enc.meta["qmax"]).bit_length()
+    assert bits <= 8 and enc.nbytes == math.ceil(w.numel() * bits / 8) + w.element_size()
+    with pytest.raises(StorageError):
+        encode(torch.randn(300, generator=g).to(dtype), "quantized")
+
+
+def test_quantized_with_negative_zeros_goes_through_zero_signs():
+    codes = torch.randint(-1, 2, (16, 16), generator=torch.Generator().manual_seed(0))
+    w = codes.float() * 0.25
+    w[codes == 0] = -0.0  # ternary weights from w * mask
+    enc = choose(w)
+    assert (enc.encoding, enc.meta) == ("quantized", {"qmax": 1, "zero_signs": True})
+    assert_bits_equal(enc.decode(), w)
+
+
+# -- real pruned tensors: the chooser's picks ------------------------------------------------
+def pruned(structure, sparsity=None):
+    torch.manual_seed(0)
+    model = TinyNet()
+    return hp.Magnitude(model, structure, sparsity).finalize().state_dict()
+
+
+def test_chooser_picks_kofn_for_2_4():
+    sd = pruned("2:4")
+    for name in ("conv2.weight", "conv3.weight", "fc1.weight"):
+        enc = choose(sd[name])
+        assert (enc.encoding, enc.meta) == ("kofn", {"k": 2, "n": 4, "positions": "rank"})
+        assert_bits_equal(enc.decode(), sd[name])
+        info = stored_bytes(sd[name], hints="2:4")
+        runs = sd[name].numel() // 4
+        assert info["index_bytes"] == math.ceil(runs * 3 / 8)  # ceil(log2 C(4, 2)) = 3 bits/run
+        assert math.isclose(info["min_index_bits"], runs * math.log2(6))
+        assert info["total_bytes"] == info["payload_bytes"] + info["index_bytes"]
+
+
+def test_chooser_picks_block_for_block_pruning():
+    sd = pruned("block:4x4", 0.5)
+    for name in ("conv2.weight", "conv3.weight", "fc1.weight"):
+        enc = choose(sd[name])
+        assert (enc.encoding, enc.meta) == ("block", {"bh": 4, "bw": 4})
+        assert_bits_equal(enc.decode(), sd[name])
+
+
+def test_chooser_picks_csr_or_bitmask_for_irregular_and_dense_for_dense():
+    sd = pruned("element", 0.9)
+    for name in ("conv2.weight", "conv3.weight", "fc1.weight"):
+        w = sd[name]
+        smaller = min((encode(w, "csr"), encode(w, "bitmask")), key=lambda e: e.total_bytes)
+        assert choose(w).encoding == smaller.encoding
+        info = stored_bytes(w)
+        kept = int((w != 0).sum())
+        assert info["kept"] == kept
+        assert math.isclose(info["min_index_bits"],
+                            (math.lgamma(w.numel() + 1) - math.lgamma(kept + 1)
+                             - math.lgamma(w.numel() - kept + 1)) / math.log(2))
+        assert info["bits_per_kept_weight"] == 8 * info["total_bytes"] / kept
+    assert choose(sd["fc2.weight"]).encoding == "dense"  # not a target: still dense
+    assert choose(sd["conv1.weight"]).encoding == "dense"
+
+
+def test_chooser_picks_unified_for_a_unified_tensor():
+    w = unified_tensor(16, 64, 4, seed=3)
+    enc = choose(w, hints={"unified": (1, 4)})
+    assert (enc.encoding, enc.meta) == ("unified", {"bh": 1, "bw": 4})
+    assert_bits_equal(enc.decode(), w)
+    assert choose(w).encoding == "unified"
+
+
+def test_negative_zeros_from_w_times_mask_keep_the_pattern():
+    """``w * mask`` leaves -0.0 wherever w < 0; the zero-signs variant keeps the 2:4 pattern
+    and costs one bit per zero, not a stored value per -0.0."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 8, 3, 3, generator=g)
+    s = KofN(2, 4)
+    mask = s.from_groups(s.keep_top(s.to_groups(w.abs()).reshape(-1))[:, None], w.shape)
+    masked = w * mask
+    assert (raw(masked) == raw(torch.tensor(-0.0))).any()
+    enc = choose(masked)
+    assert enc.encoding == "kofn" and enc.meta["zero_signs"] is True
+    assert_bits_equal(enc.decode(), masked)
+    runs, zeros = w.numel() // 4, w.numel() // 2
+    assert enc.index_bytes == math.ceil(runs * 3 / 8) + math.ceil(zeros / 8)
+    plain = choose(torch.where(mask, w, 0.0))
+    assert plain.total_bytes == enc.total_bytes - math.ceil(zeros / 8)
+    info = stored_bytes(masked)
+    assert info["kept"] == w.numel() // 2
+    assert math.isclose(info["min_index_bits"], runs * math.log2(6) + zeros)
+    one = torch.where(mask, w, 0.0).contiguous()
+    one.view(-1)[int(one.view(-1).nonzero()[0])] = -0.0  # a kept weight that is -0.0
+    assert choose(one).meta == {"k": 2, "n": 4, "positions": "rank"}  # stored as a value
+    assert_bits_equal(choose(one).decode(), one)
+
+
+def test_hints():
+    g = torch.Generator().manual_seed(0)
+    w = torch.zeros(8, 32)
+    pos = torch.randint(0, 8, (8, 4, 1), generator=g)
+    w.view(8, 4, 8).scatter_(2, pos, torch.randn(8, 4, 1, generator=g))  # 1 of 8, scattered
+    assert choose(w, hints="1:8").meta["n"] in (8, 16)
+    assert stored_bytes(w, hints=hp.structures.KofN(1, 8))["encoding"] == "kofn"
+    with pytest.raises(StorageError, match="hint"):
+        choose(w, hints={"kofn": (1,)})
+    with pytest.raises(StorageError, match="bad storage hint"):
+        choose(w, hints="nonsense")
+
+
+# -- the container ---------------------------------------------------------------------------
+def state_dicts():
+    """Mixed state dicts: every float dtype, sparse and dense, odd dtypes, 0-d and empty."""
+    def build(seed, sparsity, dtypes):
+        out = {}
+        for i, dtype in enumerate(dtypes):
+            out[f"layer{i}.weight"] = sparse_tensor((3, 4, 2), dtype, sparsity, seed + i, True)
+        out["bn.num_batches_tracked"] = torch.tensor(seed, dtype=torch.int64)
+        out["mask"] = torch.rand(5, generator=torch.Generator().manual_seed(seed)) < 0.5
+        out["empty"] = torch.zeros(0, 4)
+        return out
+
+    return st.builds(build, st.integers(0, 10_000), st.floats(0, 1),
+                     st.lists(st.sampled_from(FLOATS), min_size=1, max_size=4))
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(sd=state_dicts(), compress=st.sampled_from([None, "zlib", "lzma"]))
+def test_save_load_round_trips_and_file_size_is_accounted(tmp_path, sd, compress):
+    path = tmp_path / "m.hwp"
+    written = save(sd, path, compress=compress)
+    data = path.read_bytes()
+    assert written == len(data)
+    out = load(path)
+    assert list(out) == list(sd)
+    for name, t in sd.items():
+        assert_bits_equal(out[name], t)
+    stored = sum(stored_bytes(t)["total_bytes"] for t in sd.values())
+    layout = file_layout(path)
+    if compress is None:
+        (header_len,) = struct.unpack("<Q", data[:8])
+        assert len(data) == 8 + header_len + stored
+        assert layout == {"compressed": False, "header_bytes": 8 + header_len,
+                          "data_bytes": stored, "size": len(data)}
+    else:
+        head = container_mod.COMPRESSED_HEADER_SIZE
+        assert head == 56 and data[:8] == b"HWPRUNEZ"
+        assert layout["header_bytes"] == head and layout["data_bytes"] == len(data) - head
+        assert hashlib.sha256(data[head:]).digest() == data[24:56]
+        plain = tmp_path / "plain.hwp"
+        save(sd, plain)
+        inner = zlib.decompress(data[head:]) if compress == "zlib" else __import__(
+            "lzma").decompress(data[head:])
+        assert inner == plain.read_bytes()  # saving is deterministic, too
+
+
+def test_module_save_load(tmp_path, tiny):
+    save(tiny, tmp_path / "t.hwp")
+    out = load(tmp_path / "t.hwp")
+    ref = tiny.state_dict()
+    assert list(out) == list(ref)
+    fresh = TinyNet()
+    fresh.load_state_dict(out)
+    for name, t in fresh.state_dict().items():
+        assert_bits_equal(t, ref[name])
+
+
+@pytest.fixture(scope="module")
+def small_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("files")
+    sd = {"a.weight": sparse_tensor((4, 8), torch.float32, 0.5, 1, True),
+          "b.weight": pruned("2:4")["conv2.weight"][:2].contiguous(),
+          "c.bias": torch.arange(3, dtype=torch.float16)}
+    files = {}
+    for compress in (None, "zlib"):
+        save(sd, d / f"{compress}.hwp", compress=compress)
+        files[compress] = (d / f"{compress}.hwp").read_bytes()
+    return d, files
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(compress=st.sampled_from([None, "zlib"]), where=st.floats(0, 1, exclude_max=True),
+       flip=st.integers(1, 255))
+def test_a_flipped_byte_is_always_refused(small_files, compress, where, flip):
+    d, files = small_files
+    data = bytearray(files[compress])
+    data[int(where * len(data))] ^= flip
+    path = d / "bad.hwp"
+    path.write_bytes(bytes(data))
+    with pytest.raises(StorageError):
+        load(path)
+
+
+def test_every_header_byte_flip_is_refused(small_files):
+    d, files = small_files
+    data = files[None]
+    (header_len,) = struct.unpack("<Q", data[:8])
+    path = d / "bad_header.hwp"
+    for i in range(0, 8 + header_len, 3):
+        bad = bytearray(data)
+        bad[i] ^= 0x01
+        path.write_bytes(bytes(bad))
+        with pytest.raises(StorageError):
+            load(path)
+
+
+@pytest.mark.parametrize("compress", [None, "zlib"])
+def test_truncated_or_extended_files_are_refused(small_files, compress):
+    d, files = small_files
+    data = files[compress]
+    path = d / "cut.hwp"
+    for n in sorted({0, 1, 7, 8, 9, 55, 56, 57, len(data) // 2, len(data) - 1}):
+        path.write_bytes(data[:n])
+        with pytest.raises(StorageError):
+            load(path)
+    path.write_bytes(data + b"\0")
+    with pytest.raises(StorageError):
+        load(path)
+
+
+class _Boom:
+    """A pickle that would run code when unpickled."""
+
+    def __reduce__(self):
+        return (_detonate, ())
+
+
+EXPLODED = []
+
+
+def _detonate():
+    EXPLODED.append(True)
+    return {}
+
+
+def test_load_never_unpickles(tmp_path, small_files, monkeypatch):
+    for i, payload in enumerate([pickle.dumps({"w": _Boom()}), None]):
+        path = tmp_path / f"evil{i}.hwp"
+        if payload is None:
+            torch.save({"w": _Boom()}, path)  # the zip format, pickle inside
+        else:
+            path.write_bytes(payload)
+        with pytest.raises(StorageError):
+            load(path)
+    assert not EXPLODED
+
+    # load of a good file goes through safetensors only: no pickle or torch.load anywhere
+    def forbidden(*args, **kwargs):
+        raise AssertionError("load must not unpickle")
+
+    for target, attr in [(pickle, "loads"), (pickle, "load"), (pickle, "Unpickler"),
+                         (torch, "load"), (np, "load")]:
+        monkeypatch.setattr(target, attr, forbidden)
+    d, files = small_files
+    assert set(load(d / "None.hwp")) == {"a.weight", "b.weight", "c.bias"}
+
+
+def test_writes_are_atomic_and_bad_input_is_refused(tmp_path, monkeypatch):
+    path = tmp_path / "m.hwp"
+    save({"w": torch.ones(3)}, path)
+    before = path.read_bytes()
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(container_mod.os, "replace", fail)
+    with pytest.raises(OSError):
+        save({"w": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["m.hwp"]  # no temporary file left
+    with pytest.raises(StorageError, match="compress"):
+        save({"w": torch.ones(3)}, path, compress="gzip")
+    with pytest.raises(StorageError, match="str -> torch.Tensor"):
+        save({"w": [1, 2]}, path)
+    with pytest.raises(StorageError):
+        load(tmp_path / "missing.hwp")
+
+
+def test_registry_and_errors():
+    assert set(ENCODINGS) == {"dense", "bitmask", "csr", "kofn", "block", "unified",
+                              "quantized"}
+    assert issubclass(StorageError, hp.HwpruneError)
+    with pytest.raises(StorageError, match="unknown encoding"):
+        encode(torch.ones(2), "zip")
+    with pytest.raises(StorageError, match="takes parameters"):
+        encode(torch.ones(2, 4), "block", k=2)
+    with pytest.raises(StorageError, match="strided"):
+        choose(torch.eye(3).to_sparse())
+    enc = encode(torch.ones(2, 2), "dense")
+    with pytest.raises(StorageError):
+        decode(type(enc)("bitmask", enc.dtype, enc.shape, {}, {}, {}))
