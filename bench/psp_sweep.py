@@ -41,7 +41,8 @@ from hwprune.plots import alpha_histograms
 from hwprune.schedules import Cubic
 from hwprune.training import evaluate, make_loader, train_epoch
 
-VARIANTS = ("decay", "l1", "fixed", "magnitude")
+# decay-rel: the method with the scale-free threshold (|alpha| < eps * the layer's max |alpha|)
+VARIANTS = ("decay", "l1", "fixed", "magnitude", "decay-rel")
 STRUCTURES = ("channel", "column")
 
 
@@ -62,13 +63,15 @@ TASKS = {
     # alpha_lr > lr: the alphas must cross the threshold within a short budget
     "digits": Task("digits", epochs=15, lr=0.05, batch_size=64, alpha_lr=0.1,
                    knobs={"decay": [0.02, 0.04, 0.08, 0.16, 0.32],
+                          "decay-rel": [0.02, 0.04, 0.08, 0.16, 0.32],
                           "l1": [0.0075, 0.01, 0.015, 0.02, 0.04],
                           "fixed": [0.25, 0.5, 0.75, 0.9, 0.95],
                           "magnitude": [0.25, 0.5, 0.75, 0.9, 0.95]},
                    seeds=[0, 1, 2]),
     # a 20,000-image subset, one pass (156 steps): what fits a CPU session for 12 points
     "cifar-resnet20": Task("cifar-resnet20", epochs=1, lr=0.01, batch_size=128, alpha_lr=0.02,
-                           knobs={"decay": [0.2, 0.4, 0.8], "l1": [0.05, 0.1, 0.2],
+                           knobs={"decay": [0.2, 0.4, 0.8], "decay-rel": [0.2, 0.4, 0.8],
+                                  "l1": [0.05, 0.1, 0.2],
                                   "fixed": [0.3, 0.5, 0.7], "magnitude": [0.3, 0.5, 0.7]},
                            seeds=[0], train_subset=20_000, cosine_per="step"),
 }
@@ -83,8 +86,10 @@ def make_pruner(model: nn.Module, variant: str, structure: str, knob: float, ste
         targets = [n for n, m in model.named_modules()
                    if isinstance(m, nn.Conv2d) and n != first]
     ramp = Cubic(0, max(steps // 2, 1), every=max(steps // 20, 1))
-    if variant == "decay":
-        return hp.PSP(model, structure, alpha_decay=knob, alpha_lr=alpha_lr, targets=targets)
+    if variant in ("decay", "decay-rel"):
+        mode = "relative" if variant == "decay-rel" else "absolute"
+        return hp.PSP(model, structure, alpha_decay=knob, alpha_lr=alpha_lr, targets=targets,
+                      threshold_mode=mode)
     if variant == "l1":
         return hp.PSP(model, structure, alpha_decay=knob, variant="l1", alpha_lr=alpha_lr,
                       targets=targets)
@@ -140,10 +145,10 @@ def run_point(task, model0, train, test, augment, variant, structure, knob, seed
         if not per_step:
             sched.step()
     sparsity = structure_sparsity(pruner)
-    if out is not None and variant == "decay" and seed == task.seeds[0]:
+    if out is not None and variant.startswith("decay") and seed == task.seeds[0]:
         # the alpha distribution PSP's decay produced (the gap below/above the threshold)
         alpha_histograms(pruner.layer_extras(),
-                         out.parent / f"{out.name}_alphas_{structure}_{knob:g}.png")
+                         out.parent / f"{out.name}_alphas_{variant}_{structure}_{knob:g}.png")
     pruner.finalize()
     accuracy = evaluate(model, make_loader(test, 1000, shuffle=False))
     return {"task": task.name, "structure": structure, "variant": variant, "knob": knob,
@@ -209,7 +214,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="path prefix for .jsonl, .md and .png")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--structures", nargs="+", default=list(STRUCTURES), choices=STRUCTURES)
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS[:4]), choices=VARIANTS)
     parser.add_argument("--seeds", nargs="+", type=int, default=None)
     parser.add_argument("--epochs", type=int, default=None, help="override the task budget")
     args = parser.parse_args(argv)

@@ -274,3 +274,14 @@ def test_norm_layers_are_targets_only_for_psp_layer_gates(tiny):
         hp.Magnitude(tiny, "layer", 0.5, targets="bn2")
     assert [t for t in hp.PSP(TinyNet(), "layer").layers] == ["conv2.weight", "conv3.weight",
                                                                "fc1.weight"]
+
+
+def test_relative_threshold_is_scale_free(tiny):
+    pruner = hp.PSP(tiny, "filter", threshold=0.1, threshold_mode="relative", targets=["conv3"])
+    with torch.no_grad():  # the whole layer shrank 1000x: relative sizes decide, not the scale
+        pruner.alphas(live=True)["conv3.weight"].copy_(torch.linspace(0.05, 1.0, 16) * 1e-3)
+    pruner.step()
+    kept = pruner.masks()["conv3.weight"].flatten(1).any(1)
+    assert kept.tolist() == [False] + [True] * 15  # only 0.05e-3 < 0.1 * max (1e-3)
+    with pytest.raises(ConfigError, match="threshold_mode"):
+        hp.PSP(TinyNet(), "filter", threshold_mode="percent")

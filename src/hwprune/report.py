@@ -96,9 +96,10 @@ class Report:
     kept params), ``macs_dense``, ``macs_remaining``, ``mac_reduction`` (dense / remaining),
     ``dense_bytes``, ``stored_bytes``, ``index_bytes`` and ``compression_ratio`` (dense / stored,
     index overhead included) -- all sums over the prunable rows -- plus ``model_macs`` (every
-    MAC of the forward pass, including ops outside prunable layers such as attention matmuls; BN, activations and
-    pooling have none), ``model_macs_remaining`` (the same with the prunable rows' zeros
-    skipped) and ``model_params`` (every parameter, biases and BN included).
+    MAC of the forward pass, including ops outside prunable layers such as attention matmuls;
+    BN, activations and pooling have none), ``model_macs_remaining`` (the same with the
+    prunable rows' zeros skipped) and ``model_params`` (every parameter, biases and BN
+    included).
     Ratios are ``None`` where the denominator is 0.
 
     ``baseline`` (with ``baseline=``): the reference's ``params``, ``macs`` (its prunable rows,

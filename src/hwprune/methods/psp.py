@@ -18,7 +18,11 @@ The L1-norm magnitude baseline of the paper is ``hp.Magnitude(..., norm="l1")``.
 
 Choices the paper leaves open, made explicit (all parameters):
 
-* ``threshold`` (ε) defaults to ``1e-2``: a group is off while ``|α| < ε``.
+* ``threshold`` (ε) defaults to ``1e-2``: a group is off while ``|α| < ε``
+  (``threshold_mode="absolute"``, the paper's rule) or while ``|α| < ε · max |α|`` of its
+  layer (``"relative"``). The relative rule is scale-free: where BatchNorm follows, the task
+  does not care about a layer's overall scale, decay shrinks all its alphas together, and an
+  absolute threshold then cuts whichever groups happen to be a little smaller.
 * Off groups may come back (``revive=True``, the paper's "dynamic" pruning): the forward pass
   uses 0 for them, but α still receives the straight-through gradient ``Σ ∂E/∂q · w`` and is
   re-tested after every step. ``revive=False`` makes pruning permanent.
@@ -58,6 +62,7 @@ from .selection import keep_all_but_lowest
 __all__ = ["PSP"]
 
 _VARIANTS = ("decay", "l1", "fixed")
+_THRESHOLD_MODES = ("absolute", "relative")
 
 
 class PSP(Pruner):
@@ -76,6 +81,8 @@ class PSP(Pruner):
             the full sparsity from the start, re-ranked after every step).
         revive: whether off groups may come back (see the module docstring).
         threshold_start: the step from which thresholding (or ranking) applies.
+        threshold_mode: ``"absolute"`` (|α| < ε) or ``"relative"`` (|α| < ε · the layer's
+            max |α|).
         alpha_lr, alpha_momentum: optimizer settings of the alpha group; default: the same as
             the weights' (as in the paper).
         targets: which weights; see ``hwprune.targets``.
@@ -85,6 +92,7 @@ class PSP(Pruner):
                  alpha_decay: float = 1e-3, threshold: float = 1e-2, variant: str = "decay",
                  sparsity: float | None = None, schedule: Schedule | None = None,
                  revive: bool = True, threshold_start: int = 0,
+                 threshold_mode: str = "absolute",
                  alpha_lr: float | None = None, alpha_momentum: float | None = None,
                  targets: Spec = None):
         self.alpha_decay = alpha_decay
@@ -94,12 +102,16 @@ class PSP(Pruner):
         self.schedule = schedule if schedule is not None else OneShot()
         self.revive = revive
         self.threshold_start = threshold_start
+        self.threshold_mode = threshold_mode
         self.alpha_lr = alpha_lr
         self.alpha_momentum = alpha_momentum
         super().__init__(model, structure, targets)
 
     # -- construction ---------------------------------------------------------------------
     def _check_config(self) -> None:
+        if self.threshold_mode not in _THRESHOLD_MODES:
+            raise ConfigError(f"threshold_mode must be one of {_THRESHOLD_MODES}; got "
+                              f"{self.threshold_mode!r}")
         if self.variant not in _VARIANTS:
             raise ConfigError(f"variant must be one of {_VARIANTS}; got {self.variant!r}")
         if isinstance(self.structure, KofN):
@@ -210,7 +222,8 @@ class PSP(Pruner):
             if self.variant == "fixed":
                 keep = self._rank_keep(layer, magnitude)
             else:
-                keep = magnitude >= self.threshold
+                scale = magnitude.max() if self.threshold_mode == "relative" else 1.0
+                keep = magnitude >= self.threshold * scale
                 if not isinstance(layer.structure, Layer) and not keep.any():
                     keep[int(magnitude.argmax())] = True  # a layer keeps its best group
             if not self.revive:
