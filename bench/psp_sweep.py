@@ -39,7 +39,7 @@ from hwprune.data import augment_cifar, data_dir, load_cifar10, load_digits
 from hwprune.models import SmallCNN, load_pretrained
 from hwprune.plots import alpha_histograms
 from hwprune.schedules import Cubic
-from hwprune.training import evaluate, make_loader, train_epoch
+from hwprune.training import evaluate, make_loader, recalibrate_batchnorm, train_epoch
 
 # decay-rel: the method with the scale-free threshold (|alpha| < eps * the layer's max |alpha|)
 VARIANTS = ("decay", "l1", "fixed", "magnitude", "decay-rel")
@@ -127,7 +127,7 @@ def base_model(task: Task, root: str | None) -> nn.Module:
 
 
 def run_point(task, model0, train, test, augment, variant, structure, knob, seed,
-              out: Path | None = None):
+              out: Path | None = None, recalibrate: int = 0):
     torch.manual_seed(seed)
     model = copy.deepcopy(model0)
     loader = make_loader(train, task.batch_size, shuffle=True, seed=seed)
@@ -150,6 +150,9 @@ def run_point(task, model0, train, test, augment, variant, structure, knob, seed
         alpha_histograms(pruner.layer_extras(),
                          out.parent / f"{out.name}_alphas_{variant}_{structure}_{knob:g}.png")
     pruner.finalize()
+    if recalibrate:  # the same for every variant: fresh BatchNorm statistics of the final model
+        recalibrate_batchnorm(model, make_loader(train, task.batch_size, shuffle=True,
+                                                 seed=seed + 1), recalibrate)
     accuracy = evaluate(model, make_loader(test, 1000, shuffle=False))
     return {"task": task.name, "structure": structure, "variant": variant, "knob": knob,
             "seed": seed, "sparsity": sparsity, "accuracy": accuracy, "steps": steps,
@@ -217,6 +220,9 @@ def main(argv=None) -> int:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS[:4]), choices=VARIANTS)
     parser.add_argument("--seeds", nargs="+", type=int, default=None)
     parser.add_argument("--epochs", type=int, default=None, help="override the task budget")
+    parser.add_argument("--recalibrate-bn", type=int, default=0, metavar="BATCHES",
+                        help="re-estimate BatchNorm statistics on this many training batches "
+                             "before evaluating (every variant alike)")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(torch.get_num_threads())
@@ -238,7 +244,9 @@ def main(argv=None) -> int:
                          f"budget {task.epochs} epoch(s) of "
                          f"{task.train_subset or 'all'} training images, batch "
                          f"{task.batch_size}, SGD lr {task.lr} (alphas {task.alpha_lr}) momentum "
-                         f"0.9, cosine per {task.cosine_per}"}
+                         f"0.9, cosine per {task.cosine_per}; BatchNorm statistics "
+                         + (f"re-estimated on {args.recalibrate_bn} batches before evaluation"
+                            if args.recalibrate_bn else "as trained")}
 
     train, test, augment = load_task_data(task, args.data_dir)
     model0 = base_model(task, args.data_dir)
@@ -261,7 +269,7 @@ def main(argv=None) -> int:
                     if (structure, variant, knob, seed) in done:
                         continue
                     r = run_point(task, model0, train, test, augment, variant, structure, knob,
-                                  seed, out)
+                                  seed, out, args.recalibrate_bn)
                     records.append(r)
                     with jsonl.open("a") as f:
                         f.write(json.dumps(r) + "\n")

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .methods.base import Pruner
 
-__all__ = ["make_loader", "train_epoch", "evaluate"]
+__all__ = ["make_loader", "train_epoch", "evaluate", "recalibrate_batchnorm"]
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
@@ -66,3 +66,28 @@ def evaluate(model: nn.Module, loader: DataLoader) -> float:
         seen += len(y)
     model.train(was_training)
     return correct / seen
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, loader: DataLoader, batches: int = 50) -> int:
+    """Re-estimate every BatchNorm's running mean and variance on ``batches`` training batches
+    (a cumulative average, weights untouched). After pruning or learned rescaling, the running
+    statistics can lag behind the layers they normalise; evaluating with them then measures
+    the lag, not the model. Returns the number of batches used."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m, m.momentum) for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average over the batches seen
+    was_training = model.training
+    model.train()
+    used = 0
+    for x, _ in loader:
+        if used == batches:
+            break
+        model(x)
+        used += 1
+    for m, momentum in saved:
+        m.momentum = momentum
+    model.train(was_training)
+    return used
