@@ -45,3 +45,13 @@ def tiny():
 @pytest.fixture
 def x8():
     return torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+
+
+def fit_full_batch(model, pruner, optimizer, x, y, steps):
+    """Full-batch MSE training through the pruner's lifecycle (penalty, then step)."""
+    for _ in range(steps):
+        loss = nn.functional.mse_loss(model(x), y) + pruner.penalty()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        pruner.step()

@@ -9,6 +9,8 @@ from torch import nn
 import hwprune as hp
 from hwprune.errors import ConfigError, StructureError
 
+from conftest import fit_full_batch
+
 CONVS = ["conv2", "conv3"]
 GRANULARITIES = [("weight", 0.25), ("weight", 5), ("kernel", 3), ("filter", 0.5),
                  ("2:4", None), ("1:4", None), ("2:8", None), ("1:2@kernel", None)]
@@ -78,12 +80,7 @@ def test_logits_find_the_inputs_that_matter():
     pruner = hp.DPP(model, "weight", k=2, logit_init="zeros", noise_scale=1.0,
                     temperature=(1.0, 1.0), entropy_weight=0.0, targets=["0"])
     opt = torch.optim.Adam(pruner.param_groups(lr=0.05))
-    for _ in range(400):
-        loss = F.mse_loss(model(x), y) + pruner.penalty()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        pruner.step()
+    fit_full_batch(model, pruner, opt, x, y, 400)
     logits = pruner.layers["0.weight"].parametrization.logits.detach()[0]
     assert set(logits.topk(2).indices.tolist()) == {1, 6}, logits
     assert pruner.masks()["0.weight"][0].nonzero().flatten().tolist() == [1, 6]

@@ -13,7 +13,7 @@ from hwprune.errors import ConfigError, StructureError
 from hwprune.models import densenet_cifar, resnet20
 from hwprune.schedules import Linear
 
-from conftest import TinyNet
+from conftest import TinyNet, fit_full_batch
 
 
 def test_alpha_gradient_is_the_structure_sum_of_dE_dq_times_w():
@@ -52,12 +52,7 @@ def test_alpha_regulariser_drives_unused_channels_to_zero(variant):
     pruner = hp.PSP(model, "channel", alpha_decay=0.05 if variant == "decay" else 0.005,
                     threshold=1e-2, variant=variant, threshold_start=200)
     opt = torch.optim.SGD(pruner.param_groups(lr=0.05, momentum=0.9))
-    for _ in range(1500):
-        loss = F.mse_loss(model(x), y) + pruner.penalty()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        pruner.step()
+    fit_full_batch(model, pruner, opt, x, y, 1500)
     alpha = pruner.alphas()["0.weight"].abs()
     kept = pruner.masks()["0.weight"].any(dim=0)
     assert kept.tolist() == [True] * 3 + [False] * 7, alpha
