@@ -171,6 +171,7 @@ def test_logits_get_no_weight_decay_and_the_entropy_penalty_is_the_row_entropy_s
     (dict(structure="2:4", temperature=(5.0, 0.0)), ConfigError, "temperature"),
     (dict(structure="2:4", temperature=(-1.0, 0.5)), ConfigError, "temperature"),
     (dict(structure="2:4", quantize_bits=1), ConfigError, "quantize_bits"),
+    (dict(structure="2:4", quantize_bits=0), ConfigError, "quantize_bits"),
     (dict(structure="2:4", quantize_bits=17), ConfigError, "quantize_bits"),
     (dict(structure="channel"), ConfigError, "DPP structure"),
     (dict(structure="2:4", noise_scale=-0.1), ConfigError, "noise_scale"),

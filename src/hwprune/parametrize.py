@@ -111,7 +111,8 @@ class GumbelTopK(nn.Module):
     def sample_mask(self) -> Tensor:
         """Hard Gumbel top-k forward, k-step softmax relaxation backward."""
         d = self.logits
-        u = torch.rand(d.shape, generator=self.generator, device=d.device, dtype=d.dtype)
+        # drawn on the generator's device (the CPU), so one generator serves any model device
+        u = torch.rand(d.shape, generator=self.generator, dtype=d.dtype).to(d.device)
         g = -torch.log((-torch.log(u.clamp_min(1e-20))).clamp_min(1e-20))  # Gumbel(0, 1)
         z = d + self.noise_scale * g
         order = z.detach().topk(self.k, dim=1).indices  # chosen entries, best first

@@ -90,7 +90,9 @@ class DPP(Pruner):
         self.anneal_epochs = anneal_epochs
         self.noise_scale = noise_scale
         self.entropy_weight = entropy_weight
-        self.quantize_bits = 8 if quantize_bits is True else (quantize_bits or None)
+        if isinstance(quantize_bits, bool):  # True means 8 bits, False off
+            quantize_bits = 8 if quantize_bits else None
+        self.quantize_bits = quantize_bits  # other values are checked in _check_config
         self.logit_init = logit_init
         self.logit_lr = logit_lr
         self.history: list[dict[str, Any]] = []
