@@ -17,7 +17,6 @@ Targets: every conv and linear weight but the first conv and the last linear lay
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -29,6 +28,7 @@ import hwprune as hp
 from hwprune.data import load_digits
 from hwprune.models import SmallCNN
 from hwprune.training import evaluate, make_loader, train_epoch
+from results_log import ResultLog
 
 #: (DPP structure, k, the magnitude baseline's structure, its sparsity)
 PATTERNS = [
@@ -107,9 +107,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    jsonl = out.with_suffix(".jsonl")
-    records = [json.loads(x) for x in jsonl.read_text().splitlines()] if jsonl.exists() else []
-    done = {(r["pattern"], r["method"], r["seed"]) for r in records}
+    log = ResultLog(out.with_suffix(".jsonl"), lambda r: (r["pattern"], r["method"], r["seed"]))
     header = (f"# DPP against magnitude pruning on digits\n\nCommand: `python bench/dpp_digits.py "
               f"{' '.join(sys.argv[1:])}`\n\nMachine: {platform.machine()}, "
               f"{torch.get_num_threads()} threads, torch {torch.__version__}. Budget: "
@@ -121,15 +119,10 @@ def main(argv=None) -> int:
         name = f"{pattern[0]}" + (f" k={pattern[1]}" if pattern[1] else "")
         for method in ("dpp", "magnitude"):
             for seed in args.seeds:
-                if (name, method, seed) in done:
-                    continue
-                r = run(method, pattern, seed, args.epochs, train, test)
-                records.append(r)
-                with jsonl.open("a") as f:
-                    f.write(json.dumps(r) + "\n")
-                print(json.dumps(r), flush=True)
-                write_summary(out, records, header)
-    write_summary(out, records, header)
+                if not log.done(name, method, seed):
+                    log.add(run(method, pattern, seed, args.epochs, train, test))
+                    write_summary(out, log.records, header)
+    write_summary(out, log.records, header)
     return 0
 
 

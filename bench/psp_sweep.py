@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import platform
 import sys
@@ -40,6 +39,7 @@ from hwprune.models import SmallCNN, load_pretrained
 from hwprune.plots import alpha_histograms
 from hwprune.schedules import Cubic
 from hwprune.training import evaluate, make_loader, recalibrate_batchnorm, train_epoch
+from results_log import ResultLog
 
 # decay-rel: the method with the scale-free threshold (|alpha| < eps * the layer's max |alpha|)
 VARIANTS = ("decay", "l1", "fixed", "magnitude", "decay-rel")
@@ -233,10 +233,8 @@ def main(argv=None) -> int:
         task.epochs = args.epochs
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    jsonl = out.with_suffix(".jsonl")
-    records = [json.loads(line) for line in jsonl.read_text().splitlines()] \
-        if jsonl.exists() else []
-    done = {(r["structure"], r["variant"], r["knob"], r["seed"]) for r in records}
+    log = ResultLog(out.with_suffix(".jsonl"),
+                    lambda r: (r["structure"], r["variant"], r["knob"], r["seed"]))
     header = {"task": task.name,
               "command": "python bench/psp_sweep.py " + " ".join(sys.argv[1:]),
               "machine": f"{platform.processor() or platform.machine()}, "
@@ -251,7 +249,7 @@ def main(argv=None) -> int:
     train, test, augment = load_task_data(task, args.data_dir)
     model0 = base_model(task, args.data_dir)
     for seed in task.seeds:
-        if ("-", "dense", 0.0, seed) not in done:
+        if not log.done("-", "dense", 0.0, seed):
             if task.name == "digits":  # the dense model trained with the same budget
                 r = run_point(task, model0, train, test, augment, "magnitude", "channel", 0.0,
                               seed)
@@ -259,23 +257,16 @@ def main(argv=None) -> int:
                 r = {"task": task.name, "accuracy": evaluate(model0, make_loader(test, 1000,
                      shuffle=False)), "sparsity": 0.0, "seed": seed}
             r.update(structure="-", variant="dense", knob=0.0)
-            records.append(r)
-            with jsonl.open("a") as f:
-                f.write(json.dumps(r) + "\n")
+            log.add(r)
     for structure in args.structures:
         for variant in args.variants:
             for knob in task.knobs[variant]:
                 for seed in task.seeds:
-                    if (structure, variant, knob, seed) in done:
-                        continue
-                    r = run_point(task, model0, train, test, augment, variant, structure, knob,
-                                  seed, out, args.recalibrate_bn)
-                    records.append(r)
-                    with jsonl.open("a") as f:
-                        f.write(json.dumps(r) + "\n")
-                    print(json.dumps(r), flush=True)
-                    write_summary(out, records, header)
-    write_summary(out, records, header)
+                    if not log.done(structure, variant, knob, seed):
+                        log.add(run_point(task, model0, train, test, augment, variant,
+                                          structure, knob, seed, out, args.recalibrate_bn))
+                        write_summary(out, log.records, header)
+    write_summary(out, log.records, header)
     return 0
 
 

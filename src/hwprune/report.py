@@ -46,7 +46,6 @@ from .targets import CONV_TYPES, LINEAR_TYPES, RNN_TYPES
 __all__ = ["LayerRow", "Report", "report"]
 
 #: module types whose weights get a row (RNNBase covers LSTM, GRU and RNN)
-_CONV, _LINEAR, _RNN = CONV_TYPES, LINEAR_TYPES, RNN_TYPES
 _SUPPORTED = "Conv1d/2d/3d, Linear, LSTM/GRU/RNN"
 
 
@@ -300,9 +299,9 @@ def _weights(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
     for mname, m in model.named_modules():
         if id(m) in inside:
             continue
-        if isinstance(m, _CONV + _LINEAR):
+        if isinstance(m, CONV_TYPES + LINEAR_TYPES):
             out.append((mname, m, "weight"))
-        elif isinstance(m, _RNN):
+        elif isinstance(m, RNN_TYPES):
             out += [(mname, m, p) for p in m._flat_weights_names if p.startswith("weight")]
     return out
 
@@ -424,7 +423,7 @@ def _row_macs(
         if parametrize.is_parametrized(m):  # work done computing the weight is not the layer's
             own -= sum(counted(f"{mname}.parametrizations.{t}") for t in m.parametrizations)
         sizes = [getattr(m, weights[i][2]).numel() for i in idx]
-        if isinstance(m, _RNN) and own == 0:
+        if isinstance(m, RNN_TYPES) and own == 0:
             for i, size in zip(idx, sizes, strict=True):
                 macs[i] = size * steps.get(id(m), 0)
                 unseen += macs[i]
@@ -468,7 +467,7 @@ def report(
             f"report: {type(model).__name__} has no prunable weights; reported layers are "
             f"{_SUPPORTED} (subclasses included)"
         )
-    rnns = list({id(m): m for _, m, _ in weights if isinstance(m, _RNN)}.values())
+    rnns = list({id(m): m for _, m, _ in weights if isinstance(m, RNN_TYPES)}.values())
     counts, model_macs, steps = _measure(model, example_inputs, rnns)
 
     macs, unseen = _row_macs(model, weights, counts, steps)

@@ -83,8 +83,8 @@ class DPP(Pruner):
                  entropy_weight: float = 1e-4, quantize_bits: int | bool | None = None,
                  logit_init: str = "magnitude", seed: int = 0, logit_lr: float | None = None,
                  targets: Spec = None):
+        # the structure as given; rows of weight/kernel/filter get their n per layer
         self.row_kind, self._spec = _parse_dpp_structure(structure)
-        structure = self._spec
         self.k = k
         self.temperature = temperature
         self.anneal_epochs = anneal_epochs
@@ -99,14 +99,14 @@ class DPP(Pruner):
         self._check_k()
         self.generator = torch.Generator()
         self.generator.manual_seed(seed)
-        super().__init__(model, structure, targets)
+        super().__init__(model, self._spec, targets)
 
     # -- construction ---------------------------------------------------------------------
     def _check_k(self) -> None:
-        if isinstance(self.structure_spec, KofN):
-            if self.k is not None and self.k != self.structure_spec.k:
-                raise ConfigError(f"structure {self.structure_spec} implies k="
-                                  f"{self.structure_spec.k}; got k={self.k} (leave it out)")
+        if isinstance(self._spec, KofN):
+            if self.k is not None and self.k != self._spec.k:
+                raise ConfigError(f"structure {self._spec} implies k="
+                                  f"{self._spec.k}; got k={self.k} (leave it out)")
             return
         k = self.k
         if k is None:
@@ -117,8 +117,8 @@ class DPP(Pruner):
             raise ConfigError(f"k must be an int >= 1 or a fraction in (0, 1); got {k!r}")
 
     def _layer_structure(self, shape: tuple[int, ...], name: str) -> Structure:
-        if isinstance(self.structure_spec, KofN):
-            return self.structure_spec
+        if isinstance(self._spec, KofN):
+            return self._spec
         base = _ROWS[self.row_kind]()
         base.validate(shape, name)
         n = shape[0] if self.row_kind == "filter" else base.num_groups(shape) // shape[0]
@@ -144,11 +144,6 @@ class DPP(Pruner):
                               f"{b!r}")
         if self.logit_init not in _INITS:
             raise ConfigError(f"logit_init must be one of {_INITS}; got {self.logit_init!r}")
-
-    @property
-    def structure_spec(self) -> Structure:
-        """The structure as given (rows of weight/kernel/filter get their n per layer)."""
-        return self._spec
 
     def _make_parametrization(self, layer: PrunedLayer) -> nn.Module:
         w = getattr(layer.module, layer.param).detach()
