@@ -2,6 +2,9 @@
 
 ``hwprune demo``: the main job on bundled data (scikit-learn's digits): train a small CNN,
 prune it with Magnitude at three structures, fine-tune, and print one comparison table.
+``hwprune run RECIPE``: a recipe (model, data, method, schedule, budget) with progress bars,
+checkpoints and results in an output folder (see ``hwprune.runner``, docs/cli.md).
+``hwprune compare RUN_DIR ...``: one table and one plot from several run folders.
 Bad arguments get one clear line naming the field and the allowed values, never a traceback.
 """
 
@@ -136,15 +139,79 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", help="folder to write demo.json into")
     demo.set_defaults(func=_cmd_demo)
+    _add_run_parsers(sub)
     return parser
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .recipe import dump, load_recipe, shipped_recipes
+    from .runner import Interrupted, Run
+
+    if args.list:
+        print("\n".join(shipped_recipes()))
+        return 0
+    if args.recipe is None:
+        raise HwpruneError("run: give a RECIPE (a YAML file or a shipped name; --list shows "
+                           "them)")
+    cfg = load_recipe(args.recipe, args.set)
+    console = Console()
+    run = Run(cfg, console=console)  # builds everything: every error is raised before writing
+    if args.dry_run:
+        print(dump(run.cfg), end="")
+        return 0
+    out = Path(args.out or Path("runs") / cfg["name"])
+    command = " ".join(["hwprune", *(args.argv or sys.argv[1:])])
+    try:
+        summary = run.execute(out, resume=args.resume, force=args.force, command=command)
+    except Interrupted as e:
+        print(f"hwprune: {e}", file=sys.stderr)
+        return 130
+    console.print(f"{cfg['name']}: accuracy {summary['accuracy']:.2%}, sparsity "
+                  f"{summary['sparsity']:.1%}; results in {out}")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import compare_markdown, compare_plot, compare_table, load_runs
+
+    runs = load_runs(args.runs)
+    Console().print(compare_table(runs))
+    if args.markdown:
+        Path(args.markdown).write_text(compare_markdown(runs))
+    if args.plot:
+        compare_plot(runs, args.plot)
+    return 0
+
+
+def _add_run_parsers(sub: argparse._SubParsersAction) -> None:
+    run = sub.add_parser("run", help="run a recipe: train, prune, checkpoint, report")
+    run.add_argument("recipe", nargs="?", help="a recipe YAML file, or a shipped recipe's name")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a recipe field (dotted key, YAML value); repeatable")
+    run.add_argument("--out", help="output folder (default: runs/NAME)")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the run in --out from its last checkpoint")
+    run.add_argument("--force", action="store_true",
+                     help="overwrite a run (finished or not) in --out")
+    run.add_argument("--dry-run", action="store_true",
+                     help="validate and print the resolved recipe; write nothing")
+    run.add_argument("--list", action="store_true", help="list the shipped recipes")
+    run.set_defaults(func=_cmd_run, argv=None)
+    compare = sub.add_parser("compare", help="one table and plot from several run folders")
+    compare.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    compare.add_argument("--markdown", metavar="FILE", help="also write the table as Markdown")
+    compare.add_argument("--plot", metavar="FILE",
+                         help="write the accuracy-against-compression plot (PNG)")
+    compare.set_defaults(func=_cmd_compare)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.func(args)
     except HwpruneError as e:
-        print(f"hwprune: error: {e}", file=sys.stderr)
+        print(f"hwprune: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("hwprune: interrupted", file=sys.stderr)

@@ -1,0 +1,132 @@
+"""Compare finished runs: one table and one accuracy-against-compression plot.
+
+``hwprune compare RUN_DIR ...`` reads each folder's ``summary.json`` (written by
+``hwprune run``) and shows, per run: method, structure, accuracy (and the change from the
+dense model the run started from), sparsity of the targeted weights, pruning ratio (weights
+dense / kept), stored bytes with the index overhead and the compression ratio, MACs, and the
+CPU latency measured on the machine the run was made on.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from .errors import ConfigError
+
+__all__ = ["load_runs", "compare_table", "compare_markdown", "compare_plot", "training_curves"]
+
+#: (header, summary key, format) of the comparison's columns
+COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("run", "name", "{}"),
+    ("method", "method", "{}"),
+    ("structure", "structure", "{}"),
+    ("accuracy", "accuracy", "{:.2%}"),
+    ("vs dense", "delta", "{:+.2%}"),
+    ("sparsity", "sparsity", "{:.1%}"),
+    ("pruning ratio", "pruning_ratio", "{:.2f}x"),
+    ("stored bytes", "stored_bytes", "{:,}"),
+    ("compression", "compression_ratio", "{:.2f}x"),
+    ("MACs", "model_macs_remaining", "{:,}"),
+    ("latency ms", "latency_ms", "{:.3f}"),
+)
+
+
+def load_runs(dirs: Sequence[str | Path]) -> list[dict[str, Any]]:
+    """The ``summary.json`` of each finished run folder, with ``dir`` and ``delta`` added."""
+    if not dirs:
+        raise ConfigError("compare: give at least one run folder")
+    runs = []
+    for d in dirs:
+        path = Path(d) / "summary.json"
+        if not path.is_file():
+            raise ConfigError(f"compare: {d} holds no finished run (no summary.json); allowed: "
+                              "output folders of a finished 'hwprune run'")
+        try:
+            s = json.loads(path.read_text())
+        except ValueError as e:
+            raise ConfigError(f"compare: {path} is not valid JSON: {e}") from None
+        s["dir"] = str(d)
+        dense = s.get("dense_accuracy")
+        s["delta"] = None if dense is None else s["accuracy"] - dense
+        runs.append(s)
+    return runs
+
+
+def _cells(run: dict[str, Any]) -> list[str]:
+    out = []
+    for _, key, fmt in COLUMNS:
+        v = run.get(key)
+        out.append("-" if v is None else fmt.format(v))
+    return out
+
+
+def compare_table(runs: list[dict[str, Any]]) -> Table:
+    table = Table(title="hwprune compare")
+    for header, _, _ in COLUMNS:
+        table.add_column(header, justify="left" if header in ("run", "method", "structure")
+                         else "right")
+    for run in runs:
+        table.add_row(*_cells(run))
+    return table
+
+
+def compare_markdown(runs: list[dict[str, Any]]) -> str:
+    lines = ["| " + " | ".join(h for h, _, _ in COLUMNS) + " |",
+             "| " + " | ".join("---" if h in ("run", "method", "structure") else "---:"
+                               for h, _, _ in COLUMNS) + " |"]
+    lines += ["| " + " | ".join(_cells(r)) + " |" for r in runs]
+    machines = sorted({r.get("machine", "?") for r in runs})
+    lines += ["", "Machine(s): " + "; ".join(machines), "",
+              "Commands:", ""] + [f"- {r['name']}: `{r.get('command', '?')}`" for r in runs]
+    return "\n".join(lines) + "\n"
+
+
+def compare_plot(runs: list[dict[str, Any]], path: str | Path) -> Path:
+    """Accuracy against pruning ratio (log scale), one labelled point per run."""
+    from .plots import _pyplot, _save
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.0, 4.0))
+    for r in runs:
+        x = r.get("pruning_ratio") or 1.0
+        ax.scatter([x], [100 * r["accuracy"]], s=30)
+        ax.annotate(r["name"], (x, 100 * r["accuracy"]), fontsize=7,
+                    xytext=(4, 3), textcoords="offset points")
+    dense = [r["dense_accuracy"] for r in runs if r.get("dense_accuracy") is not None]
+    if dense:
+        ax.axhline(100 * max(dense), color="grey", ls="--", lw=1, label="dense")
+        ax.legend(fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("pruning ratio (dense weights / kept weights)")
+    ax.set_ylabel("test accuracy %")
+    ax.set_title("accuracy against compression", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, plt, path)
+
+
+def training_curves(history: list[dict[str, Any]], path: str | Path, title: str) -> Path:
+    """Test accuracy and sparsity per epoch of one run, phases shaded."""
+    from .plots import _pyplot, _save
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.0, 3.6))
+    epochs = [h["epoch"] for h in history]
+    ax.plot(epochs, [100 * h["test_accuracy"] for h in history], "o-", ms=3,
+            label="test accuracy")
+    ax.plot(epochs, [100 * h["sparsity"] for h in history], "s--", ms=3, label="sparsity")
+    colours = {"dense": "#eeeeee", "prune": "#fde9d9", "finetune": "#e2efda"}
+    for h in history:
+        ax.axvspan(h["epoch"] - 0.5, h["epoch"] + 0.5, color=colours.get(h["phase"], "white"),
+                   lw=0)
+    ax.set_xlabel("epoch (shaded: dense / prune / finetune)")
+    ax.set_ylabel("%")
+    ax.set_ylim(0, 101)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, plt, path)
