@@ -13,7 +13,7 @@ from .errors import (
     StructureError,
     TargetError,
 )
-from .methods import DPP, PSP, Magnitude, Pruner
+from .methods import ADMM, DPP, PSP, Magnitude, Pruner
 from .report import Report, report
 from .storage import load, save
 
@@ -23,6 +23,7 @@ __all__ = [
     "Magnitude",
     "PSP",
     "DPP",
+    "ADMM",
     "Pruner",
     "report",
     "save",

@@ -1,8 +1,9 @@
 """Pruning methods. Each is a ``Pruner`` with the same lifecycle (see ``base``)."""
 
+from .admm import ADMM
 from .base import PrunedLayer, Pruner
 from .dpp import DPP
 from .magnitude import Magnitude
 from .psp import PSP
 
-__all__ = ["Pruner", "PrunedLayer", "Magnitude", "PSP", "DPP"]
+__all__ = ["Pruner", "PrunedLayer", "Magnitude", "PSP", "DPP", "ADMM"]
