@@ -153,6 +153,9 @@ METHODS = {
                                         threshold=0.5, targets=["conv3", "bn2", "fc1"]),
     # sampled masks: resuming must restore the noise generator too
     "dpp-2:4-quantized": lambda m: hp.DPP(m, "2:4", quantize_bits=8, anneal_epochs=3),
+    # resumes across ADMM rounds (Z, U, rho) and into the tied-magnitude retraining phase
+    "admm-unify-zero": lambda m: hp.ADMM(m, block=(1, 4), unify=0.25, zero=0.25, rho=0.05,
+                                         admm_interval=4, retrain_at=14),
 }
 
 
