@@ -242,12 +242,14 @@ class _Analysis:
             self.info[node] = self._visit(node)
 
     # -- helpers --------------------------------------------------------------------------
-    def pin_all(self, value: Any, reason: str) -> None:
+    def pin_all(self, value: Any, reason: str, candidate: bool = False) -> None:
         for n in _nodes_in(value):
             info = self.info.get(n)
             if info is not None:
                 for s in info.slots:
                     self.cls.pin(s, reason)
+                    if candidate:
+                        self.cls.candidate.add(s)
 
     def fresh(self, dim: int, n: int, const: Tensor | None = None) -> _Info:
         return _Info(dim, self.cls.new(n), _nan(n) if const is None else const)
@@ -301,8 +303,10 @@ class _Analysis:
         return x, (self.info.get(x) if isinstance(x, fx.Node) else None)
 
     def _unsupported(self, node: fx.Node, what: str) -> None:
+        # listed in the result even where nothing is zero: the user should know what was
+        # not analysed
         self.pin_all((node.args, node.kwargs), f"used by {what} ({_where(node)}), which shrink "
-                     "does not model")
+                     "does not model", candidate=True)
 
     def _module(self, node: fx.Node, mod: nn.Module) -> _Info | None:
         x, info = self._x(node)
@@ -347,8 +351,8 @@ class _Analysis:
             self._unsupported(node, "a conv whose input channels are not on axis 1")
             info = None
         if g == 1:
-            why = (f"its constant enters {_where(node)}, a zero-padded conv: folding it into the bias "
-                   "would be wrong at the borders")
+            why = (f"its constant enters {_where(node)}, a zero-padded conv: folding it into "
+                   "the bias would be wrong at the borders")
             self.read(node, x, lambda p: w[:, p],
                       lambda v: None if (v == 0 or not padded) else why)
             const = self._affine_const(w, conv.bias, x, info, padded)
