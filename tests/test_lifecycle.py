@@ -11,7 +11,7 @@ from torch.nn.utils import parametrize
 
 import hwprune as hp
 from hwprune.errors import ConfigError, LifecycleError, StructureError, TargetError
-from hwprune.schedules import Cubic
+from hwprune.schedules import Cubic, Linear
 from hwprune.targets import resolve_targets
 
 from conftest import TinyLSTM, TinyNet
@@ -153,6 +153,8 @@ METHODS = {
                                         threshold=0.5, targets=["conv3", "bn2", "fc1"]),
     # sampled masks: resuming must restore the noise generator too
     "dpp-2:4-quantized": lambda m: hp.DPP(m, "2:4", quantize_bits=8, anneal_epochs=3),
+    # gradual: masks and per-row block sizes are recomputed at steps 0, 4, ..., 20
+    "darb-gradual": lambda m: hp.DARB(m, 6.0, schedule=Linear(0, 20, every=4)),
     # resumes across ADMM rounds (Z, U, rho) and into the tied-magnitude retraining phase
     "admm-unify-zero": lambda m: hp.ADMM(m, block=(1, 4), unify=0.25, zero=0.25, rho=0.05,
                                          admm_interval=4, retrain_at=14),

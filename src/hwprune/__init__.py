@@ -13,7 +13,7 @@ from .errors import (
     StructureError,
     TargetError,
 )
-from .methods import ADMM, DPP, PSP, Magnitude, Pruner
+from .methods import ADMM, DARB, DPP, PSP, Magnitude, Pruner
 from .report import Report, report
 from .storage import load, save
 
@@ -24,6 +24,7 @@ __all__ = [
     "PSP",
     "DPP",
     "ADMM",
+    "DARB",
     "Pruner",
     "report",
     "save",

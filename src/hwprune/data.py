@@ -30,6 +30,7 @@ __all__ = [
     "load_cifar10",
     "load_digits",
     "load_mnist",
+    "load_tinyshakespeare",
 ]
 
 # The normalisation the akamaster pretrained ResNets were trained with (ImageNet statistics,
@@ -333,3 +334,33 @@ def load_mnist(root: str | os.PathLike[str], train: bool = False) -> TensorDatas
     t = torch.from_numpy(np.ascontiguousarray(x)).float().div_(255.0)
     t = t.sub_(MNIST_MEAN).div_(MNIST_STD).unsqueeze(1)
     return TensorDataset(t, torch.from_numpy(y))
+
+
+# --------------------------------------------------------------------------------------------
+# Tiny Shakespeare (character-level language modelling)
+
+
+def load_tinyshakespeare(
+    root: str | os.PathLike[str] | None = None, val_fraction: float = 0.1
+) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """Tiny Shakespeare as ``(train, val, vocab)``: int64 character ids and the vocabulary.
+
+    Reads ``text/tinyshakespeare.txt`` under ``data_dir(root)``. The vocabulary is the sorted
+    set of characters of the whole file (so every validation character has an id); the first
+    ``1 - val_fraction`` of the characters (default 90 %) are the training split, the rest the
+    validation split, in file order (no shuffling: the split is a contiguous held-out tail).
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise HwpruneError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+    path = data_dir(root) / "text" / "tinyshakespeare.txt"
+    if not path.is_file():
+        raise HwpruneError(f"Tiny Shakespeare not found: expected the text file {path}")
+    text = path.read_text(encoding="utf-8")
+    if len(text) < 2:
+        raise HwpruneError(f"{path} holds {len(text)} characters; need at least 2 to split")
+    vocab = "".join(sorted(set(text)))
+    lookup = np.zeros(max(map(ord, vocab)) + 1, dtype=np.int64)
+    lookup[[ord(c) for c in vocab]] = np.arange(len(vocab))
+    ids = torch.from_numpy(lookup[np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)])
+    cut = min(max(int(len(ids) * (1.0 - val_fraction)), 1), len(ids) - 1)
+    return ids[:cut].clone(), ids[cut:].clone(), vocab

@@ -2,8 +2,9 @@
 
 from .admm import ADMM
 from .base import PrunedLayer, Pruner
+from .darb import DARB
 from .dpp import DPP
 from .magnitude import Magnitude
 from .psp import PSP
 
-__all__ = ["Pruner", "PrunedLayer", "Magnitude", "PSP", "DPP", "ADMM"]
+__all__ = ["Pruner", "PrunedLayer", "Magnitude", "PSP", "DPP", "ADMM", "DARB"]

@@ -1,4 +1,4 @@
-"""Model zoo: CIFAR ResNets (akamaster layout), a digits CNN, LeNet-5 and MLPs."""
+"""Model zoo: CIFAR ResNets (akamaster layout), a digits CNN, LeNet-5, MLPs and a char LSTM."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from collections.abc import Callable
 from torch import nn
 
 from hwprune.errors import HwpruneError
+from hwprune.models.char_lstm import CharLSTM, bits_per_character, sample_batch
 from hwprune.models.densenet import (
     DenseBlock,
     DenseLayer,
@@ -38,6 +39,7 @@ __all__ = [
     "VGG",
     "VGG16_CFG",
     "BasicBlock",
+    "CharLSTM",
     "CifarResNet",
     "DenseBlock",
     "DenseLayer",
@@ -59,6 +61,8 @@ __all__ = [
     "resnet56",
     "resnet_cifar",
     "vgg16_cifar",
+    "bits_per_character",
+    "sample_batch",
 ]
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -73,6 +77,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "densenet40": densenet40,
     "densenet_bc100": densenet_bc100,
     "vgg16": vgg16_cifar,
+    "char_lstm": CharLSTM,
 }
 
 
