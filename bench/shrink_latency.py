@@ -1,0 +1,134 @@
+"""Latency of dense against shrunk models on this CPU: the measured speed-up next to the MAC
+reduction (the ideal).
+
+Channel pruning is one-shot ``hp.Magnitude(structure="channel")`` on the inner conv of every
+residual block (``layer*.conv2``: its zero input channels let ``shrink`` remove the matching
+filters of ``conv1`` too) of the pretrained akamaster CIFAR ResNet-20/56, and on ``conv2``/``conv3``
+of the digits SmallCNN (random init: latency does not depend on the values). No fine-tuning:
+only time is measured here. Dense and shrunk forward passes alternate within one loop (so load
+from other processes hits both alike); the median over the repeats is reported.
+
+    python bench/shrink_latency.py [--threads 1] [--repeats 30]
+
+Writes bench/results/shrink_latency.jsonl (resumable) and bench/results/shrink_latency.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import hwprune as hp
+from hwprune.data import data_dir
+from hwprune.models import SmallCNN, load_pretrained
+from results_log import ResultLog
+
+OUT = Path(__file__).parent / "results"
+MACHINE = "2-core Xeon CPU (shared), torch " + torch.__version__
+
+
+def macs(model: torch.nn.Module, x: torch.Tensor) -> int:
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    return counter.get_total_flops() // 2
+
+
+def paired_median(a, b, x: torch.Tensor, repeats: int) -> tuple[float, float]:
+    """Median seconds per forward of ``a`` and ``b``, measured alternately."""
+    ta, tb = [], []
+    with torch.inference_mode():
+        for _ in range(3):
+            a(x), b(x)
+        for _ in range(repeats):
+            for m, t in ((a, ta), (b, tb)):
+                start = time.perf_counter()
+                m(x)
+                t.append(time.perf_counter() - start)
+    return statistics.median(ta), statistics.median(tb)
+
+
+def load(name: str) -> tuple[torch.nn.Module, tuple, object]:
+    """The dense model, its input shape and the pruning targets."""
+    if name == "digits-cnn":
+        torch.manual_seed(0)
+        return SmallCNN().eval(), (1, 8, 8), ["conv2.0", "conv3.0"]
+    path = data_dir() / "weights" / f"cifar10-{name}-akamaster.th"
+    return load_pretrained(path), (3, 32, 32), "layer*.conv2"
+
+
+def build(name: str, sparsity: float) -> tuple[torch.nn.Module, torch.nn.Module, tuple]:
+    dense, shape, targets = load(name)
+    pruned = copy.deepcopy(dense)
+    if sparsity > 0:
+        pruned = hp.Magnitude(pruned, "channel", sparsity, targets=targets).finalize()
+    return dense, hp.shrink(pruned.eval(), torch.randn(2, *shape)), shape
+
+
+def run(name: str, sparsity: float, batch: int, repeats: int) -> dict:
+    dense, small, shape = build(name, sparsity)
+    x = torch.randn(batch, *shape)
+    with torch.no_grad():
+        diff = float((dense(x) - small(x)).abs().max()) if sparsity == 0 else None
+    md, ms = macs(dense, x[:1]), macs(small, x[:1])
+    td, ts = paired_median(dense, small, x, repeats)
+    ideal, measured = md / ms, td / ts
+    return {"model": name, "sparsity": sparsity, "batch": batch, "repeats": repeats,
+            "params_dense": sum(p.numel() for p in dense.parameters()),
+            "params_shrunk": sum(p.numel() for p in small.parameters()),
+            "macs_dense": md, "macs_shrunk": ms, "mac_reduction": round(ideal, 3),
+            "ms_dense": round(td * 1e3, 3), "ms_shrunk": round(ts * 1e3, 3),
+            "speedup": round(measured, 3), "speedup_over_ideal": round(measured / ideal, 3),
+            "max_abs_diff_unpruned": diff, "threads": torch.get_num_threads()}
+
+
+def write_markdown(records: list[dict], command: str) -> None:
+    lines = ["# Dense against shrunk: CPU latency", "",
+             f"Command: `{command}`. Machine: {MACHINE}, "
+             f"`torch.set_num_threads({records[0]['threads']})`. One-shot channel magnitude "
+             "pruning (no fine-tuning; only time is measured), `hp.shrink`, then dense and "
+             "shrunk forward passes alternated in one loop; median of the repeats. MACs measured "
+             "with `FlopCounterMode` (batch 1). `speed-up / ideal` = measured speed-up divided by "
+             "the MAC reduction.", "",
+             "| model | channel sparsity | batch | params dense | params shrunk | MAC reduction "
+             "| ms dense | ms shrunk | speed-up | speed-up / ideal |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in records:
+        lines.append(
+            f"| {r['model']} | {r['sparsity']:.2f} | {r['batch']} | {r['params_dense']:,} | "
+            f"{r['params_shrunk']:,} | {r['mac_reduction']:.2f}x | {r['ms_dense']:.2f} | "
+            f"{r['ms_shrunk']:.2f} | {r['speedup']:.2f}x | {r['speedup_over_ideal']:.2f} |")
+    (OUT / "shrink_latency.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--models", nargs="+", default=["digits-cnn", "resnet20", "resnet56"])
+    ap.add_argument("--sparsities", nargs="+", type=float, default=[0.0, 0.25, 0.5, 0.75])
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 64])
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    log = ResultLog(OUT / "shrink_latency.jsonl",
+                    key=lambda r: (r["model"], r["sparsity"], r["batch"]))
+    for name in args.models:
+        for sparsity in args.sparsities:
+            for batch in args.batches:
+                if not log.done(name, sparsity, batch):
+                    # big batches of the deep model: fewer repeats keep the run short
+                    reps = args.repeats if batch == 1 else max(5, args.repeats // 3)
+                    log.add(run(name, sparsity, batch, reps))
+    write_markdown(log.records, "python bench/shrink_latency.py " + " ".join(sys.argv[1:]))
+    print(platform.processor() or platform.machine())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""Export a (shrunk) model to a deployable program: ``torch.export``, TorchScript or ONNX.
+
+``export_model(model, example_inputs, path, format=...)`` traces the model in eval mode, writes
+it to ``path`` when given, loads the written file back and checks its outputs against the
+model's on ``example_inputs``, so a file that would compute something else is never left
+behind silently. ONNX needs the optional extra ``pip install "hwprune[onnx]"`` (the ``onnx``
+and ``onnxscript`` packages that ``torch.onnx.export`` uses); the check of an ONNX file runs
+it with ``onnxruntime`` where that is installed, and otherwise validates it with
+``onnx.checker``.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .errors import ConfigError, HwpruneError
+
+__all__ = ["EXPORT_FORMATS", "ExportError", "export_model"]
+
+EXPORT_FORMATS = ("torch.export", "torchscript", "onnx")
+
+
+class ExportError(HwpruneError):
+    """The model cannot be exported, or the exported program computes something else."""
+
+
+def _check(got: Any, ref: Tensor | tuple, what: str, atol: float) -> None:
+    got_t = got if isinstance(got, list | tuple) else [got]
+    ref_t = ref if isinstance(ref, list | tuple) else [ref]
+    for g, r in zip(got_t, ref_t, strict=True):
+        g = torch.as_tensor(g)
+        if g.shape != r.shape or not torch.allclose(g, r, atol=atol, rtol=atol):
+            raise ExportError(f"the {what} differs from the model (max |diff| "
+                              f"{float((g - r).abs().max()) if g.shape == r.shape else 'shape'})")
+
+
+def export_model(model: nn.Module, example_inputs: Any, path: str | os.PathLike | None = None,
+                 *, format: str = "torch.export", atol: float = 1e-5) -> Any:
+    """Export ``model`` (eval mode) and check the result on ``example_inputs``.
+
+    Args:
+        model: any traceable model, e.g. the output of ``hp.shrink``; not modified.
+        example_inputs: a tensor or a tuple of positional inputs.
+        path: where to write the program (``.pt2`` for torch.export, ``.pt`` for TorchScript,
+            ``.onnx``); required for ONNX. The written file is loaded back and checked.
+        format: ``"torch.export"`` (default; an ``ExportedProgram``), ``"torchscript"`` (a
+            traced ``ScriptModule``) or ``"onnx"``.
+        atol: tolerance of the check (also used as rtol).
+
+    Returns:
+        the ``ExportedProgram``, the ``ScriptModule``, or the ONNX path.
+    """
+    if format not in EXPORT_FORMATS:
+        raise ConfigError(f"format must be one of {EXPORT_FORMATS}, got {format!r}")
+    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    model = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        ref = model(*args)
+    try:
+        if format == "torch.export":
+            program = torch.export.export(model, args)
+            if path is not None:
+                torch.export.save(program, os.fspath(path))
+                program = torch.export.load(os.fspath(path))
+            with torch.no_grad():
+                _check(program.module()(*args), ref, "exported program", atol)
+            return program
+        if format == "torchscript":
+            with torch.no_grad():
+                script = torch.jit.trace(model, args, check_trace=False)
+            if path is not None:
+                script.save(os.fspath(path))
+                script = torch.jit.load(os.fspath(path))
+            with torch.no_grad():
+                _check(script(*args), ref, "TorchScript module", atol)
+            return script
+        return _onnx(model, args, ref, path, atol)
+    except (ConfigError, ExportError):
+        raise
+    except Exception as e:  # the exporters raise many types; name the cause, keep the chain
+        raise ExportError(f"{format} export of {type(model).__name__} failed: {e}") from e
+
+
+def _onnx(model: nn.Module, args: tuple, ref: Any, path: Any, atol: float) -> str:
+    missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ConfigError(f"ONNX export needs the optional packages {missing}: "
+                          'pip install "hwprune[onnx]"')
+    if path is None:
+        raise ConfigError("ONNX export writes a file: give path=")
+    path = os.fspath(path)
+    torch.onnx.export(model, args, path)
+    import onnx
+
+    onnx.checker.check_model(onnx.load(path))
+    if importlib.util.find_spec("onnxruntime") is not None:
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+        feeds = {i.name: a.numpy() for i, a in zip(session.get_inputs(), args, strict=True)}
+        _check([torch.from_numpy(o) for o in session.run(None, feeds)], ref, "ONNX model",
+               atol)
+    return path
