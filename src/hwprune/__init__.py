@@ -13,8 +13,11 @@ from .errors import (
     StructureError,
     TargetError,
 )
+from .export import export_model
 from .methods import ADMM, DARB, DPP, PSP, Magnitude, Pruner
 from .report import Report, report
+from .shrink import ShrinkError, ShrinkResult, shrink
+from .sparse_kernels import to_sparse_kernels
 from .storage import load, save
 
 __version__ = "0.1.0"
@@ -27,6 +30,11 @@ __all__ = [
     "DARB",
     "Pruner",
     "report",
+    "shrink",
+    "ShrinkResult",
+    "ShrinkError",
+    "to_sparse_kernels",
+    "export_model",
     "save",
     "load",
     "Report",
