@@ -42,13 +42,14 @@ METHODS = ("darb", "bmwm", "block", "irregular")
 BLOCK = (4, 4)
 
 
-def make_pruner(method: str, model: nn.Module, ratio: float) -> hp.Pruner:
+def make_pruner(method: str, model: nn.Module, ratio: float, targets=nn.LSTM) -> hp.Pruner:
+    """One of METHODS at pruning ratio ``ratio`` on ``targets`` (shared with darb_resnet20)."""
     if method == "darb":
-        return hp.DARB(model, ratio, targets=nn.LSTM)
+        return hp.DARB(model, ratio, targets=targets)
     if method == "bmwm":
-        return hp.Magnitude(model, f"1:{bmwm_size(ratio)}", targets=nn.LSTM)
+        return hp.Magnitude(model, f"1:{bmwm_size(ratio)}", targets=targets)
     structure = "element" if method == "irregular" else f"block:{BLOCK[0]}x{BLOCK[1]}"
-    return hp.Magnitude(model, structure, 1.0 - 1.0 / ratio, targets=nn.LSTM)
+    return hp.Magnitude(model, structure, 1.0 - 1.0 / ratio, targets=targets)
 
 
 def bmwm_size(ratio: float) -> int:
