@@ -2,7 +2,7 @@
 Shakespeare), at pruning ratios 4x, 8x, 16x, 25x, from one trained dense model with equal
 retraining.
 
-* Dense: a 2-layer ``CharLSTM`` (embedding 64, hidden 256) trained ``--dense-steps`` Adam steps on
+* Dense: a 2-layer ``CharLSTM`` (embedding 64, hidden 128) trained ``--dense-steps`` Adam steps on
   random windows of the first 90 % of the text (kept in ``--ckpt``, reused on a rerun).
 * Targets: the four LSTM weight matrices (``targets=nn.LSTM``); embedding and head stay dense.
 * Methods, each one-shot from the dense weights then retrained ``--retrain-steps`` Adam steps
@@ -99,44 +99,64 @@ def train(model, steps, lr, data, args, seed, pruner=None) -> None:
             print(f"  step {i + 1}/{steps} loss {loss.item() / math.log(2):.3f} bits", flush=True)
 
 
+def bench_setup(doc: str, ratios: list[float], argv, add_args) -> tuple:
+    """The arguments both DARB benchmarks share, parsed (``add_args(parser)`` adds the rest),
+    the thread count set, and the results log: ``(args, out, log)``."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--out", required=True, help="path prefix for .jsonl and .md")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--ratios", type=float, nargs="+", default=ratios)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--threads", type=int, default=1)
+    add_args(parser)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return args, out, ResultLog(out.with_suffix(".jsonl"),
+                                lambda r: (r["method"], r["target_ratio"]))
+
+
+def summary_table(records: list[dict], quality: list[tuple[str, str]]) -> list[str]:
+    """The results table, one row per point in ratio then method order; ``quality`` is
+    ``[(column header, format of the record)]`` for the model-quality columns."""
+    lines = ["| target ratio | method | actual ratio | " + " | ".join(h for h, _ in quality)
+             + " | index bits / kept | selection width | selection inputs / kept |",
+             "| ---: | --- | ---: | " + "---: | " * len(quality) + "---: | ---: | ---: |"]
+    for r in sorted((r for r in records if r["method"] != "dense"),
+                    key=lambda r: (r["target_ratio"], METHODS.index(r["method"]))):
+        lines.append(
+            f"| {r['target_ratio']:g} | {r['method']} | {r['ratio']:.2f} | "
+            + " | ".join(f.format(**r) for _, f in quality)
+            + f" | {r['index_bits_per_kept']:.2f} | {r['selection_width']:.2f} | "
+            f"{r['selection_inputs_per_kept']:.3f} |")
+    return lines
+
+
 def write_summary(out: Path, records: list[dict], header: str) -> None:
     dense = next((r for r in records if r["method"] == "dense"), None)
     lines = [header, ""]
     if dense:
         lines += [f"Dense model: validation {dense['bpc']:.4f} bits per character "
                   f"({dense['seconds']} s of training).", ""]
-    lines += ["| target ratio | method | actual ratio | bpc one-shot | bpc retrained | "
-              "index bits / kept | selection width | selection inputs / kept |",
-              "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for r in sorted((r for r in records if r["method"] != "dense"),
-                    key=lambda r: (r["target_ratio"], METHODS.index(r["method"]))):
-        lines.append(
-            f"| {r['target_ratio']:g} | {r['method']} | {r['ratio']:.2f} | {r['bpc_oneshot']:.4f} "
-            f"| {r['bpc']:.4f} | {r['index_bits_per_kept']:.2f} | {r['selection_width']:.2f} | "
-            f"{r['selection_inputs_per_kept']:.3f} |")
+    lines += summary_table(records, [("bpc one-shot", "{bpc_oneshot:.4f}"),
+                                     ("bpc retrained", "{bpc:.4f}")])
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="path prefix for .jsonl and .md")
+def _lstm_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ckpt", default="/tmp/hwprune_darb_lstm_dense.pt")
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--ratios", type=float, nargs="+", default=[4, 8, 16, 25])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--dense-steps", type=int, default=1000)
+    parser.add_argument("--dense-steps", type=int, default=2500)
     parser.add_argument("--retrain-steps", type=int, default=150)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=100)
-    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--embedding", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    log = ResultLog(out.with_suffix(".jsonl"), lambda r: (r["method"], r["target_ratio"]))
+
+
+def main(argv=None) -> int:
+    args, out, log = bench_setup(__doc__, [4, 8, 16, 25], argv, _lstm_args)
     header = (
         f"# DARB on a character-level LSTM (Tiny Shakespeare)\n\nCommand: `python "
         f"bench/darb_lstm.py {' '.join(sys.argv[1:])}`\n\nMachine: 2-core Xeon CPU "

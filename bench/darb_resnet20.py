@@ -24,11 +24,10 @@ from pathlib import Path
 
 import torch
 
-from darb_lstm import METHODS, cost_of, make_pruner
+from darb_lstm import bench_setup, cost_of, make_pruner, summary_table
 from hwprune.data import augment_cifar, data_dir, load_cifar10
 from hwprune.models import load_pretrained
 from hwprune.training import evaluate, make_loader, train_epoch
-from results_log import ResultLog
 
 
 def write_summary(out: Path, records: list[dict], header: str) -> None:
@@ -37,34 +36,19 @@ def write_summary(out: Path, records: list[dict], header: str) -> None:
     if dense:
         lines += [f"Pretrained dense model: {100 * dense['accuracy']:.2f} % on the same test "
                   "images.", ""]
-    lines += ["| target ratio | method | actual ratio | accuracy % | index bits / kept | "
-              "selection width | selection inputs / kept |",
-              "| ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
-    for r in sorted((r for r in records if r["method"] != "dense"),
-                    key=lambda r: (r["target_ratio"], METHODS.index(r["method"]))):
-        lines.append(
-            f"| {r['target_ratio']:g} | {r['method']} | {r['ratio']:.2f} | "
-            f"{100 * r['accuracy']:.2f} | {r['index_bits_per_kept']:.2f} | "
-            f"{r['selection_width']:.2f} | {r['selection_inputs_per_kept']:.3f} |")
+    lines += summary_table(records, [("accuracy", "{accuracy:.2%}")])
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="path prefix for .jsonl and .md")
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--ratios", type=float, nargs="+", default=[4, 8, 13])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+def _resnet_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--subset", type=int, default=10_000)
     parser.add_argument("--test-subset", type=int, default=2_000)
     parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    log = ResultLog(out.with_suffix(".jsonl"), lambda r: (r["method"], r["target_ratio"]))
+
+
+def main(argv=None) -> int:
+    args, out, log = bench_setup(__doc__, [4, 8, 13], argv, _resnet_args)
     header = (
         f"# DARB on CIFAR-10 ResNet-20 (pretrained), conv layers\n\nCommand: `python "
         f"bench/darb_resnet20.py {' '.join(sys.argv[1:])}`\n\nMachine: 2-core Xeon CPU "
