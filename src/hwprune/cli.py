@@ -175,7 +175,10 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from .compare import compare_markdown, compare_plot, compare_table, load_runs
 
     runs = load_runs(args.runs)
-    Console().print(compare_table(runs))
+    console = Console()
+    if not console.is_terminal:  # a file or a pipe: never squeeze the table to 80 columns
+        console = Console(width=220)
+    console.print(compare_table(runs))
     if args.markdown:
         Path(args.markdown).write_text(compare_markdown(runs))
     if args.plot:

@@ -39,6 +39,7 @@ import signal
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -237,7 +238,9 @@ class Run:
                               f"{type(obj).__name__}; allowed: a state dict")
         state = {k.removeprefix("module."): v for k, v in state.items()}
         mine = model.state_dict()
-        missing = sorted(set(mine) - set(state))
+        # checkpoints from older PyTorch lack BatchNorm's step counter; it is not a weight
+        missing = sorted(k for k in set(mine) - set(state)
+                         if not k.endswith("num_batches_tracked"))
         unexpected = sorted(set(state) - set(mine))
         shapes = [k for k in set(mine) & set(state) if tuple(mine[k].shape) != tuple(
             getattr(state[k], "shape", ()))]
@@ -248,7 +251,7 @@ class Run:
                                                  ("shape mismatch", sorted(shapes))) if keys)
             raise RecipeError(f"recipe field model.pretrained: {spec} does not fit model "
                               f"{self.cfg['model']['name']}: {what}")
-        model.load_state_dict(state)
+        model.load_state_dict(state, strict=False)  # every key but the counters was checked
 
     def _make_pruner(self, model: nn.Module) -> Any:
         try:
@@ -305,7 +308,8 @@ class Run:
     def _enter(self, phase: str, fresh: bool) -> None:
         """Start ``phase``: create the pruner / call the hook, then a new optimizer."""
         if phase != "dense" and self.pruner is None and self.method_cls is not None:
-            if fresh:
+            trained = self._epochs()["dense"] > 0 or self.cfg["model"]["pretrained"]
+            if fresh and trained:  # the reference the pruned model is compared with
                 self.dense_accuracy = self.evaluate()[1]
             self.pruner = self._make_pruner(self.model)
         hook = self.cfg["train"]["phase_hook"]
@@ -380,14 +384,16 @@ class Run:
         if self._stop:  # a second Ctrl-C: stop now (the last checkpoint stays intact)
             raise KeyboardInterrupt
         self._stop = True
-        self.console.print("interrupt: finishing this step, then writing a checkpoint "
-                           "(Ctrl-C again to stop at once)")
+        # nothing more here: the handler may run in the middle of anything (even an import)
+        sys.stderr.write("interrupt: finishing this step, then writing a checkpoint "
+                         "(Ctrl-C again to stop at once)\n")
 
     def train(self, out: Path, resume: dict[str, Any] | None) -> None:
         """Run the epochs (from ``resume`` if given), checkpointing after each one."""
         epoch, start, running = 0, 0, {"loss": 0.0, "correct": 0, "seen": 0}
         if resume is not None:
             epoch, start, running = self._restore(resume)
+        self._write_metrics(out)  # the header; after a resume, exactly the checkpoint's epochs
         total, per_epoch = self.total_epochs, self.steps_per_epoch()
         live = self.console.is_terminal
         progress = Progress(TextColumn("{task.description}"), BarColumn(),
@@ -459,7 +465,11 @@ class Run:
         if self.pruner is not None:
             self.pruner.epoch_end()
         lr = self.optimizer.param_groups[0]["lr"]
-        self.scheduler.step()
+        with warnings.catch_warnings():
+            # a run resumed at an epoch's last step steps the scheduler before the (restored)
+            # optimizer has stepped in this process; the order in the run was right
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")
+            self.scheduler.step()
         test_loss, test_acc = self.evaluate()
         self.history.append({
             "epoch": epoch + 1, "phase": self.phase, "lr": lr,
