@@ -18,6 +18,7 @@ from hwprune.models.densenet import (
     densenet_bc100,
     densenet_cifar,
 )
+from hwprune.models.resnet18_cifar import ResNet18Cifar, resnet18_cifar
 from hwprune.models.resnet_cifar import (
     BasicBlock,
     CifarResNet,
@@ -54,7 +55,9 @@ __all__ = [
     "densenet_cifar",
     "get_model",
     "load_pretrained",
+    "ResNet18Cifar",
     "resnet110",
+    "resnet18_cifar",
     "resnet20",
     "resnet32",
     "resnet44",
@@ -77,6 +80,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "densenet40": densenet40,
     "densenet_bc100": densenet_bc100,
     "vgg16": vgg16_cifar,
+    "resnet18": resnet18_cifar,
     "char_lstm": CharLSTM,
 }
 
