@@ -1,5 +1,7 @@
 """hp.shrink: physically smaller models that compute the same function (eval mode)."""
 
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,11 +11,13 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import hwprune as hp
-import hwprune.shrink as shrink_mod
 from hwprune.models import PadShortcut, SmallCNN, densenet_bc, resnet20
 from hwprune.shrink import ShrinkError, shrink
 
 from conftest import TinyLSTM
+
+# the module, not the function hp.shrink that shadows it as an attribute of the package
+shrink_mod = sys.modules["hwprune.shrink"]
 
 
 def _randomize_bn(model, seed=0):
