@@ -48,7 +48,7 @@ def _brute_force(groups, valid):
     return best, float(grid[1] - grid[0])
 
 
-@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("seed", range(5))
 def test_projection_is_optimal_against_brute_force(seed):
     g = torch.Generator().manual_seed(seed)
     blocks, size = 6, 3
@@ -99,7 +99,7 @@ def test_unified_value_is_the_mean_magnitude_with_signs_kept():
     assert eu.item() == pytest.approx(0.25 + 2.25 + 2.25 + 0.25) and ez.item() == 14.0
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(k=st.integers(1, 9), c=st.integers(1, 6), r=st.sampled_from([1, 3]),
        bh=st.integers(1, 4), bw=st.integers(1, 6), unify=st.floats(0, 1), zero=st.floats(0, 1))
 def test_projection_shapes_counts_and_constraint(k, c, r, bh, bw, unify, zero):
