@@ -307,3 +307,27 @@ def test_conv_linear_and_lstm_weights():
         sizes = (pruner if name in pruner.layers else cp).block_sizes[name]
         assert _blocks_keep_exactly(mask, sizes, 1), name
     assert 3.5 < 1 / (1 - cp.sparsity()) < 4.5
+
+
+def test_admm_masks_as_the_reference():
+    # ADMM's projection without training is exact magnitude pruning of single weights, so its
+    # masks as the reference must give the block sizes of DARB's own magnitude reference
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 2))
+    model[0].weight.data.mul_(torch.logspace(-1, 1, 32)[torch.randperm(32)][:, None])
+    shadow, own = copy.deepcopy(model), copy.deepcopy(model)
+    admm = hp.ADMM(shadow, block=(1, 1), unify=0.0, zero=0.75, targets=["0"])
+    admm.hard_project()
+    pruner = hp.DARB(model, 4.0, reference=admm.masks(), targets=["0"])
+    assert torch.equal(pruner.block_sizes["0.weight"],
+                       hp.DARB(own, 4.0, targets=["0"]).block_sizes["0.weight"])
+    assert len(set(pruner.block_sizes["0.weight"].tolist())) >= 3
+
+
+def test_gru_weights():
+    model = nn.GRU(16, 32, num_layers=1)
+    pruner = hp.DARB(model, 8.0, targets=nn.GRU)
+    for name, mask in pruner.masks().items():
+        assert mask.shape[0] == 96  # three gates of 32
+        assert _blocks_keep_exactly(mask, pruner.block_sizes[name], 1)
+    assert 7.5 < 1 / (1 - pruner.sparsity()) < 8.5
