@@ -42,14 +42,16 @@ PATTERNS = [
 ]
 
 
-def run(method: str, pattern: tuple, seed: int, epochs: int, train, test) -> dict:
+def run(method: str, pattern: tuple, seed: int, epochs: int, train, test,
+        logit_lr: float | None) -> dict:
     dpp_structure, k, mag_structure, sparsity = pattern
     torch.manual_seed(seed)
     model = SmallCNN()
     loader = make_loader(train, 64, shuffle=True, seed=seed)
     start = time.perf_counter()
     if method == "dpp":
-        pruner = hp.DPP(model, dpp_structure, k=k, anneal_epochs=epochs, seed=seed)
+        pruner = hp.DPP(model, dpp_structure, k=k, anneal_epochs=epochs, seed=seed,
+                        logit_lr=logit_lr)
         opt = torch.optim.SGD(pruner.param_groups(lr=0.05, momentum=0.9, weight_decay=5e-4))
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
         for _ in range(epochs):
@@ -69,7 +71,8 @@ def run(method: str, pattern: tuple, seed: int, epochs: int, train, test) -> dic
     extras = pruner.layer_extras()
     sparsity_now = pruner.sparsity()
     pruner.finalize()
-    return {"method": method, "pattern": f"{dpp_structure}" + (f" k={k}" if k else ""),
+    label = method if method != "dpp" or logit_lr is None else f"dpp lr={logit_lr:g}"
+    return {"method": label, "pattern": f"{dpp_structure}" + (f" k={k}" if k else ""),
             "baseline_structure": mag_structure, "seed": seed, "sparsity": sparsity_now,
             "accuracy": evaluate(model, make_loader(test, 512, shuffle=False)),
             "confidence": _mean(extras, "confidence"), "diversity": _mean(extras, "diversity"),
@@ -87,11 +90,14 @@ def write_summary(out: Path, records: list[dict], header: str) -> None:
         groups.setdefault((r["pattern"], r["method"]), []).append(r)
     lines = [header, "", "| pattern | method | seeds | sparsity % | accuracy % | DPP confidence | "
              "DPP diversity |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
-    for (pattern, method), rs in groups.items():
+    first = {}  # rows of one pattern together, in the order the patterns were run
+    for pattern, _ in groups:
+        first.setdefault(pattern, len(first))
+    for (pattern, method), rs in sorted(groups.items(), key=lambda g: first[g[0][0]]):
         acc = [r["accuracy"] for r in rs]
         conf = [r["confidence"] for r in rs if r["confidence"] is not None]
         div = [r["diversity"] for r in rs if r["diversity"] is not None]
-        name = method if method == "dpp" else f"magnitude ({rs[0]['baseline_structure']})"
+        name = method if method.startswith("dpp") else f"magnitude ({rs[0]['baseline_structure']})"
         lines.append(
             f"| {pattern} | {name} | {len(rs)} | {100 * rs[0]['sparsity']:.1f} | "
             f"{100 * sum(acc) / len(acc):.2f} ± {50 * (max(acc) - min(acc)):.2f} | "
@@ -99,11 +105,17 @@ def write_summary(out: Path, records: list[dict], header: str) -> None:
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
+def _optional_float(text: str) -> float | None:
+    return None if text == "default" else float(text)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="path prefix for .jsonl and .md")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--logit-lr", type=_optional_float, nargs="+", default=[None],
+                        help="DPP logit learning rates to run ('default': the optimizer's)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -112,15 +124,20 @@ def main(argv=None) -> int:
               f"{' '.join(sys.argv[1:])}`\n\nMachine: {platform.machine()}, "
               f"{torch.get_num_threads()} threads, torch {torch.__version__}. Budget: "
               f"{args.epochs} epochs from scratch for both (magnitude: dense half, one-shot "
-              "prune, fine-tuned half). Mean over seeds; ± is (max - min) / 2. Sparsity: "
+              "prune, fine-tuned half), SGD lr 0.05 momentum 0.9; `dpp` trains its logits at that "
+              "lr, `dpp lr=X` at lr X (the confidence column shows whether they moved from "
+              "their initial value). "
+              "Mean over seeds; ± is (max - min) / 2. Sparsity: "
               "fraction of the targeted weights removed.")
     train, test = load_digits()
     for pattern in PATTERNS:
         name = f"{pattern[0]}" + (f" k={pattern[1]}" if pattern[1] else "")
-        for method in ("dpp", "magnitude"):
+        runs = [("dpp", lr) for lr in args.logit_lr] + [("magnitude", None)]
+        for method, lr in runs:
+            label = method if lr is None else f"dpp lr={lr:g}"
             for seed in args.seeds:
-                if not log.done(name, method, seed):
-                    log.add(run(method, pattern, seed, args.epochs, train, test))
+                if not log.done(name, label, seed):
+                    log.add(run(method, pattern, seed, args.epochs, train, test, lr))
                     write_summary(out, log.records, header)
     write_summary(out, log.records, header)
     return 0

@@ -22,20 +22,9 @@ import torch
 
 from hwprune.data import CIFAR10_MEAN, CIFAR10_STD, data_dir, load_cifar10
 from hwprune.models import load_pretrained
+from results_log import cpu_name
 
 DEPTHS = (20, 32, 44, 56)
-
-
-def _cpu_name() -> str:
-    """platform.processor() is often empty on Linux; fall back to /proc/cpuinfo."""
-    name = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return name or "unknown"
 
 
 def evaluate(
@@ -131,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "command": shlex.join(["python", *sys.argv] if argv is None else ["python", *argv]),
         "machine": {
-            "processor": _cpu_name(),
+            "processor": cpu_name(),
             "platform": platform.platform(),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),

@@ -29,10 +29,10 @@ from torch.utils.flop_counter import FlopCounterMode
 import hwprune as hp
 from hwprune.data import data_dir
 from hwprune.models import SmallCNN, load_pretrained
-from results_log import ResultLog
+from results_log import ResultLog, machine
 
 OUT = Path(__file__).parent / "results"
-MACHINE = "2-core Xeon CPU (shared), torch " + torch.__version__
+MACHINE = machine() + " (shared with other jobs)"
 
 
 def macs(model: torch.nn.Module, x: torch.Tensor) -> int:

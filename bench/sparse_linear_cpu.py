@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from hwprune.sparse_kernels import SparseLinear, _timer
-from results_log import ResultLog
+from results_log import ResultLog, machine
 
 OUT = Path(__file__).parent / "results"
-MACHINE = "2-core Xeon CPU (shared), torch " + torch.__version__
+MACHINE = machine() + " (shared with other jobs)"
 SHAPES = [(512, 512), (3072, 768), (768, 3072), (1024, 1024)]
 SPARSITIES = [0.5, 0.7, 0.8, 0.9, 0.95, 0.98]
 

@@ -7,7 +7,7 @@ import torch
 
 import hwprune as hp
 from hwprune.errors import HwpruneError
-from hwprune.plots import alpha_histograms, kept_fraction_bars
+from hwprune.plots import alpha_histograms, kept_fraction_bars, mask_metric_curves
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -51,3 +51,21 @@ def test_plots_write_pngs(psp_run, tmp_path):
 def test_alpha_histograms_need_alphas(tmp_path):
     with pytest.raises(HwpruneError, match="PSP"):
         alpha_histograms({"fc.weight": {"pruned_fraction": 0.5}}, tmp_path / "x.png")
+
+
+def test_dpp_mask_metric_curves(tiny, x8, tmp_path):
+    pruner = hp.DPP(tiny, "2:4", anneal_epochs=3, logit_lr=50.0)
+    opt = torch.optim.SGD(pruner.param_groups(lr=0.05))
+    for _ in range(3):
+        loss = tiny(x8).square().mean() + pruner.penalty()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        pruner.epoch_end()
+    assert [h["epoch"] for h in pruner.history] == [1, 2, 3]
+    path = mask_metric_curves(pruner.history, tmp_path / "dpp.png")
+    assert path.read_bytes().startswith(PNG) and path.stat().st_size > 5_000
+    with pytest.raises(HwpruneError, match="not in the history"):
+        mask_metric_curves(pruner.history, tmp_path / "x.png", metrics=("alpha",))
+    with pytest.raises(HwpruneError, match="no records"):
+        mask_metric_curves([], tmp_path / "x.png")

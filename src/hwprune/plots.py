@@ -7,14 +7,14 @@ Each function writes one PNG and returns its path. They take plain data (a ``Rep
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from .errors import HwpruneError
 from .report import Report
 
-__all__ = ["alpha_histograms", "kept_fraction_bars"]
+__all__ = ["alpha_histograms", "kept_fraction_bars", "mask_metric_curves"]
 
 
 def _pyplot():
@@ -79,6 +79,41 @@ def kept_fraction_bars(rep: Report, path: str | Path) -> Path:
     ax.set_ylabel("kept fraction")
     ax.set_title(rep.name, fontsize=9)
     ax.legend(fontsize=7, ncols=4, loc="lower left")
+    fig.tight_layout()
+    return _save(fig, plt, path)
+
+
+def mask_metric_curves(history: Sequence[Mapping[str, Any]], path: str | Path,
+                       metrics: Sequence[str] = ("confidence", "diversity"),
+                       x: str = "epoch") -> Path:
+    """DPP: each layer's mask confidence and diversity over training, one panel per metric.
+
+    ``history``: records ``{x: number, "layers": {layer: {metric: value}}}``, as in
+    ``DPP.history`` (one per ``epoch_end()``, ``x="epoch"``) or logged per step (``x="step"``).
+    The mean over layers is drawn in black.
+    """
+    records = [h for h in history if h.get("layers")]
+    if not records:
+        raise HwpruneError("mask_metric_curves: the history has no records with 'layers'; "
+                           "pass DPP.history or records of layer_extras() over training")
+    missing = [m for m in metrics if m not in next(iter(records[0]["layers"].values()))]
+    if missing:
+        raise HwpruneError(f"mask_metric_curves: metric(s) {missing} not in the history; "
+                           f"it has {sorted(next(iter(records[0]['layers'].values())))}")
+    plt = _pyplot()
+    xs = [h[x] for h in records]
+    names = list(records[0]["layers"])
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.2), squeeze=False)
+    for ax, metric in zip(axes.flat, metrics, strict=True):
+        series = [[h["layers"][n][metric] for h in records] for n in names]
+        for name, ys in zip(names, series, strict=True):
+            ax.plot(xs, ys, lw=0.8, alpha=0.5, label=name if len(names) <= 8 else None)
+        ax.plot(xs, [sum(v) / len(v) for v in zip(*series, strict=True)], color="black", lw=2,
+                label="mean")
+        ax.set_xlabel(x)
+        ax.set_ylabel(metric)
+        ax.set_ylim(0, 1.02)
+        ax.legend(fontsize=6)
     fig.tight_layout()
     return _save(fig, plt, path)
 
