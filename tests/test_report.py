@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import math
 from collections.abc import Callable
 
 import pytest
@@ -436,3 +437,87 @@ def test_stored_bytes_are_the_data_hwprune_save_writes(tmp_path, structure, spar
         assert {r.encoding for r in pruned} == {encoding}
     assert all(r.stored_bytes < r.dense_bytes for r in pruned)
     assert all(torch.equal(v, weights[k]) for k, v in hp.load(path).items())
+
+
+# ---------------------------------------------------------------------------------- storage
+
+
+def _linear_with(w: Tensor) -> nn.Sequential:
+    model = nn.Sequential(nn.Linear(w.shape[1], w.shape[0], bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(w)
+    return model
+
+
+def test_storage_fields_of_a_2_of_4_weight_by_hand() -> None:
+    # 6 x 16 weight, the 2 largest of every 4 consecutive inputs kept: 24 runs, 48 kept
+    model = _linear_with(torch.randn(6, 16, generator=torch.Generator().manual_seed(0)))
+    hp.Magnitude(model, "2:4", None, targets=["0"]).finalize()
+    rep = report(model, torch.randn(1, 16), structures="2:4")
+    r = rep.rows[0]
+    assert (r.encoding, r.dense_bytes, r.payload_bytes) == ("kofn", 384, 48 * 4)
+    # rank code: ceil(log2 C(4, 2)) = 3 bits per run -> 72 bits = 9 bytes
+    assert r.index_bytes == 9 and r.stored_bytes == 48 * 4 + 9
+    assert r.min_index_bits == pytest.approx(24 * math.log2(6))
+    assert r.compression_ratio == 384 / 201 and r.compression_ratio_no_index == 2.0
+    assert r.compression_ratio_min == pytest.approx(384 / (192 + 24 * math.log2(6) / 8))
+    assert r.index_bits_per_kept == 72 / 48 and r.stored_bits_per_kept == 8 * 201 / 48
+    assert (r.selection_width, r.selection_inputs_per_kept) == (4.0, 4.0)  # one 4:1 per weight
+    t = rep.total
+    assert (t["stored_bytes"], t["index_bytes"], t["payload_bytes"]) == (201, 9, 192)
+    assert t["compression_ratio_no_index"] == 2.0 and t["selection_width"] == 4.0
+
+
+def test_selection_width_follows_darbs_decoding_cost() -> None:
+    from hwprune.methods.darb import decoding_cost
+
+    g = torch.Generator().manual_seed(0)
+    irregular = torch.randn(8, 64, generator=g) * (torch.rand(8, 64, generator=g) < 0.1)
+    r = report(_linear_with(irregular), torch.randn(1, 64)).rows[0]
+    assert r.encoding in ("csr", "bitmask") and r.selection_width == 64.0  # any input of a row
+    block = torch.randn(8, 64, generator=g)
+    block.view(2, 4, 16, 4)[:, :, ::2] = 0  # half the 4x4 tiles zero
+    r = report(_linear_with(block), torch.randn(1, 64), structures="block:4x4").rows[0]
+    cost = decoding_cost(block != 0, "block", block=(4, 4))
+    assert r.encoding == "block" and r.selection_width == cost["selection_width"] == 16.0
+    assert r.selection_inputs_per_kept == cost["selection_inputs_per_kept"] == 16 * 16 / 256
+    dense = report(_linear_with(torch.randn(4, 8, generator=g) + 5), torch.randn(1, 8)).rows[0]
+    assert (dense.encoding, dense.selection_width, dense.index_bits_per_kept) == ("dense", 1.0,
+                                                                                  0.0)
+    assert dense.min_index_bits == 0.0 and dense.compression_ratio_min == 1.0
+    empty = report(_linear_with(torch.zeros(4, 8)), torch.randn(1, 8)).rows[0]
+    assert empty.selection_width is None and empty.index_bits_per_kept is None
+
+
+@pytest.mark.parametrize("live", [False, True])
+def test_file_size_is_the_stored_total_plus_the_header(tmp_path, tiny, x8, live) -> None:
+    pruner = hp.Magnitude(tiny, "2:4", None, targets=["conv2", "conv3", "fc1"])
+    if not live:
+        pruner.finalize()
+    rep = report(tiny, x8, pruner=pruner)
+    t = rep.total
+    path = tmp_path / "m.hwp"
+    size = hp.save(tiny, path, hints=rep.hints())
+    layout = file_layout(path)
+    assert size == path.stat().st_size == t["file_bytes"]
+    assert t["file_bytes"] == t["file_tensor_bytes"] + t["file_header_bytes"]
+    assert (layout["data_bytes"], layout["header_bytes"]) == (t["file_tensor_bytes"],
+                                                              t["file_header_bytes"])
+    state = tiny.state_dict()
+    assert t["file_dense_bytes"] == sum(v.numel() * v.element_size() for v in state.values())
+    if not live:  # the rows are state-dict tensors: the rest of the file is the other tensors
+        others = sum(hp.storage.stored_bytes(v)["total_bytes"] for k, v in state.items()
+                     if k not in {r.name for r in rep.rows})
+        assert t["file_tensor_bytes"] == t["stored_bytes"] + others
+        assert {r.encoding for r in rep.rows if r.structure == "2:4"} == {"kofn"}
+
+
+def test_storage_table_in_markdown_and_terminal() -> None:
+    rep = report(_small(), torch.randn(1, 3, 10, 10), name="small")
+    md = rep.to_markdown()
+    assert "| layer | encoding | dense | stored | index | min index | ratio |" in md
+    assert f"hwprune.save file: {rep.total['file_bytes']:,} B" in md
+    buf = io.StringIO()
+    rep.print(Console(file=buf, width=250))
+    assert "small: storage" in buf.getvalue() and "selection width" in buf.getvalue()
+    assert json.loads(rep.to_json())["rows"][0]["compression_ratio_no_index"] is not None

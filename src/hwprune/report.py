@@ -20,14 +20,18 @@ often (once per output position), so each zero removes the same share of the wor
 arithmetic an ideal sparse kernel would do, not a latency prediction.
 
 Stored bytes count the index overhead: each weight is encoded the way ``hwprune.save`` stores
-it (``hwprune.storage.stored_bytes``: the smallest exact encoding among dense, bitmask, CSR,
-k-of-n, block, unified and quantized, with the structure as a hint), so the stored total is
-the data section of the file ``hwprune.save`` writes for these weights.
+it (``hwprune.storage``: the smallest exact encoding among dense, bitmask, CSR, k-of-n, block,
+unified and quantized, with the structure as a hint), so the stored total is the data section
+of the file ``hwprune.save`` writes for these weights. The ``file_*`` totals describe the file
+``hwprune.save(model, path, hints=rep.hints())`` writes for the whole model (every tensor of
+its state dict), byte for byte: ``file_bytes == file_tensor_bytes + file_header_bytes``.
+Every field is defined in docs/storage.md.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -39,7 +43,8 @@ from torch.nn.utils import parametrize
 from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import HwpruneError
-from .storage import stored_bytes
+from .methods.darb import decoding_cost
+from .storage import EncodedTensor, plan, stored_bytes, summarize
 from .structures import Channel, Filter, Kernel, Structure, parse_structure
 from .targets import CONV_TYPES, LINEAR_TYPES, RNN_TYPES
 
@@ -77,6 +82,24 @@ class LayerRow:
     index_bytes: int | None = None
     #: the encoding ``hwprune.save`` picks for the weight
     encoding: str | None = None
+    #: of ``stored_bytes``, the kept values (and a quantization scale)
+    payload_bytes: int | None = None
+    #: information-theoretic minimum of the index of the stored pattern, in bits
+    min_index_bits: float | None = None
+    #: dense / stored bytes, index included
+    compression_ratio: float | None = None
+    #: dense / payload bytes: the ratio if the index were free
+    compression_ratio_no_index: float | None = None
+    #: dense / (payload + min_index_bits / 8): the ratio with the smallest possible index
+    compression_ratio_min: float | None = None
+    #: 8 * index bytes / kept weights
+    index_bits_per_kept: float | None = None
+    #: 8 * stored bytes / kept weights (values and index)
+    stored_bits_per_kept: float | None = None
+    #: mean over kept weights of the width of the selection that places each (see docs)
+    selection_width: float | None = None
+    #: selection width x selections / kept weights: multiplexer inputs per kept weight
+    selection_inputs_per_kept: float | None = None
     #: method-specific facts from ``pruner.layer_extras()`` (PSP: alphas, pruned fraction)
     extras: dict[str, Any] = field(default_factory=dict)
 
@@ -93,8 +116,15 @@ class Report:
 
     ``total`` keys: ``params``, ``kept_params``, ``kept_elements``, ``pruning_ratio`` (params /
     kept params), ``macs_dense``, ``macs_remaining``, ``mac_reduction`` (dense / remaining),
-    ``dense_bytes``, ``stored_bytes``, ``index_bytes`` and ``compression_ratio`` (dense / stored,
-    index overhead included) -- all sums over the prunable rows -- plus ``model_macs`` (every
+    ``dense_bytes``, ``stored_bytes``, ``index_bytes``, ``payload_bytes``, ``min_index_bits``,
+    ``compression_ratio`` (dense / stored, index overhead included),
+    ``compression_ratio_no_index`` (dense / payload), ``compression_ratio_min`` (dense /
+    (payload + min_index_bits / 8)), ``index_bits_per_kept``, ``stored_bits_per_kept``,
+    ``selection_width`` and ``selection_inputs_per_kept`` (means over kept weights) -- all over
+    the prunable rows -- plus ``file_bytes`` (the size of ``hwprune.save(model, path,
+    hints=self.hints())``, uncompressed) = ``file_tensor_bytes`` (every state-dict tensor's
+    stored bytes) + ``file_header_bytes`` (the container header), ``file_dense_bytes`` (the
+    state dict's dense bytes), ``model_macs`` (every
     MAC of the forward pass, including ops outside prunable layers such as attention matmuls;
     BN, activations and pooling have none), ``model_macs_remaining`` (the same with the
     prunable rows' zeros skipped) and ``model_params`` (every parameter, biases and BN
@@ -111,6 +141,11 @@ class Report:
     rows: list[LayerRow]
     total: dict[str, Any]
     baseline: dict[str, Any] | None = None
+
+    def hints(self) -> dict[str, str]:
+        """{weight name: structure} of the rows that have one: the storage hints the stored
+        bytes were counted with (``hwprune.save(model, path, hints=rep.hints())``)."""
+        return {r.name: r.structure for r in self.rows if r.structure != "-"}
 
     # -- machine-readable ------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -161,6 +196,33 @@ class Report:
             cells.append(row)
         return header, cells
 
+    def _storage_table(self) -> tuple[list[str], list[list[str]]]:
+        """Header and cells of the per-layer storage table (docs/storage.md defines them)."""
+        header = ["layer", "encoding", "dense", "stored", "index", "min index", "ratio",
+                  "w/o index", "at min", "index bits/kept", "selection width"]
+        cells = [[r.name, r.encoding or "-", f"{r.dense_bytes:,}", _num(r.stored_bytes),
+                  _num(r.index_bytes), _num(_bytes_of(r.min_index_bits)),
+                  _ratio(r.compression_ratio), _ratio(r.compression_ratio_no_index),
+                  _ratio(r.compression_ratio_min), _fmt(r.index_bits_per_kept),
+                  _fmt(r.selection_width)] for r in self.rows]
+        return header, cells
+
+    def _storage_lines(self) -> list[str]:
+        t = self.total
+        return [
+            f"stored {t['stored_bytes']:,} B of {t['dense_bytes']:,} B dense (index "
+            f"{t['index_bytes']:,} B, minimum {_num(_bytes_of(t['min_index_bits']))} B): "
+            f"compression {_ratio(t['compression_ratio'])}, "
+            f"{_ratio(t['compression_ratio_no_index'])} without index, "
+            f"{_ratio(t['compression_ratio_min'])} at the minimum; "
+            f"{_fmt(t['index_bits_per_kept'])} index bits and "
+            f"{_fmt(t['stored_bits_per_kept'])} stored bits per kept weight; selection width "
+            f"{_fmt(t['selection_width'])}",
+            f"hwprune.save file: {t['file_bytes']:,} B = {t['file_tensor_bytes']:,} B tensors + "
+            f"{t['file_header_bytes']:,} B header (whole state dict, {t['file_dense_bytes']:,} B "
+            "dense)",
+        ]
+
     def _summary(self) -> list[str]:
         t = self.total
         lines = [
@@ -192,6 +254,11 @@ class Report:
         summary = self._summary()
         out.append(f"**Total**: {summary[0]}")
         out += [f"**Baseline**: {s.removeprefix('baseline ')}" for s in summary[1:]]
+        header, cells = self._storage_table()
+        out += ["", "Storage (bytes as hwprune.save stores each weight; docs/storage.md):", "",
+                line(header), line(["---"] * len(header))]
+        out += [line(c) for c in cells]
+        out += [""] + [f"**Storage**: {s}" for s in self._storage_lines()]
         keys = sorted({k for r in self.rows for k, v in r.extras.items()
                        if isinstance(v, (int, float))})
         if keys:  # the method's scalar per-layer facts (lists such as alphas: JSON and plots)
@@ -216,6 +283,15 @@ class Report:
         console.print(table)
         for s in self._summary():
             console.print(s, highlight=False)
+        header, cells = self._storage_table()
+        table = Table(title=f"{self.name}: storage")
+        for i, h in enumerate(header):
+            table.add_column(h, justify="left" if i < 2 else "right", overflow="fold")
+        for c in cells:
+            table.add_row(*c)
+        console.print(table)
+        for s in self._storage_lines():
+            console.print(s, highlight=False)
 
     def __str__(self) -> str:
         return self.to_markdown()
@@ -228,6 +304,19 @@ def _pct(x: float | None) -> str:
 
 def _ratio(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}x"
+
+
+def _num(n: int | float | None) -> str:
+    return "-" if n is None else f"{n:,}"
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def _bytes_of(bits: float | None) -> int | None:
+    """Whole bytes holding ``bits`` (rounded up), for display."""
+    return None if bits is None else math.ceil(bits / 8)
 
 
 def _si(n: int | float) -> str:
@@ -273,9 +362,55 @@ def _kept_groups(structure: Structure, w: Tensor) -> float:
     return _frac(int(alive.sum()), alive.numel())
 
 
-def _storage(weight: Tensor, structure: str) -> dict[str, Any]:
-    """How ``hwprune.save`` stores ``weight``: encoding, total and index bytes."""
-    return stored_bytes(weight, hints=None if structure == "-" else structure)
+#: the ``decoding_cost`` scheme (hwprune.methods.darb) that decodes each sparse encoding:
+#: irregular positions (bitmask, CSR) select among a row's inputs; a k-of-n run is an n:k
+#: block-max selection; block and unified tiles select a bw-wide slice of the row per tile
+_SCHEMES = {"bitmask": "csr", "csr": "csr", "kofn": "bmwm", "block": "block",
+            "unified": "block"}
+
+
+def _selection(weight: Tensor, enc_name: str, params: dict[str, Any]) -> tuple[float, float]:
+    """(selection width, selection inputs per kept weight) of decoding ``weight`` as stored.
+
+    Dense and quantized tensors store every element in place: each kept weight is placed by a
+    trivial 1-wide selection. The others use DARB's ``decoding_cost`` (docs/darb.md)."""
+    scheme = _SCHEMES.get(enc_name)
+    if scheme is None:
+        return 1.0, 1.0
+    mask = weight != 0
+    if scheme == "bmwm":
+        cost = decoding_cost(mask, scheme, block_sizes=int(params["n"]))
+    elif scheme == "block":
+        cost = decoding_cost(mask, scheme, block=(int(params["bh"]), int(params["bw"])))
+    else:
+        cost = decoding_cost(mask, scheme)
+    return cost["selection_width"], cost["selection_inputs_per_kept"]
+
+
+def _storage(weight: Tensor, structure: str, enc: EncodedTensor | None = None) -> dict[str, Any]:
+    """How ``hwprune.save`` stores ``weight`` (``enc``: its encoding, if already chosen): the
+    row's storage fields."""
+    info = (summarize(enc, weight) if enc is not None
+            else stored_bytes(weight, hints=None if structure == "-" else structure))
+    dense, total, payload = info["dense_bytes"], info["total_bytes"], info["payload_bytes"]
+    kept, min_bits = info["kept"], info["min_index_bits"]
+    width, inputs = _selection(weight, info["encoding"], info["params"]) if kept else (None,
+                                                                                        None)
+    return {
+        "stored_bytes": total,
+        "index_bytes": info["index_bytes"],
+        "encoding": info["encoding"],
+        "payload_bytes": payload,
+        "min_index_bits": min_bits,
+        "compression_ratio": _div(dense, total),
+        "compression_ratio_no_index": _div(dense, payload),
+        "compression_ratio_min": None if min_bits is None else _div(dense,
+                                                                     payload + min_bits / 8),
+        "index_bits_per_kept": _div(8 * info["index_bytes"], kept),
+        "stored_bits_per_kept": _div(8 * total, kept),
+        "selection_width": width,
+        "selection_inputs_per_kept": inputs,
+    }
 
 
 def _module_type(m: nn.Module) -> str:
@@ -480,12 +615,17 @@ def report(
             structures = {n: pruner.structure for n in pruner.layers if n in names}
     structure_of = _structure_for(structures, names)
 
+    hints = {n: s for n, s in structure_of.items() if s != "-"}
+    # the file hwprune.save(model, hints=hints) writes; rows that are state-dict tensors reuse
+    # its encodings (a parametrized weight's effective value is not one)
+    file = plan(model, hints)
     out: list[LayerRow] = []
     for (_, m, p), row_name, dense in zip(weights, names, macs, strict=True):
         w = getattr(m, p).detach()  # the parametrized (effective) value if parametrized
         numel, kept = w.numel(), int(torch.count_nonzero(w))
         structure = structure_of[row_name]
-        storage = _storage(w, structure)
+        enc = file.encoded.get(row_name) if not parametrize.is_parametrized(m, p) else None
+        storage = _storage(w, structure, enc)
         out.append(
             LayerRow(
                 name=row_name,
@@ -502,10 +642,8 @@ def report(
                 # exact integer rounding of dense * kept / numel
                 macs_remaining=(2 * dense * kept + numel) // (2 * numel) if numel else 0,
                 dense_bytes=numel * w.element_size(),
-                stored_bytes=storage["total_bytes"],
-                index_bytes=storage["index_bytes"],
-                encoding=storage["encoding"],
                 extras=extras.get(row_name, {}),
+                **storage,
             )
         )
 
@@ -514,8 +652,7 @@ def report(
     macs_dense = sum(r.macs_dense for r in out)
     macs_remaining = sum(r.macs_remaining for r in out)
     dense_bytes = sum(r.dense_bytes for r in out)
-    stored = [r.stored_bytes for r in out]
-    stored_bytes = None if any(s is None for s in stored) else sum(stored)  # type: ignore[arg-type]
+    stored_bytes = sum(r.stored_bytes for r in out)  # type: ignore[misc]
     total: dict[str, Any] = {
         "params": params,
         "kept_params": kept_params,
@@ -530,13 +667,40 @@ def report(
         "model_params": sum(p.numel() for p in model.parameters()),
         "dense_bytes": dense_bytes,
         "stored_bytes": stored_bytes,
-        "index_bytes": sum(r.index_bytes or 0 for r in out),
-        "compression_ratio": None if stored_bytes is None else _div(dense_bytes, stored_bytes),
+        **_storage_total(out, dense_bytes, stored_bytes, kept_params),
+        "file_tensor_bytes": file.data_bytes,
+        "file_header_bytes": file.header_bytes,
+        "file_bytes": file.size,
+        "file_dense_bytes": sum(t.numel() * t.element_size()
+                                for t in model.state_dict().values()),
     }
     rep = Report(name=name or type(model).__name__, rows=out, total=total)
     if baseline is not None:
         rep.baseline = _compare(rep, baseline, example_inputs)
     return rep
+
+
+def _storage_total(rows: list[LayerRow], dense: int, stored: int, kept: int) -> dict[str, Any]:
+    """Storage totals over the rows: sums, ratios, and means over kept weights."""
+    payload = sum(r.payload_bytes for r in rows)  # type: ignore[misc]
+    index = sum(r.index_bytes for r in rows)  # type: ignore[misc]
+    min_bits = sum(r.min_index_bits for r in rows)  # type: ignore[misc]
+
+    def mean(key: str) -> float | None:  # over kept weights; a row with none adds nothing
+        return _div(sum(getattr(r, key) * r.kept_params for r in rows if r.kept_params), kept)
+
+    return {
+        "index_bytes": index,
+        "payload_bytes": payload,
+        "min_index_bits": min_bits,
+        "compression_ratio": _div(dense, stored),
+        "compression_ratio_no_index": _div(dense, payload),
+        "compression_ratio_min": _div(dense, payload + min_bits / 8),
+        "index_bits_per_kept": _div(8 * index, kept),
+        "stored_bits_per_kept": _div(8 * stored, kept),
+        "selection_width": mean("selection_width"),
+        "selection_inputs_per_kept": mean("selection_inputs_per_kept"),
+    }
 
 
 def _compare(rep: Report, baseline: nn.Module | Report, inputs: Any) -> dict[str, Any]:

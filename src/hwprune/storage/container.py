@@ -61,6 +61,7 @@ import tempfile
 import zlib
 from collections.abc import Mapping
 from contextlib import suppress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +73,8 @@ from ._bits import dtype_from_name, dtype_name
 from .encodings import EncodedTensor, Hints, choose, decode
 from .errors import StorageError
 
-__all__ = ["save", "load", "file_layout", "FORMAT", "VERSION", "COMPRESSED_HEADER_SIZE"]
+__all__ = ["save", "load", "plan", "FilePlan", "file_layout", "FORMAT", "VERSION",
+           "COMPRESSED_HEADER_SIZE"]
 
 FORMAT = "hwprune.storage"
 VERSION = 1
@@ -96,21 +98,50 @@ def save(obj: nn.Module | Mapping[str, Tensor], path: str | os.PathLike,
     """
     if compress is not None and compress not in _CODECS:
         raise StorageError(f"compress must be None, 'zlib' or 'lzma'; got {compress!r}")
+    data = plan(obj, hints).data
+    if compress is not None:
+        data = _wrap(data, compress)
+    _write_atomic(Path(path), data)
+    return len(data)
+
+
+@dataclass(frozen=True)
+class FilePlan:
+    """What ``save(obj, path, hints=hints)`` (uncompressed) writes, computed without writing.
+
+    ``encoded``: each tensor's chosen ``EncodedTensor`` by name; ``data``: the file's bytes;
+    ``header_bytes`` = 8 + H (the length prefix and the JSON header, padding included);
+    ``data_bytes`` = the sum of the tensors' ``total_bytes``; ``size = header_bytes +
+    data_bytes = len(data)``.
+    """
+
+    encoded: dict[str, EncodedTensor]
+    data: bytes
+    header_bytes: int
+    data_bytes: int
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+
+def plan(obj: nn.Module | Mapping[str, Tensor],
+         hints: Mapping[str, Hints] | None = None) -> FilePlan:
+    """Encode ``obj`` as ``save`` would (same choices, same bytes) and say how the file's
+    bytes divide between the container header and the tensors' data."""
     state = _state(obj)
     hints = hints or {}
-    records, arrays = [], {}
+    records, arrays, encoded = [], {}, {}
     for name, t in state.items():
-        enc = choose(t, hints.get(name))
-        records.append(_record(name, enc, arrays))
+        encoded[name] = choose(t, hints.get(name))
+        records.append(_record(name, encoded[name], arrays))
     doc = {"format": FORMAT, "version": VERSION, "sha256": _digest(records, arrays),
            "tensors": records}
     # one metadata key: safetensors writes a multi-key metadata map in no fixed order, and the
     # same model should give the same bytes
     data = safetensors.numpy.save(arrays, metadata={META_KEY: _json(doc)})
-    if compress is not None:
-        data = _wrap(data, compress)
-    _write_atomic(Path(path), data)
-    return len(data)
+    data_bytes = sum(e.total_bytes for e in encoded.values())
+    return FilePlan(encoded, data, len(data) - data_bytes, data_bytes)
 
 
 def load(path: str | os.PathLike) -> dict[str, Tensor]:

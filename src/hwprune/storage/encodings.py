@@ -96,6 +96,7 @@ __all__ = [
     "encodings_for",
     "choose",
     "stored_bytes",
+    "summarize",
 ]
 
 #: ``None``, a structure (``"2:4"``, ``"block:4x4"``, a ``Structure``), or explicit sizes:
@@ -625,6 +626,9 @@ class Quantized(Encoding):
     def candidates(self, view: _View, hints: dict[str, tuple[int, int]]) -> list[dict]:
         return [{}] if view.sparse_ok() and view.dtype in _QUANT_DTYPES else []
 
+    def min_index_bits(self, enc: EncodedTensor) -> float | None:
+        return 0.0  # no index: every element has its code, zeros included
+
 
 def _find_scale(view: _View) -> tuple[int, Tensor] | None:
     """The smallest q (and a scale in the dtype) with every value == code.to(dtype) * scale."""
@@ -822,6 +826,12 @@ def _summary(enc: EncodedTensor, view: _View) -> dict[str, Any]:
     }
 
 
+def summarize(enc: EncodedTensor, t: Tensor) -> dict[str, Any]:
+    """``stored_bytes``'s record for ``enc``, an encoding of ``t`` chosen elsewhere (e.g. by
+    ``hwprune.storage.plan``), so a tensor is not encoded twice."""
+    return _summary(enc, _View.of(t))
+
+
 def stored_bytes(t: Tensor, hints: Hints = None) -> dict[str, Any]:
     """What storing ``t`` costs, as the report prints it.
 
@@ -831,7 +841,7 @@ def stored_bytes(t: Tensor, hints: Hints = None) -> dict[str, Any]:
     ``min_index_bits`` (information-theoretic minimum of the chosen pattern's index:
     runs·log2 C(n, k) for k-of-n, log2 C(numel, stored values) for bitmask/CSR, log2 C(tiles,
     kept tiles) for blocks, state multinomial + sign bits for unified, plus one bit per zero
-    with zero signs; 0 for dense, None for quantized) and ``bits_per_kept_weight``
+    with zero signs; 0 for dense and quantized, which have no index) and ``bits_per_kept_weight``
     (8·total_bytes / kept; None when nothing is kept).
     """
     view = _View.of(t)
