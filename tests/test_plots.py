@@ -7,7 +7,15 @@ import torch
 
 import hwprune as hp
 from hwprune.errors import HwpruneError
-from hwprune.plots import alpha_histograms, kept_fraction_bars, mask_metric_curves
+from hwprune.plots import (
+    alpha_histograms,
+    block_size_histograms,
+    kept_fraction_bars,
+    mask_images,
+    mask_metric_curves,
+    write_plots,
+)
+from hwprune.report import weights_of
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -69,3 +77,43 @@ def test_dpp_mask_metric_curves(tiny, x8, tmp_path):
         mask_metric_curves(pruner.history, tmp_path / "x.png", metrics=("alpha",))
     with pytest.raises(HwpruneError, match="no records"):
         mask_metric_curves([], tmp_path / "x.png")
+
+
+def test_mask_images_draw_the_kept_weights(tmp_path):
+    from matplotlib import image
+
+    w = torch.randn(8, 16)
+    w[:4] = 0  # the top half of the output units pruned: white above, black below
+    path = mask_images({"fc.weight": w, "fc.bias": torch.ones(8)}, tmp_path / "m.png")
+    img = image.imread(path)
+    h, width = img.shape[:2]
+    assert (img[int(0.35 * h), width // 2, :3] == 1).all()
+    assert (img[int(0.65 * h), width // 2, :3] == 0).all()
+    with pytest.raises(HwpruneError, match="2 or more dimensions"):
+        mask_images({"b": torch.ones(3)}, tmp_path / "x.png")
+
+
+def test_darb_block_size_histograms_and_write_plots(tiny, x8, tmp_path):
+    pruner = hp.DARB(tiny, ratio=4.0, targets=["conv2", "conv3", "fc1"])
+    extras = pruner.layer_extras()
+    assert len(extras["conv3.weight"]["block_sizes"]) == 16  # one per row (filter)
+    path = block_size_histograms(extras, tmp_path / "b.png")
+    assert path.read_bytes().startswith(PNG) and path.stat().st_size > 5_000
+    with pytest.raises(HwpruneError, match="DARB"):
+        block_size_histograms({"fc.weight": {"alpha": [1.0]}}, tmp_path / "x.png")
+    rep = hp.report(tiny, x8, pruner=pruner)
+    paths = write_plots(rep, weights_of(tiny), tmp_path / "plots")
+    assert sorted(p.name for p in paths) == ["block_sizes.png", "kept_fractions.png",
+                                             "masks.png"]
+    assert all(p.read_bytes().startswith(PNG) for p in paths)
+
+
+def test_write_plots_for_psp_and_dpp(psp_run, tmp_path):
+    model, pruner, x = psp_run
+    rep = hp.report(model, x, pruner=pruner)
+    names = {p.name for p in write_plots(rep, weights_of(model), tmp_path / "psp")}
+    assert names == {"kept_fractions.png", "masks.png", "alphas.png"}
+    history = [{"epoch": e, "layers": {"conv2.weight": {"confidence": 0.1 * e,
+                                                        "diversity": 0.5}}} for e in (1, 2)]
+    names = {p.name for p in write_plots(rep, weights_of(model), tmp_path / "dpp", history)}
+    assert "mask_metrics.png" in names

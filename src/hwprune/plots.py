@@ -14,7 +14,18 @@ from typing import Any
 from .errors import HwpruneError
 from .report import Report
 
-__all__ = ["alpha_histograms", "kept_fraction_bars", "mask_metric_curves"]
+__all__ = ["alpha_histograms", "kept_fraction_bars", "mask_metric_curves", "mask_images",
+           "block_size_histograms", "write_plots"]
+
+
+def _grid(plt, panels: int, width: float, height: float, cols: int = 4):
+    """A figure with ``panels`` axes in rows of ``cols``; unused axes are switched off."""
+    cols = min(cols, panels)
+    rows = math.ceil(panels / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    for ax in list(axes.flat)[panels:]:
+        ax.axis("off")
+    return fig, list(axes.flat)[:panels]
 
 
 def _pyplot():
@@ -41,11 +52,9 @@ def alpha_histograms(extras: Mapping[str, Mapping[str, Any]], path: str | Path,
         raise HwpruneError("alpha_histograms: no layer has an 'alpha' list; pass the "
                            "layer_extras() of a PSP pruner")
     plt = _pyplot()
-    cols = min(4, len(layers))
-    rows = math.ceil(len(layers) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False)
+    fig, axes = _grid(plt, len(layers), 3.2, 2.4)
     floor = -6.0
-    for ax, (name, e) in zip(axes.flat, layers.items(), strict=False):
+    for ax, (name, e) in zip(axes, layers.items(), strict=True):
         logs = [math.log10(abs(a)) if a else floor for a in e["alpha"]]
         ax.hist([max(v, floor) for v in logs], bins=bins, range=(floor, 1.0), color="tab:blue")
         if e.get("threshold"):
@@ -54,8 +63,6 @@ def alpha_histograms(extras: Mapping[str, Mapping[str, Any]], path: str | Path,
         title = name if pruned is None else f"{name}\n{pruned:.0%} pruned"
         ax.set_title(title, fontsize=7)
         ax.tick_params(labelsize=6)
-    for ax in list(axes.flat)[len(layers):]:
-        ax.axis("off")
     fig.supxlabel("log10 |alpha|  (red: threshold)", fontsize=8)
     fig.tight_layout()
     return _save(fig, plt, path)
@@ -116,6 +123,83 @@ def mask_metric_curves(history: Sequence[Mapping[str, Any]], path: str | Path,
         ax.legend(fontsize=6)
     fig.tight_layout()
     return _save(fig, plt, path)
+
+
+def mask_images(weights: Mapping[str, Any], path: str | Path,
+                structures: Mapping[str, str] | None = None) -> Path:
+    """Which weights survived, one panel per layer: the im2col matrix of each weight (rows =
+    output units / filters, columns = inputs x kernel positions), kept weights black.
+
+    ``weights``: {name: tensor} (weights or bool masks; nonzero = kept), e.g.
+    ``hwprune.report.weights_of(model)``. Whole structures show as shapes: a pruned filter is
+    a white row, a pruned input channel a white band of R·S columns, k-of-n a regular
+    speckle, blocks white tiles. ``structures``: {name: structure} for the panel titles.
+    """
+    layers = {n: w for n, w in weights.items() if getattr(w, "dim", lambda: 0)() >= 2}
+    if not layers:
+        raise HwpruneError("mask_images: no weight with 2 or more dimensions to draw; pass "
+                           "{name: tensor}, e.g. hwprune.report.weights_of(model)")
+    plt = _pyplot()
+    fig, axes = _grid(plt, len(layers), 3.0, 2.4)
+    for ax, (name, w) in zip(axes, layers.items(), strict=True):
+        kept = (w.detach() != 0).reshape(w.shape[0], -1).cpu().numpy()
+        ax.imshow(kept, cmap="Greys", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+        structure = (structures or {}).get(name)
+        label = f" {structure}" if structure and structure != "-" else ""
+        ax.set_title(f"{name}{label}\n{tuple(w.shape)}, {kept.mean():.1%} kept", fontsize=6)
+        ax.tick_params(labelsize=5)
+    fig.supxlabel("inputs x kernel positions (im2col columns); black: kept", fontsize=8)
+    fig.supylabel("output units", fontsize=8)
+    fig.tight_layout()
+    return _save(fig, plt, path)
+
+
+def block_size_histograms(extras: Mapping[str, Mapping[str, Any]], path: str | Path) -> Path:
+    """DARB: per layer, how many rows got each block size (the density adaptation at a
+    glance: dense rows get small blocks, sparse rows large ones).
+
+    ``extras``: ``pruner.layer_extras()`` of a DARB pruner (each layer has ``"block_sizes"``,
+    one per row of its im2col matrix), or the ``extras`` of a report's rows.
+    """
+    layers = {n: e["block_sizes"] for n, e in extras.items() if e.get("block_sizes")}
+    if not layers:
+        raise HwpruneError("block_size_histograms: no layer has 'block_sizes'; pass the "
+                           "layer_extras() of a DARB pruner")
+    plt = _pyplot()
+    sizes = sorted({int(b) for v in layers.values() for b in v})
+    fig, axes = _grid(plt, len(layers), 3.0, 2.2)
+    for ax, (name, v) in zip(axes, layers.items(), strict=True):
+        counts = [sum(1 for b in v if int(b) == s) for s in sizes]
+        ax.bar(range(len(sizes)), counts, color="tab:green")
+        ax.set_xticks(range(len(sizes)))
+        ax.set_xticklabels([str(s) for s in sizes], fontsize=6)
+        ratio = extras[name].get("pruning_ratio")
+        ax.set_title(name if ratio is None else f"{name}\nratio {ratio:.2f}x", fontsize=7)
+        ax.tick_params(labelsize=6)
+    fig.supxlabel("block size b (rows keep 1 weight per b)", fontsize=8)
+    fig.supylabel("rows", fontsize=8)
+    fig.tight_layout()
+    return _save(fig, plt, path)
+
+
+def write_plots(rep: Report, weights: Mapping[str, Any], out: str | Path,
+                history: Sequence[Mapping[str, Any]] | None = None) -> list[Path]:
+    """Every plot that applies to a report, into folder ``out``: ``kept_fractions.png``,
+    ``masks.png``, and from the rows' method extras ``alphas.png`` (PSP),
+    ``block_sizes.png`` (DARB), and ``mask_metrics.png`` (DPP, from ``history``, e.g.
+    ``DPP.history``). ``weights``: {row name: weight}. Returns the paths written."""
+    out = Path(out)
+    extras = {r.name: r.extras for r in rep.rows if r.extras}
+    paths = [kept_fraction_bars(rep, out / "kept_fractions.png"),
+             mask_images(weights, out / "masks.png", {r.name: r.structure for r in rep.rows})]
+    if any(e.get("alpha") for e in extras.values()):
+        paths.append(alpha_histograms(extras, out / "alphas.png"))
+    if any(e.get("block_sizes") for e in extras.values()):
+        paths.append(block_size_histograms(extras, out / "block_sizes.png"))
+    records = [h for h in history or () if h.get("layers")]
+    if records and "confidence" in next(iter(records[0]["layers"].values())):
+        paths.append(mask_metric_curves(records, out / "mask_metrics.png"))
+    return paths
 
 
 def _save(fig, plt, path: str | Path) -> Path:

@@ -48,7 +48,7 @@ from .storage import EncodedTensor, plan, stored_bytes, summarize
 from .structures import Channel, Filter, Kernel, Structure, parse_structure
 from .targets import CONV_TYPES, LINEAR_TYPES, RNN_TYPES
 
-__all__ = ["LayerRow", "Report", "report"]
+__all__ = ["LayerRow", "Report", "report", "report_state_dict", "weights_of"]
 
 #: module types whose weights get a row (RNNBase covers LSTM, GRU and RNN)
 _SUPPORTED = "Conv1d/2d/3d, Linear, LSTM/GRU/RNN"
@@ -73,8 +73,9 @@ class LayerRow:
     kept_filters: float
     params: int
     kept_params: int
-    macs_dense: int
-    macs_remaining: int
+    #: ``None`` where no forward pass measured them (``report_state_dict``)
+    macs_dense: int | None
+    macs_remaining: int | None
     dense_bytes: int
     #: bytes as ``hwprune.save`` stores the weight, index overhead included
     stored_bytes: int | None = None
@@ -319,8 +320,10 @@ def _bytes_of(bits: float | None) -> int | None:
     return None if bits is None else math.ceil(bits / 8)
 
 
-def _si(n: int | float) -> str:
+def _si(n: int | float | None) -> str:
     """MACs: exact with thousands separators below 10,000, else K/M/G/T with one decimal."""
+    if n is None:
+        return "-"
     if abs(n) < 10_000:
         return f"{int(n):,}"
     for div, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
@@ -439,6 +442,16 @@ def _weights(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
         elif isinstance(m, RNN_TYPES):
             out += [(mname, m, p) for p in m._flat_weights_names if p.startswith("weight")]
     return out
+
+
+def _row_name(mname: str, p: str) -> str:
+    return f"{mname}.{p}" if mname else p
+
+
+def weights_of(model: nn.Module) -> dict[str, Tensor]:
+    """{row name: weight} of every weight ``report`` has a row for, in row order; a
+    parametrized weight is its effective (masked) value. For ``plots.mask_images``."""
+    return {_row_name(mname, p): getattr(m, p).detach() for mname, m, p in _weights(model)}
 
 
 def _plain_name(name: str) -> str:
@@ -607,7 +620,7 @@ def report(
 
     macs, unseen = _row_macs(model, weights, counts, steps)
     model_macs += unseen
-    names = [f"{mname}.{p}" if mname else p for mname, _, p in weights]
+    names = [_row_name(mname, p) for mname, _, p in weights]
     extras: dict[str, dict[str, Any]] = {}
     if pruner is not None:
         extras = pruner.layer_extras()
@@ -619,65 +632,104 @@ def report(
     # the file hwprune.save(model, hints=hints) writes; rows that are state-dict tensors reuse
     # its encodings (a parametrized weight's effective value is not one)
     file = plan(model, hints)
-    out: list[LayerRow] = []
-    for (_, m, p), row_name, dense in zip(weights, names, macs, strict=True):
-        w = getattr(m, p).detach()  # the parametrized (effective) value if parametrized
-        numel, kept = w.numel(), int(torch.count_nonzero(w))
-        structure = structure_of[row_name]
-        enc = file.encoded.get(row_name) if not parametrize.is_parametrized(m, p) else None
-        storage = _storage(w, structure, enc)
-        out.append(
-            LayerRow(
-                name=row_name,
-                module=_module_type(m),
-                shape=tuple(w.shape),
-                structure=structure,
-                kept_elements=_frac(kept, numel),
-                kept_kernels=_kept_groups(Kernel(), w) if w.dim() >= 3 else None,
-                kept_channels=_kept_groups(Channel(), w),
-                kept_filters=_kept_groups(Filter(), w),
-                params=numel,
-                kept_params=kept,
-                macs_dense=dense,
-                # exact integer rounding of dense * kept / numel
-                macs_remaining=(2 * dense * kept + numel) // (2 * numel) if numel else 0,
-                dense_bytes=numel * w.element_size(),
-                extras=extras.get(row_name, {}),
-                **storage,
-            )
-        )
+    out = [
+        _layer_row(row_name, _module_type(m), getattr(m, p).detach(), structure_of[row_name],
+                   dense, extras.get(row_name, {}),
+                   # a parametrized weight's effective value is not a state-dict tensor
+                   None if parametrize.is_parametrized(m, p) else file.encoded.get(row_name))
+        for (_, m, p), row_name, dense in zip(weights, names, macs, strict=True)
+    ]
+    total = _totals(out, file, model.state_dict())
+    macs_dense, macs_remaining = total["macs_dense"], total["macs_remaining"]
+    total.update({
+        "model_macs": model_macs,
+        # the whole forward pass with the prunable layers' zeros skipped
+        "model_macs_remaining": model_macs - macs_dense + macs_remaining,
+        "model_params": sum(p.numel() for p in model.parameters()),
+    })
+    rep = Report(name=name or type(model).__name__, rows=out, total=total)
+    if baseline is not None:
+        rep.baseline = _compare(rep, baseline, example_inputs)
+    return rep
 
-    params = sum(r.params for r in out)
-    kept_params = sum(r.kept_params for r in out)
-    macs_dense = sum(r.macs_dense for r in out)
-    macs_remaining = sum(r.macs_remaining for r in out)
-    dense_bytes = sum(r.dense_bytes for r in out)
-    stored_bytes = sum(r.stored_bytes for r in out)  # type: ignore[misc]
-    total: dict[str, Any] = {
+
+def _layer_row(name: str, module: str, w: Tensor, structure: str, macs: int | None,
+               extras: dict[str, Any], enc: EncodedTensor | None) -> LayerRow:
+    """One row: kept fractions, MACs (``None``: not measured) and storage of weight ``w``."""
+    numel, kept = w.numel(), int(torch.count_nonzero(w))
+    remaining = None  # exact integer rounding of macs * kept / numel
+    if macs is not None:
+        remaining = (2 * macs * kept + numel) // (2 * numel) if numel else 0
+    return LayerRow(
+        name=name,
+        module=module,
+        shape=tuple(w.shape),
+        structure=structure,
+        kept_elements=_frac(kept, numel),
+        kept_kernels=_kept_groups(Kernel(), w) if w.dim() >= 3 else None,
+        kept_channels=_kept_groups(Channel(), w),
+        kept_filters=_kept_groups(Filter(), w),
+        params=numel,
+        kept_params=kept,
+        macs_dense=macs,
+        macs_remaining=remaining,
+        dense_bytes=numel * w.element_size(),
+        extras=extras,
+        **_storage(w, structure, enc),
+    )
+
+
+def _totals(rows: list[LayerRow], file: Any, state: Mapping[str, Tensor]) -> dict[str, Any]:
+    """Sums and ratios over the rows, and the file's accounting (``file``: its ``plan``)."""
+    params = sum(r.params for r in rows)
+    kept_params = sum(r.kept_params for r in rows)
+    measured = all(r.macs_dense is not None for r in rows)
+    macs_dense = sum(r.macs_dense for r in rows) if measured else None
+    macs_remaining = sum(r.macs_remaining for r in rows) if measured else None
+    dense_bytes = sum(r.dense_bytes for r in rows)
+    stored_bytes = sum(r.stored_bytes for r in rows)  # type: ignore[misc]
+    return {
         "params": params,
         "kept_params": kept_params,
         "kept_elements": _frac(kept_params, params),
         "pruning_ratio": _div(params, kept_params),
         "macs_dense": macs_dense,
         "macs_remaining": macs_remaining,
-        "mac_reduction": _div(macs_dense, macs_remaining),
-        "model_macs": model_macs,
-        # the whole forward pass with the prunable layers' zeros skipped
-        "model_macs_remaining": model_macs - macs_dense + macs_remaining,
-        "model_params": sum(p.numel() for p in model.parameters()),
+        "mac_reduction": _div(macs_dense, macs_remaining) if measured else None,
         "dense_bytes": dense_bytes,
         "stored_bytes": stored_bytes,
-        **_storage_total(out, dense_bytes, stored_bytes, kept_params),
+        **_storage_total(rows, dense_bytes, stored_bytes, kept_params),
         "file_tensor_bytes": file.data_bytes,
         "file_header_bytes": file.header_bytes,
         "file_bytes": file.size,
-        "file_dense_bytes": sum(t.numel() * t.element_size()
-                                for t in model.state_dict().values()),
+        "file_dense_bytes": sum(t.numel() * t.element_size() for t in state.values()),
     }
-    rep = Report(name=name or type(model).__name__, rows=out, total=total)
-    if baseline is not None:
-        rep.baseline = _compare(rep, baseline, example_inputs)
-    return rep
+
+
+def report_state_dict(state: Mapping[str, Tensor], name: str = "state dict",
+                      structures: str | Structure | Mapping[str, str | Structure] | None = None
+                      ) -> Report:
+    """The report of saved tensors without their model (e.g. ``hwprune.load(path)``): a row
+    per weight-like tensor (2+ dimensions, named ``*weight*``), with kept fractions and
+    storage; MACs need the model's forward pass, so they are ``None``, as are the
+    ``model_*`` totals. ``module`` is guessed from the shape (Linear: 2-D, ConvNd: N+2-D).
+    The ``file_*`` totals are those of ``hwprune.save(state, path, hints=rep.hints())``."""
+    if not isinstance(state, Mapping) or not all(isinstance(t, Tensor) for t in state.values()):
+        raise HwpruneError("report_state_dict: state must be a dict {name: tensor}")
+    names = [n for n, t in state.items() if t.dim() >= 2 and "weight" in n.rsplit(".", 1)[-1]]
+    if not names:
+        raise HwpruneError(f"report_state_dict: {name} holds no weight with 2+ dimensions; "
+                           f"its tensors: {list(state)[:8]}")
+    structure_of = _structure_for(structures, names)
+    file = plan(dict(state), {n: s for n, s in structure_of.items() if s != "-"})
+    rows = [_layer_row(n, "Linear" if state[n].dim() == 2 else f"Conv{state[n].dim() - 2}d",
+                       state[n].detach(), structure_of[n], None, {}, file.encoded[n])
+            for n in names]
+    total = _totals(rows, file, state)
+    total.update({"model_macs": None, "model_macs_remaining": None,
+                  "model_params": sum(t.numel() for t in state.values()
+                                      if t.is_floating_point())})
+    return Report(name=name, rows=rows, total=total)
 
 
 def _storage_total(rows: list[LayerRow], dense: int, stored: int, kept: int) -> dict[str, Any]:
