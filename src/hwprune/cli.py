@@ -140,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", help="folder to write demo.json into")
     demo.set_defaults(func=_cmd_demo)
     _add_run_parsers(sub)
+    from .cli_report import add_report_parser  # hwprune report CKPT
+
+    add_report_parser(sub)
     return parser
 
 
