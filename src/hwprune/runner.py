@@ -51,6 +51,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import Tensor, nn
 
 from . import data as hdata
+from . import distributed
 from . import models as hmodels
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .errors import ConfigError, HwpruneError
@@ -108,6 +109,11 @@ class Run:
         self.console = console or Console()
         self.on_step = on_step  # called with the global step after every step (tests, hooks)
         self._stop = False
+        self._stop_requested = False  # by SIGINT; distributed ranks agree on _stop per step
+        distributed.init_from_env()  # under torchrun: gloo (CPU) or NCCL, from the environment
+        if not distributed.is_main():
+            self.console.quiet = True  # rank 0 speaks for the run
+        self.ddp: nn.Module | None = None  # the DistributedDataParallel wrapper that trains
         self._build()
 
     # -- building (validation) -------------------------------------------------------------------
@@ -311,6 +317,7 @@ class Run:
             trained = self._epochs()["dense"] > 0 or self.cfg["model"]["pretrained"]
             if fresh and trained:  # the reference the pruned model is compared with
                 self.dense_accuracy = self.evaluate()[1]
+            self.ddp = None  # DDP registers parameters at wrap time: wrap again below
             self.pruner = self._make_pruner(self.model)
         hook = self.cfg["train"]["phase_hook"]
         if phase == "finetune" and self.pruner is not None and hook:
@@ -339,6 +346,7 @@ class Run:
         else:
             self.scheduler = torch.optim.lr_scheduler.ConstantLR(self.optimizer, 1.0, 0)
         self.phase = phase
+        self.ddp = distributed.wrap_ddp(self.model)  # after the pruner: its parameters too
 
     # -- training --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -381,9 +389,12 @@ class Run:
         return ckpt["epoch"], ckpt["step"], dict(ckpt["running"])
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
-        if self._stop:  # a second Ctrl-C: stop now (the last checkpoint stays intact)
+        if self._stop_requested:  # a second Ctrl-C: stop now (the last checkpoint stays intact)
             raise KeyboardInterrupt
-        self._stop = True
+        self._stop_requested = True
+        # one process stops after this step; ranks stop together at the step whose
+        # all-reduce (in _train_step) first sees a request from any of them
+        self._stop = self._stop or not distributed.is_distributed()
         # nothing more here: the handler may run in the middle of anything (even an import)
         sys.stderr.write("interrupt: finishing this step, then writing a checkpoint "
                          "(Ctrl-C again to stop at once)\n")
@@ -424,15 +435,14 @@ class Run:
                                 f"loss {running['loss'] / running['seen']:.3f}  "
                                 f"acc {running['correct'] / running['seen']:.1%}"))
                         if self._stop:
-                            save_checkpoint(out / "checkpoint.pt",
-                                            self._state(epoch, step + 1, running))
+                            self._save_checkpoint(out, self._state(epoch, step + 1, running))
                             raise Interrupted(
                                 f"interrupted at epoch {epoch + 1}, step {step + 1}; checkpoint "
                                 f"written to {out / 'checkpoint.pt'}: continue with --resume")
                     self._end_epoch(epoch, running, time.perf_counter() - t0)
                     epoch, start = epoch + 1, 0
                     running = {"loss": 0.0, "correct": 0, "seen": 0}
-                    save_checkpoint(out / "checkpoint.pt", self._state(epoch, 0, running))
+                    self._save_checkpoint(out, self._state(epoch, 0, running))
                     self._write_metrics(out)
                     progress.update(epochs_bar, completed=epoch,
                                     info=f"test acc {self.history[-1]['test_accuracy']:.2%}  "
@@ -449,7 +459,8 @@ class Run:
 
     def _train_step(self, x: Tensor, y: Tensor, running: dict[str, float]) -> None:
         self.model.train()
-        loss, correct, n = _loss_correct(self.model(x), y)
+        x, y = distributed.shard(x, y)  # the batch is global: each rank trains on its rows
+        loss, correct, n = _loss_correct((self.ddp or self.model)(x), y)
         if self.pruner is not None:
             loss = loss + self.pruner.penalty()
         self.optimizer.zero_grad(set_to_none=True)
@@ -457,11 +468,19 @@ class Run:
         self.optimizer.step()
         if self.pruner is not None:
             self.pruner.step()
-        running["loss"] += loss.item() * n
+        loss_sum = loss.item() * n
+        if distributed.is_distributed():  # the sums of the global batch, the stop agreed
+            loss_sum, correct, n, stop = distributed.all_reduce_sum(
+                [loss_sum, correct, n, self._stop_requested])
+            correct, n, self._stop = int(correct), int(n), stop > 0
+        running["loss"] += loss_sum
         running["correct"] += correct
         running["seen"] += n
 
     def _end_epoch(self, epoch: int, running: dict[str, float], seconds: float) -> None:
+        # BatchNorm statistics of the last step are rank-local: take rank 0's, as DDP does
+        # before each forward, so every rank evaluates (and finishes with) the same model
+        distributed.broadcast_tensors(list(self.model.buffers()))
         if self.pruner is not None:
             self.pruner.epoch_end()
         lr = self.optimizer.param_groups[0]["lr"]
@@ -480,9 +499,15 @@ class Run:
             "steps": (epoch + 1) * self.steps_per_epoch(), "seconds": round(seconds, 3),
         })
 
+    def _save_checkpoint(self, out: Path, state: dict[str, Any]) -> None:
+        if distributed.is_main():  # the other ranks hold the same state
+            save_checkpoint(out / "checkpoint.pt", state)
+
     def _write_metrics(self, out: Path) -> None:
         """metrics.jsonl and metrics.csv from the history (rewritten whole: after a resume they
-        hold exactly the epochs of the checkpoint, never an epoch twice)."""
+        hold exactly the epochs of the checkpoint, never an epoch twice). Rank 0 only."""
+        if not distributed.is_main():
+            return
         lines = "".join(json.dumps(h) + "\n" for h in self.history)
         (out / "metrics.jsonl").write_text(lines)
         with (out / "metrics.csv").open("w", newline="") as f:
@@ -560,27 +585,49 @@ class Run:
     def execute(self, out: str | Path, resume: bool = False, force: bool = False,
                 command: str | None = None) -> dict[str, Any]:
         """Write the run into ``out``; returns the summary. See ``prepare_out`` for the rules
-        on existing folders."""
+        on existing folders.
+
+        Distributed (under torchrun): only rank 0 reads and writes ``out``; the other ranks get
+        its checkpoint (or its error) by broadcast, train their shards, finalize their pruner
+        (so their ``model`` holds the same pruned weights) and return rank 0's summary.
+        """
         out = Path(out)
-        if resume and not force and _status(out) == "finished":
-            self.console.print(f"{out} holds a finished run; nothing to resume")
-            return json.loads((out / "summary.json").read_text())
-        ckpt = prepare_out(out, self.cfg, resume, force)
         info = {"command": command or " ".join(["hwprune", *sys.argv[1:]]),
                 "machine": machine()}
+        if distributed.world_size() > 1:
+            info["world_size"] = distributed.world_size()
         status = {"status": "running", "name": self.cfg["name"], **info}
-        if ckpt is None:
-            (out / "recipe.yaml").write_text(dump(self.cfg))
-        _write_json(out / "run.json", status)
+
+        def start() -> tuple[bool, Any]:
+            """(finished, its summary) or (not finished, the checkpoint to resume from)."""
+            if resume and not force and _status(out) == "finished":
+                self.console.print(f"{out} holds a finished run; nothing to resume")
+                return True, json.loads((out / "summary.json").read_text())
+            ckpt = prepare_out(out, self.cfg, resume, force)
+            if ckpt is None:
+                (out / "recipe.yaml").write_text(dump(self.cfg))
+            _write_json(out / "run.json", status)
+            return False, ckpt
+
+        def end(seconds: float) -> dict[str, Any]:
+            summary = self.finish(out, {**info, "seconds": seconds})
+            _write_json(out / "run.json", {**status, "status": "finished"})
+            return summary
+
+        finished, ckpt = distributed.main_only(start)
+        if finished:
+            return ckpt
         t0 = time.perf_counter()
         try:
             self.train(out, ckpt)
         except Interrupted:
-            _write_json(out / "run.json", {**status, "status": "interrupted"})
+            if distributed.is_main():
+                _write_json(out / "run.json", {**status, "status": "interrupted"})
             raise
-        summary = self.finish(out, {**info, "seconds": round(time.perf_counter() - t0, 2)})
-        _write_json(out / "run.json", {**status, "status": "finished"})
-        return summary
+        if not distributed.is_main() and self.pruner is not None and self.cfg["end"]["finalize"]:
+            # rank 0 finalizes in finish(); finalize's collectives (ADMM's hard_project) pair up
+            self.pruner.finalize()
+        return distributed.main_only(end, round(time.perf_counter() - t0, 2))
 
 
 def threading_main() -> bool:

@@ -213,6 +213,7 @@ class ADMM(Pruner):
                              "residual": math.sqrt(residual),
                              "relative_residual": math.sqrt(residual / norm) if norm else 0.0})
         self.rho = new_rho
+        self.sync()  # Z, U and the block states from rank-local weights: rank 0's everywhere
 
     def _mask(self, layer: PrunedLayer) -> Tensor:
         return layer.parametrization.pattern != ZERO
@@ -270,6 +271,7 @@ class ADMM(Pruner):
             p.magnitude.copy_(mags)
             w.copy_(projected)  # the underlying weight agrees with the effective one
         self.phase = "retrain"
+        self.sync(weights=True)  # the projection rewrote the weights themselves
 
     def residual(self) -> float:
         """The primal residual ``||W - Z||`` now, all layers together."""

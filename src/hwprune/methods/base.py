@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from .. import distributed
 from ..errors import ConfigError, LifecycleError, StructureError
 from ..structures import Structure, parse_structure
 from ..targets import Spec, Target, resolve_targets
@@ -90,6 +91,7 @@ class Pruner:
             layer.parametrization = self._make_parametrization(layer)
             parametrize.register_parametrization(layer.module, layer.param, layer.parametrization)
         self._on_attach()
+        self.sync()  # under torch.distributed every rank starts from rank 0's decisions
 
     # -- hooks for methods ---------------------------------------------------------------
     def _norm_targets_allowed(self) -> bool:
@@ -172,6 +174,7 @@ class Pruner:
         self.epochs += 1
         with torch.no_grad():
             self._on_epoch_end()
+        self.sync()  # cheap once per epoch; covers state no decision broadcast (DPP's logits)
 
     def masks(self) -> dict[str, Tensor]:
         """``{parameter name: bool tensor of the weight's shape}``: True where kept."""
@@ -207,6 +210,24 @@ class Pruner:
                 layer.parametrization = None
         self.model.train(was_training)
         return self.model
+
+    def sync(self, src: int = 0, weights: bool = False) -> None:
+        """Make this pruner's state on every rank equal to rank ``src``'s (a no-op in a single
+        process): every tensor of the parametrizations (masks, alphas, logits, ADMM's Z/U and
+        pattern), the method's extra state (DPP's noise generator, DARB's block sizes, ADMM's
+        rho), and with ``weights`` the trainable weights underneath. Methods call it right
+        after a decision taken from rank-local numbers; it is a collective, so every rank must
+        reach it (see ``hwprune.distributed``)."""
+        if not distributed.is_distributed():
+            return
+        tensors = [t for layer in self.layers.values()
+                   for t in layer.parametrization.state_dict(keep_vars=True).values()]
+        if weights:
+            tensors += [layer.original() for layer in self.layers.values()]
+        distributed.broadcast_tensors(tensors, src)
+        extra = self._extra_state()
+        if extra:  # structural: empty on every rank or on none
+            self._load_extra_state(distributed.broadcast_object(extra, src))
 
     def layer_extras(self) -> dict[str, dict[str, Any]]:
         """``{parameter name: {fact: value}}`` the method adds to reports; after

@@ -296,6 +296,7 @@ class DARB(Pruner):
                                        self.m)
             self.block_sizes[name] = sizes
             layer.parametrization.mask.copy_(bmwm_mask(w, sizes, self.m))
+        self.sync()  # masks and block sizes from rank-local weights: rank 0's everywhere
 
     def _reference_mask(self, name: str, w: Tensor, sparsity: float) -> Tensor:
         if isinstance(self.reference, Mapping):

@@ -139,6 +139,7 @@ class Magnitude(Pruner):
         for name, layer in self.layers.items():
             mask = layer.structure.expand(keeps[name].to(torch.float32), layer.shape) > 0.5
             layer.parametrization.mask.copy_(mask)
+        self.sync()  # scores are rank-local numbers: every rank takes rank 0's masks
 
     def _min_keep(self) -> int:
         return 0 if isinstance(self.structure, Layer) else 1

@@ -229,6 +229,7 @@ class PSP(Pruner):
             if not self.revive:
                 keep &= p.keep
             p.keep.copy_(keep)
+        self.sync()  # thresholds of rank-local alphas: every rank takes rank 0's keep flags
 
     def _rank_keep(self, layer: PrunedLayer, magnitude: Tensor) -> Tensor:
         t = self.steps if self.schedule.unit == "step" else self.epochs

@@ -1,0 +1,8 @@
+"""``python -m hwprune``: the command line, also as ``torchrun ... -m hwprune run RECIPE``."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
