@@ -23,6 +23,7 @@ from hwprune.storage import (
     encodings_for,
     file_layout,
     load,
+    plan,
     save,
     stored_bytes,
 )
@@ -330,6 +331,97 @@ def test_negative_zeros_from_w_times_mask_keep_the_pattern():
     assert_bits_equal(choose(one).decode(), one)
 
 
+def _ceil8(bits: int) -> int:
+    return -(-bits // 8)
+
+
+def _width(x: int) -> int:
+    """Bytes of the smallest unsigned int holding ``x``."""
+    return next(b for b in (1, 2, 4, 8) if x < 256 ** b)
+
+
+def expected_bytes(enc, t: torch.Tensor) -> tuple[int, int]:
+    """(payload, index) bytes of ``enc`` by the formulas of hwprune.storage.encodings' table,
+    counted independently from ``t`` (with -0.0 read as +0.0 under zero signs)."""
+    e, n_el = t.element_size(), t.numel()
+    rows, cols = (t.shape[0], n_el // t.shape[0]) if t.dim() >= 2 else (1, n_el)
+    flat = raw(t).reshape(-1)
+    negzero = flat == raw(torch.tensor(-0.0, dtype=t.dtype))
+    zero_signs = bool(enc.meta.get("zero_signs"))
+    nz = (flat != 0) & ~negzero if zero_signs else flat != 0
+    z = int(nz.sum())
+    m = enc.meta
+    if enc.encoding == "dense":
+        payload, index = n_el * e, 0
+    elif enc.encoding == "bitmask":
+        payload, index = z * e, _ceil8(n_el)
+    elif enc.encoding == "csr":
+        payload, index = z * e, (rows + 1) * _width(z) + z * _width(max(cols - 1, 0))
+    elif enc.encoding == "kofn":
+        k, n = m["k"], m["n"]
+        runs = n_el // n
+        payload = runs * k * e
+        bits = math.ceil(math.log2(math.comb(n, k))) if m["positions"] == "rank" else \
+            k * math.ceil(math.log2(n))
+        index = _ceil8(runs * bits)
+    elif enc.encoding in ("block", "unified"):
+        blk = Block(m["bh"], m["bw"])
+        groups = blk.to_groups(nz.reshape(rows, cols).float())
+        valid = blk.to_groups(torch.ones(rows, cols)) > 0
+        alive = groups.sum(1) > 0
+        if enc.encoding == "block":
+            payload, index = e * int(valid[alive].sum()), _ceil8(valid.shape[0])
+        else:
+            mags = blk.to_groups(t.reshape(rows, cols).abs().float())
+            top = mags.amax(1, keepdim=True)
+            same = ((mags == top) | ~valid).all(1) & alive
+            free = alive & ~same
+            payload = e * (int(same.sum()) + int(valid[free].sum()))
+            index = _ceil8(2 * valid.shape[0]) + _ceil8(int(valid[same].sum()))
+    else:  # quantized
+        payload, index = _ceil8(n_el * (2 * m["qmax"]).bit_length()) + e, 0
+    if zero_signs:
+        index += _ceil8(int(((flat == 0) | negzero).sum()))
+    return payload, index
+
+
+def _real_pruned(structure: str, out: int, cin: int, kernel: int, sparsity: float,
+                 seed: int) -> torch.Tensor:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Conv2d(4, cin, 1), torch.nn.Conv2d(cin, out, kernel))
+    if structure == "unify":  # ADMM weight unification: zero, unified and free 1x4 blocks
+        pruner = hp.ADMM(model, block=(1, 4), unify=0.5, zero=sparsity / 2, targets=["1"])
+        pruner.hard_project()
+    elif structure == "quantized":  # DPP's joint 8-bit quantization baked in
+        pruner = hp.DPP(model, "2:4", quantize_bits=8, targets=["1"])
+    else:
+        pruner = hp.Magnitude(model, structure, None if ":" in structure[:3] else sparsity,
+                              targets=["1"])
+    return pruner.finalize()[1].weight.detach()
+
+
+@settings(max_examples=20, deadline=None)
+@given(structure=st.sampled_from(["element", "channel", "filter", "kernel", "2:4", "1:4",
+                                  "block:2x2", "block:1x4", "unify", "quantized"]),
+       out=st.integers(2, 9), cin=st.sampled_from([4, 8, 12]), kernel=st.sampled_from([1, 3]),
+       sparsity=st.floats(0.1, 0.9), seed=st.integers(0, 1000))
+def test_every_encoding_on_real_pruned_weights_round_trips_with_exact_byte_counts(
+        structure, out, cin, kernel, sparsity, seed):
+    w = _real_pruned(structure, out, cin, kernel, sparsity, seed)
+    encs = encodings_for(w, hints=None if structure in ("unify", "quantized") else structure)
+    for enc in encs:
+        assert_bits_equal(enc.decode(), w)
+        assert (enc.nbytes, enc.index_bytes) == expected_bytes(enc, w), enc.encoding
+    best = choose(w, hints=None if structure in ("unify", "quantized") else structure)
+    assert best.total_bytes == min(e.total_bytes for e in encs)
+    found = {e.encoding for e in encs}
+    assert {"dense", "bitmask", "csr", "block", "unified"} <= found
+    if structure in ("2:4", "1:4", "quantized"):
+        assert "kofn" in found
+    if structure == "quantized":
+        assert "quantized" in found
+
+
 def test_hints():
     g = torch.Generator().manual_seed(0)
     w = torch.zeros(8, 32)
@@ -388,6 +480,21 @@ def test_save_load_round_trips_and_file_size_is_accounted(tmp_path, sd, compress
         inner = zlib.decompress(data[head:]) if compress == "zlib" else __import__(
             "lzma").decompress(data[head:])
         assert inner == plain.read_bytes()  # saving is deterministic, too
+
+
+def test_plan_is_the_file_save_writes(tmp_path, tiny):
+    hp.Magnitude(tiny, "2:4", None).finalize()
+    hints = {"conv2.weight": "2:4"}
+    fp = plan(tiny, hints)
+    path = tmp_path / "m.hwp"
+    assert save(tiny, path, hints=hints) == fp.size == len(fp.data)
+    data = path.read_bytes()
+    assert data == fp.data
+    (header_len,) = struct.unpack("<Q", data[:8])
+    assert fp.header_bytes == 8 + header_len  # the whole container overhead
+    assert fp.data_bytes == sum(stored_bytes(t, hints.get(k))["total_bytes"]
+                                for k, t in tiny.state_dict().items())
+    assert fp.encoded["conv2.weight"].encoding == "kofn"
 
 
 def test_module_save_load(tmp_path, tiny):
