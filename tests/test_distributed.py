@@ -267,3 +267,30 @@ def test_torchrun_resumes_the_interrupted_run_from_the_command_line(ranks, tmp_p
     assert json.loads((out / "run.json").read_text())["status"] == "finished"
     _assert_same(hp.load(ranks / "straight" / "model.hwp"), hp.load(out / "model.hwp"),
                  "model.hwp")
+
+
+# -- wrapping rules (a world of one process: DDP works, hwprune's collectives are no-ops) ------
+
+
+@pytest.fixture
+def world_of_one():
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_shrink_wants_the_bare_model_and_its_result_is_wrapped_anew(world_of_one, x8):
+    assert not distributed.is_distributed()
+    model = _model(0)
+    pruner = hp.Magnitude(model, "filter", 0.5)
+    ddp = nn.parallel.DistributedDataParallel(model)  # after the pruner
+    ddp(x8).square().mean().backward()
+    pruned = pruner.finalize()
+    with pytest.raises(hp.ShrinkError, match=r"ddp\.module"):
+        hp.shrink(ddp, x8)
+    small = hp.shrink(pruned, x8)
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in
+                                                               pruned.parameters())
+    ddp = nn.parallel.DistributedDataParallel(small.train())  # new parameters: a new wrapper
+    ddp(x8).square().mean().backward()
+    assert all(p.grad is not None for p in small.parameters())

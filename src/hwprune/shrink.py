@@ -724,6 +724,10 @@ def shrink(model: nn.Module, example_inputs: Any, *, atol: float = 1e-4, rtol: f
     """
     if not isinstance(model, nn.Module):
         raise ShrinkError(f"shrink needs an nn.Module, got {type(model).__name__}")
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        raise ShrinkError("shrink the bare model (ddp.module), not its DistributedDataParallel "
+                          "wrapper; the result has new parameters: wrap it in a new "
+                          "DistributedDataParallel to train it further")
     args = _as_tuple(example_inputs)
     if not all(isinstance(a, Tensor) for a in args):
         raise ShrinkError("example_inputs must be a tensor or a tuple of tensors, got "

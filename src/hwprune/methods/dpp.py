@@ -29,6 +29,9 @@ Choices the paper leaves open (all parameters, with these defaults):
   standardised within its row, so a pretrained model starts from its magnitude mask;
   ``"zeros"`` starts from a uniform distribution (the noise then explores).
 * Noise comes from the pruner's own generator (``seed``), so a resumed run repeats exactly.
+  Under DistributedDataParallel the generator's state is broadcast from rank 0 when the
+  pruner is created (and at every epoch end), so every rank draws the same noise: one mask
+  per step for the whole global batch, as in one process (docs/distributed.md).
 
 Mask metrics per layer, with ``p_r = softmax(D_r)`` over a row's ``n`` entries and
 ``H`` the entropy, both in [0, 1]:
