@@ -137,8 +137,9 @@ def write_summary(out: Path, records: list[dict], header: str) -> None:
     dense = next((r for r in records if r["method"] == "dense"), None)
     lines = [header, ""]
     if dense:
-        lines += [f"Dense model: validation {dense['bpc']:.4f} bits per character "
-                  f"({dense['seconds']} s of training).", ""]
+        how = (f"{dense['seconds']} s of training" if dense.get("trained", True)
+               else "loaded from the --ckpt checkpoint")
+        lines += [f"Dense model: validation {dense['bpc']:.4f} bits per character ({how}).", ""]
     lines += summary_table(records, [("bpc one-shot", "{bpc_oneshot:.4f}"),
                                      ("bpc retrained", "{bpc:.4f}")])
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
@@ -174,14 +175,15 @@ def main(argv=None) -> int:
     model = CharLSTM(len(vocab), args.embedding, args.hidden)
     ckpt = Path(args.ckpt)
     start = time.perf_counter()
-    if ckpt.exists():
+    trained = not ckpt.exists()
+    if not trained:
         model.load_state_dict(torch.load(ckpt, weights_only=True))
     else:
         train(model, args.dense_steps, 3e-3, train_ids, args, args.seed)
         torch.save(model.state_dict(), ckpt)
     if not log.done("dense", 1.0):
         log.add({"method": "dense", "target_ratio": 1.0, "ratio": 1.0,
-                 "bpc": bits_per_character(model, val_ids),
+                 "bpc": bits_per_character(model, val_ids), "trained": trained,
                  "seconds": round(time.perf_counter() - start, 1)})
     dense_state = {k: v.clone() for k, v in model.state_dict().items()}
     write_summary(out, log.records, header)
