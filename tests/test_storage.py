@@ -382,6 +382,10 @@ def expected_bytes(enc, t: torch.Tensor) -> tuple[int, int]:
         payload, index = _ceil8(n_el * (2 * m["qmax"]).bit_length()) + e, 0
     if zero_signs:
         index += _ceil8(int(((flat == 0) | negzero).sum()))
+    if "qvalues" in m:  # the same values as integer codes + one scale
+        q = m["qvalues"]
+        assert sum(q["counts"].values()) * e == payload
+        payload = sum(_ceil8(c * (2 * q["qmax"]).bit_length()) for c in q["counts"].values()) + e
     return payload, index
 
 
@@ -418,8 +422,25 @@ def test_every_encoding_on_real_pruned_weights_round_trips_with_exact_byte_count
     assert {"dense", "bitmask", "csr", "block", "unified"} <= found
     if structure in ("2:4", "1:4", "quantized"):
         assert "kofn" in found
-    if structure == "quantized":
-        assert "quantized" in found
+    if structure == "quantized":  # a 2:4 pattern + 8-bit codes beats codes for every weight
+        dense_codes = next(e for e in encs if e.encoding == "quantized")
+        assert "qvalues" in best.meta and best.total_bytes < dense_codes.total_bytes
+
+
+def test_quantized_sparse_weights_store_pattern_plus_codes(tmp_path):
+    w = _real_pruned("quantized", 16, 8, 3, 0.5, seed=1)
+    enc = choose(w)
+    runs = w.numel() // 4
+    assert (enc.encoding, enc.meta["k"], enc.meta["n"]) == ("kofn", 2, 4)
+    assert enc.meta["qvalues"]["counts"] == {"values": 2 * runs}
+    q = enc.meta["qvalues"]["qmax"]
+    assert enc.nbytes == _ceil8(2 * runs * (2 * q).bit_length()) + 4  # codes + the scale
+    save({"w": w}, tmp_path / "q.hwp")
+    assert_bits_equal(load(tmp_path / "q.hwp")["w"], w)
+    bad = type(enc)(enc.encoding, enc.dtype, enc.shape, enc.payload, enc.index,
+                    {**enc.meta, "qvalues": {"qmax": 300, "counts": {"values": 2 * runs}}})
+    with pytest.raises(StorageError, match="quantized values"):
+        decode(bad)
 
 
 def test_hints():

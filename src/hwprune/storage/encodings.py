@@ -51,6 +51,13 @@ quantized    ceil8(N·ceil(log2(2q+1))) + e  [codes, scale]  0
   offset by q in ceil(log2(2q+1)) bits each. Code 0 decodes to +0.0, so a tensor with -0.0
   is quantized only in the zero-signs variant.
 
+* **quantized values** (``meta["qvalues"]``): when the whole tensor is quantized (as above,
+  found once per tensor), every sparse encoding (bitmask, csr, kofn, block, unified) is also
+  tried with each payload array stored as codes: ``ceil8(count·ceil(log2(2q+1)))`` bytes per
+  array + one scale of e bytes, the index unchanged. DPP's 2:4 with 8-bit values is stored as
+  k-of-n positions + 8-bit codes this way, about half of ``quantized``'s codes for every
+  weight.
+
 ``choose`` tries every applicable encoding (k-of-n for n in 2, 4, 8, 16 with k the largest
 count of nonzeros in a run; blocks bxb, 1xb, bx1 for b in 2, 4, 8, 16; unified 1 x b; plus the
 sizes a hint names) and keeps the smallest total, ties to the simpler one.
@@ -694,6 +701,58 @@ def _restore_zero_signs(out: Tensor, enc: EncodedTensor) -> Tensor:
     return from_raw_bits(bits, enc.dtype, enc.shape)
 
 
+QVALUES = "qvalues"
+
+
+def _quantize_values(enc: EncodedTensor, found: tuple[int, Tensor]) -> EncodedTensor | None:
+    """``enc`` with its payload arrays stored as integer codes in [-q, q] (offset by q, packed
+    in ceil(log2(2q+1)) bits each) + one ``scale`` in the dtype: a sparse pattern of quantized
+    weights (DPP's 2:4 with 8-bit values: k-of-n positions + 8-bit codes). ``None`` where a
+    value is not exactly ``code.to(dtype) * scale``."""
+    q, scale = found
+    width = (2 * q).bit_length()
+    payload, counts = {}, {}
+    for name, arr in enc.payload.items():
+        values = from_raw_bits(arr, enc.dtype, (arr.size,))
+        codes = torch.round(values.double() / scale.double()).long()
+        if (codes.abs() > q).any() or not np.array_equal(raw_bits(codes.to(enc.dtype) * scale),
+                                                         arr):
+            return None
+        payload[f"{name}_codes"] = pack_uint(codes.numpy() + q, width)
+        counts[name] = int(arr.size)
+    payload["scale"] = raw_bits(scale)
+    return replace(enc, payload=payload, meta={**enc.meta, QVALUES: {"qmax": q,
+                                                                    "counts": counts}})
+
+
+def _dequantize_values(enc: EncodedTensor) -> EncodedTensor:
+    """The inverse of ``_quantize_values``: the payload arrays as raw bits again."""
+    info = enc.meta[QVALUES]
+    q = info.get("qmax") if isinstance(info, dict) else None
+    counts = info.get("counts") if isinstance(info, dict) else None
+    if (not isinstance(q, int) or not 1 <= q <= QUANT_MAX or enc.dtype not in _QUANT_DTYPES
+            or not isinstance(counts, dict)):
+        raise StorageError(f"{enc.encoding}: stored quantized values ({info!r}) for "
+                           f"{enc.dtype} are not valid")
+    scale = from_raw_bits(_values(enc, 1, "scale"), enc.dtype, ())
+    payload = {}
+    for name, count in counts.items():
+        codes = unpack_uint(_array(enc.payload, f"{name}_codes", enc), (2 * q).bit_length(),
+                            int(count))
+        if (codes > 2 * q).any():
+            raise StorageError(f"{enc.encoding}: a stored code is outside [-{q}, {q}]")
+        values = torch.from_numpy(codes.astype(np.int64) - q).to(enc.dtype) * scale
+        payload[name] = raw_bits(values).reshape(-1)
+    return replace(enc, payload=payload,
+                   meta={k: v for k, v in enc.meta.items() if k != QVALUES})
+
+
+def _decode_base(enc: EncodedTensor) -> Tensor:
+    if enc.meta.get(QVALUES) is not None:
+        enc = _dequantize_values(enc)
+    return ENCODINGS[enc.encoding].decode(enc)
+
+
 def _matrix(enc: EncodedTensor) -> tuple[int, int]:
     shape = enc.shape
     numel = math.prod(shape)
@@ -725,9 +784,9 @@ def decode(enc: EncodedTensor) -> Tensor:
             raise StorageError(f"{enc.encoding}: zero signs stored for a {enc.dtype} tensor")
         base = replace(enc, index={k: v for k, v in enc.index.items() if k != ZERO_SIGNS},
                        meta={k: v for k, v in enc.meta.items() if k != ZERO_SIGNS})
-        out = _restore_zero_signs(ENCODINGS[enc.encoding].decode(base), enc)
+        out = _restore_zero_signs(_decode_base(base), enc)
     else:
-        out = ENCODINGS[enc.encoding].decode(enc)
+        out = _decode_base(enc)
     if out.dtype != enc.dtype or tuple(out.shape) != tuple(enc.shape):
         raise StorageError(f"{enc.encoding}: decoded {out.dtype} {tuple(out.shape)}, stored "
                            f"{enc.dtype} {enc.shape}")
@@ -773,25 +832,31 @@ def _encodings_for(view: _View, hints: Hints, prune: bool = False) -> list[Encod
     best = math.inf
     # a tensor with -0.0 is tried as it is and as +0.0 with a sign bit per zero
     variants = [(view, False)] + ([(view.canonical(), True)] if view.negzero.any() else [])
+    # quantized weights: every sparse encoding is also tried with its values as codes
+    scales = {signs: _find_scale(base) for base, signs in variants}
     for enc in sorted(ENCODINGS.values(), key=lambda e: e.simplicity):
         for base, signs in variants:
             if signs and enc.name == "dense":
                 continue
+            found = scales[signs] if enc.name not in ("dense", "quantized") else None
             for params in enc.candidates(base, sizes):
-                if prune and enc.min_payload(base, params) > best:
+                # codes can undercut the payload bound, so it only prunes unquantized tries
+                if prune and found is None and enc.min_payload(base, params) > best:
                     continue
                 try:
                     e = enc._encode(base, **params)
                 except StorageError:
                     continue
-                out.append(_add_zero_signs(e, view) if signs else e)
-                best = min(best, out[-1].total_bytes)
+                tries = [e] + ([q] if found and (q := _quantize_values(e, found)) else [])
+                for t in tries:
+                    out.append(_add_zero_signs(t, view) if signs else t)
+                    best = min(best, out[-1].total_bytes)
     return out
 
 
-def _simplicity(enc: EncodedTensor) -> tuple[int, bool, bool]:
+def _simplicity(enc: EncodedTensor) -> tuple[int, bool, bool, bool]:
     return (ENCODINGS[enc.encoding].simplicity, bool(enc.meta.get(ZERO_SIGNS)),
-            enc.meta.get("positions") == "rank")
+            QVALUES in enc.meta, enc.meta.get("positions") == "rank")
 
 
 def choose(t: Tensor, hints: Hints = None) -> EncodedTensor:
