@@ -134,18 +134,18 @@ def main_only(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     return result
 
 
-def init_from_env() -> bool:
+def init_from_env(backend: str = "gloo") -> bool:
     """Initialise the default process group from torchrun's environment (``WORLD_SIZE`` > 1;
-    ``RANK``, ``MASTER_ADDR``, ``MASTER_PORT``), with NCCL where CUDA is available and gloo
-    otherwise. Returns whether it initialised one (the caller then destroys it)."""
+    ``RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) unless one exists. ``backend``: ``"gloo"``
+    (CPU tensors; the runner trains on the CPU) or ``"nccl"`` (CUDA tensors, one GPU per
+    ``LOCAL_RANK``). Returns whether it initialised one."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return False
     if not dist.is_available():
         raise ConfigError("WORLD_SIZE > 1 but this PyTorch has no torch.distributed")
-    cuda = torch.cuda.is_available()
-    if cuda:
+    if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if cuda else "gloo")
+    dist.init_process_group(backend)
     return True
 
 

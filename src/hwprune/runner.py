@@ -110,7 +110,7 @@ class Run:
         self.on_step = on_step  # called with the global step after every step (tests, hooks)
         self._stop = False
         self._stop_requested = False  # by SIGINT; distributed ranks agree on _stop per step
-        distributed.init_from_env()  # under torchrun: gloo (CPU) or NCCL, from the environment
+        distributed.init_from_env("gloo")  # under torchrun (the runner trains on the CPU)
         if not distributed.is_main():
             self.console.quiet = True  # rank 0 speaks for the run
         self.ddp: nn.Module | None = None  # the DistributedDataParallel wrapper that trains
