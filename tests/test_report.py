@@ -18,6 +18,7 @@ import hwprune as hp
 from hwprune.errors import HwpruneError, StructureError
 from hwprune.report import LayerRow, Report, report
 from hwprune.storage import file_layout
+from hwprune.storage.encodings import RowBlock
 from hwprune.structures import KofN
 
 # ---------------------------------------------------------------------------------- helpers
@@ -481,6 +482,15 @@ def test_selection_width_follows_darbs_decoding_cost() -> None:
     cost = decoding_cost(block != 0, "block", block=(4, 4))
     assert r.encoding == "block" and r.selection_width == cost["selection_width"] == 16.0
     assert r.selection_inputs_per_kept == cost["selection_inputs_per_kept"] == 16 * 16 / 256
+    darb = _linear_with(torch.randn(16, 64, generator=g))
+    hp.DARB(darb, ratio=8.0, targets=["0"]).finalize()
+    r = report(darb, torch.randn(1, 64)).rows[0]
+    enc = hp.storage.choose(darb[0].weight.detach())
+    sizes = torch.from_numpy(RowBlock.row_sizes(enc))
+    mask = darb[0].weight != 0
+    assert r.encoding == "rowblock"  # one b_r:1 selection per kept weight, width b_r
+    assert r.selection_width == (mask.sum(1) * sizes).sum() / mask.sum()
+    assert r.selection_width == decoding_cost(mask, "bmwm", block_sizes=sizes)["selection_width"]
     dense = report(_linear_with(torch.randn(4, 8, generator=g) + 5), torch.randn(1, 8)).rows[0]
     assert (dense.encoding, dense.selection_width, dense.index_bits_per_kept) == ("dense", 1.0,
                                                                                   0.0)

@@ -26,6 +26,7 @@ from hwprune.storage import (
     plan,
     save,
     stored_bytes,
+    summarize,
 )
 from hwprune.storage import container as container_mod
 from hwprune.storage._bits import pack_uint, subset_rank, subset_unrank, unpack_uint
@@ -378,6 +379,12 @@ def expected_bytes(enc, t: torch.Tensor) -> tuple[int, int]:
             free = alive & ~same
             payload = e * (int(same.sum()) + int(valid[free].sum()))
             index = _ceil8(2 * valid.shape[0]) + _ceil8(int(valid[same].sum()))
+    elif enc.encoding == "rowblock":
+        sizes = row_block_sizes(nz.reshape(rows, cols))
+        blocks = {b: int((sizes == b).sum()) * -(-cols // b) for b in set(sizes.tolist())}
+        payload = e * sum(blocks.values())
+        index = _ceil8(3 * rows) + sum(_ceil8(c * math.ceil(math.log2(b)))
+                                       for b, c in blocks.items())
     else:  # quantized
         payload, index = _ceil8(n_el * (2 * m["qmax"]).bit_length()) + e, 0
     if zero_signs:
@@ -389,6 +396,18 @@ def expected_bytes(enc, t: torch.Tensor) -> tuple[int, int]:
     return payload, index
 
 
+def row_block_sizes(nz: torch.Tensor) -> torch.Tensor:
+    """Per row, the largest of 1, 2, 4, ..., 64 (<= cols) with at most one nonzero in every
+    block of that many consecutive weights."""
+    rows, cols = nz.shape
+    out = torch.ones(rows, dtype=torch.long)
+    for r in range(rows):
+        for b in (2, 4, 8, 16, 32, 64):
+            if b <= cols and all(int(nz[r, i:i + b].sum()) <= 1 for i in range(0, cols, b)):
+                out[r] = b
+    return out
+
+
 def _real_pruned(structure: str, out: int, cin: int, kernel: int, sparsity: float,
                  seed: int) -> torch.Tensor:
     torch.manual_seed(seed)
@@ -398,6 +417,9 @@ def _real_pruned(structure: str, out: int, cin: int, kernel: int, sparsity: floa
         pruner.hard_project()
     elif structure == "quantized":  # DPP's joint 8-bit quantization baked in
         pruner = hp.DPP(model, "2:4", quantize_bits=8, targets=["1"])
+    elif structure == "darb":  # per-row block-max masks
+        pruner = hp.DARB(model, ratio=1 / (1 - sparsity) if sparsity < 0.75 else 4.0,
+                         targets=["1"])
     else:
         pruner = hp.Magnitude(model, structure, None if ":" in structure[:3] else sparsity,
                               targets=["1"])
@@ -406,20 +428,24 @@ def _real_pruned(structure: str, out: int, cin: int, kernel: int, sparsity: floa
 
 @settings(max_examples=20, deadline=None)
 @given(structure=st.sampled_from(["element", "channel", "filter", "kernel", "2:4", "1:4",
-                                  "block:2x2", "block:1x4", "unify", "quantized"]),
+                                  "block:2x2", "block:1x4", "unify", "quantized", "darb"]),
        out=st.integers(2, 9), cin=st.sampled_from([4, 8, 12]), kernel=st.sampled_from([1, 3]),
        sparsity=st.floats(0.1, 0.9), seed=st.integers(0, 1000))
 def test_every_encoding_on_real_pruned_weights_round_trips_with_exact_byte_counts(
         structure, out, cin, kernel, sparsity, seed):
     w = _real_pruned(structure, out, cin, kernel, sparsity, seed)
-    encs = encodings_for(w, hints=None if structure in ("unify", "quantized") else structure)
+    hint = None if structure in ("unify", "quantized", "darb") else structure
+    encs = encodings_for(w, hints=hint)
     for enc in encs:
         assert_bits_equal(enc.decode(), w)
         assert (enc.nbytes, enc.index_bytes) == expected_bytes(enc, w), enc.encoding
-    best = choose(w, hints=None if structure in ("unify", "quantized") else structure)
+        info = summarize(enc, w)  # the report's record: a defined minimum for every encoding
+        assert info["total_bytes"] == enc.total_bytes and info["min_index_bits"] >= 0
+        assert info["min_index_bits"] <= 8 * enc.index_bytes + 1e-6
+    best = choose(w, hints=hint)
     assert best.total_bytes == min(e.total_bytes for e in encs)
     found = {e.encoding for e in encs}
-    assert {"dense", "bitmask", "csr", "block", "unified"} <= found
+    assert {"dense", "bitmask", "csr", "block", "rowblock", "unified"} <= found
     if structure in ("2:4", "1:4", "quantized"):
         assert "kofn" in found
     if structure == "quantized":  # a 2:4 pattern + 8-bit codes beats codes for every weight
@@ -435,12 +461,32 @@ def test_quantized_sparse_weights_store_pattern_plus_codes(tmp_path):
     assert enc.meta["qvalues"]["counts"] == {"values": 2 * runs}
     q = enc.meta["qvalues"]["qmax"]
     assert enc.nbytes == _ceil8(2 * runs * (2 * q).bit_length()) + 4  # codes + the scale
+    info = stored_bytes(w)
+    assert info["payload_bytes"] == enc.nbytes and info["index_bytes"] == enc.index_bytes
+    assert math.isclose(info["min_index_bits"], runs * math.log2(6))
     save({"w": w}, tmp_path / "q.hwp")
     assert_bits_equal(load(tmp_path / "q.hwp")["w"], w)
     bad = type(enc)(enc.encoding, enc.dtype, enc.shape, enc.payload, enc.index,
                     {**enc.meta, "qvalues": {"qmax": 300, "counts": {"values": 2 * runs}}})
     with pytest.raises(StorageError, match="quantized values"):
         decode(bad)
+
+
+def test_darb_weights_are_stored_as_rowblocks():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(4, 16, 1), torch.nn.Conv2d(16, 32, 3))
+    pruner = hp.DARB(model, ratio=8.0, targets=["1"])
+    assigned = pruner.block_sizes["1.weight"].clone()
+    w = pruner.finalize()[1].weight.detach()
+    enc = choose(w)
+    assert enc.encoding == "rowblock"
+    assert_bits_equal(enc.decode(), w)
+    sizes = torch.from_numpy(ENCODINGS["rowblock"].row_sizes(enc))
+    # each row takes the largest size whose blocks hold one weight: never below DARB's b_r
+    assert torch.equal(sizes, row_block_sizes((w != 0).reshape(32, -1)))
+    assert (sizes >= assigned).all()
+    kept = int((w != 0).sum())
+    assert 8 * enc.index_bytes / kept < 8 * encode(w, "bitmask").index_bytes / kept / 2
 
 
 def test_hints():
@@ -643,8 +689,8 @@ def test_writes_are_atomic_and_bad_input_is_refused(tmp_path, monkeypatch):
 
 
 def test_registry_and_errors():
-    assert set(ENCODINGS) == {"dense", "bitmask", "csr", "kofn", "block", "unified",
-                              "quantized"}
+    assert set(ENCODINGS) == {"dense", "bitmask", "csr", "kofn", "block", "rowblock",
+                              "unified", "quantized"}
     assert issubclass(StorageError, hp.HwpruneError)
     with pytest.raises(StorageError, match="unknown encoding"):
         encode(torch.ones(2), "zip")

@@ -44,7 +44,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import HwpruneError
 from .methods.darb import decoding_cost
-from .storage import EncodedTensor, plan, stored_bytes, summarize
+from .storage import EncodedTensor, choose, plan, summarize
+from .storage.encodings import RowBlock
 from .structures import Channel, Filter, Kernel, Structure, parse_structure
 from .targets import CONV_TYPES, LINEAR_TYPES, RNN_TYPES
 
@@ -367,24 +368,28 @@ def _kept_groups(structure: Structure, w: Tensor) -> float:
 
 #: the ``decoding_cost`` scheme (hwprune.methods.darb) that decodes each sparse encoding:
 #: irregular positions (bitmask, CSR) select among a row's inputs; a k-of-n run is an n:k
-#: block-max selection; block and unified tiles select a bw-wide slice of the row per tile
-_SCHEMES = {"bitmask": "csr", "csr": "csr", "kofn": "bmwm", "block": "block",
-            "unified": "block"}
+#: block-max selection, a rowblock row a b_r:1 one; block and unified tiles select a bw-wide
+#: slice of the row per tile
+_SCHEMES = {"bitmask": "csr", "csr": "csr", "kofn": "bmwm", "rowblock": "bmwm",
+            "block": "block", "unified": "block"}
 
 
-def _selection(weight: Tensor, enc_name: str, params: dict[str, Any]) -> tuple[float, float]:
+def _selection(weight: Tensor, enc: EncodedTensor) -> tuple[float, float]:
     """(selection width, selection inputs per kept weight) of decoding ``weight`` as stored.
 
     Dense and quantized tensors store every element in place: each kept weight is placed by a
     trivial 1-wide selection. The others use DARB's ``decoding_cost`` (docs/darb.md)."""
-    scheme = _SCHEMES.get(enc_name)
+    scheme = _SCHEMES.get(enc.encoding)
     if scheme is None:
         return 1.0, 1.0
     mask = weight != 0
-    if scheme == "bmwm":
-        cost = decoding_cost(mask, scheme, block_sizes=int(params["n"]))
+    if enc.encoding == "rowblock":
+        sizes = torch.from_numpy(RowBlock.row_sizes(enc))
+        cost = decoding_cost(mask, scheme, block_sizes=sizes)
+    elif scheme == "bmwm":
+        cost = decoding_cost(mask, scheme, block_sizes=int(enc.meta["n"]))
     elif scheme == "block":
-        cost = decoding_cost(mask, scheme, block=(int(params["bh"]), int(params["bw"])))
+        cost = decoding_cost(mask, scheme, block=(int(enc.meta["bh"]), int(enc.meta["bw"])))
     else:
         cost = decoding_cost(mask, scheme)
     return cost["selection_width"], cost["selection_inputs_per_kept"]
@@ -393,12 +398,12 @@ def _selection(weight: Tensor, enc_name: str, params: dict[str, Any]) -> tuple[f
 def _storage(weight: Tensor, structure: str, enc: EncodedTensor | None = None) -> dict[str, Any]:
     """How ``hwprune.save`` stores ``weight`` (``enc``: its encoding, if already chosen): the
     row's storage fields."""
-    info = (summarize(enc, weight) if enc is not None
-            else stored_bytes(weight, hints=None if structure == "-" else structure))
+    if enc is None:
+        enc = choose(weight, hints=None if structure == "-" else structure)
+    info = summarize(enc, weight)
     dense, total, payload = info["dense_bytes"], info["total_bytes"], info["payload_bytes"]
     kept, min_bits = info["kept"], info["min_index_bits"]
-    width, inputs = _selection(weight, info["encoding"], info["params"]) if kept else (None,
-                                                                                        None)
+    width, inputs = _selection(weight, enc) if kept else (None, None)
     return {
         "stored_bytes": total,
         "index_bytes": info["index_bytes"],

@@ -114,6 +114,8 @@ KOFN_N = (2, 4, 8, 16)
 BLOCK_SIZES = tuple(s for b in (2, 4, 8, 16) for s in ((b, b), (1, b), (b, 1)))
 UNIFIED_SIZES = tuple((1, b) for b in (2, 4, 8, 16))
 QUANT_MAX = 127
+#: block sizes a row of the ``rowblock`` encoding may take (DARB's default allowed set)
+ROWBLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64)
 _QUANT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -521,11 +523,96 @@ class BlockEncoding(Encoding):
         return log2_comb(tiles, kept)
 
 
+class RowBlock(Encoding):
+    """Block-max rows (BMWM; DARB's per-row block sizes): row r of the im2col matrix is cut
+    into blocks of b_r consecutive weights (b_r from ``ROWBLOCK_SIZES``), each holding at most
+    one nonzero. Stored: every row's size (``ceil(log2 7)`` = 3 bits), per block the position
+    of its weight (``ceil(log2 b_r)`` bits, grouped by size: array ``positions<b>``) and one
+    value (zero where the block is empty). Each row takes the largest size that fits."""
+
+    name, simplicity = "rowblock", 5
+
+    def _encode(self, view: _View) -> EncodedTensor:
+        self._require_sparse_ok(view)
+        rows, cols = view.matrix
+        sizes = _row_block_sizes(view.nz.reshape(rows, cols))
+        bits = view.bits.reshape(rows, cols)
+        nz = view.nz.reshape(rows, cols)
+        values, index = [], {"sizes": pack_uint(np.searchsorted(ROWBLOCK_SIZES, sizes), 3)}
+        for b in np.unique(sizes).tolist():
+            r = np.flatnonzero(sizes == b)
+            nb = -(-cols // b)
+            pad = ((0, 0), (0, nb * b - cols))
+            blocks_nz = np.pad(nz[r], pad).reshape(len(r), nb, b)
+            pos = blocks_nz.argmax(axis=2)  # 0 where the block is empty
+            blocks = np.pad(bits[r], pad).reshape(len(r), nb, b)
+            values.append(np.take_along_axis(blocks, pos[..., None], axis=2).reshape(-1))
+            index[f"positions{b}"] = pack_uint(pos.reshape(-1), ceil_log2(b))
+        return view.encoded(self.name, {"values": np.concatenate(values)}, index)
+
+    @staticmethod
+    def row_sizes(enc: EncodedTensor) -> np.ndarray:
+        """The block size of every row of a ``rowblock`` encoding."""
+        codes = unpack_uint(_array(enc.index, "sizes", enc), 3, _matrix(enc)[0])
+        if (codes >= len(ROWBLOCK_SIZES)).any():
+            raise StorageError("rowblock: a stored row block size code is not a size")
+        return np.asarray(ROWBLOCK_SIZES)[codes.astype(np.int64)]
+
+    def decode(self, enc: EncodedTensor) -> Tensor:
+        rows, cols = _matrix(enc)
+        sizes = self.row_sizes(enc)
+        present = np.unique(sizes).tolist()
+        if set(enc.index) != {"sizes"} | {f"positions{b}" for b in present}:
+            raise StorageError("rowblock: position arrays do not match the row sizes")
+        counts = [int((sizes == b).sum()) * -(-cols // b) for b in present]
+        values = _values(enc, sum(counts))
+        out = _zeros(enc).reshape(rows, cols)
+        start = 0
+        for b, count in zip(present, counts, strict=True):
+            r = np.flatnonzero(sizes == b)
+            nb = -(-cols // b)
+            pos = unpack_uint(_array(enc.index, f"positions{b}", enc), ceil_log2(b), count)
+            col = (np.arange(nb) * b)[None, :] + pos.astype(np.int64).reshape(len(r), nb)
+            if (pos >= b).any() or (col >= cols).any():
+                raise StorageError("rowblock: a stored position is outside its block")
+            out[r[:, None], col] = values[start:start + count].reshape(len(r), nb)
+            start += count
+        return from_raw_bits(out.reshape(-1), enc.dtype, enc.shape)
+
+    def candidates(self, view: _View, hints: dict[str, tuple[int, int]]) -> list[dict]:
+        return [{}] if view.sparse_ok() and view.matrix[1] >= 2 else []
+
+    def min_index_bits(self, enc: EncodedTensor) -> float | None:
+        """Per block log2 of its real width (where its weight can be), + log2 7 per row."""
+        rows, cols = _matrix(enc)
+        sizes = self.row_sizes(enc)
+        bits = 0.0
+        for b in np.unique(sizes).tolist():
+            full, rest = divmod(cols, b)
+            per_row = full * math.log2(b) + (math.log2(rest) if rest else 0.0)
+            bits += int((sizes == b).sum()) * per_row
+        return bits + rows * math.log2(len(ROWBLOCK_SIZES))
+
+
+def _row_block_sizes(nz: np.ndarray) -> np.ndarray:
+    """Per row of a (rows, cols) nonzero mask, the largest size in ``ROWBLOCK_SIZES`` whose
+    blocks each hold at most one nonzero (1 always fits)."""
+    rows, cols = nz.shape
+    sizes = np.ones(rows, np.int64)
+    for b in ROWBLOCK_SIZES[1:]:
+        if b > cols:
+            break
+        nb = -(-cols // b)
+        fits = (np.pad(nz, ((0, 0), (0, nb * b - cols))).reshape(rows, nb, b).sum(2) <= 1)
+        sizes[fits.all(axis=1)] = b
+    return sizes
+
+
 class Unified(Encoding):
     """Blocks (default 1 x b along rows of the im2col matrix) in three states, 2 bits each:
     zero; unified (one magnitude in the dtype + one sign bit per element); free (dense)."""
 
-    name, simplicity = "unified", 5
+    name, simplicity = "unified", 6
     ZERO, UNIFIED, FREE = 0, 1, 2
 
     def _encode(self, view: _View, bh: int = 1, bw: int = 4) -> EncodedTensor:
@@ -596,7 +683,7 @@ class Quantized(Encoding):
     """Few distinct values, each an integer code in [-q, q] times one per-tensor scale:
     codes offset by q, packed in ceil(log2(2q+1)) bits, + the scale in the tensor's dtype."""
 
-    name, simplicity = "quantized", 6
+    name, simplicity = "quantized", 7
 
     def _encode(self, view: _View) -> EncodedTensor:
         self._require_sparse_ok(view)
@@ -763,7 +850,8 @@ def _matrix(enc: EncodedTensor) -> tuple[int, int]:
 
 ENCODINGS: dict[str, Encoding] = {
     e.name: e
-    for e in (Dense(), Bitmask(), CSR(), BlockEncoding(), KofNEncoding(), Unified(), Quantized())
+    for e in (Dense(), Bitmask(), CSR(), BlockEncoding(), KofNEncoding(), RowBlock(), Unified(),
+              Quantized())
 }
 
 
@@ -861,7 +949,7 @@ def _simplicity(enc: EncodedTensor) -> tuple[int, bool, bool, bool]:
 
 def choose(t: Tensor, hints: Hints = None) -> EncodedTensor:
     """The smallest exact encoding of ``t`` by total bytes (payload + index); ties go to the
-    simpler encoding (dense < bitmask < csr < block < kofn < unified < quantized)."""
+    simpler encoding (dense < bitmask < csr < block < kofn < rowblock < unified < quantized)."""
     return _choose(_View.of(t), hints)
 
 
@@ -874,7 +962,9 @@ def _summary(enc: EncodedTensor, view: _View) -> dict[str, Any]:
     numel = math.prod(enc.shape)
     size = torch.empty((), dtype=enc.dtype).element_size()
     kept = int((view.nz & ~view.negzero).sum())
-    min_bits = ENCODINGS[enc.encoding].min_index_bits(enc)
+    # the pattern's minimum does not depend on how the values are coded
+    base = _dequantize_values(enc) if enc.meta.get(QVALUES) is not None else enc
+    min_bits = ENCODINGS[enc.encoding].min_index_bits(base)
     if min_bits is not None and enc.meta.get(ZERO_SIGNS):
         min_bits += int(((view.bits == 0) | view.negzero).sum())
     return {
