@@ -4,7 +4,8 @@
 ``hwprune run``) and shows, per run: method, structure, accuracy (and the change from the
 dense model the run started from), sparsity of the targeted weights, pruning ratio (weights
 dense / kept), stored bytes with the index overhead and the compression ratio, MACs, and the
-CPU latency measured on the machine the run was made on.
+CPU latency measured on the machine the run was made on, with the speed-up against the dense
+model timed in the same run.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("compression", "compression_ratio", "{:.2f}x"),
     ("MACs", "model_macs_remaining", "{:,}"),
     ("latency ms", "latency_ms", "{:.3f}"),
+    ("speed-up", "speedup", "{:.2f}x"),
 )
 
 
@@ -53,6 +55,9 @@ def load_runs(dirs: Sequence[str | Path]) -> list[dict[str, Any]]:
         s["dir"] = str(d)
         dense = s.get("dense_accuracy")
         s["delta"] = None if dense is None else s["accuracy"] - dense
+        # both latencies are timed in the same run, so their ratio is the honest one
+        lat, dense_lat = s.get("latency_ms"), s.get("dense_latency_ms")
+        s["speedup"] = dense_lat / lat if lat and dense_lat else None
         runs.append(s)
     return runs
 
