@@ -17,7 +17,6 @@ Targets: every conv and linear weight but the first conv and the last linear lay
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ import hwprune as hp
 from hwprune.data import load_digits
 from hwprune.models import SmallCNN
 from hwprune.training import evaluate, make_loader, train_epoch
-from results_log import ResultLog
+from results_log import ResultLog, machine
 
 #: (DPP structure, k, the magnitude baseline's structure, its sparsity)
 PATTERNS = [
@@ -121,8 +120,7 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     log = ResultLog(out.with_suffix(".jsonl"), lambda r: (r["pattern"], r["method"], r["seed"]))
     header = (f"# DPP against magnitude pruning on digits\n\nCommand: `python bench/dpp_digits.py "
-              f"{' '.join(sys.argv[1:])}`\n\nMachine: {platform.machine()}, "
-              f"{torch.get_num_threads()} threads, torch {torch.__version__}. Budget: "
+              f"{' '.join(sys.argv[1:])}`\n\nMachine: {machine()}. Budget: "
               f"{args.epochs} epochs from scratch for both (magnitude: dense half, one-shot "
               "prune, fine-tuned half), SGD lr 0.05 momentum 0.9; `dpp` trains its logits at that "
               "lr, `dpp lr=X` at lr X (the confidence column shows whether they moved from "
