@@ -29,6 +29,8 @@ kofn         runs·k·e  (runs = N / n)                       ceil8(runs·ceil(l
                                                             ["rank"] or ceil8(runs·k·ceil(log2
                                                             n)) ["index"]
 block        e·(real elements of kept tiles)                ceil8(tiles)
+rowblock     e·Σ_r ceil(cols / b_r)                         ceil8(3·rows) + Σ_b ceil8(blocks of
+                                                            size b · ceil(log2 b))
 unified      e·(unified blocks + real elements of free      ceil8(2·blocks) + ceil8(real
              blocks)                                        elements of unified blocks) [signs]
 quantized    ceil8(N·ceil(log2(2q+1))) + e  [codes, scale]  0
@@ -42,6 +44,9 @@ quantized    ceil8(N·ceil(log2(2q+1))) + e  [codes, scale]  0
   theoretic minimum rounded up to whole bits per run) or k positions of ceil(log2 n) bits.
 * **block**: bh x bw tiles of the matrix (row-major, as ``hwprune.structures.Block``); a tile is
   kept when any element is nonzero; ragged edge tiles store only their real elements.
+* **rowblock**: block-max rows (BMWM, DARB): row r takes the largest b_r in 1, 2, 4, ..., 64
+  (<= cols) whose blocks of b_r consecutive weights hold at most one nonzero each; per block
+  one value (zero for an empty block) and its position, grouped by size.
 * **unified**: bh x bw blocks of the matrix (default 1 x b along rows); state 0 = all zero,
   1 = unified (every real element has the same magnitude bits; one magnitude in the tensor's
   dtype + one sign bit per element), 2 = free (stored dense). A block with zeros among
