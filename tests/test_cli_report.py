@@ -43,9 +43,15 @@ def test_hwp_file_alone_gives_storage_and_plots(saved, tmp_path, capsys):
     assert t["file_bytes"] == path.stat().st_size
     assert t["file_bytes"] == t["file_tensor_bytes"] + t["file_header_bytes"]
     assert "| conv2.0.weight | kofn |" in (out / "r.md").read_text()
-    assert "model.hwp: storage" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "model.hwp: storage" in printed and "note:" not in printed  # size on disk matches
     for name in ("kept_fractions.png", "masks.png"):
         assert (out / "plots" / name).read_bytes().startswith(PNG)
+    # a compressed file reads the same; the report says its size on disk differs
+    zpath = tmp_path / "z.hwp"
+    hp.save(model, zpath, compress="zlib")
+    assert main(["report", str(zpath)]) == 0
+    assert f"has {zpath.stat().st_size:,} B on disk" in capsys.readouterr().out
 
 
 def test_hwp_file_with_its_zoo_model_gives_macs(saved, tmp_path):

@@ -57,6 +57,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     if not console.is_terminal:  # a file or a pipe: never squeeze the tables to 80 columns
         console = Console(width=240)
     rep.print(console)
+    path = Path(args.ckpt)
+    if path.is_file() and path.stat().st_size != rep.total["file_bytes"]:
+        # compressed, or written with other hints than the report's: both numbers, no guess
+        console.print(f"note: {path} has {path.stat().st_size:,} B on disk; the report counts "
+                      f"the uncompressed file hwprune.save writes with the report's hints "
+                      f"({rep.total['file_bytes']:,} B)", highlight=False)
     if args.markdown:
         Path(args.markdown).write_text(rep.to_markdown())
     if args.json:
