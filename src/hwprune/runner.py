@@ -559,8 +559,8 @@ class Run:
 
             summary["file_bytes"] = save(deployable, out / "model.hwp")
         if end["latency"]:
-            summary["latency_ms"] = _latency_ms(deployable, self.example)
-            summary["dense_latency_ms"] = _latency_ms(dense, self.example)
+            summary["latency_ms"], summary["dense_latency_ms"] = _latencies_ms(
+                [deployable, dense], self.example)
         summary.update(info)
         if end["plots"] and end["report"]:
             self._plots(out, rep)
@@ -647,19 +647,25 @@ def _epoch_line(h: dict[str, Any], total: int) -> str:
 
 
 @torch.no_grad()
-def _latency_ms(model: nn.Module, example: Tensor, repeats: int = 30) -> float:
-    """Median wall time of one forward pass of ``example`` (batch 1), in ms, after warm-up."""
-    was = model.training
-    model.eval()
-    for _ in range(3):
-        model(example)
-    times = []
+def _latencies_ms(models: list[nn.Module], example: Tensor, repeats: int = 50) -> list[float]:
+    """Median wall time of one forward pass of ``example`` (batch 1) per model, in ms.
+
+    The models are timed in turns within each repeat, so load from other processes on a
+    shared machine falls on all of them alike and their ratio stays meaningful."""
+    modes = [m.training for m in models]
+    for m in models:
+        m.eval()
+        for _ in range(3):  # warm-up
+            m(example)
+    times: list[list[float]] = [[] for _ in models]
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        model(example)
-        times.append(time.perf_counter() - t0)
-    model.train(was)
-    return round(statistics.median(times) * 1e3, 4)
+        for m, t in zip(models, times, strict=True):
+            t0 = time.perf_counter()
+            m(example)
+            t.append(time.perf_counter() - t0)
+    for m, mode in zip(models, modes, strict=True):
+        m.train(mode)
+    return [round(statistics.median(t) * 1e3, 4) for t in times]
 
 
 def _first_difference(a: Any, b: Any, path: str = "") -> tuple[str, Any, Any] | None:
