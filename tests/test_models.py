@@ -153,7 +153,7 @@ def test_get_model_registry() -> None:
     assert isinstance(get_model("mlp", in_features=64), MLP)
     assert {"small_cnn", "lenet5", "mlp", "resnet20", "resnet110"} <= set(MODELS)
     with pytest.raises(HwpruneError, match="resnet20"):
-        get_model("resnet18")
+        get_model("resnet19")
 
 
 def test_small_cnn_trains_on_digits() -> None:
