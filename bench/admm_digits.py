@@ -31,7 +31,7 @@ from hwprune.data import load_digits
 from hwprune.models import SmallCNN
 from hwprune.structures import Block
 from hwprune.training import evaluate, make_loader, train_epoch
-from results_log import ResultLog
+from results_log import ResultLog, cpu_name
 
 #: (bh, bw) over the im2col matrix: 4 inputs of a filter, a 4x4 tile, a whole 3x3 kernel
 BLOCKS = [(1, 4), (4, 4), (1, 9)]
@@ -133,7 +133,7 @@ def main(argv=None) -> int:
                                r["seed"]))
     header = (
         f"# ADMM weight unification and pruning on digits\n\nCommand: `python "
-        f"bench/admm_digits.py {' '.join(sys.argv[1:])}`\n\nMachine: 2-core Xeon CPU "
+        f"bench/admm_digits.py {' '.join(sys.argv[1:])}`\n\nMachine: {cpu_name()}, 2-core CPU "
         f"({platform.machine()}, {torch.get_num_threads()} threads, shared), torch "
         f"{torch.__version__}. SmallCNN trained dense {args.pretrain} epochs, then per point "
         f"{args.admm_epochs + args.retrain_epochs} epochs (SGD lr 0.02, momentum 0.9, wd 5e-4): "

@@ -30,7 +30,7 @@ from hwprune.data import augment_cifar, data_dir, load_cifar10
 from hwprune.models import load_pretrained
 from hwprune.targets import resolve_targets
 from hwprune.training import evaluate, make_loader, train_epoch
-from results_log import ResultLog
+from results_log import ResultLog, cpu_name
 
 #: (unify, zero) fractions of each layer's blocks
 CONFIGS = [(0.5, 0.0), (0.75, 0.0), (0.0, 0.5), (0.0, 0.75), (0.5, 0.25), (0.25, 0.5)]
@@ -158,7 +158,7 @@ def main(argv=None) -> int:
                                                          r.get("block"), r["seed"]))
     header = (
         f"# ADMM unification and pruning: CIFAR-10 ResNet-20 (pretrained)\n\nCommand: `python "
-        f"bench/admm_resnet20.py {' '.join(sys.argv[1:])}`\n\nMachine: 2-core Xeon CPU "
+        f"bench/admm_resnet20.py {' '.join(sys.argv[1:])}`\n\nMachine: {cpu_name()}, 2-core CPU "
         f"({platform.machine()}, {torch.get_num_threads()} threads, shared), torch "
         f"{torch.__version__}. From the pretrained checkpoint: {args.admm_steps} ADMM steps "
         f"(SGD lr {args.lr}, momentum 0.9, wd 5e-4, batch {args.batch_size}, rho {args.rho} "

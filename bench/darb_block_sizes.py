@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
 import sys
 from collections import Counter
 from pathlib import Path
@@ -23,6 +22,7 @@ from torch import nn
 import hwprune as hp
 from hwprune.data import data_dir, load_tinyshakespeare
 from hwprune.models import CharLSTM, load_pretrained
+from results_log import machine
 
 
 def main(argv=None) -> int:
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     dense = {k: v.clone() for k, v in model.state_dict().items()}
     lines = [f"# DARB block sizes and ratio accuracy: {what}", "",
              f"Command: `python bench/darb_block_sizes.py {' '.join(sys.argv[1:])}`", "",
-             f"Machine: 2-core Xeon CPU ({platform.machine()}), torch {torch.__version__}. "
+             f"Machine: {machine()}. "
              "Row density spread: max / min survivors per row of the reference (irregular "
              "magnitude) pruning, and the 95th / 5th percentile. Tolerance bound: the "
              "documented max_step / 2 (module docstring of hwprune.methods.darb).", "",

@@ -36,7 +36,7 @@ import hwprune as hp
 from hwprune.data import load_tinyshakespeare
 from hwprune.methods.darb import decoding_cost
 from hwprune.models import CharLSTM, bits_per_character, sample_batch
-from results_log import ResultLog
+from results_log import ResultLog, cpu_name
 
 METHODS = ("darb", "bmwm", "block", "irregular")
 BLOCK = (4, 4)
@@ -160,7 +160,7 @@ def main(argv=None) -> int:
     args, out, log = bench_setup(__doc__, [4, 8, 16, 25], argv, _lstm_args)
     header = (
         f"# DARB on a character-level LSTM (Tiny Shakespeare)\n\nCommand: `python "
-        f"bench/darb_lstm.py {' '.join(sys.argv[1:])}`\n\nMachine: 2-core Xeon CPU "
+        f"bench/darb_lstm.py {' '.join(sys.argv[1:])}`\n\nMachine: {cpu_name()}, 2-core CPU "
         f"({platform.machine()}, shared with other jobs), {args.threads} thread(s), torch "
         f"{torch.__version__}. Model: 2-layer LSTM, embedding {args.embedding}, hidden "
         f"{args.hidden}; batches of {args.batch} x {args.seq_len} characters. Dense: "

@@ -28,6 +28,7 @@ from darb_lstm import bench_setup, cost_of, make_pruner, summary_table
 from hwprune.data import augment_cifar, data_dir, load_cifar10
 from hwprune.models import load_pretrained
 from hwprune.training import evaluate, make_loader, train_epoch
+from results_log import cpu_name
 
 
 def write_summary(out: Path, records: list[dict], header: str) -> None:
@@ -51,7 +52,7 @@ def main(argv=None) -> int:
     args, out, log = bench_setup(__doc__, [4, 8, 13], argv, _resnet_args)
     header = (
         f"# DARB on CIFAR-10 ResNet-20 (pretrained), conv layers\n\nCommand: `python "
-        f"bench/darb_resnet20.py {' '.join(sys.argv[1:])}`\n\nMachine: 2-core Xeon CPU "
+        f"bench/darb_resnet20.py {' '.join(sys.argv[1:])}`\n\nMachine: {cpu_name()}, 2-core CPU "
         f"({platform.machine()}, shared with other jobs), {args.threads} thread(s), torch "
         f"{torch.__version__}. Each point: one-shot from the pretrained akamaster ResNet-20, then "
         f"{args.steps} SGD steps (batch {args.batch}, lr 0.01, momentum 0.9, wd 5e-4, cosine, "
