@@ -57,6 +57,7 @@ import lzma
 import math
 import os
 import struct
+import sys
 import tempfile
 import zlib
 from collections.abc import Mapping
@@ -272,6 +273,9 @@ def _unwrap(data: bytes) -> bytes:
         raise StorageError(f"unsupported compressed container (version {version}, codec {codec})")
     if hashlib.sha256(body).digest() != digest:
         raise StorageError("checksum mismatch in the compressed body; the file is damaged")
+    if size >= sys.maxsize:  # the length field is outside the checksum: a flipped bit shows here
+        raise StorageError(f"recorded uncompressed length {size} is impossible; the file is "
+                           "damaged")
     try:
         if codec == _CODECS["zlib"]:
             d = zlib.decompressobj()
