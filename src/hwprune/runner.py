@@ -74,18 +74,22 @@ class Interrupted(HwpruneError):
     """The run stopped on SIGINT after writing a checkpoint (exit code 130)."""
 
 
-def machine() -> str:
-    """A one-line description of this machine for results files."""
-    cpu = platform.processor() or platform.machine()
+def cpu_name() -> str:
+    """The CPU model (platform.processor() is often empty on Linux; /proc/cpuinfo is not)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> str:
+    """A one-line description of this machine for results files (read, never typed: the
+    machines runs are made on differ)."""
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {os.cpu_count()} CPUs, {dev}, torch {torch.__version__}"
+    return f"{cpu_name()}, {os.cpu_count()} CPUs, {dev}, torch {torch.__version__}"
 
 
 def _field_error(field: str, e: Exception) -> RecipeError:
