@@ -95,7 +95,7 @@ def run(model0, method: str, pattern: str, train, test, args, curves_out: Path) 
               "sparsity": sparsity, "accuracy": accuracy, "one_shot_accuracy": one_shot,
               "stored_bytes": stored, "seconds": round(seconds, 1)}
     if curve:
-        record.update(mean_metrics({n: e for n, e in extras.items()}))
+        record.update(mean_metrics(extras))
         curves_out.with_name(f"{curves_out.name}_curves_{method}_{pattern.replace(':', 'of')}"
                              ".json").write_text(json.dumps(curve))
         mask_metric_curves(curve, curves_out.with_name(
