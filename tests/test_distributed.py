@@ -136,7 +136,9 @@ def _worker(rank, port, root):
     torch.save({"summary": summary, "stopped": stopped, "resumed_summary": resumed_summary,
                 "final": resumed.model.state_dict(), "masks": resumed.pruner.masks()},
                root / f"run-{rank}.pt")
-    dist.destroy_process_group()
+    run.close()  # drops its DDP wrapper; the group is this worker's to end
+    resumed.close()
+    distributed.shutdown()
 
 
 def _free_port():
@@ -294,3 +296,21 @@ def test_shrink_wants_the_bare_model_and_its_result_is_wrapped_anew(world_of_one
     ddp = nn.parallel.DistributedDataParallel(small.train())  # new parameters: a new wrapper
     ddp(x8).square().mean().backward()
     assert all(p.grad is not None for p in small.parameters())
+
+
+def test_a_run_ends_only_the_process_group_it_started(world_of_one):
+    from rich.console import Console
+
+    from hwprune.recipe import resolve
+    from hwprune.runner import Run
+
+    run = Run(resolve(RECIPE), console=Console(file=open(os.devnull, "w")))
+    run.close()
+    assert dist.is_initialized()  # the caller's group: the caller ends it
+
+
+def test_shutdown_waits_for_the_ranks_then_ends_the_group():
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    distributed.shutdown()
+    assert not dist.is_initialized()
+    distributed.shutdown()  # nothing to end: a no-op, not an error

@@ -59,16 +59,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cfg = load_recipe(args.recipe, args.set)
     console = Console()
     run = Run(cfg, console=console)  # builds everything: every error is raised before writing
-    if args.dry_run:
-        print(dump(run.cfg), end="")
-        return 0
-    out = Path(args.out or Path("runs") / cfg["name"])
-    command = " ".join(["hwprune", *(args.argv or sys.argv[1:])])
     try:
+        if args.dry_run:
+            print(dump(run.cfg), end="")
+            return 0
+        out = Path(args.out or Path("runs") / cfg["name"])
+        command = " ".join(["hwprune", *(args.argv or sys.argv[1:])])
         summary = run.execute(out, resume=args.resume, force=args.force, command=command)
     except Interrupted as e:
         print(f"hwprune: {e}", file=sys.stderr)
         return 130
+    finally:
+        run.close()  # under torchrun: end the process group before the interpreter exits
     console.print(f"{cfg['name']}: accuracy {summary['accuracy']:.2%}, sparsity "
                   f"{summary['sparsity']:.1%}; results in {out}")
     return 0

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import gc
 import json
 import math
 import os
@@ -114,7 +115,8 @@ class Run:
         self.on_step = on_step  # called with the global step after every step (tests, hooks)
         self._stop = False
         self._stop_requested = False  # by SIGINT; distributed ranks agree on _stop per step
-        distributed.init_from_env("gloo")  # under torchrun (the runner trains on the CPU)
+        # under torchrun (the runner trains on the CPU); close() ends what this started
+        self._owns_group = distributed.init_from_env("gloo")
         if not distributed.is_main():
             self.console.quiet = True  # rank 0 speaks for the run
         self.ddp: nn.Module | None = None  # the DistributedDataParallel wrapper that trains
@@ -586,6 +588,14 @@ class Run:
             self.console.print(f"plots skipped: {e}")
 
     # -- the whole run ---------------------------------------------------------------------------
+    def close(self) -> None:
+        """Release the distributed state: the DDP wrapper, then (under torchrun) the process
+        group this run initialised. Call it once the run is over, on every rank."""
+        self.ddp = None
+        gc.collect()  # DDP's reducer must be gone before its process group
+        if self._owns_group:
+            distributed.shutdown()
+
     def execute(self, out: str | Path, resume: bool = False, force: bool = False,
                 command: str | None = None) -> dict[str, Any]:
         """Write the run into ``out``; returns the summary. See ``prepare_out`` for the rules
