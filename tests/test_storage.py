@@ -3,6 +3,7 @@ picks on real pruned tensors, exact byte accounting, and a container that refuse
 unsafe files."""
 
 import hashlib
+import json
 import math
 import pickle
 import struct
@@ -10,6 +11,7 @@ import zlib
 
 import numpy as np
 import pytest
+import safetensors.numpy
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -518,6 +520,16 @@ def state_dicts():
                      st.lists(st.sampled_from(FLOATS), min_size=1, max_size=4))
 
 
+def _overhead(data: bytes) -> int:
+    """What a version 2 file spends besides the tensors' bytes: the length prefix, the
+    safetensors header and the compressed document (its array's size, read from the header)."""
+    (header_len,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8: 8 + header_len])
+    assert set(header) == {"__metadata__", container_mod.DOC_KEY, container_mod.DATA_KEY}
+    start, end = header[container_mod.DOC_KEY]["data_offsets"]
+    return 8 + header_len + end - start
+
+
 @settings(max_examples=25, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(sd=state_dicts(), compress=st.sampled_from([None, "zlib", "lzma"]))
@@ -533,9 +545,9 @@ def test_save_load_round_trips_and_file_size_is_accounted(tmp_path, sd, compress
     stored = sum(stored_bytes(t)["total_bytes"] for t in sd.values())
     layout = file_layout(path)
     if compress is None:
-        (header_len,) = struct.unpack("<Q", data[:8])
-        assert len(data) == 8 + header_len + stored
-        assert layout == {"compressed": False, "header_bytes": 8 + header_len,
+        overhead = _overhead(data)
+        assert len(data) == overhead + stored
+        assert layout == {"compressed": False, "header_bytes": overhead,
                           "data_bytes": stored, "size": len(data)}
     else:
         head = container_mod.COMPRESSED_HEADER_SIZE
@@ -557,8 +569,7 @@ def test_plan_is_the_file_save_writes(tmp_path, tiny):
     assert save(tiny, path, hints=hints) == fp.size == len(fp.data)
     data = path.read_bytes()
     assert data == fp.data
-    (header_len,) = struct.unpack("<Q", data[:8])
-    assert fp.header_bytes == 8 + header_len  # the whole container overhead
+    assert fp.header_bytes == _overhead(data)  # the whole container overhead
     assert fp.data_bytes == sum(stored_bytes(t, hints.get(k))["total_bytes"]
                                 for k, t in tiny.state_dict().items())
     assert fp.encoded["conv2.weight"].encoding == "kofn"
@@ -715,3 +726,57 @@ def test_registry_and_errors():
     enc = encode(torch.ones(2, 2), "dense")
     with pytest.raises(StorageError):
         decode(type(enc)("bitmask", enc.dtype, enc.shape, {}, {}, {}))
+
+
+def _write_version_1(sd, path):
+    """A file as hwprune wrote it before version 2: one safetensors entry per array and the
+    whole document in the metadata."""
+    records, arrays = [], {}
+    for name, t in sd.items():
+        records.append(container_mod._record(name, choose(t), arrays))
+    doc = {"format": container_mod.FORMAT, "version": 1,
+           "sha256": container_mod._digest(records, arrays, 1), "tensors": records}
+    path.write_bytes(safetensors.numpy.save(
+        arrays, metadata={container_mod.META_KEY: container_mod._json(doc)}))
+
+
+def test_version_1_files_still_load_bitwise(tmp_path):
+    sd = pruned("2:4")
+    old = tmp_path / "v1.hwp"
+    _write_version_1(sd, old)
+    out = load(old)
+    assert list(out) == list(sd)
+    for name, t in sd.items():
+        assert_bits_equal(out[name], t)
+    layout = file_layout(old)
+    assert layout["data_bytes"] == sum(stored_bytes(t)["total_bytes"] for t in sd.values())
+    new = tmp_path / "v2.hwp"
+    save(sd, new)
+    # the packed document costs far less than one header entry (plus a JSON copy) per array
+    assert file_layout(new)["header_bytes"] * 3 < layout["header_bytes"]
+    bad = bytearray(old.read_bytes())
+    bad[-1] ^= 1
+    old.write_bytes(bytes(bad))
+    with pytest.raises(StorageError, match="checksum"):
+        load(old)
+
+
+def test_a_version_2_file_with_a_lying_array_list_is_refused(tmp_path):
+    sd = {"w": torch.arange(6, dtype=torch.float32)}
+    path = tmp_path / "m.hwp"
+    save(sd, path)
+    data = path.read_bytes()
+    stored = safetensors.numpy.load(data)
+    (header_len,) = struct.unpack("<Q", data[:8])
+    metadata = json.loads(data[8: 8 + header_len])["__metadata__"]
+    doc = json.loads(zlib.decompress(stored[container_mod.DOC_KEY].tobytes()))
+    for change in ({"count": 5}, {"count": 7}, {"dtype": "<c8"}, {"dtype": "|O"}):
+        lie = json.loads(json.dumps(doc))
+        key, dtype, count = lie["arrays"][0]
+        lie["arrays"][0] = [key, change.get("dtype", dtype), change.get("count", count)]
+        packed = {container_mod.DOC_KEY: np.frombuffer(
+            zlib.compress(json.dumps(lie).encode()), np.uint8),
+            container_mod.DATA_KEY: stored[container_mod.DATA_KEY]}
+        path.write_bytes(safetensors.numpy.save(packed, metadata=metadata))
+        with pytest.raises(StorageError):
+            load(path)

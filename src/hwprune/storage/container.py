@@ -6,36 +6,43 @@ it holds only arrays and strings: nothing in it is ever unpickled or executed. A
 flipped byte, a truncation, trailing bytes, a foreign file) raises ``StorageError`` before a
 single tensor is returned.
 
-File layout, uncompressed (the default): a plain safetensors file.
+File layout, uncompressed (the default): a safetensors file with two uint8 arrays.
 
 =============  ==========================================================================
 bytes          content
 =============  ==========================================================================
 [0, 8)         ``H``: u64 little-endian, length of the JSON header (safetensors)
-[8, 8+H)       the JSON header: for every array its dtype (U8/U16/U32/U64), shape and
-               offsets, and ``"__metadata__"`` (string -> string) with one key, ``"hwprune"``,
-               whose value is a JSON document: ``format`` = ``"hwprune.storage"``,
-               ``version`` = 1, ``sha256`` (hex digest, see ``_digest``) and ``tensors``, a list
-               with one record per tensor in state-dict order (name, encoding, dtype, shape,
-               the encoding's parameters ``meta``, and the names of its ``payload`` and
-               ``index`` arrays, stored under the keys ``"<name>/<array>"``); safetensors pads
-               the header with spaces to a multiple of 8 bytes
-[8+H, end)     the arrays' bytes, back to back with no padding
+[8, 8+H)       the JSON header: the two arrays' entries (dtype U8, shape, offsets) and
+               ``"__metadata__"``, whose one key ``"hwprune"`` holds the JSON
+               ``{"format":"hwprune.storage","version":2}``; safetensors pads the header with
+               spaces to a multiple of 8 bytes
+then           ``hwprune.doc``: the document, compact JSON compressed with zlib: ``sha256``
+               (see ``_digest``), ``tensors`` (one record per tensor in state-dict order:
+               name, encoding, dtype, shape, the encoding's parameters ``meta``, and the
+               names of its ``payload`` and ``index`` arrays) and ``arrays`` (``[key, dtype,
+               count]`` per array, keys ``"<name>/<array>"``, in the order of the data)
+               and ``hwprune.data``: every array's bytes, back to back with no padding
 =============  ==========================================================================
 
-So ``file size == 8 + H + sum(stored_bytes(t)["total_bytes"])`` over the tensors saved (with
-the same hints): the data section is exactly the payload + index bytes the report counts, and
-``8 + H`` is the container's whole overhead (``file_layout(path)`` reads both numbers).
+(safetensors orders the two arrays; the header's offsets say where each lies.) So
+``file size == 8 + H + len(doc) + sum(stored_bytes(t)["total_bytes"])`` over the tensors
+saved (with the same hints): ``hwprune.data`` is exactly the payload + index bytes the report
+counts, and ``8 + H + len(doc)`` is the container's whole overhead (``file_layout(path)``
+reads both numbers). Packing the arrays into one blob and compressing the document keeps that
+overhead near 1.5 KB for a CIFAR ResNet-20 (116 tensors); version 1, one safetensors entry
+per array with the document as a JSON string in the metadata, spent about 30 KB on it.
+``load`` reads version 1 files too.
 
 With ``compress="zlib"`` or ``"lzma"`` (stdlib codecs) the whole uncompressed file above is
-compressed and wrapped in a fixed header of ``COMPRESSED_HEADER_SIZE`` = 56 bytes:
+compressed and wrapped in a fixed header of ``COMPRESSED_HEADER_SIZE`` = 56 bytes (the
+wrapper has its own version, 1):
 
 =========  ====  ===================================================================
 offset     size  field
 =========  ====  ===================================================================
 0          8     magic ``b"HWPRUNEZ"`` (never the start of a safetensors file: as a u64
                  header length it would be about 6.5e18)
-8          1     container version (1)
+8          1     wrapper version (1)
 9          1     codec: 1 = zlib, 2 = lzma
 10         6     reserved, zero
 16         8     u64 little-endian: length of the uncompressed safetensors bytes
@@ -43,10 +50,11 @@ offset     size  field
 56         ...   the compressed body; ``file size == 56 + len(body)``
 =========  ====  ===================================================================
 
-The checksum (``sha256`` in the metadata) covers the format, version and tensors JSON, and every
-array's key, dtype, shape and bytes, so a changed byte in the data or in hwprune's metadata is
-caught even where safetensors would still parse the file. Writes are atomic: a temporary file
-in the same folder, fsync, then ``os.replace``.
+The checksum (``sha256`` in the document) covers the format, version and tensors JSON, and
+every array's key, dtype, shape and bytes, so a changed byte in the data or in hwprune's
+metadata is caught even where safetensors would still parse the file; the document itself is
+guarded by zlib's checksum, and it may inflate to ``MAX_DOC_BYTES`` at most. Writes are
+atomic: a temporary file in the same folder, fsync, then ``os.replace``.
 """
 
 from __future__ import annotations
@@ -78,8 +86,19 @@ __all__ = ["save", "load", "plan", "FilePlan", "file_layout", "FORMAT", "VERSION
            "COMPRESSED_HEADER_SIZE"]
 
 FORMAT = "hwprune.storage"
-VERSION = 1
+#: the version ``save`` writes; ``load`` also reads version 1 (one safetensors entry per array)
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
+#: version 2's two arrays: the zlib-compressed JSON document, and every array back to back
+DOC_KEY, DATA_KEY = "hwprune.doc", "hwprune.data"
+#: the most bytes a document may inflate to (a model with 10^4 tensors needs about 2 MB)
+MAX_DOC_BYTES = 256 << 20
+#: the array dtypes a file may declare (numpy's ``dtype.str``, little-endian)
+_ARRAY_DTYPES = {np.dtype(t).str: np.dtype(t) for t in
+                 ("|b1", "|u1", "<u2", "<u4", "<u8", "|i1", "<i2", "<i4", "<i8", "<f2", "<f4",
+                  "<f8")}
 MAGIC = b"HWPRUNEZ"
+WRAPPER_VERSION = 1  # the compressed wrapper's own version
 _CODECS = {"zlib": 1, "lzma": 2}
 _HEADER = struct.Struct("<8sBB6sQ32s")
 COMPRESSED_HEADER_SIZE = _HEADER.size  # 56
@@ -111,7 +130,7 @@ class FilePlan:
     """What ``save(obj, path, hints=hints)`` (uncompressed) writes, computed without writing.
 
     ``encoded``: each tensor's chosen ``EncodedTensor`` by name; ``data``: the file's bytes;
-    ``header_bytes`` = 8 + H (the length prefix and the JSON header, padding included);
+    ``header_bytes`` = 8 + H + the compressed document (everything but the tensors' data);
     ``data_bytes`` = the sum of the tensors' ``total_bytes``; ``size = header_bytes +
     data_bytes = len(data)``.
     """
@@ -136,11 +155,15 @@ def plan(obj: nn.Module | Mapping[str, Tensor],
     for name, t in state.items():
         encoded[name] = choose(t, hints.get(name))
         records.append(_record(name, encoded[name], arrays))
-    doc = {"format": FORMAT, "version": VERSION, "sha256": _digest(records, arrays),
-           "tensors": records}
+    doc = {"sha256": _digest(records, arrays, VERSION), "tensors": records,
+           "arrays": [[key, a.dtype.str, int(a.size)] for key, a in arrays.items()]}
+    blob = np.concatenate([a.view(np.uint8) for a in arrays.values()] or [np.zeros(0, np.uint8)])
+    packed = {DOC_KEY: np.frombuffer(zlib.compress(_json(doc).encode(), 9), np.uint8),
+              DATA_KEY: blob}
     # one metadata key: safetensors writes a multi-key metadata map in no fixed order, and the
     # same model should give the same bytes
-    data = safetensors.numpy.save(arrays, metadata={META_KEY: _json(doc)})
+    data = safetensors.numpy.save(
+        packed, metadata={META_KEY: _json({"format": FORMAT, "version": VERSION})})
     data_bytes = sum(e.total_bytes for e in encoded.values())
     return FilePlan(encoded, data, len(data) - data_bytes, data_bytes)
 
@@ -157,15 +180,16 @@ def load(path: str | os.PathLike) -> dict[str, Tensor]:
         raise StorageError(f"cannot read {path}: {err}") from err
     if data[: len(MAGIC)] == MAGIC:
         data = _unwrap(data)
-    metadata, data_bytes = _header(data)
+    meta, _, section = _header(data)
     try:
-        arrays = safetensors.numpy.load(data)
+        stored = safetensors.numpy.load(data)
     except Exception as err:  # safetensors raises its own error types for every malformed file
         raise StorageError(f"{path} is not an intact hwprune file: {err}") from err
-    if sum(int(a.nbytes) for a in arrays.values()) != data_bytes:
+    if sum(int(a.nbytes) for a in stored.values()) != section:
         raise StorageError(f"{path}: the data section does not match the arrays it declares")
-    tensors = metadata["tensors"]
-    if metadata.get("sha256") != _digest(tensors, arrays):
+    doc, arrays = (meta, stored) if meta["version"] == 1 else _unpack(stored, path)
+    tensors = doc["tensors"]
+    if doc.get("sha256") != _digest(tensors, arrays, meta["version"]):
         raise StorageError(f"{path}: checksum mismatch; the file is damaged")
     return _decode_all(tensors, arrays, path)
 
@@ -178,15 +202,17 @@ def _json(obj: Any) -> str:
 def file_layout(path: str | os.PathLike) -> dict[str, Any]:
     """How a file's bytes divide: ``{"compressed", "header_bytes", "data_bytes", "size"}``.
 
-    Uncompressed: ``header_bytes = 8 + H`` and ``data_bytes`` = the arrays' bytes (= the sum of
-    the tensors' ``total_bytes``). Compressed: ``header_bytes = 56``, ``data_bytes`` = the
-    compressed body. Reads headers only; use ``load`` to verify a file.
+    Uncompressed: ``header_bytes = 8 + H + len(doc)`` (version 1: ``8 + H``) and
+    ``data_bytes`` = the arrays' bytes (= the sum of the tensors' ``total_bytes``).
+    Compressed: ``header_bytes = 56``, ``data_bytes`` = the compressed body. Reads headers
+    only; use ``load`` to verify a file.
     """
     data = Path(path).read_bytes()
     if data[: len(MAGIC)] == MAGIC:
         return {"compressed": True, "header_bytes": COMPRESSED_HEADER_SIZE,
                 "data_bytes": len(data) - COMPRESSED_HEADER_SIZE, "size": len(data)}
-    _, data_bytes = _header(data)
+    meta, entries, section = _header(data)
+    data_bytes = section if meta["version"] == 1 else _entry_bytes(entries, DATA_KEY)
     return {"compressed": False, "header_bytes": len(data) - data_bytes,
             "data_bytes": data_bytes, "size": len(data)}
 
@@ -221,7 +247,7 @@ def _record(name: str, enc: EncodedTensor, arrays: dict[str, np.ndarray]) -> dic
             "shape": list(enc.shape), "meta": enc.meta, **keys}
 
 
-def _digest(tensors: list, arrays: Mapping[str, np.ndarray]) -> str:
+def _digest(tensors: list, arrays: Mapping[str, np.ndarray], version: int) -> str:
     """SHA-256 over the format, version, tensor records (as ``_json``) and every array (key,
     dtype, shape, bytes; sorted by key), each part length-prefixed so parts cannot shift."""
     h = hashlib.sha256()
@@ -230,7 +256,7 @@ def _digest(tensors: list, arrays: Mapping[str, np.ndarray]) -> str:
         h.update(len(b).to_bytes(8, "little"))
         h.update(b)
 
-    for text in (FORMAT, str(VERSION), _json(tensors)):
+    for text in (FORMAT, str(version), _json(tensors)):
         part(text.encode())
     for key in sorted(arrays):
         a = np.ascontiguousarray(arrays[key])
@@ -242,7 +268,7 @@ def _digest(tensors: list, arrays: Mapping[str, np.ndarray]) -> str:
 
 def _wrap(data: bytes, codec: str) -> bytes:
     body = zlib.compress(data, 9) if codec == "zlib" else lzma.compress(data)
-    head = _HEADER.pack(MAGIC, VERSION, _CODECS[codec], bytes(6), len(data),
+    head = _HEADER.pack(MAGIC, WRAPPER_VERSION, _CODECS[codec], bytes(6), len(data),
                         hashlib.sha256(body).digest())
     return head + body
 
@@ -269,7 +295,7 @@ def _unwrap(data: bytes) -> bytes:
         raise StorageError("compressed hwprune file is truncated (shorter than its header)")
     magic, version, codec, reserved, size, digest = _HEADER.unpack_from(data)
     body = data[COMPRESSED_HEADER_SIZE:]
-    if version != VERSION or reserved != bytes(6) or codec not in _CODECS.values():
+    if version != WRAPPER_VERSION or reserved != bytes(6) or codec not in _CODECS.values():
         raise StorageError(f"unsupported compressed container (version {version}, codec {codec})")
     if hashlib.sha256(body).digest() != digest:
         raise StorageError("checksum mismatch in the compressed body; the file is damaged")
@@ -292,8 +318,9 @@ def _unwrap(data: bytes) -> bytes:
     return out
 
 
-def _header(data: bytes) -> tuple[dict[str, Any], int]:
-    """hwprune's metadata from the safetensors header, checked; and the data section's size."""
+def _header(data: bytes) -> tuple[dict[str, Any], dict[str, Any], int]:
+    """The safetensors header, checked: hwprune's metadata (version 1: the whole document;
+    version 2: format and version only), the array entries, and the data section's size."""
     if len(data) < PREFIX_SIZE:
         raise StorageError("not an hwprune file: shorter than the 8-byte header length")
     (length,) = struct.unpack_from("<Q", data)
@@ -301,20 +328,61 @@ def _header(data: bytes) -> tuple[dict[str, Any], int]:
         raise StorageError("not an intact hwprune file: the header runs past the end (truncated?)")
     try:
         header = json.loads(data[PREFIX_SIZE: PREFIX_SIZE + length])
-        meta = json.loads(header["__metadata__"][META_KEY])
-        fmt, version, tensors = meta.get("format"), meta.get("version"), meta.get("tensors")
+        meta = json.loads(header.pop("__metadata__")[META_KEY])
+        fmt, version = meta.get("format"), meta.get("version")
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise StorageError(f"not an hwprune file: unreadable header ({err})") from err
     if fmt != FORMAT:
         raise StorageError(f"not an hwprune file (format {fmt!r})")
-    if version != VERSION:
+    if version not in READABLE_VERSIONS:
         raise StorageError(
-            f"hwprune container version {version!r} is not supported (this is version "
-            f"{VERSION}); upgrade hwprune"
+            f"hwprune container version {version!r} is not supported (this hwprune reads "
+            f"versions {', '.join(map(str, READABLE_VERSIONS))}); upgrade hwprune"
         )
-    if not isinstance(tensors, list):
+    if version == 1 and not isinstance(meta.get("tensors"), list):
         raise StorageError("not an intact hwprune file: the tensors record is not a list")
-    return meta, len(data) - PREFIX_SIZE - length
+    return meta, header, len(data) - PREFIX_SIZE - length
+
+
+def _entry_bytes(entries: dict[str, Any], key: str) -> int:
+    """The byte size safetensors' header declares for the array ``key``."""
+    try:
+        start, end = entries[key]["data_offsets"]
+        return int(end) - int(start)
+    except (KeyError, TypeError, ValueError) as err:
+        raise StorageError(f"not an intact hwprune file: no valid entry {key!r}") from err
+
+
+def _unpack(stored: dict[str, np.ndarray], path: Any) -> tuple[dict[str, Any], dict]:
+    """Version 2: the document (inflated, at most ``MAX_DOC_BYTES``) and the arrays it
+    declares, cut from the data blob in order; the blob must be used exactly."""
+    if set(stored) != {DOC_KEY, DATA_KEY}:
+        raise StorageError(f"{path}: a version 2 file holds the arrays {DOC_KEY!r} and "
+                           f"{DATA_KEY!r} only; found {sorted(stored)}")
+    inflate = zlib.decompressobj()
+    try:
+        raw = inflate.decompress(stored[DOC_KEY].tobytes(), MAX_DOC_BYTES + 1)
+        complete = inflate.eof and not inflate.unused_data and len(raw) <= MAX_DOC_BYTES
+        doc = json.loads(raw) if complete else None
+    except (zlib.error, ValueError) as err:
+        raise StorageError(f"{path}: unreadable document ({err}); the file is damaged") from err
+    if not isinstance(doc, dict) or not isinstance(doc.get("tensors"), list):
+        raise StorageError(f"{path}: the document is incomplete or not a tensor list")
+    blob, arrays, offset = stored[DATA_KEY], {}, 0
+    try:
+        for key, dtype, count in doc["arrays"]:
+            dt = _ARRAY_DTYPES[dtype]
+            end = offset + dt.itemsize * int(count)
+            if count < 0 or end > blob.size:
+                raise StorageError(f"{path}: array {key!r} runs past the data section")
+            arrays[key] = np.frombuffer(blob, dt, int(count), offset).copy()
+            offset = end
+    except (KeyError, TypeError, ValueError) as err:
+        raise StorageError(f"{path}: malformed array list ({type(err).__name__}: {err})") \
+            from err
+    if offset != blob.size:
+        raise StorageError(f"{path}: the data section is longer than the arrays it declares")
+    return doc, arrays
 
 
 def _decode_all(tensors: list, arrays: dict[str, np.ndarray], path: Any) -> dict[str, Tensor]:
