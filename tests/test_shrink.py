@@ -76,6 +76,7 @@ def test_resnet_channels_and_a_whole_block(option):
     assert _macs(model, x) - _macs(small, x) == removed_macs * len(x)
     assert r.branches == ["layer2.1.bn2"]
     assert "layer2.1.conv1" not in dict(small.named_modules())
+    assert isinstance(small, torch.fx.GraphModule)  # a branch gone: the graph was rewritten
 
 
 def test_constant_channel_into_padded_conv_stays_with_reason():
@@ -248,6 +249,24 @@ def test_unsupported_custom_op_keeps_channels_with_a_message():
     # traced through, the channel mean is an op shrink does not model either
     r2 = shrink(model, x, return_result=True)
     assert "c1" not in r2.layers and any("mean" in k.reason for k in r2.kept)
+
+
+def test_narrowed_layers_come_back_in_the_models_own_class():
+    model = _randomize_bn(SmallCNN(width=8))
+    with torch.no_grad():
+        model.conv3[0].weight[1] = 0  # its BatchNorm shift is a constant: folded downstream
+        model.conv3[1].bias[1] = 0.7
+    x = torch.randn(4, 1, 8, 8)
+    r = shrink(model, x, return_result=True)
+    assert type(r.model) is SmallCNN and r.folded
+    assert r.model.conv3[0].out_channels == 15 and r.params_after < r.params_before
+    assert _max_diff(model, r.model, torch.randn(5, 1, 8, 8)) < 1e-4
+    # nothing to remove: the same class, computing bit for bit what the input model computes
+    dense = _randomize_bn(SmallCNN(width=8), seed=1)
+    same = shrink(dense, x)
+    assert type(same) is SmallCNN and same is not dense
+    with torch.no_grad():
+        assert torch.equal(same(x), dense(x))
 
 
 def test_wrong_result_is_refused(monkeypatch):
