@@ -3,7 +3,7 @@
 ``hp.shrink`` returns the model's own class where it only narrowed layers, and a
 GraphModule where it had to rewrite the graph. This measures the price of the second: the
 same model, with the same weights, run as itself and as ``torch.fx.symbolic_trace(model)``,
-timed in turns (``paired_median`` of shrink_latency.py); the models are the digits CNN and
+timed in turns (``medians_in_turns`` of shrink_latency.py); the models are the digits CNN and
 the pretrained CIFAR ResNet-20, at batch 1 and 64.
 
     python bench/fx_overhead.py [--threads 1] [--repeats 300]
@@ -21,7 +21,7 @@ import torch
 import torch.fx
 
 from results_log import machine
-from shrink_latency import OUT, load, paired_median
+from shrink_latency import OUT, load, medians_in_turns
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
             with torch.no_grad():
                 assert torch.equal(model(x), traced(x))  # the same function, bit for bit
             repeats = args.repeats if batch == 1 else max(args.repeats // 10, 10)
-            own, fx = paired_median(model, traced, x, repeats)
+            own, fx = medians_in_turns([model, traced], x, repeats)
             rows.append({"model": name, "batch": batch, "repeats": repeats,
                          "ms_own_class": round(own * 1e3, 4),
                          "ms_graph_module": round(fx * 1e3, 4),

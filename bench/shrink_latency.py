@@ -5,8 +5,9 @@ Channel pruning is one-shot ``hp.Magnitude(structure="channel")`` on the inner c
 residual block (``layer*.conv2``: its zero input channels let ``shrink`` remove the matching
 filters of ``conv1`` too) of the pretrained akamaster CIFAR ResNet-20/56, and on ``conv2``/``conv3``
 of the digits SmallCNN (random init: latency does not depend on the values). No fine-tuning:
-only time is measured here. Dense and shrunk forward passes alternate within one loop (so load
-from other processes hits both alike); the median over the repeats is reported.
+only time is measured here. The dense, shrunk, and shrunk + BatchNorm-folded forward passes
+alternate within one loop (so load from other processes hits them alike); the median over the
+repeats is reported.
 
     python bench/shrink_latency.py [--threads 1] [--repeats 30]
 
@@ -41,18 +42,19 @@ def macs(model: torch.nn.Module, x: torch.Tensor) -> int:
     return counter.get_total_flops() // 2
 
 
-def paired_median(a, b, x: torch.Tensor, repeats: int) -> tuple[float, float]:
-    """Median seconds per forward of ``a`` and ``b``, measured alternately."""
-    ta, tb = [], []
+def medians_in_turns(models: list, x: torch.Tensor, repeats: int) -> list[float]:
+    """Median seconds per forward of each model, the models measured in turns."""
+    times: list[list[float]] = [[] for _ in models]
     with torch.inference_mode():
         for _ in range(3):
-            a(x), b(x)
+            for m in models:
+                m(x)
         for _ in range(repeats):
-            for m, t in ((a, ta), (b, tb)):
+            for m, t in zip(models, times, strict=True):
                 start = time.perf_counter()
                 m(x)
                 t.append(time.perf_counter() - start)
-    return statistics.median(ta), statistics.median(tb)
+    return [statistics.median(t) for t in times]
 
 
 def load(name: str) -> tuple[torch.nn.Module, tuple, object]:
@@ -74,11 +76,12 @@ def build(name: str, sparsity: float) -> tuple[torch.nn.Module, torch.nn.Module,
 
 def run(name: str, sparsity: float, batch: int, repeats: int) -> dict:
     dense, small, shape = build(name, sparsity)
+    folded = hp.fold_batchnorm(small, torch.randn(2, *shape))
     x = torch.randn(batch, *shape)
     with torch.no_grad():
         diff = float((dense(x) - small(x)).abs().max()) if sparsity == 0 else None
     md, ms = macs(dense, x[:1]), macs(small, x[:1])
-    td, ts = paired_median(dense, small, x, repeats)
+    td, ts, tf = medians_in_turns([dense, small, folded], x, repeats)
     ideal, measured = md / ms, td / ts
     return {"model": name, "sparsity": sparsity, "batch": batch, "repeats": repeats,
             "params_dense": sum(p.numel() for p in dense.parameters()),
@@ -86,6 +89,8 @@ def run(name: str, sparsity: float, batch: int, repeats: int) -> dict:
             "macs_dense": md, "macs_shrunk": ms, "mac_reduction": round(ideal, 3),
             "ms_dense": round(td * 1e3, 3), "ms_shrunk": round(ts * 1e3, 3),
             "speedup": round(measured, 3), "speedup_over_ideal": round(measured / ideal, 3),
+            "ms_folded": round(tf * 1e3, 3), "speedup_folded": round(td / tf, 3),
+            "speedup_folded_over_ideal": round(td / tf / ideal, 3),
             "max_abs_diff_unpruned": diff, "threads": torch.get_num_threads()}
 
 
@@ -93,18 +98,23 @@ def write_markdown(records: list[dict], command: str) -> None:
     lines = ["# Dense against shrunk: CPU latency", "",
              f"Command: `{command}`. Machine: {MACHINE}, "
              f"`torch.set_num_threads({records[0]['threads']})`. One-shot channel magnitude "
-             "pruning (no fine-tuning; only time is measured), `hp.shrink`, then dense and "
-             "shrunk forward passes alternated in one loop; median of the repeats. MACs measured "
-             "with `FlopCounterMode` (batch 1). `speed-up / ideal` = measured speed-up divided by "
-             "the MAC reduction.", "",
+             "pruning (no fine-tuning; only time is measured), `hp.shrink`, and the shrunk "
+             "model with its BatchNorms folded (`hp.fold_batchnorm`); the three forward passes "
+             "run in turns in one loop; median of the repeats. MACs measured with "
+             "`FlopCounterMode` (batch 1). `/ ideal` = measured speed-up divided by the MAC "
+             "reduction.", "",
              "| model | channel sparsity | batch | params dense | params shrunk | MAC reduction "
-             "| ms dense | ms shrunk | speed-up | speed-up / ideal |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| ms dense | ms shrunk | speed-up | / ideal | ms shrunk + folded | speed-up "
+             "| / ideal |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+             "| ---: |"]
     for r in records:
         lines.append(
             f"| {r['model']} | {r['sparsity']:.2f} | {r['batch']} | {r['params_dense']:,} | "
             f"{r['params_shrunk']:,} | {r['mac_reduction']:.2f}x | {r['ms_dense']:.2f} | "
-            f"{r['ms_shrunk']:.2f} | {r['speedup']:.2f}x | {r['speedup_over_ideal']:.2f} |")
+            f"{r['ms_shrunk']:.2f} | {r['speedup']:.2f}x | {r['speedup_over_ideal']:.2f} | "
+            f"{r['ms_folded']:.2f} | {r['speedup_folded']:.2f}x | "
+            f"{r['speedup_folded_over_ideal']:.2f} |")
     (OUT / "shrink_latency.md").write_text("\n".join(lines) + "\n")
 
 

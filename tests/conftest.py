@@ -55,3 +55,28 @@ def fit_full_batch(model, pruner, optimizer, x, y, steps):
         loss.backward()
         optimizer.step()
         pruner.step()
+
+
+# -- shared by the shrink and fold tests --------------------------------------------------------
+
+
+def _randomize_bn(model, seed=0):
+    """Running statistics and affine parameters away from their defaults, so a zero filter's
+    BatchNorm output is a nonzero constant (the case that needs folding)."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    return model.eval()
+
+
+def _params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def _max_diff(a, b, x):
+    with torch.no_grad():
+        return float((a.eval()(x) - b.eval()(x)).abs().max())

@@ -222,6 +222,18 @@ def test_a_killed_subprocess_resumes_to_the_same_result(tmp_path):
 # -- output folders -----------------------------------------------------------------------------
 
 
+def test_the_deployable_is_shrunk_and_folded_when_the_recipe_says_so(tmp_path):
+    recipe = tiny("Magnitude", dense_epochs=1, prune_epochs=1, finetune_epochs=0)
+    recipe["end"] = {"latency": True, "shrink": True, "fold_batchnorm": True}
+    recipe["method"] = {"name": "Magnitude", "structure": "channel", "sparsity": 0.5}
+    out = tmp_path / "out"
+    assert main(["run", write(tmp_path, recipe), "--out", str(out)]) == 0
+    stored = hp.load(out / "model.hwp")
+    assert not [k for k in stored if "running_mean" in k]  # every BatchNorm went into a conv
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["latency_ms"] > 0 and summary["kept_params"] < summary["params"]
+
+
 def test_finished_runs_are_kept_unless_forced(tmp_path, capsys):
     path = write(tmp_path, tiny("Magnitude", dense_epochs=0, prune_epochs=1, finetune_epochs=0))
     out = tmp_path / "out"

@@ -14,38 +14,16 @@ import hwprune as hp
 from hwprune.models import PadShortcut, SmallCNN, densenet_bc, resnet20
 from hwprune.shrink import ShrinkError, shrink
 
-from conftest import TinyLSTM
+from conftest import TinyLSTM, _max_diff, _params, _randomize_bn
 
 # the module, not the function hp.shrink that shadows it as an attribute of the package
 shrink_mod = sys.modules["hwprune.shrink"]
-
-
-def _randomize_bn(model, seed=0):
-    """Running statistics and affine parameters away from their defaults, so a zero filter's
-    BatchNorm output is a nonzero constant (the case that needs folding)."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-    return model.eval()
 
 
 def _macs(model, x):
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model.eval()(x)
     return counter.get_total_flops() // 2
-
-
-def _params(model):
-    return sum(p.numel() for p in model.parameters())
-
-
-def _max_diff(a, b, x):
-    with torch.no_grad():
-        return float((a.eval()(x) - b.eval()(x)).abs().max())
 
 
 @pytest.mark.parametrize("option", ["A", "B"])

@@ -14,6 +14,7 @@ from .errors import (
     TargetError,
 )
 from .export import export_model
+from .fold import FoldError, fold_batchnorm
 from .methods import ADMM, DARB, DPP, PSP, Magnitude, Pruner
 from .report import Report, report
 from .shrink import ShrinkError, ShrinkResult, shrink
@@ -33,6 +34,8 @@ __all__ = [
     "shrink",
     "ShrinkResult",
     "ShrinkError",
+    "fold_batchnorm",
+    "FoldError",
     "to_sparse_kernels",
     "export_model",
     "save",

@@ -41,6 +41,7 @@ A recipe has these sections (every key optional except ``model.name``; defaults 
     end:
       finalize: true            # bake the pattern into plain modules
       shrink: false             # physically remove empty channels (needs hwprune.shrink)
+      fold_batchnorm: false     # fold inference BatchNorm into the conv/linear before it
       save: true                # hp.save the deployable model to model.hwp
       report: true              # report.md / report.json
       plots: true               # PNGs (skipped with a note when matplotlib is missing)
@@ -194,6 +195,7 @@ SCHEMA: dict[str, Any] = {
     "end": {
         "finalize": _bool(True),
         "shrink": _bool(False),
+        "fold_batchnorm": _bool(False),
         "save": _bool(True),
         "report": _bool(True),
         "plots": _bool(True),

@@ -523,7 +523,8 @@ class Run:
 
     # -- the end ---------------------------------------------------------------------------------
     def finish(self, out: Path, info: dict[str, Any]) -> dict[str, Any]:
-        """Finalize, (recalibrate, shrink,) evaluate, report, save, time; write the results."""
+        """Finalize, (recalibrate,) evaluate, (shrink, fold BatchNorm,) report, save, time;
+        write the results."""
         end, model = self.cfg["end"], self.model
         if self.pruner is not None and end["finalize"]:
             self.pruner.finalize()
@@ -537,6 +538,10 @@ class Run:
             import hwprune
 
             deployable = hwprune.shrink(model, self.example)
+        if end["fold_batchnorm"]:  # inference BatchNorm into the layer before it
+            from .fold import fold_batchnorm
+
+            deployable = fold_batchnorm(deployable, self.example)
         dense = self._new_model().eval()
         summary: dict[str, Any] = {
             "name": self.cfg["name"], "model": self.cfg["model"]["name"],
