@@ -5,9 +5,9 @@ the CLI's own), started from the pretrained checkpoint and given the same traini
 ``--epochs`` epochs over the same ``--train-subset`` images (batch 128, SGD, cosine learning
 rate, augmentation), split into a pruning and a fine-tuning phase where the method has one.
 Every result is finalized, shrunk (entirely zero channels removed), saved with ``hp.save``
-(the stored bytes include the index overhead) and timed at batch 1 on this CPU against the
-dense model in the same run. Targets: every conv but the first (and, for Magnitude/DARB,
-nothing else: the classifier stays dense).
+(the stored bytes of the conv and linear weights include the index overhead) and timed at
+batch 1 on this CPU against the dense model in the same run. Targets: every conv but the
+first (and, for Magnitude/DARB, nothing else: the classifier stays dense).
 
     python bench/leaderboard.py --out bench/results/leaderboard
 
@@ -104,8 +104,10 @@ def main(argv=None) -> int:
             f"for all: {args.epochs} epochs over {args.train_subset} training images (batch "
             f"128, SGD lr {args.lr}, momentum 0.9, cosine, augmentation), from the pretrained "
             f"checkpoint; test: {args.test_subset or 'the 10,000'} CIFAR-10 test images. Every "
-            "conv but the stem is pruned. Stored bytes: the `hp.save` file of the finalized, "
-            "shrunk model (index overhead included); latency: batch 1, median, against the "
+            "conv but the stem is pruned. Stored bytes: the conv and linear weights of the "
+            "finalized, shrunk model as `hp.save` stores them, index included (the whole file, "
+            "with BatchNorm, biases and header, is `file_bytes` in the JSON); latency: batch 1, "
+            "median, against the "
             "dense model timed in the same run. Each row's command is listed below the table "
             f"(the recipes are in `{out.name}_recipes/`).\n\n")
         out.with_suffix(".md").write_text(header + compare_markdown(rows))

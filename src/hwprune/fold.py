@@ -27,7 +27,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from .errors import HwpruneError
-from .shrink import _as_tuple, _outputs
+from .shrink import _example_args, _outputs
 
 __all__ = ["fold_batchnorm", "FoldError"]
 
@@ -51,9 +51,10 @@ def fold_batchnorm(model: nn.Module, example_inputs: Any, *, atol: float = 1e-4,
             arithmetic, so the outputs match to rounding, not bitwise).
 
     Raises:
-        FoldError: the model cannot be traced by torch.fx, or the folded copy differs.
+        FoldError: bad ``example_inputs``, a model torch.fx cannot trace, or a folded copy
+            that differs.
     """
-    args = _as_tuple(example_inputs)
+    args = _example_args(example_inputs, FoldError)
     work = copy.deepcopy(model).eval()
     try:
         traced = fx.GraphModule(work, fx.Tracer().trace(work))

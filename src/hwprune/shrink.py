@@ -652,8 +652,14 @@ def _trace(model: nn.Module, leaf_modules: tuple[type, ...]) -> fx.GraphModule:
     return fx.GraphModule(model, graph, type(model).__name__)
 
 
-def _as_tuple(example_inputs: Any) -> tuple:
-    return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+def _example_args(example_inputs: Any, error: type[Exception]) -> tuple:
+    """``example_inputs`` as positional arguments; anything but a tensor or a tuple of
+    tensors raises ``error``."""
+    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    if not all(isinstance(a, Tensor) for a in args):
+        raise error("example_inputs must be a tensor or a tuple of tensors, got "
+                    f"{[type(a).__name__ for a in args]}")
+    return args
 
 
 def _outputs(out: Any) -> list[Tensor]:
@@ -733,10 +739,7 @@ def shrink(model: nn.Module, example_inputs: Any, *, atol: float = 1e-4, rtol: f
         raise ShrinkError("shrink the bare model (ddp.module), not its DistributedDataParallel "
                           "wrapper; the result has new parameters: wrap it in a new "
                           "DistributedDataParallel to train it further")
-    args = _as_tuple(example_inputs)
-    if not all(isinstance(a, Tensor) for a in args):
-        raise ShrinkError("example_inputs must be a tensor or a tuple of tensors, got "
-                          f"{[type(a).__name__ for a in args]}")
+    args = _example_args(example_inputs, ShrinkError)
     work = copy.deepcopy(model).eval()  # the user's model keeps its weights and its mode
     with torch.no_grad():
         reference = _outputs(work(*args))
