@@ -781,7 +781,8 @@ def _in_own_class(work: nn.Module, gm: fx.GraphModule, args: tuple,
                   got: list[Tensor]) -> nn.Module | None:
     """``work`` (a copy of the input model) with the modules and attributes of ``gm``'s graph
     put in place, when the graph is the traced one unchanged: the user's class, its forward
-    and methods, and no fx call overhead (about 8 % of a batch-1 forward of the digits CNN).
+    and methods, and no fx call overhead (5-7 % of a batch-1 forward of the digits CNN,
+    bench/results/fx_overhead.md).
     None if it does not compute exactly what ``gm`` computes."""
     for node in gm.graph.nodes:
         if node.op == "call_module":
