@@ -85,9 +85,9 @@ def _pairs(model: nn.Module, graph: fx.Graph) -> list[tuple[str, str]]:
     calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
     pairs = []
     for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(model.get_submodule(node.target), _BN):
+        bn = model.get_submodule(node.target) if node.op == "call_module" else None
+        if not isinstance(bn, _BN):
             continue
-        bn = model.get_submodule(node.target)
         src = node.args[0] if node.args else None
         if (not isinstance(src, fx.Node) or src.op != "call_module" or len(src.users) != 1
                 or calls[src.target] != 1 or calls[node.target] != 1
