@@ -34,7 +34,7 @@ from torch.utils.data import Subset
 import hwprune as hp
 from hwprune.data import augment_cifar, data_dir, load_cifar10
 from hwprune.models import load_pretrained
-from hwprune.plots import mask_metric_curves
+from hwprune.report.plots import mask_metric_curves
 from hwprune.training import evaluate, make_loader, train_epoch
 from results_log import ResultLog
 

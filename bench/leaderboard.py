@@ -22,10 +22,10 @@ import json
 import sys
 from pathlib import Path
 
-from hwprune.compare import compare_markdown, compare_plot, load_runs
+from hwprune.app.compare import compare_markdown, compare_plot, load_runs
+from hwprune.app.recipe import dump, resolve
+from hwprune.app.runner import Run, machine
 from hwprune.errors import HwpruneError
-from hwprune.recipe import dump, resolve
-from hwprune.runner import Run, machine
 
 PRETRAINED = "weights/cifar10-resnet20-akamaster.th"
 CONVS = "layer*"  # the stem conv and the classifier stay dense for every method

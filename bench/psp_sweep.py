@@ -36,7 +36,7 @@ from torch import nn
 import hwprune as hp
 from hwprune.data import augment_cifar, data_dir, load_cifar10, load_digits
 from hwprune.models import SmallCNN, load_pretrained
-from hwprune.plots import alpha_histograms
+from hwprune.report.plots import alpha_histograms
 from hwprune.schedules import Cubic
 from hwprune.training import evaluate, make_loader, recalibrate_batchnorm, train_epoch
 from results_log import ResultLog

@@ -3,8 +3,9 @@
 Weights of realistic Linear shapes (out x in: a 512-wide MLP, a BERT-base FFN up/down
 projection, a 1024-wide square layer), pruned at random to each sparsity: element-wise
 (irregular, for CSR) and in 16x16 blocks (for BSR, the block size ``to_sparse_kernels`` tries
-first). Timed: ``F.linear`` dense, and the ``SparseLinear`` module of ``hwprune.sparse_kernels``
-(``torch.sparse.mm`` on the sparse weight), median over the repeats, at batch 1 and 64 rows.
+first). Timed: ``F.linear`` dense, and the ``SparseLinear`` module of
+``hwprune.deploy.sparse_kernels`` (``torch.sparse.mm`` on the sparse weight), median over the
+repeats, at batch 1 and 64 rows.
 
     python bench/sparse_linear_cpu.py [--threads 1] [--repeats 20]
 
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from hwprune.sparse_kernels import SparseLinear, _timer
+from hwprune.deploy.sparse_kernels import SparseLinear, _timer
 from results_log import ResultLog, machine
 
 OUT = Path(__file__).parent / "results"
@@ -59,7 +60,7 @@ def write_markdown(records: list[dict], command: str, threads: int) -> None:
     lines = ["# Sparse CSR/BSR Linear against dense (CPU)", "",
              f"Command: `{command}`. Machine: {MACHINE}, `torch.set_num_threads({threads})`. "
              "Random element-wise sparsity for CSR, random 16x16-block sparsity for BSR; "
-             "`torch.sparse.mm` through `hwprune.sparse_kernels.SparseLinear` against "
+             "`torch.sparse.mm` through `hwprune.deploy.sparse_kernels.SparseLinear` against "
              "`F.linear`; median ms of the repeats. Speed-up > 1: sparse is faster.", "",
              "| shape (out x in) | batch | sparsity | dense ms | CSR ms | CSR speed-up | "
              "BSR 16x16 ms | BSR speed-up |",

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from hwprune.cli import main
-from hwprune.demo import DEMO_RECIPES
+from hwprune.app.cli import main
+from hwprune.app.demo import DEMO_RECIPES
 
 
 def test_demo_runs_every_method_and_writes_one_table(tmp_path, capsys):

@@ -9,7 +9,7 @@ import torch
 import yaml
 
 import hwprune as hp
-from hwprune.cli import main
+from hwprune.app.cli import main
 from hwprune.models import SmallCNN
 from test_cli_run import _one_thread  # noqa: F401 (autouse: one thread on a shared CPU)
 

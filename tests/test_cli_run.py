@@ -18,9 +18,9 @@ import torch
 import yaml
 
 import hwprune as hp
-from hwprune.cli import main
-from hwprune.recipe import load_recipe
-from hwprune.runner import Interrupted, Run
+from hwprune.app.cli import main
+from hwprune.app.recipe import load_recipe
+from hwprune.app.runner import Interrupted, Run
 
 # the methods of this hwprune, each with tiny settings that prune something in a few steps
 METHODS = {
@@ -199,7 +199,7 @@ def test_a_killed_subprocess_resumes_to_the_same_result(tmp_path):
     path = write(tmp_path, recipe)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "hwprune.cli", "run", path, "--out", str(out)]
+    cmd = [sys.executable, "-m", "hwprune.app.cli", "run", path, "--out", str(out)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     deadline = time.time() + 60

@@ -94,7 +94,7 @@ def _method_param_ids_in_model(pruner):
 def _run(cfg, out, on_step=None):
     from rich.console import Console
 
-    from hwprune.runner import Run
+    from hwprune.app.runner import Run
 
     return Run(cfg, console=Console(file=open(os.devnull, "w")), on_step=on_step).execute(out)
 
@@ -115,8 +115,8 @@ def _worker(rank, port, root):
 
     # a Run: uninterrupted, then stopped by rank 1 alone and resumed; rank 1 is given its
     # own (never used) folder to show that it writes nothing
-    from hwprune.recipe import resolve
-    from hwprune.runner import Interrupted, Run
+    from hwprune.app.recipe import resolve
+    from hwprune.app.runner import Interrupted, Run
 
     cfg = resolve(RECIPE)
     mine = (lambda p: root / p) if rank == 0 else (lambda p: root / f"{p}-rank1")
@@ -254,7 +254,7 @@ def test_a_stop_asked_by_one_rank_stops_all_and_the_run_resumes_exactly(ranks):
 def test_torchrun_resumes_the_interrupted_run_from_the_command_line(ranks, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(ranks / "interrupted", out)
-    from hwprune.recipe import dump, resolve
+    from hwprune.app.recipe import dump, resolve
 
     recipe = tmp_path / "ddp-tiny.yaml"
     recipe.write_text(dump(resolve(RECIPE)))
@@ -301,8 +301,8 @@ def test_shrink_wants_the_bare_model_and_its_result_is_wrapped_anew(world_of_one
 def test_a_run_ends_only_the_process_group_it_started(world_of_one):
     from rich.console import Console
 
-    from hwprune.recipe import resolve
-    from hwprune.runner import Run
+    from hwprune.app.recipe import resolve
+    from hwprune.app.runner import Run
 
     run = Run(resolve(RECIPE), console=Console(file=open(os.devnull, "w")))
     run.close()

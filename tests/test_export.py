@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import hwprune as hp
+from hwprune.deploy.export import export_model
 from hwprune.errors import ConfigError
-from hwprune.export import export_model
 from hwprune.models import resnet20
 
 

@@ -97,7 +97,7 @@ def test_untraceable_models_and_wrong_results_are_refused(monkeypatch):
         hp.fold_batchnorm(Branchy(), torch.randn(2))
     with pytest.raises(hp.FoldError, match="tensor or a tuple of tensors"):
         hp.fold_batchnorm(SmallCNN(), [1, 2])
-    fold_mod = __import__("sys").modules["hwprune.fold"]
+    fold_mod = __import__("sys").modules["hwprune.deploy.fold"]
     monkeypatch.setattr(fold_mod, "fuse_conv_bn_eval", lambda conv, bn: conv)  # forget bn
     with pytest.raises(hp.FoldError, match="refusing"):
         hp.fold_batchnorm(_randomize_bn(SmallCNN(width=8)), torch.randn(2, 1, 8, 8))

@@ -7,7 +7,8 @@ import torch
 
 import hwprune as hp
 from hwprune.errors import HwpruneError
-from hwprune.plots import (
+from hwprune.report import weights_of
+from hwprune.report.plots import (
     alpha_histograms,
     block_size_histograms,
     kept_fraction_bars,
@@ -15,7 +16,6 @@ from hwprune.plots import (
     mask_metric_curves,
     write_plots,
 )
-from hwprune.report import weights_of
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import hwprune as hp
 from hwprune import models
-from hwprune.recipe import (
+from hwprune.app.recipe import (
     RecipeError,
     find_recipe,
     load_recipe,
@@ -21,7 +21,7 @@ from hwprune.recipe import (
     resolve,
     shipped_recipes,
 )
-from hwprune.runner import Run
+from hwprune.app.runner import Run
 
 DATA = Path(os.environ.get("HWPRUNE_DATA_DIR", "/work/shared/data"))
 PAPERS = ("psp", "dpp", "admm", "darb")
@@ -152,7 +152,7 @@ def test_schedules_and_lists_become_objects_and_tuples():
 @given(st.floats(min_value=-1e3, max_value=1e3, allow_nan=False))
 def test_set_parses_numbers_like_the_recipe_file(lr):
     # every float --set writes (repr, with or without exponent) is read back exactly
-    from hwprune.recipe import apply_overrides
+    from hwprune.app.recipe import apply_overrides
 
     raw = {"model": {"name": "small_cnn"}}
     for text in (repr(lr), f"{lr:e}"):

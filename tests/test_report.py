@@ -16,7 +16,7 @@ from torch.nn.utils import parametrize
 
 import hwprune as hp
 from hwprune.errors import HwpruneError, StructureError
-from hwprune.report import LayerRow, Report, report
+from hwprune.report.measure import LayerRow, Report, report
 from hwprune.storage import file_layout
 from hwprune.storage.encodings import RowBlock
 from hwprune.structures import KofN

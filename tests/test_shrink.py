@@ -11,13 +11,13 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import hwprune as hp
+from hwprune.deploy.shrink import ShrinkError, shrink
 from hwprune.models import PadShortcut, SmallCNN, densenet_bc, resnet20
-from hwprune.shrink import ShrinkError, shrink
 
 from conftest import TinyLSTM, _max_diff, _params, _randomize_bn
 
 # the module, not the function hp.shrink that shadows it as an attribute of the package
-shrink_mod = sys.modules["hwprune.shrink"]
+shrink_mod = sys.modules["hwprune.deploy.shrink"]
 
 
 def _macs(model, x):

@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from hwprune.deploy.sparse_kernels import SparseLinear, is_2to4, to_sparse_kernels
 from hwprune.errors import ConfigError
-from hwprune.sparse_kernels import SparseLinear, is_2to4, to_sparse_kernels
 
 
 def _mlp(sparsity=0.9, seed=0):

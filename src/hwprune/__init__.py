@@ -5,7 +5,16 @@ Three independent axes: *structure* (``hwprune.structures``: how a weight is cut
 (``finalize``, ``shrink``, ``save``: what is done with the pattern). See README.md.
 """
 
-from . import models, schedules, structures
+from . import deploy, models, schedules, structures
+from .deploy import (
+    FoldError,
+    ShrinkError,
+    ShrinkResult,
+    export_model,
+    fold_batchnorm,
+    shrink,
+    to_sparse_kernels,
+)
 from .errors import (
     ConfigError,
     HwpruneError,
@@ -13,12 +22,11 @@ from .errors import (
     StructureError,
     TargetError,
 )
-from .export import export_model
-from .fold import FoldError, fold_batchnorm
 from .methods import ADMM, DARB, DPP, PSP, Magnitude, Pruner
+
+# `hp.report` is the function; the package of the same name stays importable as
+# `from hwprune.report import plots`.
 from .report import Report, report
-from .shrink import ShrinkError, ShrinkResult, shrink
-from .sparse_kernels import to_sparse_kernels
 from .storage import load, save
 
 __version__ = "0.1.0"
@@ -44,6 +52,7 @@ __all__ = [
     "models",
     "schedules",
     "structures",
+    "deploy",
     "HwpruneError",
     "StructureError",
     "TargetError",

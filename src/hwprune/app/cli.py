@@ -3,7 +3,7 @@
 ``hwprune demo``: the main job on bundled data (scikit-learn's digits): a small CNN trained
 once, pruned by each of the five methods, finalized, shrunk, saved, timed; one table.
 ``hwprune run RECIPE``: a recipe (model, data, method, schedule, budget) with progress bars,
-checkpoints and results in an output folder (see ``hwprune.runner``, docs/cli.md).
+checkpoints and results in an output folder (see ``hwprune.app.runner``, docs/cli.md).
 ``hwprune compare RUN_DIR ...``: one table and one plot from several run folders.
 Bad arguments get one clear line naming the field and the allowed values, never a traceback.
 """
@@ -16,8 +16,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from . import __version__
-from .errors import HwpruneError
+from .. import __version__
+from ..errors import HwpruneError
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

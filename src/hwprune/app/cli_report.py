@@ -13,7 +13,7 @@ CKPT is one of:
   plots. A checkpoint holds the live model (pruning parametrizations attached); the report
   reads its effective weights.
 
-``--plots DIR`` writes ``hwprune.plots.write_plots``'s images; ``--markdown FILE`` and
+``--plots DIR`` writes ``hwprune.report.plots.write_plots``'s images; ``--markdown FILE`` and
 ``--json FILE`` write the report in those formats. Errors are one line (``hwprune: error:``).
 """
 
@@ -27,8 +27,8 @@ import torch
 from rich.console import Console
 from torch import Tensor, nn
 
-from .errors import ConfigError
-from .report import Report, report, report_state_dict, weights_of
+from ..errors import ConfigError
+from ..report.measure import Report, report, report_state_dict, weights_of
 
 __all__ = ["add_report_parser", "load_report"]
 
@@ -68,7 +68,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.json:
         rep.to_json(args.json)
     if args.plots:
-        from .plots import write_plots
+        from ..report.plots import write_plots
 
         for path in write_plots(rep, weights, args.plots, history):
             console.print(f"wrote {path}", highlight=False)
@@ -94,7 +94,7 @@ def load_report(ckpt: str | Path, model: str | None = None, input_shape: str = "
             raise ConfigError("report: --model applies to .hwp files; a run checkpoint names "
                               "its model in the run's recipe.yaml")
         return _from_run(path)
-    from .storage import load
+    from ..storage import load
 
     state = load(path)  # StorageError (one line) for anything but an intact hwprune file
     if model is None:
@@ -117,7 +117,7 @@ def _shape(text: str) -> tuple[int, ...]:
 
 
 def _zoo_model(name: str, state: dict[str, Tensor]) -> nn.Module:
-    from .models import MODELS
+    from ..models import MODELS
 
     if name not in MODELS:
         raise ConfigError(f"report: --model {name!r} is not a zoo model; allowed: "

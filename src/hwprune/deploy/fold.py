@@ -26,7 +26,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
-from .errors import HwpruneError
+from ..errors import HwpruneError
 from .shrink import _example_args, _outputs
 
 __all__ = ["fold_batchnorm", "FoldError"]

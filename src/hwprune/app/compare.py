@@ -17,7 +17,7 @@ from typing import Any
 
 from rich.table import Table
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = ["load_runs", "compare_table", "compare_markdown", "compare_plot", "training_curves"]
 
@@ -93,7 +93,7 @@ def compare_markdown(runs: list[dict[str, Any]]) -> str:
 
 def compare_plot(runs: list[dict[str, Any]], path: str | Path) -> Path:
     """Accuracy against pruning ratio (log scale), one labelled point per run."""
-    from .plots import _pyplot, _save
+    from ..report.plots import _pyplot, _save
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.0, 4.0))
@@ -116,7 +116,7 @@ def compare_plot(runs: list[dict[str, Any]], path: str | Path) -> Path:
 
 def training_curves(history: list[dict[str, Any]], path: str | Path, title: str) -> Path:
     """Test accuracy and sparsity per epoch of one run, phases shaded."""
-    from .plots import _pyplot, _save
+    from ..report.plots import _pyplot, _save
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.0, 3.6))

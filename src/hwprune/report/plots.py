@@ -11,8 +11,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import HwpruneError
-from .report import Report
+from ..errors import HwpruneError
+from .measure import Report
 
 __all__ = ["alpha_histograms", "kept_fraction_bars", "mask_metric_curves", "mask_images",
            "block_size_histograms", "write_plots"]

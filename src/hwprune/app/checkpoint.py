@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import HwpruneError
-from .storage.container import _write_atomic
+from ..errors import HwpruneError
+from ..storage.container import _write_atomic
 
 __all__ = ["FORMAT", "save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state"]
 

@@ -40,7 +40,7 @@ A recipe has these sections (every key optional except ``model.name``; defaults 
       steps_per_epoch: null     # cap on the steps of an epoch (quick runs)
     end:
       finalize: true            # bake the pattern into plain modules
-      shrink: false             # physically remove empty channels (needs hwprune.shrink)
+      shrink: false             # physically remove empty channels (needs hwprune.deploy.shrink)
       fold_batchnorm: false     # fold inference BatchNorm into the conv/linear before it
       save: true                # hp.save the deployable model to model.hwp
       report: true              # report.md / report.json
@@ -68,7 +68,7 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = ["RecipeError", "load_recipe", "resolve", "apply_overrides", "method_class",
            "method_kwargs", "shipped_recipes", "find_recipe", "dump"]
@@ -293,7 +293,7 @@ def method_kwargs(method: Mapping[str, Any]) -> dict[str, Any]:
     """The constructor keyword arguments of a resolved ``method`` section: YAML lists become
     tuples (``temperature: [5, 0.5]``, ``block: [4, 4]``) except ``targets`` (a list of names),
     and a ``{type: cubic, ...}`` mapping becomes a ``hwprune.schedules`` object."""
-    from . import schedules
+    from .. import schedules
 
     kinds = {"one_shot": schedules.OneShot, "oneshot": schedules.OneShot,
              "linear": schedules.Linear, "cubic": schedules.Cubic}
@@ -350,7 +350,7 @@ def resolve(raw: Any, name: str | None = None) -> dict[str, Any]:
         import hwprune
         if not callable(getattr(hwprune, "shrink", None)):
             raise RecipeError("recipe field end.shrink: got True, but this hwprune has no "
-                              "hwprune.shrink; allowed: false")
+                              "hwprune.deploy.shrink; allowed: false")
     return out
 
 
@@ -379,7 +379,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-RECIPES_PACKAGE = "hwprune.recipes"
+RECIPES_PACKAGE = "hwprune.app.recipes"
 
 
 def shipped_recipes() -> list[str]:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = ["LayerChoice", "SparseKernelsResult", "SparseLinear", "is_2to4", "to_sparse_kernels"]
 

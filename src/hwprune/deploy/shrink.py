@@ -45,8 +45,8 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .errors import HwpruneError
-from .targets import CONV_TYPES, LINEAR_TYPES, RNN_TYPES
+from ..errors import HwpruneError
+from ..targets import CONV_TYPES, LINEAR_TYPES, RNN_TYPES
 
 __all__ = ["ChannelMap", "ShrinkError", "ShrinkResult", "shrink"]
 

@@ -42,12 +42,12 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.utils.flop_counter import FlopCounterMode
 
-from .errors import HwpruneError
-from .methods.darb import decoding_cost
-from .storage import EncodedTensor, choose, plan, summarize
-from .storage.encodings import RowBlock
-from .structures import Channel, Filter, Kernel, Structure, parse_structure
-from .targets import CONV_TYPES, LINEAR_TYPES, RNN_TYPES
+from ..errors import HwpruneError
+from ..methods.darb import decoding_cost
+from ..storage import EncodedTensor, choose, plan, summarize
+from ..storage.encodings import RowBlock
+from ..structures import Channel, Filter, Kernel, Structure, parse_structure
+from ..targets import CONV_TYPES, LINEAR_TYPES, RNN_TYPES
 
 __all__ = ["LayerRow", "Report", "report", "report_state_dict", "weights_of"]
 

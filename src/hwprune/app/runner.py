@@ -51,13 +51,13 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import Tensor, nn
 
-from . import data as hdata
-from . import distributed
-from . import models as hmodels
+from .. import data as hdata
+from .. import distributed
+from .. import models as hmodels
+from ..errors import ConfigError, HwpruneError
+from ..training import recalibrate_batchnorm
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .errors import ConfigError, HwpruneError
 from .recipe import RecipeError, dump, import_factory, method_class, method_kwargs
-from .training import recalibrate_batchnorm
 
 __all__ = ["Run", "RESULT_FILES", "machine", "Interrupted"]
 
@@ -537,9 +537,9 @@ class Run:
         if end["shrink"]:
             import hwprune
 
-            deployable = hwprune.shrink(model, self.example)
+            deployable = hwprune.deploy.shrink(model, self.example)
         if end["fold_batchnorm"]:  # inference BatchNorm into the layer before it
-            from .fold import fold_batchnorm
+            from ..deploy.fold import fold_batchnorm
 
             deployable = fold_batchnorm(deployable, self.example)
         dense = self._new_model().eval()
@@ -553,7 +553,7 @@ class Run:
             "epochs": self.total_epochs, "steps": self.total_epochs * self.steps_per_epoch(),
         }
         if end["report"]:
-            from .report import report
+            from ..report.measure import report
 
             rep = report(deployable, self.example, baseline=dense, pruner=self.pruner,
                          name=self.cfg["name"])
@@ -566,7 +566,7 @@ class Run:
                                               "model_macs_remaining", "model_params")})
             summary["dense_model_macs"] = rep.baseline["model_macs"]
         if end["save"]:
-            from .storage import save
+            from ..storage import save
 
             summary["file_bytes"] = save(deployable, out / "model.hwp")
         if end["latency"]:
@@ -579,7 +579,7 @@ class Run:
         return summary
 
     def _plots(self, out: Path, rep: Any) -> None:
-        from . import plots
+        from ..report import plots
 
         try:
             plots.kept_fraction_bars(rep, out / "plots" / "kept_fractions.png")

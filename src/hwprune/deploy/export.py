@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .errors import ConfigError, HwpruneError
+from ..errors import ConfigError, HwpruneError
 
 __all__ = ["EXPORT_FORMATS", "ExportError", "export_model"]
 

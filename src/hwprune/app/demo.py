@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from rich.console import Console
 
+from ..errors import HwpruneError
 from .compare import compare_markdown, compare_plot, compare_table, load_runs
-from .errors import HwpruneError
 from .recipe import load_recipe
 from .runner import Run
 

@@ -1,0 +1,8 @@
+"""Reporting: what a pruned model gained, measured (``measure``) and drawn (``plots``).
+
+``plots`` needs matplotlib and is imported only when used.
+"""
+
+from .measure import Report, report, report_state_dict, weights_of
+
+__all__ = ["Report", "report", "report_state_dict", "weights_of"]
