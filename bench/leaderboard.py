@@ -23,8 +23,9 @@ import sys
 from pathlib import Path
 
 from hwprune.app.compare import compare_markdown, compare_plot, load_runs
+from hwprune.app.machine import machine
 from hwprune.app.recipe import dump, resolve
-from hwprune.app.runner import Run, machine
+from hwprune.app.runner import Run
 from hwprune.errors import HwpruneError
 
 PRETRAINED = "weights/cifar10-resnet20-akamaster.th"

@@ -7,7 +7,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from hwprune.app.runner import cpu_name, machine
+from hwprune.app.machine import cpu_name, machine
 
 __all__ = ["ResultLog", "cpu_name", "machine"]  # one machine description for every result
 

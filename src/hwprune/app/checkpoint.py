@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..errors import HwpruneError
-from ..storage.container import _write_atomic
+from ..files import write_atomic
 
 __all__ = ["FORMAT", "save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state"]
 
@@ -54,7 +54,7 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     torch.save({"format": FORMAT, "version": VERSION, **state}, buf)
-    _write_atomic(path, buf.getvalue())
+    write_atomic(path, buf.getvalue())
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

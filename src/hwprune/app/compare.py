@@ -93,9 +93,9 @@ def compare_markdown(runs: list[dict[str, Any]]) -> str:
 
 def compare_plot(runs: list[dict[str, Any]], path: str | Path) -> Path:
     """Accuracy against pruning ratio (log scale), one labelled point per run."""
-    from ..report.plots import _pyplot, _save
+    from ..report.plots import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.0, 4.0))
     for r in runs:
         x = r.get("pruning_ratio") or 1.0
@@ -111,14 +111,14 @@ def compare_plot(runs: list[dict[str, Any]], path: str | Path) -> Path:
     ax.set_ylabel("test accuracy %")
     ax.set_title("accuracy against compression", fontsize=9)
     fig.tight_layout()
-    return _save(fig, plt, path)
+    return save_figure(fig, plt, path)
 
 
 def training_curves(history: list[dict[str, Any]], path: str | Path, title: str) -> Path:
     """Test accuracy and sparsity per epoch of one run, phases shaded."""
-    from ..report.plots import _pyplot, _save
+    from ..report.plots import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.0, 3.6))
     epochs = [h["epoch"] for h in history]
     ax.plot(epochs, [100 * h["test_accuracy"] for h in history], "o-", ms=3,
@@ -134,4 +134,4 @@ def training_curves(history: list[dict[str, Any]], path: str | Path, title: str)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    return _save(fig, plt, path)
+    return save_figure(fig, plt, path)

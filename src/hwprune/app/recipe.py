@@ -90,7 +90,7 @@ _Loader.add_implicit_resolver(
 )
 
 
-def _yaml(text: str, where: str) -> Any:
+def parse_yaml(text: str, where: str) -> Any:
     try:
         return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as e:
@@ -375,7 +375,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         if not sep or not key or not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", key):
             raise RecipeError(f"--set {item!r}: allowed: key=value with a dotted key, "
                               "e.g. optimizer.lr=0.01")
-        _set(raw, key, _yaml(text, f"--set {key}"))
+        _set(raw, key, parse_yaml(text, f"--set {key}"))
     return raw
 
 
@@ -404,7 +404,7 @@ def find_recipe(spec: str) -> tuple[str, str]:
 def load_recipe(spec: str, overrides: list[str] | None = None) -> dict[str, Any]:
     """Read a recipe (a path or a shipped name), apply ``--set`` overrides, resolve it."""
     text, name = find_recipe(spec)
-    raw = _yaml(text, f"recipe {spec}")
+    raw = parse_yaml(text, f"recipe {spec}")
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):

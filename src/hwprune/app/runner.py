@@ -34,8 +34,6 @@ import csv
 import gc
 import json
 import math
-import os
-import platform
 import signal
 import statistics
 import sys
@@ -57,9 +55,10 @@ from .. import models as hmodels
 from ..errors import ConfigError, HwpruneError
 from ..training import recalibrate_batchnorm
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .machine import machine
 from .recipe import RecipeError, dump, import_factory, method_class, method_kwargs
 
-__all__ = ["Run", "RESULT_FILES", "machine", "Interrupted"]
+__all__ = ["Run", "RESULT_FILES", "Interrupted"]
 
 PHASES = ("dense", "prune", "finetune")
 #: what a run writes into its output folder (``--force`` removes exactly these)
@@ -73,24 +72,6 @@ _FOLDER_DATA = {"cifar10": "load_cifar10", "mnist": "load_mnist"}
 
 class Interrupted(HwpruneError):
     """The run stopped on SIGINT after writing a checkpoint (exit code 130)."""
-
-
-def cpu_name() -> str:
-    """The CPU model (platform.processor() is often empty on Linux; /proc/cpuinfo is not)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine() -> str:
-    """A one-line description of this machine for results files (read, never typed: the
-    machines runs are made on differ)."""
-    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu_name()}, {os.cpu_count()} CPUs, {dev}, torch {torch.__version__}"
 
 
 def _field_error(field: str, e: Exception) -> RecipeError:
@@ -732,9 +713,9 @@ def prepare_out(out: Path, cfg: dict[str, Any], resume: bool, force: bool) -> di
         if status is None or not (out / "checkpoint.pt").is_file():
             raise ConfigError(f"--resume: {out} holds no checkpoint to continue; run without "
                               "--resume to start")
-        from .recipe import _yaml
+        from .recipe import parse_yaml
 
-        saved = _yaml((out / "recipe.yaml").read_text(), f"{out / 'recipe.yaml'}")
+        saved = parse_yaml((out / "recipe.yaml").read_text(), f"{out / 'recipe.yaml'}")
         diff = _first_difference(saved, cfg)
         if diff is not None:
             raise ConfigError(f"--resume: recipe field {diff[0]} is {diff[2]!r} here but "

@@ -28,7 +28,7 @@ def _grid(plt, panels: int, width: float, height: float, cols: int = 4):
     return fig, list(axes.flat)[:panels]
 
 
-def _pyplot():
+def pyplot():
     try:
         import matplotlib
     except ImportError:
@@ -51,7 +51,7 @@ def alpha_histograms(extras: Mapping[str, Mapping[str, Any]], path: str | Path,
     if not layers:
         raise HwpruneError("alpha_histograms: no layer has an 'alpha' list; pass the "
                            "layer_extras() of a PSP pruner")
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = _grid(plt, len(layers), 3.2, 2.4)
     floor = -6.0
     for ax, (name, e) in zip(axes, layers.items(), strict=True):
@@ -65,13 +65,13 @@ def alpha_histograms(extras: Mapping[str, Mapping[str, Any]], path: str | Path,
         ax.tick_params(labelsize=6)
     fig.supxlabel("log10 |alpha|  (red: threshold)", fontsize=8)
     fig.tight_layout()
-    return _save(fig, plt, path)
+    return save_figure(fig, plt, path)
 
 
 def kept_fraction_bars(rep: Report, path: str | Path) -> Path:
     """Per layer, the kept fraction at each granularity (elements, kernels, channels,
     filters): how much of the pruning a deployment can actually exploit."""
-    plt = _pyplot()
+    plt = pyplot()
     kinds = ("kept_elements", "kept_kernels", "kept_channels", "kept_filters")
     names = [r.name for r in rep.rows]
     width = 0.8 / len(kinds)
@@ -87,7 +87,7 @@ def kept_fraction_bars(rep: Report, path: str | Path) -> Path:
     ax.set_title(rep.name, fontsize=9)
     ax.legend(fontsize=7, ncols=4, loc="lower left")
     fig.tight_layout()
-    return _save(fig, plt, path)
+    return save_figure(fig, plt, path)
 
 
 def mask_metric_curves(history: Sequence[Mapping[str, Any]], path: str | Path,
@@ -107,7 +107,7 @@ def mask_metric_curves(history: Sequence[Mapping[str, Any]], path: str | Path,
     if missing:
         raise HwpruneError(f"mask_metric_curves: metric(s) {missing} not in the history; "
                            f"it has {sorted(next(iter(records[0]['layers'].values())))}")
-    plt = _pyplot()
+    plt = pyplot()
     xs = [h[x] for h in records]
     names = list(records[0]["layers"])
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.2), squeeze=False)
@@ -122,7 +122,7 @@ def mask_metric_curves(history: Sequence[Mapping[str, Any]], path: str | Path,
         ax.set_ylim(0, 1.02)
         ax.legend(fontsize=6)
     fig.tight_layout()
-    return _save(fig, plt, path)
+    return save_figure(fig, plt, path)
 
 
 def mask_images(weights: Mapping[str, Any], path: str | Path,
@@ -139,7 +139,7 @@ def mask_images(weights: Mapping[str, Any], path: str | Path,
     if not layers:
         raise HwpruneError("mask_images: no weight with 2 or more dimensions to draw; pass "
                            "{name: tensor}, e.g. hwprune.report.weights_of(model)")
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = _grid(plt, len(layers), 3.0, 2.4)
     for ax, (name, w) in zip(axes, layers.items(), strict=True):
         kept = (w.detach() != 0).reshape(w.shape[0], -1).cpu().numpy()
@@ -151,7 +151,7 @@ def mask_images(weights: Mapping[str, Any], path: str | Path,
     fig.supxlabel("inputs x kernel positions (im2col columns); black: kept", fontsize=8)
     fig.supylabel("output units", fontsize=8)
     fig.tight_layout()
-    return _save(fig, plt, path)
+    return save_figure(fig, plt, path)
 
 
 def block_size_histograms(extras: Mapping[str, Mapping[str, Any]], path: str | Path) -> Path:
@@ -165,7 +165,7 @@ def block_size_histograms(extras: Mapping[str, Mapping[str, Any]], path: str | P
     if not layers:
         raise HwpruneError("block_size_histograms: no layer has 'block_sizes'; pass the "
                            "layer_extras() of a DARB pruner")
-    plt = _pyplot()
+    plt = pyplot()
     sizes = sorted({int(b) for v in layers.values() for b in v})
     fig, axes = _grid(plt, len(layers), 3.0, 2.2)
     for ax, (name, v) in zip(axes, layers.items(), strict=True):
@@ -179,7 +179,7 @@ def block_size_histograms(extras: Mapping[str, Mapping[str, Any]], path: str | P
     fig.supxlabel("block size b (rows keep 1 weight per b)", fontsize=8)
     fig.supylabel("rows", fontsize=8)
     fig.tight_layout()
-    return _save(fig, plt, path)
+    return save_figure(fig, plt, path)
 
 
 def write_plots(rep: Report, weights: Mapping[str, Any], out: str | Path,
@@ -202,7 +202,7 @@ def write_plots(rep: Report, weights: Mapping[str, Any], out: str | Path,
     return paths
 
 
-def _save(fig, plt, path: str | Path) -> Path:
+def save_figure(fig, plt, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

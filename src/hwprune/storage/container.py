@@ -66,10 +66,8 @@ import math
 import os
 import struct
 import sys
-import tempfile
 import zlib
 from collections.abc import Mapping
-from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,6 +76,7 @@ import numpy as np
 import safetensors.numpy
 from torch import Tensor, nn
 
+from ..files import write_atomic
 from ._bits import dtype_from_name, dtype_name
 from .encodings import EncodedTensor, Hints, choose, decode
 from .errors import StorageError
@@ -121,7 +120,7 @@ def save(obj: nn.Module | Mapping[str, Tensor], path: str | os.PathLike,
     data = plan(obj, hints).data
     if compress is not None:
         data = _wrap(data, compress)
-    _write_atomic(Path(path), data)
+    write_atomic(Path(path), data)
     return len(data)
 
 
@@ -271,22 +270,6 @@ def _wrap(data: bytes, codec: str) -> bytes:
     head = _HEADER.pack(MAGIC, WRAPPER_VERSION, _CODECS[codec], bytes(6), len(data),
                         hashlib.sha256(body).digest())
     return head + body
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside ``path``, then rename: never a half-written file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 # -- reading --------------------------------------------------------------------------------
