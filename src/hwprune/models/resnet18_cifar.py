@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hwprune.errors import HwpruneError
-from hwprune.models.resnet_cifar import BasicBlock, _kaiming_init
+from hwprune.models.resnet_cifar import BasicBlock, kaiming_init
 
 __all__ = ["ResNet18Cifar", "resnet18_cifar"]
 
@@ -36,7 +36,7 @@ class ResNet18Cifar(nn.Module):
             in_planes = width
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.linear = nn.Linear(_WIDTHS[-1], num_classes)
-        self.apply(_kaiming_init)
+        self.apply(kaiming_init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))

@@ -102,7 +102,7 @@ class CifarResNet(nn.Module):
         self.layer2 = self._make_layer(32, num_blocks[1], 2, shortcut)
         self.layer3 = self._make_layer(64, num_blocks[2], 2, shortcut)
         self.linear = nn.Linear(64, num_classes)
-        self.apply(_kaiming_init)
+        self.apply(kaiming_init)
 
     def _make_layer(self, planes: int, blocks: int, stride: int, shortcut: str) -> nn.Sequential:
         layers = []
@@ -118,7 +118,7 @@ class CifarResNet(nn.Module):
         return self.linear(out)
 
 
-def _kaiming_init(m: nn.Module) -> None:
+def kaiming_init(m: nn.Module) -> None:
     # As akamaster: kaiming-normal conv and linear weights, PyTorch defaults for the rest.
     if isinstance(m, nn.Conv2d | nn.Linear):
         nn.init.kaiming_normal_(m.weight)
