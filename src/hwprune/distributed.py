@@ -155,8 +155,8 @@ def shutdown(timeout_s: float = 60.0) -> None:
     ``timeout_s``; gloo), then destroy it. Drop DistributedDataParallel wrappers first. A
     torchrun process that exits with the group (or a DDP reducer) alive can abort while the
     interpreter tears down gloo's threads (SIGABRT, "terminate called without an active
-    exception"); ``python bench/torchrun_exit.py --runs 30``: 13 of 30 two-rank runs of
-    bare all-reduces and 1 of 30 of DDP training failed so without it, 0 of 30 with it."""
+    exception"); bench/torchrun_exit.py measures how often, with and without this call
+    (docs/distributed.md cites the figures)."""
     if not (dist.is_available() and dist.is_initialized()):
         return
     try:
