@@ -74,7 +74,7 @@ def tiny_recipe(tmp_path, method):
         "optimizer": {"lr": 0.05, "finetune_lr": 0.02},
         "train": {"dense_epochs": 1, "prune_epochs": 2, "finetune_epochs": 0,
                   "steps_per_epoch": 3, "batch_size": 32},
-        "end": {"latency": False, "plots": False},
+        "end": {"latency": False},
     }
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -88,6 +88,9 @@ def tiny_recipe(tmp_path, method):
 def test_run_folder_and_checkpoint_give_method_extras_and_plots(tmp_path, method, plot):
     run = tmp_path / "run"
     assert main(["run", tiny_recipe(tmp_path, method), "--out", str(run)]) == 0
+    # the run folder has the same method plots as the report writes (one plotting path)
+    for name in (plot, "masks.png", "training.png"):
+        assert (run / "plots" / name).read_bytes().startswith(PNG), name
     js, plots = tmp_path / "r.json", tmp_path / "plots"
     assert main(["report", str(run), "--json", str(js), "--plots", str(plots)]) == 0
     rep = json.loads(js.read_text())

@@ -121,7 +121,7 @@ def _worker(rank, port, root):
     cfg = resolve(RECIPE)
     mine = (lambda p: root / p) if rank == 0 else (lambda p: root / f"{p}-rank1")
     summary = _run(cfg, mine("straight"))
-    run = Run(cfg, on_step=lambda s: s == STOP_AT and rank == 1 and run._on_sigint(2, None))
+    run = Run(cfg, on_step=lambda s: s == STOP_AT and rank == 1 and run.request_stop())
     run.console.quiet = True
     try:
         run.execute(mine("resumed"))

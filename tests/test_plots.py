@@ -117,3 +117,10 @@ def test_write_plots_for_psp_and_dpp(psp_run, tmp_path):
                                                         "diversity": 0.5}}} for e in (1, 2)]
     names = {p.name for p in write_plots(rep, weights_of(model), tmp_path / "dpp", history)}
     assert "mask_metrics.png" in names
+    # a run's per-epoch records give its training curves; extras may come from the pruner
+    training = [{"epoch": e, "phase": p, "test_accuracy": 0.5, "sparsity": 0.1 * e}
+                for e, p in ((1, "dense"), (2, "prune"))]
+    paths = write_plots(rep, weights_of(model), tmp_path / "run", training=training,
+                        extras={"conv3.weight": {"block_sizes": [1, 2, 2, 4]}})
+    assert {p.name for p in paths} == {"kept_fractions.png", "masks.png", "block_sizes.png",
+                                       "training.png"}

@@ -147,7 +147,7 @@ def _from_run(checkpoint: Path) -> tuple[Report, dict[str, Tensor], list[dict[st
                           "checkpoint is read together with the recipe of its run folder")
     state = load_checkpoint(checkpoint)
     run = Run(load_recipe(str(recipe)), console=Console(quiet=True))
-    run._restore(state)
+    run.restore(state)
     rep = report(run.model, run.example, pruner=run.pruner, name=run.cfg["name"])
     history = getattr(run.pruner, "history", None)
     return rep, weights_of(run.model), history

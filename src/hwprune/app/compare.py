@@ -19,7 +19,7 @@ from rich.table import Table
 
 from ..errors import ConfigError
 
-__all__ = ["load_runs", "compare_table", "compare_markdown", "compare_plot", "training_curves"]
+__all__ = ["load_runs", "compare_table", "compare_markdown", "compare_plot"]
 
 #: (header, summary key, format) of the comparison's columns
 COLUMNS: tuple[tuple[str, str, str], ...] = (
@@ -110,28 +110,5 @@ def compare_plot(runs: list[dict[str, Any]], path: str | Path) -> Path:
     ax.set_xlabel("pruning ratio (dense weights / kept weights)")
     ax.set_ylabel("test accuracy %")
     ax.set_title("accuracy against compression", fontsize=9)
-    fig.tight_layout()
-    return save_figure(fig, plt, path)
-
-
-def training_curves(history: list[dict[str, Any]], path: str | Path, title: str) -> Path:
-    """Test accuracy and sparsity per epoch of one run, phases shaded."""
-    from ..report.plots import pyplot, save_figure
-
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.0, 3.6))
-    epochs = [h["epoch"] for h in history]
-    ax.plot(epochs, [100 * h["test_accuracy"] for h in history], "o-", ms=3,
-            label="test accuracy")
-    ax.plot(epochs, [100 * h["sparsity"] for h in history], "s--", ms=3, label="sparsity")
-    colours = {"dense": "#eeeeee", "prune": "#fde9d9", "finetune": "#e2efda"}
-    for h in history:
-        ax.axvspan(h["epoch"] - 0.5, h["epoch"] + 0.5, color=colours.get(h["phase"], "white"),
-                   lw=0)
-    ax.set_xlabel("epoch (shaded: dense / prune / finetune)")
-    ax.set_ylabel("%")
-    ax.set_ylim(0, 101)
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
     fig.tight_layout()
     return save_figure(fig, plt, path)

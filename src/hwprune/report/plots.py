@@ -1,7 +1,9 @@
 """Plots of pruning results (matplotlib, the optional ``plots`` extra).
 
-Each function writes one PNG and returns its path. They take plain data (a ``Report``, or
-``pruner.layer_extras()``), so they also work on results loaded back from JSON.
+Each function writes one PNG and returns its path. They take plain data (a ``Report``,
+``pruner.layer_extras()``, histories), so they also work on results loaded back from JSON.
+``write_plots`` writes every one that applies: it is what ``hwprune run`` and ``hwprune
+report --plots`` both call.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from ..errors import HwpruneError
 from .measure import Report
 
 __all__ = ["alpha_histograms", "kept_fraction_bars", "mask_metric_curves", "mask_images",
-           "block_size_histograms", "write_plots"]
+           "block_size_histograms", "training_curves", "write_plots", "pyplot", "save_figure"]
 
 
 def _grid(plt, panels: int, width: float, height: float, cols: int = 4):
@@ -182,14 +184,44 @@ def block_size_histograms(extras: Mapping[str, Mapping[str, Any]], path: str | P
     return save_figure(fig, plt, path)
 
 
+def training_curves(history: Sequence[Mapping[str, Any]], path: str | Path, title: str) -> Path:
+    """Test accuracy and sparsity per epoch of one run, phases shaded.
+
+    ``history``: a run's per-epoch records (``metrics.jsonl``: ``epoch``, ``phase``,
+    ``test_accuracy``, ``sparsity``)."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.0, 3.6))
+    epochs = [h["epoch"] for h in history]
+    ax.plot(epochs, [100 * h["test_accuracy"] for h in history], "o-", ms=3,
+            label="test accuracy")
+    ax.plot(epochs, [100 * h["sparsity"] for h in history], "s--", ms=3, label="sparsity")
+    colours = {"dense": "#eeeeee", "prune": "#fde9d9", "finetune": "#e2efda"}
+    for h in history:
+        ax.axvspan(h["epoch"] - 0.5, h["epoch"] + 0.5, color=colours.get(h["phase"], "white"),
+                   lw=0)
+    ax.set_xlabel("epoch (shaded: dense / prune / finetune)")
+    ax.set_ylabel("%")
+    ax.set_ylim(0, 101)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return save_figure(fig, plt, path)
+
+
 def write_plots(rep: Report, weights: Mapping[str, Any], out: str | Path,
-                history: Sequence[Mapping[str, Any]] | None = None) -> list[Path]:
+                history: Sequence[Mapping[str, Any]] | None = None,
+                training: Sequence[Mapping[str, Any]] | None = None,
+                extras: Mapping[str, Mapping[str, Any]] | None = None) -> list[Path]:
     """Every plot that applies to a report, into folder ``out``: ``kept_fractions.png``,
-    ``masks.png``, and from the rows' method extras ``alphas.png`` (PSP),
-    ``block_sizes.png`` (DARB), and ``mask_metrics.png`` (DPP, from ``history``, e.g.
-    ``DPP.history``). ``weights``: {row name: weight}. Returns the paths written."""
+    ``masks.png``, and from the method extras ``alphas.png`` (PSP), ``block_sizes.png``
+    (DARB), ``mask_metrics.png`` (DPP, from ``history``, e.g. ``DPP.history``) and
+    ``training.png`` (from ``training``, a run's per-epoch records). ``weights``: {row name:
+    weight}. ``extras``: {layer: extras} (default: the report rows' extras; pass
+    ``pruner.layer_extras()`` when the reported model's layer names are not the pruner's).
+    Returns the paths written (both ``hwprune run`` and ``hwprune report`` use this)."""
     out = Path(out)
-    extras = {r.name: r.extras for r in rep.rows if r.extras}
+    if extras is None:
+        extras = {r.name: r.extras for r in rep.rows if r.extras}
     paths = [kept_fraction_bars(rep, out / "kept_fractions.png"),
              mask_images(weights, out / "masks.png", {r.name: r.structure for r in rep.rows})]
     if any(e.get("alpha") for e in extras.values()):
@@ -199,6 +231,8 @@ def write_plots(rep: Report, weights: Mapping[str, Any], out: str | Path,
     records = [h for h in history or () if h.get("layers")]
     if records and "confidence" in next(iter(records[0]["layers"].values())):
         paths.append(mask_metric_curves(records, out / "mask_metrics.png"))
+    if training:
+        paths.append(training_curves(training, out / "training.png", rep.name))
     return paths
 
 

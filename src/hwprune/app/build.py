@@ -1,0 +1,218 @@
+"""Build what a resolved recipe names: the data, the model (and its pretrained weights), the
+pruner's class and arguments, and each phase's optimizer and LR schedule.
+
+Building is validation: every bad field becomes a one-line ``RecipeError`` naming it, raised
+while the real objects are built, before anything is written.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .. import data as hdata
+from .. import models as hmodels
+from ..errors import HwpruneError
+from .datasets import dataset_spec
+from .recipe import RecipeError, import_factory, method_class, method_kwargs
+
+__all__ = ["Data", "Parts", "build", "field_error", "make_optimizer", "make_pruner",
+           "new_model"]
+
+
+def field_error(field: str, e: Exception) -> RecipeError:
+    return RecipeError(f"recipe field {field}: {' '.join(str(e).split())}")
+
+
+@dataclass
+class Data:
+    """The tensors a run trains and evaluates on (subsets already taken)."""
+
+    train_x: Tensor
+    train_y: Tensor
+    test_x: Tensor
+    test_y: Tensor
+
+
+@dataclass
+class Parts:
+    """What ``build`` returns: the data, the model factory and the model it made, and the
+    method (None: a dense run) with its keyword arguments, checked on a copy of the model."""
+
+    data: Data
+    factory: Callable[..., nn.Module]
+    model: nn.Module
+    method_cls: type | None
+    method_kwargs: dict[str, Any]
+
+    @property
+    def example(self) -> Tensor:
+        """One test input (batch 1): what reports, shrink and latency run on."""
+        return self.data.test_x[:1]
+
+
+def build(cfg: dict[str, Any]) -> Parts:
+    """Seed, load the data, make the model (filling in ``model.args`` the data implies, e.g.
+    ``num_classes``; ``cfg`` is changed in place), load its pretrained weights and check the
+    method's parameters by building a pruner on a copy."""
+    torch.manual_seed(cfg["seed"])
+    data, info = load_data(cfg)
+    factory = model_factory(cfg["model"]["name"])
+    args = cfg["model"]["args"]
+    params = _parameters(factory)
+    for key, value in info.items():  # e.g. the vocabulary size of a text data set
+        if key not in args and key in params:
+            args[key] = value
+    model = new_model(cfg, factory)
+    if cfg["model"]["pretrained"]:
+        load_pretrained(model, cfg)
+    method = cfg["method"]
+    parts = Parts(data, factory, model, method_class(method["name"]) if method else None,
+                  method_kwargs(method) if method else {})
+    if parts.method_cls is not None:  # every method parameter is checked here, on a copy
+        make_pruner(parts, copy.deepcopy(model))
+    return parts
+
+
+def data_root(cfg: dict[str, Any]) -> Path:
+    try:
+        return hdata.data_dir(cfg["data"]["dir"])
+    except HwpruneError as e:
+        raise field_error("data.dir", e) from None
+
+
+def load_data(cfg: dict[str, Any]) -> tuple[Data, dict[str, Any]]:
+    """The recipe's data set with its seeded subsets, and the facts it gives the model."""
+    d = cfg["data"]
+    name = d["name"]
+    spec = dataset_spec(name)
+    try:
+        root = data_root(cfg) if spec.needs_folder else None
+        train, test, info = spec.load(root, d, cfg["seed"])
+    except RecipeError:
+        raise
+    except HwpruneError as e:
+        raise field_error("data", e) from None
+    tensors = []
+    for split, ds in (("train", train), ("test", test)):
+        if not hasattr(ds, "tensors") or len(ds.tensors) != 2:
+            raise RecipeError(f"recipe field data.name: {name!r} gave a {split} set of "
+                              f"{type(ds).__name__}; allowed: a TensorDataset of (x, y)")
+        x, y = ds.tensors
+        n = d[f"{split}_subset"]
+        if n is not None and n < len(x):
+            g = torch.Generator().manual_seed(cfg["seed"] + (split == "test"))
+            idx = torch.randperm(len(x), generator=g)[:n].sort().values
+            x, y = x[idx], y[idx]
+        tensors += [x, y]
+    if y.dim() == 1 and "num_classes" not in info:  # class labels (text targets are 2-D)
+        info["num_classes"] = int(max(int(tensors[1].max()), int(tensors[3].max())) + 1)
+    return Data(*tensors), info
+
+
+def model_factory(name: str) -> Callable[..., nn.Module]:
+    """A zoo model (``hwprune.models.MODELS``) or a ``package.module:factory``."""
+    if ":" in name:
+        return import_factory(name)
+    if name not in hmodels.MODELS:
+        raise RecipeError(f"recipe field model.name: got {name!r}; allowed: "
+                          f"{', '.join(sorted(hmodels.MODELS))}, or 'package.module:factory'")
+    return hmodels.MODELS[name]
+
+
+def _parameters(factory: Callable[..., Any]) -> set[str]:
+    try:
+        return set(inspect.signature(factory).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def new_model(cfg: dict[str, Any], factory: Callable[..., nn.Module]) -> nn.Module:
+    """A fresh model from the recipe's factory and arguments."""
+    try:
+        model = factory(**cfg["model"]["args"])
+    except (TypeError, ValueError) as e:
+        raise field_error("model.args", e) from None
+    if not isinstance(model, nn.Module):
+        raise RecipeError(f"recipe field model.name: {cfg['model']['name']!r} returned "
+                          f"{type(model).__name__}; allowed: a factory of torch.nn.Module")
+    return model
+
+
+def load_pretrained(model: nn.Module, cfg: dict[str, Any]) -> None:
+    """Load ``model.pretrained`` into ``model``; every key and shape must fit."""
+    spec = cfg["model"]["pretrained"]
+    path = Path(spec).expanduser()
+    if not path.is_absolute() and not path.is_file():
+        path = data_root(cfg) / spec
+    if not path.is_file():
+        raise RecipeError(f"recipe field model.pretrained: got {spec!r}; no such file "
+                          "(relative paths are looked up in the working folder, then in "
+                          "data.dir)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for foreign files
+        raise field_error("model.pretrained", e) from None
+    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if not isinstance(state, dict):
+        raise RecipeError(f"recipe field model.pretrained: {spec} holds "
+                          f"{type(obj).__name__}; allowed: a state dict")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    mine = model.state_dict()
+    # checkpoints from older PyTorch lack BatchNorm's step counter; it is not a weight
+    missing = sorted(k for k in set(mine) - set(state)
+                     if not k.endswith("num_batches_tracked"))
+    unexpected = sorted(set(state) - set(mine))
+    shapes = [k for k in set(mine) & set(state) if tuple(mine[k].shape) != tuple(
+        getattr(state[k], "shape", ()))]
+    if missing or unexpected or shapes:
+        what = "; ".join(f"{label} {len(keys)} ({', '.join(keys[:3])}"
+                         f"{', ...' if len(keys) > 3 else ''})"
+                         for label, keys in (("missing", missing), ("unexpected", unexpected),
+                                             ("shape mismatch", sorted(shapes))) if keys)
+        raise RecipeError(f"recipe field model.pretrained: {spec} does not fit model "
+                          f"{cfg['model']['name']}: {what}")
+    model.load_state_dict(state, strict=False)  # every key but the counters was checked
+
+
+def make_pruner(parts: Parts, model: nn.Module) -> Any:
+    """The recipe's method on ``model``; its own errors name the method."""
+    try:
+        return parts.method_cls(model, **parts.method_kwargs)
+    except (HwpruneError, TypeError) as e:
+        raise field_error(f"method ({parts.method_cls.__name__})", e) from None
+
+
+#: ``optimizer.name`` -> the torch class
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+
+
+def make_optimizer(cfg: dict[str, Any], phase: str, epochs: int, model: nn.Module,
+                   pruner: Any) -> tuple[torch.optim.Optimizer, Any]:
+    """A fresh optimizer over ``pruner.param_groups()`` (the model's trainable parameters in a
+    dense run) and the LR schedule of a phase of ``epochs`` epochs."""
+    o = cfg["optimizer"]
+    lr = o["finetune_lr"] if phase == "finetune" and o["finetune_lr"] else o["lr"]
+    settings: dict[str, Any] = {"lr": lr, "weight_decay": o["weight_decay"]}
+    if o["name"] == "sgd":
+        settings.update(momentum=o["momentum"], nesterov=o["nesterov"])
+    if pruner is not None:
+        groups = pruner.param_groups(**settings)
+    else:
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad], **settings}]
+    optimizer = OPTIMIZERS[o["name"]](groups, lr=lr)
+    if o["lr_schedule"] == "cosine":
+        scheduler: Any = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs)
+    elif o["lr_schedule"] == "step":
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, o["milestones"], o["gamma"])
+    else:
+        scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, 1.0, 0)
+    return optimizer, scheduler

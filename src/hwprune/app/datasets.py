@@ -1,0 +1,77 @@
+"""The data sets a recipe can name (``data.name``): a registry from name to how it loads.
+
+Each entry turns the recipe's ``data`` section into a (train, test) pair of ``TensorDataset``
+of (x, y) and the facts the model factory may need (``vocab_size`` of a text set). Subsets,
+seeding and the checks on what a loader returned are the builder's (``app/build.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+from torch.utils.data import TensorDataset
+
+from .. import data as hdata
+from .recipe import RecipeError
+
+__all__ = ["DATASETS", "DatasetSpec", "dataset_spec"]
+
+#: (train, test, facts for the model factory)
+Loaded = tuple[Any, Any, dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """How one data set loads: ``load(root, data_section, seed)``; ``root`` is the resolved
+    data folder when ``needs_folder``, else None (bundled data)."""
+
+    load: Callable[[Path | None, Mapping[str, Any], int], Loaded]
+    needs_folder: bool
+
+
+def _digits(root: Path | None, d: Mapping[str, Any], seed: int) -> Loaded:
+    train, test = hdata.load_digits(seed=seed)
+    return train, test, {}
+
+
+def _image_folder(loader: Callable[..., TensorDataset]) -> DatasetSpec:
+    """A data set read from the data folder with ``loader(root, train=...)``."""
+
+    def load(root: Path | None, d: Mapping[str, Any], seed: int) -> Loaded:
+        return loader(root, train=True), loader(root, train=False), {}
+
+    return DatasetSpec(load, needs_folder=True)
+
+
+def _text(root: Path | None, d: Mapping[str, Any], seed: int) -> Loaded:
+    """A character stream -> non-overlapping (seq_len) windows of next-character targets."""
+    train_ids, val_ids, vocab = hdata.load_tinyshakespeare(root)
+    t = d["seq_len"]
+
+    def windows(ids: Tensor) -> TensorDataset:
+        n = (len(ids) - 1) // t
+        if n < 1:
+            raise RecipeError(f"recipe field data.seq_len: got {t}; allowed: < {len(ids)}")
+        return TensorDataset(ids[:n * t].view(n, t), ids[1:n * t + 1].view(n, t))
+
+    return windows(train_ids), windows(val_ids), {"vocab_size": len(vocab)}
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "digits": DatasetSpec(_digits, needs_folder=False),
+    "cifar10": _image_folder(hdata.load_cifar10),
+    "mnist": _image_folder(hdata.load_mnist),
+    "tinyshakespeare": DatasetSpec(_text, needs_folder=True),
+}
+
+
+def dataset_spec(name: str) -> DatasetSpec:
+    """The registry entry of ``name``; a one-line ``RecipeError`` listing the names if unknown."""
+    if name not in DATASETS:
+        raise RecipeError(f"recipe field data.name: got {name!r}; allowed: "
+                          f"{', '.join(DATASETS)}")
+    return DATASETS[name]
