@@ -24,7 +24,7 @@ import torch
 from hwprune.app.machine import cpu_name, machine
 
 __all__ = ["ROOT", "RESULTS", "ResultLog", "arguments", "command", "cpu_name", "header",
-           "machine", "parse", "table", "write_json", "write_lines"]
+           "machine", "parse", "table", "write_json", "write_lines", "write_table"]
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository
 RESULTS = Path(__file__).resolve().parent / "results"  # results/<topic>/...
@@ -106,6 +106,12 @@ def table(columns: list[str], align: str, rows: Iterable[Iterable[Any]]) -> list
 
 def write_lines(path: Path, lines: list[str]) -> None:
     path.write_text("\n".join(lines) + "\n")
+
+
+def write_table(path: Path, lines: list[str], columns: list[str], align: str,
+                rows: Iterable[Iterable[Any]]) -> None:
+    """A Markdown file: ``lines`` (the header and notes), then the table."""
+    write_lines(path, [*lines, *table(columns, align, rows)])
 
 
 def write_json(path: Path, obj: Any) -> None:

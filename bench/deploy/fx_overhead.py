@@ -23,7 +23,7 @@ import torch
 import torch.fx
 from shrink_latency import OUT, load, medians_in_turns
 
-from common import arguments, command, header, machine, parse, table, write_json, write_lines
+from common import arguments, command, header, machine, parse, write_json, write_table
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,12 +47,12 @@ def main(argv: list[str] | None = None) -> int:
                     command(__file__, argv), f"{machine()}, `torch.set_num_threads("
                     f"{args.threads})`. Both forms run in turns within one loop; medians.",
                     inline=True), ""]
-    lines += table(["model", "batch", "repeats", "ms own class", "ms GraphModule",
-                    "GraphModule / own"], "lrrrrr",
-                   [[r["model"], r["batch"], r["repeats"], f"{r['ms_own_class']:.4f}",
-                     f"{r['ms_graph_module']:.4f}", f"{r['graph_module_over_own']:.3f}x"]
-                    for r in rows])
-    write_lines(OUT / "fx_overhead.md", lines)
+    write_table(OUT / "fx_overhead.md", lines,
+                ["model", "batch", "repeats", "ms own class", "ms GraphModule",
+                 "GraphModule / own"], "lrrrrr",
+                [[r["model"], r["batch"], r["repeats"], f"{r['ms_own_class']:.4f}",
+                  f"{r['ms_graph_module']:.4f}", f"{r['graph_module_over_own']:.3f}x"]
+                 for r in rows])
     write_json(OUT / "fx_overhead.json", rows)
     return 0
 

@@ -29,17 +29,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import hwprune as hp
-from common import (
-    RESULTS,
-    ResultLog,
-    arguments,
-    command,
-    header,
-    machine,
-    parse,
-    table,
-    write_lines,
-)
+from common import RESULTS, ResultLog, arguments, command, header, machine, parse, write_table
 from hwprune.data import data_dir
 from hwprune.models import SmallCNN, load_pretrained
 
@@ -119,10 +109,10 @@ def write_markdown(records: list[dict], cmd: str) -> None:
              f"{r['ms_shrunk']:.2f}", f"{r['speedup']:.2f}x", f"{r['speedup_over_ideal']:.2f}",
              f"{r['ms_folded']:.2f}", f"{r['speedup_folded']:.2f}x",
              f"{r['speedup_folded_over_ideal']:.2f}"] for r in records]
-    write_lines(OUT / "shrink_latency.md", lines + table(
+    write_table(OUT / "shrink_latency.md", lines,
         ["model", "channel sparsity", "batch", "params dense", "params shrunk", "MAC reduction",
          "ms dense", "ms shrunk", "speed-up", "/ ideal", "ms shrunk + folded", "speed-up",
-         "/ ideal"], "lrrrrrrrrrrrr", rows))
+         "/ ideal"], "lrrrrrrrrrrrr", rows)
 
 
 def main() -> None:

@@ -22,22 +22,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: the shar
 
 import torch
 import torch.nn.functional as F
+from shrink_latency import MACHINE, OUT
 
-from common import (
-    RESULTS,
-    ResultLog,
-    arguments,
-    command,
-    header,
-    machine,
-    parse,
-    table,
-    write_lines,
-)
+from common import ResultLog, arguments, command, header, parse, table, write_lines
 from hwprune.deploy.sparse_kernels import SparseLinear, _timer
 
-OUT = RESULTS / "deploy"
-MACHINE = machine() + " (shared with other jobs)"
 SHAPES = [(512, 512), (3072, 768), (768, 3072), (1024, 1024)]
 SPARSITIES = [0.5, 0.7, 0.8, 0.9, 0.95, 0.98]
 

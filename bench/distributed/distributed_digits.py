@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: the shared helpers
 
-from common import RESULTS, ResultLog, arguments, machine, parse, table, write_lines
+from common import RESULTS, ResultLog, arguments, machine, parse, write_table
 
 OUT = RESULTS / "distributed"
 RECIPES = ("dpp-digits", "psp-digits", "magnitude-digits", "admm-digits", "darb-digits")
@@ -65,9 +65,9 @@ def write_markdown(log: ResultLog, path: Path) -> None:
         ratio = "-" if r["pruning_ratio"] is None else f"{r['pruning_ratio']:.2f}"
         rows.append([r["recipe"], r["processes"], f"{r['accuracy']:.2%}", dense,
                      f"{r['sparsity']:.1%}", ratio, r["seconds"], r["machine"]])
-    write_lines(path, lines + table(
+    write_table(path, lines,
         ["recipe", "processes", "accuracy", "dense accuracy", "sparsity", "pruning ratio",
-         "wall s", "machine"], "lrrrrrrl", rows))
+         "wall s", "machine"], "lrrrrrrl", rows)
 
 
 def main() -> None:

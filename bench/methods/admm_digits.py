@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: the shar
 import torch
 
 import hwprune as hp
-from common import ResultLog, arguments, command, cpu_name, header, parse, table, write_lines
+from common import ResultLog, arguments, command, cpu_name, header, parse, write_table
 from hwprune.data import load_digits
 from hwprune.models import SmallCNN
 from hwprune.structures import Block
@@ -108,9 +108,9 @@ def write_summary(out: Path, records: list[dict], head: str) -> None:
                      f"{100 * sum(acc) / len(acc):.2f} ± {50 * (max(acc) - min(acc)):.2f}",
                      f"{100 * rs[0]['mults_saved']:.1f}", f"{rs[0]['bits_per_weight']:.2f}",
                      ", ".join(rs[0]["encodings"])])
-    write_lines(out.with_suffix(".md"), lines + table(
+    write_table(out.with_suffix(".md"), lines,
         ["block", "unify", "zero", "method", "seeds", "accuracy %", "mults saved %",
-         "bits/weight", "encodings"], "lrrlrrrrl", rows))
+         "bits/weight", "encodings"], "lrrlrrrrl", rows)
 
 
 def main(argv=None) -> int:

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: the shar
 import torch
 
 import hwprune as hp
-from common import ResultLog, arguments, command, cpu_name, header, parse, table, write_lines
+from common import ResultLog, arguments, command, cpu_name, header, parse, write_table
 from hwprune.data import augment_cifar, data_dir, load_cifar10
 from hwprune.models import load_pretrained
 from hwprune.targets import resolve_targets
@@ -122,10 +122,10 @@ def write_summary(out: Path, records: list[dict], head: str) -> None:
             f"{r['pruned_layers_stored_bytes'] / 1024:.1f} "
             f"({r['pruned_layers_dense_bytes'] / 1024:.1f})", f"{r['bits_per_weight']:.2f}",
             ", ".join(r["encodings"]), r["seconds"]])
-    write_lines(out.with_suffix(".md"), lines + table(
+    write_table(out.with_suffix(".md"), lines,
         ["unify", "zero", "accuracy %", "after hard projection %", "residual first → last",
          "mults saved %", "pruned layers stored KiB (dense)", "bits/weight", "encodings",
-         "seconds"], "rrrrlrrrlr", rows))
+         "seconds"], "rrrrlrrrlr", rows)
 
 
 def main(argv=None) -> int:

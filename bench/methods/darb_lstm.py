@@ -27,6 +27,7 @@ import math
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: the shared helpers
@@ -115,6 +116,22 @@ def bench_setup(doc: str, ratios: list[float], argv, add_args) -> tuple:
                                 lambda r: (r["method"], r["target_ratio"]))
 
 
+def pending(args, log: ResultLog) -> list[tuple[float, str]]:
+    """The (ratio, method) points not in the log yet, in ratio then method order."""
+    return [(r, m) for r in args.ratios for m in args.methods if not log.done(m, r)]
+
+
+def point_record(method: str, ratio: float, pruner: hp.Pruner, start: float,
+                 quality: Callable[[], dict]) -> dict:
+    """A retrained point's record: the ratio reached and the decoding cost, then the pruner
+    finalized and ``quality()`` measured on the finalized model."""
+    cost = cost_of(method, pruner, ratio)
+    actual = 1.0 / (1.0 - pruner.sparsity())
+    pruner.finalize()
+    return {"method": method, "target_ratio": ratio, "ratio": actual, **quality(), **cost,
+            "seconds": round(time.perf_counter() - start, 1)}
+
+
 def summary_table(records: list[dict], quality: list[tuple[str, str]]) -> list[str]:
     """The results table, one row per point in ratio then method order; ``quality`` is
     ``[(column header, format of the record)]`` for the model-quality columns."""
@@ -186,22 +203,16 @@ def main(argv=None) -> int:
                  "seconds": round(time.perf_counter() - start, 1)})
     dense_state = {k: v.clone() for k, v in model.state_dict().items()}
     write_summary(out, log.records, head)
-    for ratio in args.ratios:
-        for method in args.methods:
-            if log.done(method, ratio):
-                continue
-            start = time.perf_counter()
-            model.load_state_dict(dense_state)
-            pruner = make_pruner(method, model, ratio)
-            oneshot = bits_per_character(model, val_ids)
-            train(model, args.retrain_steps, 1e-3, train_ids, args, args.seed + 1, pruner)
-            cost = cost_of(method, pruner, ratio)
-            actual = 1.0 / (1.0 - pruner.sparsity())
-            pruner.finalize()
-            log.add({"method": method, "target_ratio": ratio, "ratio": actual,
-                     "bpc_oneshot": oneshot, "bpc": bits_per_character(model, val_ids), **cost,
-                     "seconds": round(time.perf_counter() - start, 1)})
-            write_summary(out, log.records, head)
+    for ratio, method in pending(args, log):
+        start = time.perf_counter()
+        model.load_state_dict(dense_state)
+        pruner = make_pruner(method, model, ratio)
+        oneshot = bits_per_character(model, val_ids)
+        train(model, args.retrain_steps, 1e-3, train_ids, args, args.seed + 1, pruner)
+        log.add(point_record(method, ratio, pruner, start, lambda: {  # called at once
+            "bpc_oneshot": oneshot,  # noqa: B023
+            "bpc": bits_per_character(model, val_ids)}))
+        write_summary(out, log.records, head)
     return 0
 
 

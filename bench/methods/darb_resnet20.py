@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: the shared helpers
 
 import torch
-from darb_lstm import bench_setup, cost_of, make_pruner, shared_cpu, summary_table
+from darb_lstm import bench_setup, make_pruner, pending, point_record, shared_cpu, summary_table
 
 from common import command, header, write_lines
 from hwprune.data import augment_cifar, data_dir, load_cifar10
@@ -70,32 +70,25 @@ def main(argv=None) -> int:
         log.add({"method": "dense", "target_ratio": 1.0, "ratio": 1.0,
                  "accuracy": evaluate(load_pretrained(weights), test_loader)})
     write_summary(out, log.records, head)
-    for ratio in args.ratios:
-        for method in args.methods:
-            if log.done(method, ratio):
-                continue
-            start = time.perf_counter()
-            torch.manual_seed(0)
-            model = load_pretrained(weights).train()
-            pruner = make_pruner(method, model, ratio, targets=None)
-            opt = torch.optim.SGD(pruner.param_groups(lr=0.01, momentum=0.9, weight_decay=5e-4))
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.steps)
-            gen = torch.Generator().manual_seed(0)
-            done = 0
-            while done < args.steps:  # whole epochs of the subset, then part of one
-                part = range(min(len(train), (args.steps - done) * args.batch))
-                loader = make_loader(torch.utils.data.Subset(train, part), args.batch,
-                                     shuffle=True, seed=done)
-                train_epoch(model, loader, opt, pruner,
-                            augment=partial(augment_cifar, generator=gen), on_step=sched.step)
-                done += len(loader)
-            cost = cost_of(method, pruner, ratio)
-            actual = 1.0 / (1.0 - pruner.sparsity())
-            pruner.finalize()
-            log.add({"method": method, "target_ratio": ratio, "ratio": actual,
-                     "accuracy": evaluate(model, test_loader), "steps": done, **cost,
-                     "seconds": round(time.perf_counter() - start, 1)})
-            write_summary(out, log.records, head)
+    for ratio, method in pending(args, log):
+        start = time.perf_counter()
+        torch.manual_seed(0)
+        model = load_pretrained(weights).train()
+        pruner = make_pruner(method, model, ratio, targets=None)
+        opt = torch.optim.SGD(pruner.param_groups(lr=0.01, momentum=0.9, weight_decay=5e-4))
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.steps)
+        gen = torch.Generator().manual_seed(0)
+        done = 0
+        while done < args.steps:  # whole epochs of the subset, then part of one
+            part = range(min(len(train), (args.steps - done) * args.batch))
+            loader = make_loader(torch.utils.data.Subset(train, part), args.batch,
+                                 shuffle=True, seed=done)
+            train_epoch(model, loader, opt, pruner,
+                        augment=partial(augment_cifar, generator=gen), on_step=sched.step)
+            done += len(loader)
+        log.add(point_record(method, ratio, pruner, start, lambda: {  # called at once
+            "accuracy": evaluate(model, test_loader), "steps": done}))  # noqa: B023
+        write_summary(out, log.records, head)
     return 0
 
 

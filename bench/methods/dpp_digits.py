@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: the shar
 import torch
 
 import hwprune as hp
-from common import ResultLog, arguments, command, header, machine, parse, table, write_lines
+from common import ResultLog, arguments, command, header, machine, parse, write_table
 from hwprune.data import load_digits
 from hwprune.models import SmallCNN
 from hwprune.training import evaluate, make_loader, train_epoch
@@ -101,9 +101,9 @@ def write_summary(out: Path, records: list[dict], head: str) -> None:
                      f"{100 * sum(acc) / len(acc):.2f} ± {50 * (max(acc) - min(acc)):.2f}",
                      *((f"{sum(conf) / len(conf):.3f}", f"{sum(div) / len(div):.3f}") if conf
                        else ("-", "-"))])
-    write_lines(out.with_suffix(".md"), [head, "", *table(
-        ["pattern", "method", "seeds", "sparsity %", "accuracy %", "DPP confidence",
-         "DPP diversity"], "llrrrrr", rows)])
+    write_table(out.with_suffix(".md"), [head, ""],
+                ["pattern", "method", "seeds", "sparsity %", "accuracy %", "DPP confidence",
+                 "DPP diversity"], "llrrrrr", rows)
 
 
 def _optional_float(text: str) -> float | None:

@@ -33,7 +33,7 @@ import torch
 from torch.utils.data import Subset
 
 import hwprune as hp
-from common import ResultLog, arguments, command, header, parse, table, write_lines
+from common import ResultLog, arguments, command, header, parse, write_table
 from hwprune.data import augment_cifar, data_dir, load_cifar10
 from hwprune.models import load_pretrained
 from hwprune.report.plots import mask_metric_curves
@@ -114,11 +114,11 @@ def write_summary(out: Path, records: list[dict], head: str, dense: dict) -> Non
                      f"{100 * r['accuracy']:.2f}", f"{r['stored_bytes']:,}",
                      f"{dense['stored_bytes'] / r['stored_bytes']:.2f}x", *conf,
                      f"{r['seconds']:.0f}"])
-    write_lines(out.with_suffix(".md"), [
+    write_table(out.with_suffix(".md"), [
         head, "", f"Dense pretrained: {100 * dense['accuracy']:.2f} %, "
-        f"{dense['stored_bytes']:,} bytes stored.", "", *table(
-            ["pattern", "method", "sparsity %", "one-shot %", "accuracy %", "stored bytes",
-             "vs dense", "DPP confidence", "DPP diversity", "train s"], "llrrrrrrrr", rows)])
+        f"{dense['stored_bytes']:,} bytes stored.", ""],
+        ["pattern", "method", "sparsity %", "one-shot %", "accuracy %", "stored bytes",
+         "vs dense", "DPP confidence", "DPP diversity", "train s"], "llrrrrrrrr", rows)
 
 
 def main(argv=None) -> int:

@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: the shar
 import torch
 from torch import nn
 
-from common import ResultLog, arguments, command, header, parse, table, write_lines
+from common import ResultLog, arguments, command, header, parse, write_table
 from hwprune.app.recipe import method_class, method_kwargs, resolve
 from hwprune.app.runner import Run
 from hwprune.data import augment_cifar, data_dir, load_cifar10
@@ -231,8 +231,8 @@ def write_summary(out: Path, records: list[dict], head: dict) -> None:
         acc = [r["accuracy"] for r in rs]
         cells.append([structure, variant, f"{knob:g}", len(rs), f"{100 * sum(sp) / len(sp):.1f}",
                       f"{100 * sum(acc) / len(acc):.2f} ± {50 * (max(acc) - min(acc)):.2f}"])
-    write_lines(out.with_suffix(".md"), lines + table(
-        ["structure", "variant", "knob", "seeds", "sparsity %", "accuracy %"], "llrrrr", cells))
+    write_table(out.with_suffix(".md"), lines,
+        ["structure", "variant", "knob", "seeds", "sparsity %", "accuracy %"], "llrrrr", cells)
     try:
         import matplotlib
         matplotlib.use("Agg")

@@ -44,9 +44,8 @@ from common import (
     header,
     machine,
     parse,
-    table,
     write_json,
-    write_lines,
+    write_table,
 )
 from hwprune.data import augment_cifar, data_dir, load_cifar10
 from hwprune.models import load_pretrained
@@ -171,11 +170,11 @@ def write_summary(records: list[dict], cmd: str) -> None:
             fmt(r["index_bits_per_kept"], ".2f"), fmt(r["selection_width"], ".2f"),
             fmt(r["selection_inputs_per_kept"], ".2f"), f"{r['file_bytes']:,}",
             f"{r['file_header_bytes']:,}", f"{vs}x", f"{r['file_zlib_bytes']:,}"])
-    write_lines(OUT.with_suffix(".md"), lines + table(
+    write_table(OUT.with_suffix(".md"), lines,
         ["case", "pattern", "kept", "encodings", "dense B", "stored B", "index B", "min index B",
          "ratio", "w/o index", "at min", "index bits/kept", "sel. width", "sel. inputs/kept",
          "file B", "header B", "file vs dense file", "zlib file B"], "llrlrrrrrrrrrrrrrr",
-        rows))
+        rows)
     write_json(OUT.with_suffix(".json"),
                {"command": cmd, "machine": machine(), "records": records})
 
