@@ -1,8 +1,8 @@
 """How DARB cuts a trained model: per layer and ratio, the reference pruning's row densities,
 the block sizes chosen, and how close the kept count lands to the target (no training).
 
-    python bench/darb_block_sizes.py --ckpt /tmp/hwprune_darb_lstm_dense.pt \
-        --out bench/results/darb_block_sizes
+    python bench/methods/darb_block_sizes.py --ckpt /tmp/hwprune_darb_lstm_dense.pt \
+        --out bench/results/methods/darb/darb_block_sizes_lstm
 
 The checkpoint is the dense model ``darb_lstm.py`` trains (its ``--ckpt``; same ``--hidden``
 and ``--embedding``); without ``--ckpt`` the pretrained CIFAR-10 ResNet-20 is used.
@@ -10,29 +10,29 @@ and ``--embedding``); without ``--ckpt`` the pretrained CIFAR-10 ResNet-20 is us
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from collections import Counter
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: the shared helpers
+
 import torch
 from torch import nn
 
 import hwprune as hp
+from common import arguments, command, header, machine, parse, table, write_lines
 from hwprune.data import data_dir, load_tinyshakespeare
 from hwprune.models import CharLSTM, load_pretrained
-from results_log import machine
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="path prefix for the .md")
+    parser = arguments(__doc__, "path prefix for the .md")
     parser.add_argument("--ckpt", default=None, help="darb_lstm.py's dense checkpoint")
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--embedding", type=int, default=64)
     parser.add_argument("--ratios", type=float, nargs="+", default=[4, 8, 13, 16, 25])
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     if args.ckpt:
         vocab = load_tinyshakespeare()[2]
         model = CharLSTM(len(vocab), args.embedding, args.hidden)
@@ -42,15 +42,15 @@ def main(argv=None) -> int:
         model = load_pretrained(data_dir() / "weights" / "cifar10-resnet20-akamaster.th")
         targets, what = None, "pretrained CIFAR-10 ResNet-20, every conv but the first"
     dense = {k: v.clone() for k, v in model.state_dict().items()}
-    lines = [f"# DARB block sizes and ratio accuracy: {what}", "",
-             f"Command: `python bench/darb_block_sizes.py {' '.join(sys.argv[1:])}`", "",
-             f"Machine: {machine()}. "
-             "Row density spread: max / min survivors per row of the reference (irregular "
-             "magnitude) pruning, and the 95th / 5th percentile. Tolerance bound: the "
-             "documented max_step / 2 (module docstring of hwprune.methods.darb).", "",
-             "| ratio | layer | rows x cols | density spread max/min (p95/p5) | block sizes "
-             "(rows) | target kept | kept | deviation | bound |",
-             "| ---: | --- | --- | --- | --- | ---: | ---: | ---: | ---: |"]
+    lines = [header(f"DARB block sizes and ratio accuracy: {what}", command(__file__, argv),
+                    f"{machine()}. "
+                    "Row density spread: max / min survivors per row of the reference "
+                    "(irregular magnitude) pruning, and the 95th / 5th percentile. Tolerance "
+                    "bound: the documented max_step / 2 (module docstring of "
+                    "hwprune.methods.darb)."), "",
+             *table(["ratio", "layer", "rows x cols", "density spread max/min (p95/p5)",
+                     "block sizes (rows)", "target kept", "kept", "deviation", "bound"],
+                    "rllllrrrr", [])]
     for ratio in args.ratios:
         model.load_state_dict(dense)
         pruner = hp.DARB(model, ratio, targets=targets)
@@ -75,9 +75,7 @@ def main(argv=None) -> int:
                 + f" | {target:.0f} | {kept} | {100 * (kept - target) / target:+.3f} % | "
                 f"{bound:g} |")
         pruner.finalize()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_lines(Path(args.out).with_suffix(".md"), lines)
     print("\n".join(lines))
     return 0
 

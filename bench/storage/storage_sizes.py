@@ -4,14 +4,13 @@ overhead against its information-theoretic minimum, and the file sizes of ``save
 One-shot magnitude pruning (no retraining: storage does not depend on accuracy) of the akamaster
 checkpoints, for each structure; every file is loaded back and compared bitwise.
 
-    python bench/storage_sizes.py [--data-dir DIR] [--depths 20 56]
+    python bench/storage/storage_sizes.py [--data-dir DIR] [--depths 20 56]
 
-Writes bench/results/storage_sizes.json and .md.
+Writes bench/results/storage/storage_sizes.json and .md.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -19,19 +18,23 @@ import time
 from collections import Counter
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: the shared helpers
+
 import torch
 
 import hwprune as hp
+from common import RESULTS, arguments, command, parse, table, write_json
 from hwprune.data import data_dir
 from hwprune.models import load_pretrained
 from hwprune.storage import file_layout, load, save, stored_bytes
 
 CASES = [("dense", None, None), ("element", "element", 0.9), ("2:4", "2:4", None),
          ("block:4x4", "block:4x4", 0.5), ("channel", "channel", 0.5)]
-OUT = Path(__file__).parent / "results"
+OUT = RESULTS / "storage"
 
 
 def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The same dtype, shape and bits (NaN and -0.0 included)."""
     ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
     return (a.dtype == b.dtype and a.shape == b.shape
             and torch.equal(a.view(ints[a.element_size()]), b.view(ints[b.element_size()])))
@@ -88,36 +91,32 @@ def run_case(weights: Path, label: str, structure: str | None, sparsity: float |
     return out
 
 
-def to_markdown(results: list[dict], command: str) -> str:
+def to_markdown(results: list[dict], cmd: str) -> str:
     lines = [
         "# Stored bytes of pruned CIFAR ResNets (hwprune.storage)", "",
-        f"Command: `{command}`. One-shot magnitude pruning of the pretrained akamaster "
+        f"Command: `{cmd}`. One-shot magnitude pruning of the pretrained akamaster "
         "checkpoints (default targets: every conv and linear weight except the first conv and "
         "the last linear layer; `dense` counts the same weights unpruned). Bytes of the pruned "
         "weights: payload + index as stored; `min index` is the information-theoretic minimum "
         "of the chosen patterns (log2 C(n, k) per k-of-n run, log2 C(N, kept) for irregular). "
         "Files hold the whole state dict (BN included); every file was loaded back bitwise.",
         "",
-        "| model | case | encodings | dense B | stored B | index B | min index B | "
-        "bits/kept | file B | zlib B | lzma B | header B |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for r in results:
-        enc = ", ".join(f"{k} {v}" for k, v in sorted(r["encodings"].items()))
-        lines.append(
-            f"| {r['model']} | {r['case']} | {enc} | {r['dense_bytes']:,} | "
-            f"{r['stored_bytes']:,} | {r['index_bytes']:,} | {r['min_index_bytes']:,.0f} | "
-            f"{r['stored_bits_per_kept_weight']:.2f} | {r['file_bytes']:,} | "
-            f"{r['file_bytes_zlib']:,} | {r['file_bytes_lzma']:,} | {r['file_header_bytes']:,} |"
-        )
+    lines += table(
+        ["model", "case", "encodings", "dense B", "stored B", "index B", "min index B",
+         "bits/kept", "file B", "zlib B", "lzma B", "header B"], "lllrrrrrrrrr",
+        [[r["model"], r["case"], ", ".join(f"{k} {v}" for k, v in sorted(r["encodings"].items())),
+          f"{r['dense_bytes']:,}", f"{r['stored_bytes']:,}", f"{r['index_bytes']:,}",
+          f"{r['min_index_bytes']:,.0f}", f"{r['stored_bits_per_kept_weight']:.2f}",
+          f"{r['file_bytes']:,}", f"{r['file_bytes_zlib']:,}", f"{r['file_bytes_lzma']:,}",
+          f"{r['file_header_bytes']:,}"] for r in results])
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", default=None)
+    parser = arguments(__doc__, None, data_dir=True)
     parser.add_argument("--depths", type=int, nargs="+", default=[20, 56])
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     root = data_dir(args.data_dir)
     results = []
     for depth in args.depths:
@@ -126,9 +125,8 @@ def main(argv: list[str] | None = None) -> None:
             results.append(run_case(weights, label, structure, sparsity))
             print(json.dumps(results[-1]), flush=True)
     OUT.mkdir(parents=True, exist_ok=True)
-    command = "python bench/storage_sizes.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    (OUT / "storage_sizes.json").write_text(json.dumps(results, indent=2) + "\n")
-    (OUT / "storage_sizes.md").write_text(to_markdown(results, command.strip()))
+    write_json(OUT / "storage_sizes.json", results)
+    (OUT / "storage_sizes.md").write_text(to_markdown(results, command(__file__, argv)))
 
 
 if __name__ == "__main__":

@@ -14,12 +14,11 @@ per-epoch temperature schedule anneals within the budget. Confidence and diversi
 mask distributions are logged every ``--log-every`` steps and plotted. Stored bytes are the size
 of the file ``hp.save`` writes for the finalized model.
 
-    python bench/dpp_resnet20.py --out bench/results/dpp_resnet20
+    python bench/methods/dpp_resnet20.py --out bench/results/methods/dpp/dpp_resnet20
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import platform
@@ -28,15 +27,17 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: the shared helpers
+
 import torch
 from torch.utils.data import Subset
 
 import hwprune as hp
+from common import ResultLog, arguments, command, header, parse, write_table
 from hwprune.data import augment_cifar, data_dir, load_cifar10
 from hwprune.models import load_pretrained
 from hwprune.report.plots import mask_metric_curves
 from hwprune.training import evaluate, make_loader, train_epoch
-from results_log import ResultLog
 
 PATTERNS = ("2:4", "1:4")
 METHODS = ("magnitude", "dpp", "dpp-q8")
@@ -103,26 +104,25 @@ def run(model0, method: str, pattern: str, train, test, args, curves_out: Path) 
     return record
 
 
-def write_summary(out: Path, records: list[dict], header: str, dense: dict) -> None:
-    lines = [header, "", f"Dense pretrained: {100 * dense['accuracy']:.2f} %, "
-             f"{dense['stored_bytes']:,} bytes stored.", "",
-             "| pattern | method | sparsity % | one-shot % | accuracy % | stored bytes | "
-             "vs dense | DPP confidence | DPP diversity | train s |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+def write_summary(out: Path, records: list[dict], head: str, dense: dict) -> None:
+    rows = []
     for r in records:
-        conf = f"{r['confidence']:.3f} | {r['diversity']:.3f}" if "confidence" in r else "- | -"
+        conf = ((f"{r['confidence']:.3f}", f"{r['diversity']:.3f}") if "confidence" in r
+                else ("-", "-"))
         one = f"{100 * r['one_shot_accuracy']:.2f}" if r["one_shot_accuracy"] else "-"
-        lines.append(f"| {r['pattern']} | {r['method']} | {100 * r['sparsity']:.1f} | {one} | "
-                     f"{100 * r['accuracy']:.2f} | {r['stored_bytes']:,} | "
-                     f"{dense['stored_bytes'] / r['stored_bytes']:.2f}x | {conf} | "
-                     f"{r['seconds']:.0f} |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+        rows.append([r["pattern"], r["method"], f"{100 * r['sparsity']:.1f}", one,
+                     f"{100 * r['accuracy']:.2f}", f"{r['stored_bytes']:,}",
+                     f"{dense['stored_bytes'] / r['stored_bytes']:.2f}x", *conf,
+                     f"{r['seconds']:.0f}"])
+    write_table(out.with_suffix(".md"), [
+        head, "", f"Dense pretrained: {100 * dense['accuracy']:.2f} %, "
+        f"{dense['stored_bytes']:,} bytes stored.", ""],
+        ["pattern", "method", "sparsity %", "one-shot %", "accuracy %", "stored bytes",
+         "vs dense", "DPP confidence", "DPP diversity", "train s"], "llrrrrrrrr", rows)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="path prefix for .jsonl, .md and plots")
-    parser.add_argument("--data-dir", default=None, help="default: $HWPRUNE_DATA_DIR")
+    parser = arguments(__doc__, "path prefix for .jsonl, .md and plots", data_dir=True)
     parser.add_argument("--train-subset", type=int, default=20_000)
     parser.add_argument("--epochs", type=int, default=10, help="pseudo-epochs (slices)")
     parser.add_argument("--batch-size", type=int, default=128)
@@ -132,9 +132,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--patterns", nargs="+", default=list(PATTERNS))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     root = data_dir(args.data_dir)
     train = Subset(load_cifar10(root, train=True), range(args.train_subset))
     test = load_cifar10(root, train=False)
@@ -144,22 +143,22 @@ def main(argv=None) -> int:
         hp.save(model0, Path(tmp) / "dense.hwp")
         dense = {"accuracy": evaluate(model0, make_loader(test, 1000, shuffle=False)),
                  "stored_bytes": (Path(tmp) / "dense.hwp").stat().st_size}
-    header = (f"# DPP against one-shot magnitude N:M on CIFAR-10 ResNet-20\n\nCommand: `python "
-              f"bench/dpp_resnet20.py {' '.join(sys.argv[1:])}`\n\nMachine: "
-              f"{platform.machine()}, {torch.get_num_threads()} threads, torch "
-              f"{torch.__version__} (shared with other jobs, so seconds are not comparable "
-              f"across rows). Budget, equal for all: {args.train_subset} training images in "
-              f"{args.epochs} slices, batch {args.batch_size}, SGD lr {args.lr} momentum 0.9 "
-              f"cosine per step, weight decay 5e-4; DPP logit lr {args.logit_lr}. Targets: "
-              "every conv but the first. Stored bytes: the `hp.save` file of the finalized "
-              "model (the whole model, BatchNorm and the dense first conv and classifier "
-              "included).")
+    head = header("DPP against one-shot magnitude N:M on CIFAR-10 ResNet-20",
+                  command(__file__, argv),
+                  f"{platform.machine()}, {torch.get_num_threads()} threads, torch "
+                  f"{torch.__version__} (shared with other jobs, so seconds are not comparable "
+                  f"across rows). Budget, equal for all: {args.train_subset} training images in "
+                  f"{args.epochs} slices, batch {args.batch_size}, SGD lr {args.lr} momentum 0.9 "
+                  f"cosine per step, weight decay 5e-4; DPP logit lr {args.logit_lr}. Targets: "
+                  "every conv but the first. Stored bytes: the `hp.save` file of the finalized "
+                  "model (the whole model, BatchNorm and the dense first conv and classifier "
+                  "included).")
     for pattern in args.patterns:
         for method in args.methods:
             if not log.done(pattern, method, args.seed):
                 log.add(run(model0, method, pattern, train, test, args, out))
-                write_summary(out, log.records, header, dense)
-    write_summary(out, log.records, header, dense)
+                write_summary(out, log.records, head, dense)
+    write_summary(out, log.records, head, dense)
     return 0
 
 

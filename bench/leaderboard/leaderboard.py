@@ -9,7 +9,7 @@ Every result is finalized, shrunk (entirely zero channels removed), saved with `
 batch 1 on this CPU against the dense model in the same run. Targets: every conv but the
 first (and, for Magnitude/DARB, nothing else: the classifier stays dense).
 
-    python bench/leaderboard.py --out bench/results/leaderboard
+    python bench/leaderboard/leaderboard.py --out bench/results/leaderboard/leaderboard
 
 Each row's own command (``hwprune run ... --set ...``) is written next to it, so a single row
 can be reproduced without this script.
@@ -17,13 +17,13 @@ can be reproduced without this script.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: the shared helpers
+
+from common import arguments, command, header, machine, parse, write_json
 from hwprune.app.compare import compare_markdown, compare_plot, load_runs
-from hwprune.app.machine import machine
 from hwprune.app.recipe import dump, resolve
 from hwprune.app.runner import Run
 from hwprune.errors import HwpruneError
@@ -70,20 +70,17 @@ def recipe(name: str, method: dict, prune_share: float, args) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="path prefix for the .md/.json/.png")
+    parser = arguments(__doc__, "path prefix for the .md/.json/.png", data_dir=True)
     parser.add_argument("--runs", default="bench/out/leaderboard",
                         help="where the run folders go (not committed)")
-    parser.add_argument("--data-dir", default=None, help="default: $HWPRUNE_DATA_DIR")
     parser.add_argument("--train-subset", type=int, default=10_000)
     parser.add_argument("--test-subset", type=int, default=None, help="smoke runs only")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", nargs="+", help="run only these rows")
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     out, runs = Path(args.out), Path(args.runs)
-    out.parent.mkdir(parents=True, exist_ok=True)
     done = []
     for name, method, share in ENTRIES:
         if args.only and name not in args.only:
@@ -93,26 +90,25 @@ def main(argv=None) -> int:
         recipe_file = out.parent / f"{out.name}_recipes" / f"{name}.yaml"  # committed
         recipe_file.parent.mkdir(parents=True, exist_ok=True)
         recipe_file.write_text(dump(cfg))
-        command = f"hwprune run {recipe_file} --out {folder}"
+        row_command = f"hwprune run {recipe_file} --out {folder}"
         if not (folder / "summary.json").exists():  # finished rows are kept: resumable
-            Run(cfg).execute(folder, force=True, command=command)
+            Run(cfg).execute(folder, force=True, command=row_command)
         done.append(folder)
         rows = load_runs(done)
-        header = (
-            f"# Leaderboard: every method on pretrained CIFAR-10 ResNet-20\n\nCommand: "
-            f"`python bench/leaderboard.py {' '.join(sys.argv[1:])}`\n\nMachine: {machine()} "
-            "(shared with other jobs: latencies are only compared within a row). Budget, equal "
-            f"for all: {args.epochs} epochs over {args.train_subset} training images (batch "
-            f"128, SGD lr {args.lr}, momentum 0.9, cosine, augmentation), from the pretrained "
-            f"checkpoint; test: {args.test_subset or 'the 10,000'} CIFAR-10 test images. Every "
-            "conv but the stem is pruned. Stored bytes: the conv and linear weights of the "
-            "finalized, shrunk model as `hp.save` stores them, index included (the whole file, "
-            "with BatchNorm, biases and header, is `file_bytes` in the JSON); latency: batch 1, "
-            "median, against the "
-            "dense model timed in the same run. Each row's command is listed below the table "
+        head = header(
+            "Leaderboard: every method on pretrained CIFAR-10 ResNet-20", command(__file__, argv),
+            f"{machine()} (shared with other jobs: latencies are only compared within a row). "
+            f"Budget, equal for all: {args.epochs} epochs over {args.train_subset} training "
+            f"images (batch 128, SGD lr {args.lr}, momentum 0.9, cosine, augmentation), from "
+            f"the pretrained checkpoint; test: {args.test_subset or 'the 10,000'} CIFAR-10 test "
+            "images. Every conv but the stem is pruned. Stored bytes: the conv and linear "
+            "weights of the finalized, shrunk model as `hp.save` stores them, index included "
+            "(the whole file, with BatchNorm, biases and header, is `file_bytes` in the JSON); "
+            "latency: batch 1, median, against the dense model timed in the same run. Each "
+            "row's command is listed below the table "
             f"(the recipes are in `{out.name}_recipes/`).\n\n")
-        out.with_suffix(".md").write_text(header + compare_markdown(rows))
-        out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
+        out.with_suffix(".md").write_text(head + compare_markdown(rows))
+        write_json(out.with_suffix(".json"), rows)
         try:
             compare_plot(rows, out.with_suffix(".png"))
         except HwpruneError as e:  # matplotlib missing: the table stands

@@ -7,7 +7,8 @@ the test accuracy and the stored size of the pruned layers, as ``hp.report`` cou
 bytes ``hp.save`` writes: a unified block is one magnitude plus one sign bit per weight, with
 2 state bits per block). Configurations: unification only, pruning only, and both.
 
-    nohup python bench/admm_resnet20.py --out bench/results/admm_resnet20 > admm_resnet20.log &
+    nohup python bench/methods/admm_resnet20.py --out bench/results/methods/admm/admm_resnet20 \
+        > admm_resnet20.log &
 
 Resumable: finished configurations are skipped (``<out>.jsonl``); ``<out>.md`` is rewritten
 after each one.
@@ -15,7 +16,6 @@ after each one.
 
 from __future__ import annotations
 
-import argparse
 import math
 import platform
 import sys
@@ -23,14 +23,16 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: the shared helpers
+
 import torch
 
 import hwprune as hp
+from common import ResultLog, arguments, command, cpu_name, header, parse, write_table
 from hwprune.data import augment_cifar, data_dir, load_cifar10
 from hwprune.models import load_pretrained
 from hwprune.targets import resolve_targets
 from hwprune.training import evaluate, make_loader, train_epoch
-from results_log import ResultLog, cpu_name
 
 #: (unify, zero) fractions of each layer's blocks
 CONFIGS = [(0.5, 0.0), (0.75, 0.0), (0.0, 0.5), (0.0, 0.75), (0.5, 0.25), (0.25, 0.5)]
@@ -104,30 +106,30 @@ def run(config, args, model_path, train, test) -> dict:
             "seconds": round(time.perf_counter() - start, 1)}
 
 
-def write_summary(out: Path, records: list[dict], header: str) -> None:
-    lines = [header, "", "| unify | zero | accuracy % | after hard projection % | residual "
-             "first → last | mults saved % | pruned layers stored KiB (dense) | bits/weight | "
-             "encodings | seconds |", "| ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | "
-             "--- | ---: |"]
+def write_summary(out: Path, records: list[dict], head: str) -> None:
+    lines, rows = [head, ""], []
     for r in records:
         if r.get("kind") == "dense":
             lines.insert(2, f"Pretrained dense accuracy: {100 * r['accuracy']:.2f} % "
                             f"(pruned layers: {r['pruned_layers_dense_bytes'] / 1024:.1f} KiB "
                             "as float32).\n")
             continue
-        lines.append(
-            f"| {r['unify']} | {r['zero']} | {100 * r['accuracy']:.2f} | "
-            f"{100 * r['accuracy_after_projection']:.2f} | {r['relative_residual_first']:.3f} → "
-            f"{r['relative_residual_last']:.3f} | {100 * r['mults_saved']:.1f} | "
+        rows.append([
+            r["unify"], r["zero"], f"{100 * r['accuracy']:.2f}",
+            f"{100 * r['accuracy_after_projection']:.2f}",
+            f"{r['relative_residual_first']:.3f} → {r['relative_residual_last']:.3f}",
+            f"{100 * r['mults_saved']:.1f}",
             f"{r['pruned_layers_stored_bytes'] / 1024:.1f} "
-            f"({r['pruned_layers_dense_bytes'] / 1024:.1f}) | {r['bits_per_weight']:.2f} | "
-            f"{', '.join(r['encodings'])} | {r['seconds']} |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+            f"({r['pruned_layers_dense_bytes'] / 1024:.1f})", f"{r['bits_per_weight']:.2f}",
+            ", ".join(r["encodings"]), r["seconds"]])
+    write_table(out.with_suffix(".md"), lines,
+        ["unify", "zero", "accuracy %", "after hard projection %", "residual first → last",
+         "mults saved %", "pruned layers stored KiB (dense)", "bits/weight", "encodings",
+         "seconds"], "rrrrlrrrlr", rows)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="path prefix for .jsonl and .md")
+    parser = arguments(__doc__, threads=1)
     parser.add_argument("--data", default=None, help="data folder (default: HWPRUNE_DATA_DIR)")
     parser.add_argument("--train-subset", type=int, default=10_000)
     parser.add_argument("--test-subset", type=int, default=10_000)
@@ -142,12 +144,8 @@ def main(argv=None) -> int:
     parser.add_argument("--admm-interval", type=int, default=15)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--configs", type=int, default=len(CONFIGS), help="run the first N")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (1: far faster than 2 on a shared 2-core CPU)")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = parse(parser, argv)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     root = data_dir(args.data)
     model_path = root / "weights" / "cifar10-resnet20-akamaster.th"
     train = torch.utils.data.Subset(load_cifar10(root, train=True), range(args.train_subset))
@@ -156,11 +154,11 @@ def main(argv=None) -> int:
         test = torch.utils.data.Subset(test, range(args.test_subset))
     log = ResultLog(out.with_suffix(".jsonl"), lambda r: (r.get("unify"), r.get("zero"),
                                                          r.get("block"), r["seed"]))
-    header = (
-        f"# ADMM unification and pruning: CIFAR-10 ResNet-20 (pretrained)\n\nCommand: `python "
-        f"bench/admm_resnet20.py {' '.join(sys.argv[1:])}`\n\nMachine: {cpu_name()}, 2-core CPU "
-        f"({platform.machine()}, {torch.get_num_threads()} threads, shared), torch "
-        f"{torch.__version__}. From the pretrained checkpoint: {args.admm_steps} ADMM steps "
+    head = header(
+        "ADMM unification and pruning: CIFAR-10 ResNet-20 (pretrained)", command(__file__, argv),
+        f"{cpu_name()}, 2-core CPU ({platform.machine()}, {torch.get_num_threads()} threads, "
+        f"shared), torch {torch.__version__}. From the pretrained checkpoint: "
+        f"{args.admm_steps} ADMM steps "
         f"(SGD lr {args.lr}, momentum 0.9, wd 5e-4, batch {args.batch_size}, rho {args.rho} "
         f"x{args.rho_growth} per round of {args.admm_interval} steps, cap {args.rho_max}) on "
         f"the first {args.train_subset} training images, hard projection, "
@@ -178,8 +176,8 @@ def main(argv=None) -> int:
     for config in CONFIGS[:args.configs]:
         if not log.done(*config, "x".join(map(str, args.block)), args.seed):
             log.add(run(config, args, model_path, train, test))
-            write_summary(out, log.records, header)
-    write_summary(out, log.records, header)
+            write_summary(out, log.records, head)
+    write_summary(out, log.records, head)
     return 0
 
 

@@ -6,30 +6,28 @@ same model, with the same weights, run as itself and as ``torch.fx.symbolic_trac
 timed in turns (``medians_in_turns`` of shrink_latency.py); the models are the digits CNN and
 the pretrained CIFAR ResNet-20, at batch 1 and 64.
 
-    python bench/fx_overhead.py [--threads 1] [--repeats 300]
+    python bench/deploy/fx_overhead.py [--threads 1] [--repeats 300]
 
-Writes bench/results/fx_overhead.md and .json.
+Writes bench/results/deploy/fx_overhead.md and .json.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: the shared helpers
 
 import torch
 import torch.fx
-
-from results_log import machine
 from shrink_latency import OUT, load, medians_in_turns
+
+from common import arguments, command, header, machine, parse, write_json, write_table
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=300)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = parse(arguments(__doc__, None, threads=1, repeats=300), argv)
     rows = []
     for name in ("digits-cnn", "resnet20"):
         model, shape, _ = load(name)
@@ -45,18 +43,17 @@ def main(argv: list[str] | None = None) -> int:
                          "ms_graph_module": round(fx * 1e3, 4),
                          "graph_module_over_own": round(fx / own, 3)})
             print(json.dumps(rows[-1]), flush=True)
-    lines = [
-        "# The GraphModule's overhead: the same model as its own class and as fx", "",
-        f"Command: `python bench/fx_overhead.py {' '.join(sys.argv[1:])}`. Machine: "
-        f"{machine()}, `torch.set_num_threads({args.threads})`. Both forms run in turns "
-        "within one loop; medians.", "",
-        "| model | batch | repeats | ms own class | ms GraphModule | GraphModule / own |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    lines += [f"| {r['model']} | {r['batch']} | {r['repeats']} | {r['ms_own_class']:.4f} | "
-              f"{r['ms_graph_module']:.4f} | {r['graph_module_over_own']:.3f}x |" for r in rows]
-    (OUT / "fx_overhead.md").write_text("\n".join(lines) + "\n")
-    (OUT / "fx_overhead.json").write_text(json.dumps(rows, indent=2) + "\n")
+    lines = [header("The GraphModule's overhead: the same model as its own class and as fx",
+                    command(__file__, argv), f"{machine()}, `torch.set_num_threads("
+                    f"{args.threads})`. Both forms run in turns within one loop; medians.",
+                    inline=True), ""]
+    write_table(OUT / "fx_overhead.md", lines,
+                ["model", "batch", "repeats", "ms own class", "ms GraphModule",
+                 "GraphModule / own"], "lrrrrr",
+                [[r["model"], r["batch"], r["repeats"], f"{r['ms_own_class']:.4f}",
+                  f"{r['ms_graph_module']:.4f}", f"{r['graph_module_over_own']:.3f}x"]
+                 for r in rows])
+    write_json(OUT / "fx_overhead.json", rows)
     return 0
 
 

@@ -13,16 +13,15 @@ ADMM), enough for each method to produce its pattern (PSP's learned alphas rank 
 DPP's logits pick the 2:4 masks and its 8-bit quantization is baked in, ADMM's projection gives
 zero / unified / free blocks), not to recover accuracy. No accuracy is measured.
 
-    python bench/storage_methods.py [--data-dir DIR] [--steps 20] [--batch-size 64]
+    python bench/storage/storage_methods.py [--data-dir DIR] [--steps 20] [--batch-size 64]
 
-Writes bench/results/storage_methods.jsonl (one record per case, resumable), .md and .json.
+Writes bench/results/storage/storage_methods.jsonl (one record per case, resumable), .md and
+.json.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import sys
 import tempfile
 import time
@@ -30,16 +29,29 @@ import zlib
 from collections import Counter
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: the shared helpers
+
 import torch
+from storage_sizes import bits_equal
 from torch.utils.data import Subset
 
 import hwprune as hp
+from common import (
+    RESULTS,
+    ResultLog,
+    arguments,
+    command,
+    header,
+    machine,
+    parse,
+    write_json,
+    write_table,
+)
 from hwprune.data import augment_cifar, data_dir, load_cifar10
 from hwprune.models import load_pretrained
 from hwprune.training import make_loader, train_epoch
-from results_log import ResultLog, machine
 
-OUT = Path(__file__).parent / "results" / "storage_methods"
+OUT = RESULTS / "storage" / "storage_methods"
 
 #: label -> (how the pattern is made, constructor of the pruner; None: dense)
 CASES = {
@@ -56,12 +68,6 @@ CASES = {
                                                                  zero=0.25)),
     "DARB 8x": ("one-shot", lambda m: hp.DARB(m, ratio=8.0)),
 }
-
-
-def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-    return (a.dtype == b.dtype and a.shape == b.shape
-            and torch.equal(a.view(ints[a.element_size()]), b.view(ints[b.element_size()])))
 
 
 class _Done(Exception):
@@ -133,11 +139,10 @@ def fmt(x, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
-def write_summary(records: list[dict], command: str) -> None:
+def write_summary(records: list[dict], cmd: str) -> None:
     lines = [
-        "# Stored bytes of each method's pruned CIFAR-10 ResNet-20 (hwprune.save)", "",
-        f"Command: `{command}`", "",
-        f"Machine: {machine()} (as bench/results_log.py machine() reads it).", "",
+        header("Stored bytes of each method's pruned CIFAR-10 ResNet-20 (hwprune.save)", cmd,
+               f"{machine()} (as hwprune.app.machine.machine() reads it)."), "",
         "A storage table, not an accuracy table: patterns from one-shot pruning or a few "
         "training steps (column *pattern*); accuracy was not measured. Columns over the "
         "report's rows (all 20 conv/linear weights; the first conv and the classifier stay "
@@ -148,12 +153,8 @@ def write_summary(records: list[dict], command: str) -> None:
         "bits for unified); *file* = bytes of the whole `hp.save` file (BatchNorm, biases, "
         "header included), equal to the report's `file_bytes` and loaded back bitwise. "
         "docs/storage.md defines every field.", "",
-        "| case | pattern | kept | encodings | dense B | stored B | index B | min index B | "
-        "ratio | w/o index | at min | index bits/kept | sel. width | sel. inputs/kept | file B | "
-        "header B | file vs dense file | zlib file B |",
-        "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | "
-        "---: | ---: | ---: | ---: | ---: | ---: |",
     ]
+    rows = []
     dense_file = next((r["file_bytes"] for r in records if r["case"] == "dense"), None)
     order = list(CASES)
     records = sorted(records, key=lambda r: order.index(r["case"]) if r["case"] in order
@@ -161,32 +162,33 @@ def write_summary(records: list[dict], command: str) -> None:
     for r in records:
         encs = ", ".join(f"{k} {v}" for k, v in sorted(r["encodings"].items()))
         vs = fmt(dense_file / r["file_bytes"] if dense_file else None, ".2f")
-        lines.append(
-            f"| {r['case']} | {r['pattern_from']} | {100 * r['kept_fraction']:.1f}% | {encs} | "
-            f"{r['dense_bytes']:,} | {r['stored_bytes']:,} | {r['index_bytes']:,} | "
-            f"{r['min_index_bits'] / 8:,.0f} | {r['compression_ratio']:.2f}x | "
-            f"{r['compression_ratio_no_index']:.2f}x | {r['compression_ratio_min']:.2f}x | "
-            f"{fmt(r['index_bits_per_kept'], '.2f')} | {fmt(r['selection_width'], '.2f')} | "
-            f"{fmt(r['selection_inputs_per_kept'], '.2f')} | "
-            f"{r['file_bytes']:,} | {r['file_header_bytes']:,} | {vs}x | "
-            f"{r['file_zlib_bytes']:,} |")
-    OUT.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    OUT.with_suffix(".json").write_text(json.dumps(
-        {"command": command, "machine": machine(), "records": records}, indent=2) + "\n")
+        rows.append([
+            r["case"], r["pattern_from"], f"{100 * r['kept_fraction']:.1f}%", encs,
+            f"{r['dense_bytes']:,}", f"{r['stored_bytes']:,}", f"{r['index_bytes']:,}",
+            f"{r['min_index_bits'] / 8:,.0f}", f"{r['compression_ratio']:.2f}x",
+            f"{r['compression_ratio_no_index']:.2f}x", f"{r['compression_ratio_min']:.2f}x",
+            fmt(r["index_bits_per_kept"], ".2f"), fmt(r["selection_width"], ".2f"),
+            fmt(r["selection_inputs_per_kept"], ".2f"), f"{r['file_bytes']:,}",
+            f"{r['file_header_bytes']:,}", f"{vs}x", f"{r['file_zlib_bytes']:,}"])
+    write_table(OUT.with_suffix(".md"), lines,
+        ["case", "pattern", "kept", "encodings", "dense B", "stored B", "index B", "min index B",
+         "ratio", "w/o index", "at min", "index bits/kept", "sel. width", "sel. inputs/kept",
+         "file B", "header B", "file vs dense file", "zlib file B"], "llrlrrrrrrrrrrrrrr",
+        rows)
+    write_json(OUT.with_suffix(".json"),
+               {"command": cmd, "machine": machine(), "records": records})
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", default=None, help="default: $HWPRUNE_DATA_DIR")
+    parser = arguments(__doc__, None, data_dir=True)
     parser.add_argument("--steps", type=int, default=20, help="training steps for PSP/DPP/ADMM")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--train-subset", type=int, default=2048)
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
-    args = parser.parse_args(argv)
-    command = "python bench/storage_methods.py " + " ".join(sys.argv[1:] if argv is None
-                                                            else argv)
+    args = parse(parser, argv)
+    cmd = command(__file__, argv)
     root = data_dir(args.data_dir)
     model0 = load_pretrained(root / "weights" / "cifar10-resnet20-akamaster.th")
     train = Subset(load_cifar10(root, train=True), range(args.train_subset))
@@ -195,8 +197,8 @@ def main(argv=None) -> int:
     for label in args.cases:
         if not log.done(label):
             log.add(run_case(label, model0, loader, args))
-            write_summary(log.records, command.strip())
-    write_summary(log.records, command.strip())
+            write_summary(log.records, cmd)
+    write_summary(log.records, cmd)
     return 0
 
 

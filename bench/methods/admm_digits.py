@@ -12,26 +12,27 @@ each point gets the same budget of ``--admm-epochs + --retrain-epochs`` epochs:
 
 Targets: every conv and linear weight but the first conv and the last linear layer.
 
-    python bench/admm_digits.py --out bench/results/admm_digits
+    python bench/methods/admm_digits.py --out bench/results/methods/admm/admm_digits
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import platform
 import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: the shared helpers
+
 import torch
 
 import hwprune as hp
+from common import ResultLog, arguments, command, cpu_name, header, parse, write_table
 from hwprune.data import load_digits
 from hwprune.models import SmallCNN
 from hwprune.structures import Block
 from hwprune.training import evaluate, make_loader, train_epoch
-from results_log import ResultLog, cpu_name
 
 #: (bh, bw) over the im2col matrix: 4 inputs of a filter, a 4x4 tile, a whole 3x3 kernel
 BLOCKS = [(1, 4), (4, 4), (1, 9)]
@@ -90,52 +91,45 @@ def run(method: str, block, point, seed: int, state: dict, args, train, test) ->
             "seconds": round(time.perf_counter() - start, 1)}
 
 
-def write_summary(out: Path, records: list[dict], header: str) -> None:
+def write_summary(out: Path, records: list[dict], head: str) -> None:
     groups: dict[tuple, list[dict]] = {}
     for r in records:
         if r["method"] != "dense":
             groups.setdefault((r["block"], r["unify"], r["zero"], r["method"]), []).append(r)
     dense = [r["accuracy"] for r in records if r["method"] == "dense"]
-    lines = [header, ""]
+    lines = [head, ""]
     if dense:
         lines += [f"Dense (pretrained) accuracy: {100 * sum(dense) / len(dense):.2f} % over "
                   f"{len(dense)} seeds.", ""]
-    lines += ["| block | unify | zero | method | seeds | accuracy % | mults saved % | "
-              "bits/weight | encodings |", "| --- | ---: | ---: | --- | ---: | ---: | ---: | "
-              "---: | --- |"]
+    rows = []
     for (block, unify, zero, method), rs in sorted(groups.items()):
         acc = [r["accuracy"] for r in rs]
-        lines.append(
-            f"| {block} | {unify} | {zero} | {method} | {len(rs)} | "
-            f"{100 * sum(acc) / len(acc):.2f} ± {50 * (max(acc) - min(acc)):.2f} | "
-            f"{100 * rs[0]['mults_saved']:.1f} | {rs[0]['bits_per_weight']:.2f} | "
-            f"{', '.join(rs[0]['encodings'])} |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+        rows.append([block, unify, zero, method, len(rs),
+                     f"{100 * sum(acc) / len(acc):.2f} ± {50 * (max(acc) - min(acc)):.2f}",
+                     f"{100 * rs[0]['mults_saved']:.1f}", f"{rs[0]['bits_per_weight']:.2f}",
+                     ", ".join(rs[0]["encodings"])])
+    write_table(out.with_suffix(".md"), lines,
+        ["block", "unify", "zero", "method", "seeds", "accuracy %", "mults saved %",
+         "bits/weight", "encodings"], "lrrlrrrrl", rows)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="path prefix for .jsonl and .md")
+    parser = arguments(__doc__, seeds=[0, 1], threads=1)
     parser.add_argument("--pretrain", type=int, default=10)
     parser.add_argument("--admm-epochs", type=int, default=4)
     parser.add_argument("--retrain-epochs", type=int, default=3)
     parser.add_argument("--rho", type=float, default=0.05)
     parser.add_argument("--rho-growth", type=float, default=1.5)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (1: far faster than 2 on a shared 2-core CPU)")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = parse(parser, argv)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     log = ResultLog(out.with_suffix(".jsonl"),
                     lambda r: (r["method"], r.get("block"), r.get("unify"), r.get("zero"),
                                r["seed"]))
-    header = (
-        f"# ADMM weight unification and pruning on digits\n\nCommand: `python "
-        f"bench/admm_digits.py {' '.join(sys.argv[1:])}`\n\nMachine: {cpu_name()}, 2-core CPU "
-        f"({platform.machine()}, {torch.get_num_threads()} threads, shared), torch "
-        f"{torch.__version__}. SmallCNN trained dense {args.pretrain} epochs, then per point "
+    head = header(
+        "ADMM weight unification and pruning on digits", command(__file__, argv),
+        f"{cpu_name()}, 2-core CPU ({platform.machine()}, {torch.get_num_threads()} threads, "
+        f"shared), torch {torch.__version__}. SmallCNN trained dense {args.pretrain} epochs, "
+        "then per point "
         f"{args.admm_epochs + args.retrain_epochs} epochs (SGD lr 0.02, momentum 0.9, wd 5e-4): "
         f"ADMM {args.admm_epochs} epochs (a round per epoch, rho {args.rho} x{args.rho_growth} "
         f"per round) + {args.retrain_epochs} retraining epochs with the pattern fixed (cosine "
@@ -158,8 +152,8 @@ def main(argv=None) -> int:
                     key = (method, f"{block[0]}x{block[1]}", *point, seed)
                     if not log.done(*key):
                         log.add(run(method, block, point, seed, state, args, train, test))
-                        write_summary(out, log.records, header)
-    write_summary(out, log.records, header)
+                        write_summary(out, log.records, head)
+    write_summary(out, log.records, head)
     return 0
 
 

@@ -16,7 +16,8 @@ retraining.
   (``hwprune.methods.darb.decoding_cost``: CSR for irregular, tile bits for block, block
   positions for BMWM/DARB).
 
-    nohup python bench/darb_lstm.py --out bench/results/darb_lstm > /tmp/darb_lstm.log 2>&1 &
+    nohup python bench/methods/darb_lstm.py --out bench/results/methods/darb/darb_lstm \
+        > /tmp/darb_lstm.log 2>&1 &
 """
 
 from __future__ import annotations
@@ -26,17 +27,20 @@ import math
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: the shared helpers
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import hwprune as hp
+from common import ResultLog, arguments, command, cpu_name, header, parse, table, write_lines
 from hwprune.data import load_tinyshakespeare
 from hwprune.methods.darb import decoding_cost
 from hwprune.models import CharLSTM, bits_per_character, sample_batch
-from results_log import ResultLog, cpu_name
 
 METHODS = ("darb", "bmwm", "block", "irregular")
 BLOCK = (4, 4)
@@ -102,47 +106,61 @@ def train(model, steps, lr, data, args, seed, pruner=None) -> None:
 def bench_setup(doc: str, ratios: list[float], argv, add_args) -> tuple:
     """The arguments both DARB benchmarks share, parsed (``add_args(parser)`` adds the rest),
     the thread count set, and the results log: ``(args, out, log)``."""
-    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
-    parser.add_argument("--out", required=True, help="path prefix for .jsonl and .md")
-    parser.add_argument("--data-dir", default=None)
+    parser = arguments(doc, data_dir=True, threads=1)
     parser.add_argument("--ratios", type=float, nargs="+", default=ratios)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--threads", type=int, default=1)
     add_args(parser)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = parse(parser, argv)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     return args, out, ResultLog(out.with_suffix(".jsonl"),
                                 lambda r: (r["method"], r["target_ratio"]))
+
+
+def pending(args, log: ResultLog) -> list[tuple[float, str]]:
+    """The (ratio, method) points not in the log yet, in ratio then method order."""
+    return [(r, m) for r in args.ratios for m in args.methods if not log.done(m, r)]
+
+
+def point_record(method: str, ratio: float, pruner: hp.Pruner, start: float,
+                 quality: Callable[[], dict]) -> dict:
+    """A retrained point's record: the ratio reached and the decoding cost, then the pruner
+    finalized and ``quality()`` measured on the finalized model."""
+    cost = cost_of(method, pruner, ratio)
+    actual = 1.0 / (1.0 - pruner.sparsity())
+    pruner.finalize()
+    return {"method": method, "target_ratio": ratio, "ratio": actual, **quality(), **cost,
+            "seconds": round(time.perf_counter() - start, 1)}
 
 
 def summary_table(records: list[dict], quality: list[tuple[str, str]]) -> list[str]:
     """The results table, one row per point in ratio then method order; ``quality`` is
     ``[(column header, format of the record)]`` for the model-quality columns."""
-    lines = ["| target ratio | method | actual ratio | " + " | ".join(h for h, _ in quality)
-             + " | index bits / kept | selection width | selection inputs / kept |",
-             "| ---: | --- | ---: | " + "---: | " * len(quality) + "---: | ---: | ---: |"]
-    for r in sorted((r for r in records if r["method"] != "dense"),
-                    key=lambda r: (r["target_ratio"], METHODS.index(r["method"]))):
-        lines.append(
-            f"| {r['target_ratio']:g} | {r['method']} | {r['ratio']:.2f} | "
-            + " | ".join(f.format(**r) for _, f in quality)
-            + f" | {r['index_bits_per_kept']:.2f} | {r['selection_width']:.2f} | "
-            f"{r['selection_inputs_per_kept']:.3f} |")
-    return lines
+    rows = [[f"{r['target_ratio']:g}", r["method"], f"{r['ratio']:.2f}",
+             *(f.format(**r) for _, f in quality), f"{r['index_bits_per_kept']:.2f}",
+             f"{r['selection_width']:.2f}", f"{r['selection_inputs_per_kept']:.3f}"]
+            for r in sorted((r for r in records if r["method"] != "dense"),
+                            key=lambda r: (r["target_ratio"], METHODS.index(r["method"])))]
+    return table(["target ratio", "method", "actual ratio", *(h for h, _ in quality),
+                  "index bits / kept", "selection width", "selection inputs / kept"],
+                 "rlr" + "r" * len(quality) + "rrr", rows)
 
 
-def write_summary(out: Path, records: list[dict], header: str) -> None:
+def shared_cpu(threads: int) -> str:
+    """The machine line both DARB benchmarks write."""
+    return (f"{cpu_name()}, 2-core CPU ({platform.machine()}, shared with other jobs), "
+            f"{threads} thread(s), torch {torch.__version__}")
+
+
+def write_summary(out: Path, records: list[dict], head: str) -> None:
     dense = next((r for r in records if r["method"] == "dense"), None)
-    lines = [header, ""]
+    lines = [head, ""]
     if dense:
         how = (f"{dense['seconds']} s of training" if dense.get("trained", True)
                else "loaded from the --ckpt checkpoint")
         lines += [f"Dense model: validation {dense['bpc']:.4f} bits per character ({how}).", ""]
     lines += summary_table(records, [("bpc one-shot", "{bpc_oneshot:.4f}"),
                                      ("bpc retrained", "{bpc:.4f}")])
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_lines(out.with_suffix(".md"), lines)
 
 
 def _lstm_args(parser: argparse.ArgumentParser) -> None:
@@ -158,11 +176,9 @@ def _lstm_args(parser: argparse.ArgumentParser) -> None:
 
 def main(argv=None) -> int:
     args, out, log = bench_setup(__doc__, [4, 8, 16, 25], argv, _lstm_args)
-    header = (
-        f"# DARB on a character-level LSTM (Tiny Shakespeare)\n\nCommand: `python "
-        f"bench/darb_lstm.py {' '.join(sys.argv[1:])}`\n\nMachine: {cpu_name()}, 2-core CPU "
-        f"({platform.machine()}, shared with other jobs), {args.threads} thread(s), torch "
-        f"{torch.__version__}. Model: 2-layer LSTM, embedding {args.embedding}, hidden "
+    head = header(
+        "DARB on a character-level LSTM (Tiny Shakespeare)", command(__file__, argv),
+        f"{shared_cpu(args.threads)}. Model: 2-layer LSTM, embedding {args.embedding}, hidden "
         f"{args.hidden}; batches of {args.batch} x {args.seq_len} characters. Dense: "
         f"{args.dense_steps} Adam steps (lr 3e-3, cosine); each pruned point: one-shot from the "
         f"dense weights, then {args.retrain_steps} Adam steps (lr 1e-3, cosine) with the masks "
@@ -186,23 +202,17 @@ def main(argv=None) -> int:
                  "bpc": bits_per_character(model, val_ids), "trained": trained,
                  "seconds": round(time.perf_counter() - start, 1)})
     dense_state = {k: v.clone() for k, v in model.state_dict().items()}
-    write_summary(out, log.records, header)
-    for ratio in args.ratios:
-        for method in args.methods:
-            if log.done(method, ratio):
-                continue
-            start = time.perf_counter()
-            model.load_state_dict(dense_state)
-            pruner = make_pruner(method, model, ratio)
-            oneshot = bits_per_character(model, val_ids)
-            train(model, args.retrain_steps, 1e-3, train_ids, args, args.seed + 1, pruner)
-            cost = cost_of(method, pruner, ratio)
-            actual = 1.0 / (1.0 - pruner.sparsity())
-            pruner.finalize()
-            log.add({"method": method, "target_ratio": ratio, "ratio": actual,
-                     "bpc_oneshot": oneshot, "bpc": bits_per_character(model, val_ids), **cost,
-                     "seconds": round(time.perf_counter() - start, 1)})
-            write_summary(out, log.records, header)
+    write_summary(out, log.records, head)
+    for ratio, method in pending(args, log):
+        start = time.perf_counter()
+        model.load_state_dict(dense_state)
+        pruner = make_pruner(method, model, ratio)
+        oneshot = bits_per_character(model, val_ids)
+        train(model, args.retrain_steps, 1e-3, train_ids, args, args.seed + 1, pruner)
+        log.add(point_record(method, ratio, pruner, start, lambda: {  # called at once
+            "bpc_oneshot": oneshot,  # noqa: B023
+            "bpc": bits_per_character(model, val_ids)}))
+        write_summary(out, log.records, head)
     return 0
 
 

@@ -11,23 +11,24 @@ The small CNN is trained from scratch for ``--epochs`` epochs either way:
 
 Targets: every conv and linear weight but the first conv and the last linear layer.
 
-    python bench/dpp_digits.py --out bench/results/dpp_digits
+    python bench/methods/dpp_digits.py --out bench/results/methods/dpp/dpp_digits
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: the shared helpers
+
 import torch
 
 import hwprune as hp
+from common import ResultLog, arguments, command, header, machine, parse, write_table
 from hwprune.data import load_digits
 from hwprune.models import SmallCNN
 from hwprune.training import evaluate, make_loader, train_epoch
-from results_log import ResultLog, machine
 
 #: (DPP structure, k, the magnitude baseline's structure, its sparsity)
 PATTERNS = [
@@ -83,12 +84,11 @@ def _mean(extras: dict, key: str) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def write_summary(out: Path, records: list[dict], header: str) -> None:
+def write_summary(out: Path, records: list[dict], head: str) -> None:
     groups: dict[tuple, list[dict]] = {}
     for r in records:
         groups.setdefault((r["pattern"], r["method"]), []).append(r)
-    lines = [header, "", "| pattern | method | seeds | sparsity % | accuracy % | DPP confidence | "
-             "DPP diversity |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    rows = []
     first = {}  # rows of one pattern together, in the order the patterns were run
     for pattern, _ in groups:
         first.setdefault(pattern, len(first))
@@ -97,11 +97,13 @@ def write_summary(out: Path, records: list[dict], header: str) -> None:
         conf = [r["confidence"] for r in rs if r["confidence"] is not None]
         div = [r["diversity"] for r in rs if r["diversity"] is not None]
         name = method if method.startswith("dpp") else f"magnitude ({rs[0]['baseline_structure']})"
-        lines.append(
-            f"| {pattern} | {name} | {len(rs)} | {100 * rs[0]['sparsity']:.1f} | "
-            f"{100 * sum(acc) / len(acc):.2f} ± {50 * (max(acc) - min(acc)):.2f} | "
-            + (f"{sum(conf) / len(conf):.3f} | {sum(div) / len(div):.3f} |" if conf else "- | - |"))
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+        rows.append([pattern, name, len(rs), f"{100 * rs[0]['sparsity']:.1f}",
+                     f"{100 * sum(acc) / len(acc):.2f} ± {50 * (max(acc) - min(acc)):.2f}",
+                     *((f"{sum(conf) / len(conf):.3f}", f"{sum(div) / len(div):.3f}") if conf
+                       else ("-", "-"))])
+    write_table(out.with_suffix(".md"), [head, ""],
+                ["pattern", "method", "seeds", "sparsity %", "accuracy %", "DPP confidence",
+                 "DPP diversity"], "llrrrrr", rows)
 
 
 def _optional_float(text: str) -> float | None:
@@ -109,24 +111,21 @@ def _optional_float(text: str) -> float | None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="path prefix for .jsonl and .md")
+    parser = arguments(__doc__, seeds=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--logit-lr", type=_optional_float, nargs="+", default=[None],
                         help="DPP logit learning rates to run ('default': the optimizer's)")
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     log = ResultLog(out.with_suffix(".jsonl"), lambda r: (r["pattern"], r["method"], r["seed"]))
-    header = (f"# DPP against magnitude pruning on digits\n\nCommand: `python bench/dpp_digits.py "
-              f"{' '.join(sys.argv[1:])}`\n\nMachine: {machine()}. Budget: "
-              f"{args.epochs} epochs from scratch for both (magnitude: dense half, one-shot "
-              "prune, fine-tuned half), SGD lr 0.05 momentum 0.9; `dpp` trains its logits at that "
-              "lr, `dpp lr=X` at lr X (the confidence column shows whether they moved from "
-              "their initial value). "
-              "Mean over seeds; ± is (max - min) / 2. Sparsity: "
-              "fraction of the targeted weights removed.")
+    head = header("DPP against magnitude pruning on digits", command(__file__, argv),
+                  f"{machine()}. Budget: "
+                  f"{args.epochs} epochs from scratch for both (magnitude: dense half, one-shot "
+                  "prune, fine-tuned half), SGD lr 0.05 momentum 0.9; `dpp` trains its logits at "
+                  "that lr, `dpp lr=X` at lr X (the confidence column shows whether they moved "
+                  "from their initial value). "
+                  "Mean over seeds; ± is (max - min) / 2. Sparsity: "
+                  "fraction of the targeted weights removed.")
     train, test = load_digits()
     for pattern in PATTERNS:
         name = f"{pattern[0]}" + (f" k={pattern[1]}" if pattern[1] else "")
@@ -136,8 +135,8 @@ def main(argv=None) -> int:
             for seed in args.seeds:
                 if not log.done(name, label, seed):
                     log.add(run(method, pattern, seed, args.epochs, train, test, lr))
-                    write_summary(out, log.records, header)
-    write_summary(out, log.records, header)
+                    write_summary(out, log.records, head)
+    write_summary(out, log.records, head)
     return 0
 
 

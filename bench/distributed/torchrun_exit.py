@@ -10,9 +10,9 @@ so torchrun reports a failed run. Each variant is started ``--runs`` times:
   ``hwprune.distributed.shutdown()`` (a barrier, then the group destroyed), as
   ``hwprune run`` does through ``Run.close()``.
 
-    python bench/torchrun_exit.py [--runs 20]
+    python bench/distributed/torchrun_exit.py [--runs 20]
 
-Writes bench/results/torchrun_exit.md and .json.
+Writes bench/results/distributed/torchrun_exit.md and .json.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from pathlib import Path
 
 VARIANTS = {"allreduce": "all-reduce, no shutdown", "ddp": "DDP, no shutdown",
             "ddp-shutdown": "DDP, shutdown"}
-OUT = Path(__file__).parent / "results"
 
 
 def worker(variant: str) -> None:
@@ -73,8 +72,11 @@ def main() -> int:
     if args.worker:
         worker(args.worker)
         return 0
-    from results_log import machine
+    # the shared helpers only here: a worker imports nothing but what its exit is measured with
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: the shared helpers
+    from common import RESULTS, command, header, machine, table, write_json, write_lines
 
+    out = RESULTS / "distributed"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     rows = []
     for variant, label in VARIANTS.items():
@@ -87,14 +89,14 @@ def main() -> int:
             aborted += proc.returncode != 0
         rows.append({"variant": label, "runs": args.runs, "failed": aborted})
         print(json.dumps(rows[-1]), flush=True)
-    lines = ["# torchrun processes that fail at exit", "",
-             f"Command: `python bench/torchrun_exit.py --runs {args.runs}`. Machine: "
-             f"{machine()}. Two ranks, gloo, one thread each; a run fails when torchrun exits "
-             "non-zero (a rank aborted after its work).", "",
-             "| variant | runs | failed |", "| --- | ---: | ---: |"]
-    lines += [f"| {r['variant']} | {r['runs']} | {r['failed']} |" for r in rows]
-    (OUT / "torchrun_exit.md").write_text("\n".join(lines) + "\n")
-    (OUT / "torchrun_exit.json").write_text(json.dumps(rows, indent=2) + "\n")
+    lines = [header("torchrun processes that fail at exit",
+                    command(__file__, ["--runs", str(args.runs)]),
+                    f"{machine()}. Two ranks, gloo, one thread each; a run fails when torchrun "
+                    "exits non-zero (a rank aborted after its work).", inline=True), ""]
+    lines += table(["variant", "runs", "failed"], "lrr",
+                   [[r["variant"], r["runs"], r["failed"]] for r in rows])
+    write_lines(out / "torchrun_exit.md", lines)
+    write_json(out / "torchrun_exit.json", rows)
     return 0
 
 

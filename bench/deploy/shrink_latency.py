@@ -9,14 +9,13 @@ only time is measured here. The dense, shrunk, and shrunk + BatchNorm-folded for
 alternate within one loop (so load from other processes hits them alike); the median over the
 repeats is reported.
 
-    python bench/shrink_latency.py [--threads 1] [--repeats 30]
+    python bench/deploy/shrink_latency.py [--threads 1] [--repeats 30]
 
-Writes bench/results/shrink_latency.jsonl (resumable) and bench/results/shrink_latency.md.
+Writes bench/results/deploy/shrink_latency.jsonl (resumable) and .md.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import platform
 import statistics
@@ -24,15 +23,17 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: the shared helpers
+
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import hwprune as hp
+from common import RESULTS, ResultLog, arguments, command, header, machine, parse, write_table
 from hwprune.data import data_dir
 from hwprune.models import SmallCNN, load_pretrained
-from results_log import ResultLog, machine
 
-OUT = Path(__file__).parent / "results"
+OUT = RESULTS / "deploy"
 MACHINE = machine() + " (shared with other jobs)"
 
 
@@ -94,39 +95,32 @@ def run(name: str, sparsity: float, batch: int, repeats: int) -> dict:
             "max_abs_diff_unpruned": diff, "threads": torch.get_num_threads()}
 
 
-def write_markdown(records: list[dict], command: str) -> None:
-    lines = ["# Dense against shrunk: CPU latency", "",
-             f"Command: `{command}`. Machine: {MACHINE}, "
-             f"`torch.set_num_threads({records[0]['threads']})`. One-shot channel magnitude "
-             "pruning (no fine-tuning; only time is measured), `hp.shrink`, and the shrunk "
-             "model with its BatchNorms folded (`hp.fold_batchnorm`); the three forward passes "
-             "run in turns in one loop; median of the repeats. MACs measured with "
-             "`FlopCounterMode` (batch 1). `/ ideal` = measured speed-up divided by the MAC "
-             "reduction.", "",
-             "| model | channel sparsity | batch | params dense | params shrunk | MAC reduction "
-             "| ms dense | ms shrunk | speed-up | / ideal | ms shrunk + folded | speed-up "
-             "| / ideal |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
-             "| ---: |"]
-    for r in records:
-        lines.append(
-            f"| {r['model']} | {r['sparsity']:.2f} | {r['batch']} | {r['params_dense']:,} | "
-            f"{r['params_shrunk']:,} | {r['mac_reduction']:.2f}x | {r['ms_dense']:.2f} | "
-            f"{r['ms_shrunk']:.2f} | {r['speedup']:.2f}x | {r['speedup_over_ideal']:.2f} | "
-            f"{r['ms_folded']:.2f} | {r['speedup_folded']:.2f}x | "
-            f"{r['speedup_folded_over_ideal']:.2f} |")
-    (OUT / "shrink_latency.md").write_text("\n".join(lines) + "\n")
+def write_markdown(records: list[dict], cmd: str) -> None:
+    lines = [header("Dense against shrunk: CPU latency", cmd,
+                    f"{MACHINE}, `torch.set_num_threads({records[0]['threads']})`. One-shot "
+                    "channel magnitude pruning (no fine-tuning; only time is measured), "
+                    "`hp.shrink`, and the shrunk model with its BatchNorms folded "
+                    "(`hp.fold_batchnorm`); the three forward passes run in turns in one loop; "
+                    "median of the repeats. MACs measured with `FlopCounterMode` (batch 1). "
+                    "`/ ideal` = measured speed-up divided by the MAC reduction.", inline=True),
+             ""]
+    rows = [[r["model"], f"{r['sparsity']:.2f}", r["batch"], f"{r['params_dense']:,}",
+             f"{r['params_shrunk']:,}", f"{r['mac_reduction']:.2f}x", f"{r['ms_dense']:.2f}",
+             f"{r['ms_shrunk']:.2f}", f"{r['speedup']:.2f}x", f"{r['speedup_over_ideal']:.2f}",
+             f"{r['ms_folded']:.2f}", f"{r['speedup_folded']:.2f}x",
+             f"{r['speedup_folded_over_ideal']:.2f}"] for r in records]
+    write_table(OUT / "shrink_latency.md", lines,
+        ["model", "channel sparsity", "batch", "params dense", "params shrunk", "MAC reduction",
+         "ms dense", "ms shrunk", "speed-up", "/ ideal", "ms shrunk + folded", "speed-up",
+         "/ ideal"], "lrrrrrrrrrrrr", rows)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=30)
+    ap = arguments(__doc__, None, threads=1, repeats=30)
     ap.add_argument("--models", nargs="+", default=["digits-cnn", "resnet20", "resnet56"])
     ap.add_argument("--sparsities", nargs="+", type=float, default=[0.0, 0.25, 0.5, 0.75])
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 64])
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse(ap, None)
     log = ResultLog(OUT / "shrink_latency.jsonl",
                     key=lambda r: (r["model"], r["sparsity"], r["batch"]))
     for name in args.models:
@@ -136,7 +130,7 @@ def main() -> None:
                     # big batches of the deep model: fewer repeats keep the run short
                     reps = args.repeats if batch == 1 else max(5, args.repeats // 3)
                     log.add(run(name, sparsity, batch, reps))
-    write_markdown(log.records, "python bench/shrink_latency.py " + " ".join(sys.argv[1:]))
+    write_markdown(log.records, command(__file__))
     print(platform.processor() or platform.machine())
 
 

@@ -3,13 +3,13 @@
 Checks that the model zoo, the checkpoint loader and the CIFAR-10 normalisation reproduce the
 published accuracies (ResNet-20/32/44/56: 91.73 / 92.63 / 93.10 / 93.39 % on the test set).
 
-    python bench/eval_pretrained.py [--data-dir DIR] [--depths 20 32 44 56]
+    python bench/pretrained/eval_pretrained.py [--data-dir DIR] [--depths 20 32 44 56]
+
+Writes bench/results/pretrained/pretrained_accuracy.md and .json.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
 import shlex
@@ -18,11 +18,13 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: the shared helpers
+
 import torch
 
+from common import RESULTS, arguments, cpu_name, parse, table, write_json
 from hwprune.data import CIFAR10_MEAN, CIFAR10_STD, data_dir, load_cifar10
 from hwprune.models import load_pretrained
-from results_log import cpu_name
 
 DEPTHS = (20, 32, 44, 56)
 
@@ -62,15 +64,11 @@ def _markdown(report: dict) -> str:
         f"Data: `{report['test_set']}` ({report['n_test']} images), normalised with mean "
         f"{report['mean']} and std {report['std']}.",
         "",
-        "| model | params | top-1 % | expected % | images/s |",
-        "| --- | ---: | ---: | ---: | ---: |",
     ]
-    for r in report["results"]:
-        expected = "" if r["expected_top1"] is None else f"{r['expected_top1']:.2f}"
-        lines.append(
-            f"| ResNet-{r['depth']} | {r['params']:,} | {r['top1']:.2f} | {expected} "
-            f"| {r['images_per_s']:.0f} |"
-        )
+    lines += table(["model", "params", "top-1 %", "expected %", "images/s"], "lrrrr", [
+        [f"ResNet-{r['depth']}", f"{r['params']:,}", f"{r['top1']:.2f}",
+         "" if r["expected_top1"] is None else f"{r['expected_top1']:.2f}",
+         f"{r['images_per_s']:.0f}"] for r in report["results"]])
     lines += [
         "",
         "Expected values are those measured in /work/shared/data/README.md; images/s is the "
@@ -85,12 +83,11 @@ EXPECTED = {20: 91.73, 32: 92.63, 44: 93.10, 56: 93.39}
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data-dir", type=Path, default=None, help="default: hwprune.data.data_dir()")
+    p = arguments(__doc__, None, data_dir=True)
     p.add_argument("--depths", type=int, nargs="+", default=list(DEPTHS))
     p.add_argument("--batch-size", type=int, default=500)
-    p.add_argument("--out", type=Path, default=Path("bench/results"))
-    args = p.parse_args(argv)
+    p.add_argument("--out", type=Path, default=RESULTS / "pretrained", help="a folder")
+    args = parse(p, argv)
 
     load_start = round(os.getloadavg()[0], 2)
     threads = os.cpu_count() or 1
@@ -135,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "pretrained_accuracy.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.out / "pretrained_accuracy.json", report)
     (args.out / "pretrained_accuracy.md").write_text(_markdown(report))
     print(f"wrote {args.out / 'pretrained_accuracy.md'} and .json")
     return 0

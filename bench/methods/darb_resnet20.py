@@ -10,35 +10,37 @@
   training images with the masks fixed; top-1 accuracy on the first ``--test-subset`` test
   images.
 
-    nohup python bench/darb_resnet20.py --out bench/results/darb_resnet20 > /tmp/darb_r20.log &
+    nohup python bench/methods/darb_resnet20.py --out bench/results/methods/darb/darb_resnet20 \
+        > /tmp/darb_r20.log &
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from functools import partial
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: the shared helpers
 
-from darb_lstm import bench_setup, cost_of, make_pruner, summary_table
+import torch
+from darb_lstm import bench_setup, make_pruner, pending, point_record, shared_cpu, summary_table
+
+from common import command, header, write_lines
 from hwprune.data import augment_cifar, data_dir, load_cifar10
 from hwprune.models import load_pretrained
 from hwprune.training import evaluate, make_loader, train_epoch
-from results_log import cpu_name
 
 
-def write_summary(out: Path, records: list[dict], header: str) -> None:
+def write_summary(out: Path, records: list[dict], head: str) -> None:
     dense = next((r for r in records if r["method"] == "dense"), None)
-    lines = [header, ""]
+    lines = [head, ""]
     if dense:
         lines += [f"Pretrained dense model: {100 * dense['accuracy']:.2f} % on the same test "
                   "images.", ""]
     lines += summary_table(records, [("accuracy", "{accuracy:.2%}")])
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_lines(out.with_suffix(".md"), lines)
 
 
 def _resnet_args(parser: argparse.ArgumentParser) -> None:
@@ -50,11 +52,10 @@ def _resnet_args(parser: argparse.ArgumentParser) -> None:
 
 def main(argv=None) -> int:
     args, out, log = bench_setup(__doc__, [4, 8, 13], argv, _resnet_args)
-    header = (
-        f"# DARB on CIFAR-10 ResNet-20 (pretrained), conv layers\n\nCommand: `python "
-        f"bench/darb_resnet20.py {' '.join(sys.argv[1:])}`\n\nMachine: {cpu_name()}, 2-core CPU "
-        f"({platform.machine()}, shared with other jobs), {args.threads} thread(s), torch "
-        f"{torch.__version__}. Each point: one-shot from the pretrained akamaster ResNet-20, then "
+    head = header(
+        "DARB on CIFAR-10 ResNet-20 (pretrained), conv layers", command(__file__, argv),
+        f"{shared_cpu(args.threads)}. Each point: one-shot from the pretrained akamaster "
+        "ResNet-20, then "
         f"{args.steps} SGD steps (batch {args.batch}, lr 0.01, momentum 0.9, wd 5e-4, cosine, "
         f"crop + flip) on the first {args.subset} training images with the masks fixed, the same "
         f"batches for every method. Accuracy: the first {args.test_subset} test images. Pruned: "
@@ -68,33 +69,26 @@ def main(argv=None) -> int:
     if not log.done("dense", 1.0):
         log.add({"method": "dense", "target_ratio": 1.0, "ratio": 1.0,
                  "accuracy": evaluate(load_pretrained(weights), test_loader)})
-    write_summary(out, log.records, header)
-    for ratio in args.ratios:
-        for method in args.methods:
-            if log.done(method, ratio):
-                continue
-            start = time.perf_counter()
-            torch.manual_seed(0)
-            model = load_pretrained(weights).train()
-            pruner = make_pruner(method, model, ratio, targets=None)
-            opt = torch.optim.SGD(pruner.param_groups(lr=0.01, momentum=0.9, weight_decay=5e-4))
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.steps)
-            gen = torch.Generator().manual_seed(0)
-            done = 0
-            while done < args.steps:  # whole epochs of the subset, then part of one
-                part = range(min(len(train), (args.steps - done) * args.batch))
-                loader = make_loader(torch.utils.data.Subset(train, part), args.batch,
-                                     shuffle=True, seed=done)
-                train_epoch(model, loader, opt, pruner,
-                            augment=partial(augment_cifar, generator=gen), on_step=sched.step)
-                done += len(loader)
-            cost = cost_of(method, pruner, ratio)
-            actual = 1.0 / (1.0 - pruner.sparsity())
-            pruner.finalize()
-            log.add({"method": method, "target_ratio": ratio, "ratio": actual,
-                     "accuracy": evaluate(model, test_loader), "steps": done, **cost,
-                     "seconds": round(time.perf_counter() - start, 1)})
-            write_summary(out, log.records, header)
+    write_summary(out, log.records, head)
+    for ratio, method in pending(args, log):
+        start = time.perf_counter()
+        torch.manual_seed(0)
+        model = load_pretrained(weights).train()
+        pruner = make_pruner(method, model, ratio, targets=None)
+        opt = torch.optim.SGD(pruner.param_groups(lr=0.01, momentum=0.9, weight_decay=5e-4))
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.steps)
+        gen = torch.Generator().manual_seed(0)
+        done = 0
+        while done < args.steps:  # whole epochs of the subset, then part of one
+            part = range(min(len(train), (args.steps - done) * args.batch))
+            loader = make_loader(torch.utils.data.Subset(train, part), args.batch,
+                                 shuffle=True, seed=done)
+            train_epoch(model, loader, opt, pruner,
+                        augment=partial(augment_cifar, generator=gen), on_step=sched.step)
+            done += len(loader)
+        log.add(point_record(method, ratio, pruner, start, lambda: {  # called at once
+            "accuracy": evaluate(model, test_loader), "steps": done}))  # noqa: B023
+        write_summary(out, log.records, head)
     return 0
 
 

@@ -6,15 +6,14 @@ float summation order. Records accuracy, sparsity, pruning ratio and wall time o
 (the wall time of a 2-process run on a CPU says little about a real multi-GPU speed-up: the
 ranks share the same cores).
 
-Resumable: finished (recipe, processes) points in bench/results/distributed_digits.jsonl
-are skipped. Run from the repository root::
+Resumable: finished (recipe, processes) points in
+bench/results/distributed/distributed_digits.jsonl are skipped. Run from the repository root::
 
-    python bench/distributed_digits.py [--recipes dpp-digits psp-digits ...]
+    python bench/distributed/distributed_digits.py [--recipes dpp-digits psp-digits ...]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -23,9 +22,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from results_log import ResultLog, machine
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: the shared helpers
 
-RESULTS = Path(__file__).parent / "results"
+from common import RESULTS, ResultLog, arguments, machine, parse, write_table
+
+OUT = RESULTS / "distributed"
 RECIPES = ("dpp-digits", "psp-digits", "magnitude-digits", "admm-digits", "darb-digits")
 
 
@@ -53,29 +54,29 @@ def run(recipe: str, nproc: int, out: Path) -> dict:
 
 def write_markdown(log: ResultLog, path: Path) -> None:
     lines = ["# Digits recipes: one process vs torchrun with 2 processes (gloo, CPU)", "",
-             "Written by `python bench/distributed_digits.py`; every run is `hwprune run "
-             "RECIPE --set end.latency=false --set end.plots=false`, in one process or "
-             "under `python -m torch.distributed.run --nproc_per_node 2 -m hwprune run ...`, "
+             "Written by `python bench/distributed/distributed_digits.py`; every run is "
+             "`hwprune run RECIPE --set end.latency=false --set end.plots=false`, in one process "
+             "or under `python -m torch.distributed.run --nproc_per_node 2 -m hwprune run ...`, "
              "`OMP_NUM_THREADS=1`. The global batch is the recipe's in both; the 2 ranks share "
-             "this machine's cores, so the wall time is not a speed-up measurement.", "",
-             "| recipe | processes | accuracy | dense accuracy | sparsity | pruning ratio | "
-             "wall s | machine |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+             "this machine's cores, so the wall time is not a speed-up measurement.", ""]
+    rows = []
     for r in sorted(log.records, key=lambda r: (RECIPES.index(r["recipe"]), r["processes"])):
         dense = "-" if r["dense_accuracy"] is None else f"{r['dense_accuracy']:.2%}"
         ratio = "-" if r["pruning_ratio"] is None else f"{r['pruning_ratio']:.2f}"
-        lines.append(f"| {r['recipe']} | {r['processes']} | {r['accuracy']:.2%} | {dense} | "
-                     f"{r['sparsity']:.1%} | {ratio} | {r['seconds']} | {r['machine']} |")
-    path.write_text("\n".join(lines) + "\n")
+        rows.append([r["recipe"], r["processes"], f"{r['accuracy']:.2%}", dense,
+                     f"{r['sparsity']:.1%}", ratio, r["seconds"], r["machine"]])
+    write_table(path, lines,
+        ["recipe", "processes", "accuracy", "dense accuracy", "sparsity", "pruning ratio",
+         "wall s", "machine"], "lrrrrrrl", rows)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = arguments(__doc__, None)
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=RECIPES)
     parser.add_argument("--processes", nargs="+", type=int, default=[1, 2])
-    args = parser.parse_args()
-    RESULTS.mkdir(exist_ok=True)
-    log = ResultLog(RESULTS / "distributed_digits.jsonl",
+    args = parse(parser, None)
+    OUT.mkdir(parents=True, exist_ok=True)
+    log = ResultLog(OUT / "distributed_digits.jsonl",
                     key=lambda r: (r["recipe"], r["processes"]))
     for recipe in args.recipes:
         for nproc in args.processes:
@@ -83,8 +84,8 @@ def main() -> None:
                 continue
             with tempfile.TemporaryDirectory() as tmp:
                 log.add(run(recipe, nproc, Path(tmp) / "out"))
-            write_markdown(log, RESULTS / "distributed_digits.md")
-    write_markdown(log, RESULTS / "distributed_digits.md")
+            write_markdown(log, OUT / "distributed_digits.md")
+    write_markdown(log, OUT / "distributed_digits.md")
 
 
 if __name__ == "__main__":

@@ -7,26 +7,26 @@ first). Timed: ``F.linear`` dense, and the ``SparseLinear`` module of
 ``hwprune.deploy.sparse_kernels`` (``torch.sparse.mm`` on the sparse weight), median over the
 repeats, at batch 1 and 64 rows.
 
-    python bench/sparse_linear_cpu.py [--threads 1] [--repeats 20]
+    python bench/deploy/sparse_linear_cpu.py [--threads 1] [--repeats 20]
 
-Writes bench/results/sparse_linear_cpu.jsonl (resumable) and .md.
+Writes bench/results/deploy/sparse_linear_cpu.jsonl (resumable) and .md.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 import warnings
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: the shared helpers
+
 import torch
 import torch.nn.functional as F
+from shrink_latency import MACHINE, OUT
 
+from common import ResultLog, arguments, command, header, parse, table, write_lines
 from hwprune.deploy.sparse_kernels import SparseLinear, _timer
-from results_log import ResultLog, machine
 
-OUT = Path(__file__).parent / "results"
-MACHINE = machine() + " (shared with other jobs)"
 SHAPES = [(512, 512), (3072, 768), (768, 3072), (1024, 1024)]
 SPARSITIES = [0.5, 0.7, 0.8, 0.9, 0.95, 0.98]
 
@@ -56,19 +56,18 @@ def run(shape: tuple[int, int], sparsity: float, batch: int, repeats: int) -> di
     return rec
 
 
-def write_markdown(records: list[dict], command: str, threads: int) -> None:
-    lines = ["# Sparse CSR/BSR Linear against dense (CPU)", "",
-             f"Command: `{command}`. Machine: {MACHINE}, `torch.set_num_threads({threads})`. "
-             "Random element-wise sparsity for CSR, random 16x16-block sparsity for BSR; "
-             "`torch.sparse.mm` through `hwprune.deploy.sparse_kernels.SparseLinear` against "
-             "`F.linear`; median ms of the repeats. Speed-up > 1: sparse is faster.", "",
-             "| shape (out x in) | batch | sparsity | dense ms | CSR ms | CSR speed-up | "
-             "BSR 16x16 ms | BSR speed-up |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for r in records:
-        lines.append(f"| {r['shape'][0]}x{r['shape'][1]} | {r['batch']} | {r['sparsity']:.2f} "
-                     f"| {r['csr_dense_ms']:.3f} | {r['csr_ms']:.3f} | {r['csr_speedup']:.2f}x "
-                     f"| {r['bsr_ms']:.3f} | {r['bsr_speedup']:.2f}x |")
+def write_markdown(records: list[dict], cmd: str, threads: int) -> None:
+    lines = [header("Sparse CSR/BSR Linear against dense (CPU)", cmd,
+                    f"{MACHINE}, `torch.set_num_threads({threads})`. "
+                    "Random element-wise sparsity for CSR, random 16x16-block sparsity for BSR; "
+                    "`torch.sparse.mm` through `hwprune.deploy.sparse_kernels.SparseLinear` "
+                    "against `F.linear`; median ms of the repeats. Speed-up > 1: sparse is "
+                    "faster.", inline=True), ""]
+    lines += table(["shape (out x in)", "batch", "sparsity", "dense ms", "CSR ms", "CSR speed-up",
+                    "BSR 16x16 ms", "BSR speed-up"], "lrrrrrrr",
+                   [[f"{r['shape'][0]}x{r['shape'][1]}", r["batch"], f"{r['sparsity']:.2f}",
+                     f"{r['csr_dense_ms']:.3f}", f"{r['csr_ms']:.3f}", f"{r['csr_speedup']:.2f}x",
+                     f"{r['bsr_ms']:.3f}", f"{r['bsr_speedup']:.2f}x"] for r in records])
     lines += ["", "Crossover (lowest sparsity where sparse is faster than dense):", ""]
     for shape in SHAPES:
         for batch in sorted({r["batch"] for r in records}):
@@ -77,17 +76,14 @@ def write_markdown(records: list[dict], command: str, threads: int) -> None:
                 wins = [r["sparsity"] for r in rows if r[f"{fmt}_speedup"] > 1]
                 at = f"{min(wins):.2f}" if wins else "none up to 0.98"
                 lines.append(f"- {shape[0]}x{shape[1]}, batch {batch}, {fmt.upper()}: {at}")
-    (OUT / "sparse_linear_cpu.md").write_text("\n".join(lines) + "\n")
+    write_lines(OUT / "sparse_linear_cpu.md", lines)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=20)
+    ap = arguments(__doc__, None, threads=1, repeats=20)
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 64])
-    args = ap.parse_args()
+    args = parse(ap, None)
     warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-    torch.set_num_threads(args.threads)
     log = ResultLog(OUT / "sparse_linear_cpu.jsonl",
                     key=lambda r: (tuple(r["shape"]), r["sparsity"], r["batch"]))
     for shape in SHAPES:
@@ -95,8 +91,7 @@ def main() -> None:
             for sparsity in SPARSITIES:
                 if not log.done(shape, sparsity, batch):
                     log.add(run(shape, sparsity, batch, args.repeats))
-    write_markdown(log.records, "python bench/sparse_linear_cpu.py " + " ".join(sys.argv[1:]),
-                   args.threads)
+    write_markdown(log.records, command(__file__), args.threads)
 
 
 if __name__ == "__main__":
