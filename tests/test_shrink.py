@@ -16,8 +16,10 @@ from hwprune.models import PadShortcut, SmallCNN, densenet_bc, resnet20
 
 from conftest import TinyLSTM, _max_diff, _params, _randomize_bn
 
-# the module, not the function hp.shrink that shadows it as an attribute of the package
+# the modules, not the function hp.shrink that shadows the package as an attribute of
+# hwprune.deploy
 shrink_mod = sys.modules["hwprune.deploy.shrink"]
+layers_mod = sys.modules["hwprune.deploy.shrink.layers"]
 
 
 def _macs(model, x):
@@ -253,7 +255,7 @@ def test_wrong_result_is_refused(monkeypatch):
     with torch.no_grad():
         model.conv3[0].weight[1] = 0
         model.conv3[1].bias[1] = 0.7
-    monkeypatch.setattr(shrink_mod, "_set_bias", lambda *a: None)  # forget the fold
+    monkeypatch.setattr(layers_mod, "set_bias", lambda *a: None)  # forget the fold
     with pytest.raises(ShrinkError, match="differs from the input model"):
         shrink(model, torch.randn(4, 1, 8, 8))
 

@@ -27,7 +27,8 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from ..errors import HwpruneError
-from .shrink import _example_args, _outputs
+from .tracing import trace
+from .verify import compare_outputs, example_args, outputs_of
 
 __all__ = ["fold_batchnorm", "FoldError"]
 
@@ -54,14 +55,11 @@ def fold_batchnorm(model: nn.Module, example_inputs: Any, *, atol: float = 1e-4,
         FoldError: bad ``example_inputs``, a model torch.fx cannot trace, or a folded copy
             that differs.
     """
-    args = _example_args(example_inputs, FoldError)
+    args = example_args(example_inputs, FoldError)
     work = copy.deepcopy(model).eval()
-    try:
-        traced = fx.GraphModule(work, fx.Tracer().trace(work))
-    except Exception as e:  # fx raises many types (TraceError, TypeError, ...)
-        raise FoldError(f"torch.fx cannot trace {type(model).__name__}: {e}") from e
+    traced = trace(work, FoldError)
+    reference = outputs_of(work, args)
     with torch.no_grad():
-        reference = _outputs(work(*args))
         ShapeProp(traced).propagate(*args)  # a linear layer folds only on (N, C) outputs
         for producer, bn in _pairs(work, traced.graph):
             layer, norm = work.get_submodule(producer), work.get_submodule(bn)
@@ -69,11 +67,7 @@ def fold_batchnorm(model: nn.Module, example_inputs: Any, *, atol: float = 1e-4,
                      else fuse_linear_bn_eval(layer, norm))
             work.set_submodule(producer, fused)
             work.set_submodule(bn, nn.Identity())
-        got = _outputs(work(*args))
-    same = len(got) == len(reference) and all(
-        g.shape == r.shape and torch.allclose(g, r, atol=atol, rtol=rtol)
-        for g, r in zip(got, reference, strict=True))
-    if not same:
+    if not compare_outputs(outputs_of(work, args), reference, atol, rtol).close:
         raise FoldError(f"folding BatchNorm changed {type(model).__name__}'s outputs beyond "
                         f"atol={atol}, rtol={rtol}; refusing to return it (the input model is "
                         "unchanged)")

@@ -1,0 +1,132 @@
+"""The analysis: channel classes, constants and the conditions for removal over one graph.
+
+``Analysis`` walks a traced graph once, in order, and gives every tensor with a channel axis a
+``ChannelInfo``. A module call is answered by the handler registered for its type (the built-in
+layers and any a user registered, see ``handlers``); a function or method call by the tensor-op
+rules in ``ops``. Anything else pins the channels it touches, with the reason.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from torch import Tensor, fx
+
+from . import ops
+from .channels import ChannelClasses, ChannelInfo, unknown
+from .handlers import LayerCall
+from .nodes import nodes_in, where
+from .registry import handler_for
+
+__all__ = ["Analysis"]
+
+
+class Analysis:
+    """Channel classes, constants and the conditions for removal, over one traced graph.
+
+    Handlers and op rules use ``info_of``, ``fresh``, ``read``, ``pin_all`` and
+    ``unsupported`` to say how a call's channels relate to its inputs'.
+    """
+
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+        self.modules = dict(gm.named_modules())
+        self.classes = ChannelClasses()
+        self.info: dict[fx.Node, ChannelInfo | None] = {}
+        calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+        self.shared = {t for t, c in calls.items() if c > 1
+                       and any(True for _ in self.modules[t].parameters())}
+        for node in gm.graph.nodes:
+            self.info[node] = self._visit(node)
+
+    # -- what handlers and op rules use ---------------------------------------------------
+    def info_of(self, x: Any) -> ChannelInfo | None:
+        return self.info.get(x) if isinstance(x, fx.Node) else None
+
+    def input_of(self, node: fx.Node) -> tuple[Any, ChannelInfo | None]:
+        """A call's first argument and its channel info."""
+        x = node.args[0] if node.args else None
+        return x, self.info_of(x)
+
+    def fresh(self, dim: int, n: int, const: Tensor | None = None) -> ChannelInfo:
+        """``n`` new classes on axis ``dim`` (a layer's outputs), with their constants."""
+        return ChannelInfo(dim, self.classes.new(n), unknown(n) if const is None else const)
+
+    def pin_all(self, value: Any, reason: str, candidate: bool = False) -> None:
+        """Keep every channel of every node in ``value``, for ``reason``."""
+        for n in nodes_in(value):
+            info = self.info.get(n)
+            if info is not None:
+                for s in info.slots:
+                    self.classes.pin(s, reason)
+                    if candidate:
+                        self.classes.candidate.add(s)
+
+    def read(self, node: fx.Node, x: Any, weight_cols: Callable[[list[int]], Tensor],
+             fold_refusal: Callable[[float], str | None]) -> None:
+        """A weighted layer reads ``x``: a class it reads with nonzero weights stays unless its
+        constant can be folded into the layer's bias (``fold_refusal(value)`` is None)."""
+        info = self.info_of(x)
+        if info is None:
+            return
+        for p, s in enumerate(info.slots):
+            if not bool(weight_cols([p]).any()):
+                self.classes.candidate.add(s)
+                continue
+            v = float(info.const[p])
+            if math.isnan(v):
+                self.classes.pin(s, f"{where(node)} reads it with nonzero weights")
+                continue
+            self.classes.candidate.add(s)
+            why = fold_refusal(v)
+            if why is not None:
+                self.classes.pin(s, why)
+
+    def unsupported(self, node: fx.Node, what: str) -> None:
+        """Keep every channel ``node`` touches: ``what`` it does is not modelled."""
+        # listed in the result even where nothing is zero: the user should know what was
+        # not analysed
+        self.pin_all((node.args, node.kwargs), f"used by {what} ({where(node)}), which shrink "
+                     "does not model", candidate=True)
+
+    def kept_positions(self, node: Any, removed: set[int]) -> list[int] | None:
+        """The positions of ``node``'s channel axis whose class is not in ``removed``."""
+        info = self.info_of(node)
+        if info is None:
+            return None
+        return [p for p, s in enumerate(info.slots) if self.classes.find(s) not in removed]
+
+    # -- the walk ---------------------------------------------------------------------------
+    def _visit(self, node: fx.Node) -> ChannelInfo | None:
+        if node.op in ("placeholder", "get_attr"):
+            return None
+        if node.op == "output":
+            self.pin_all(node.args, "reaches the model's output")
+            return None
+        if node.op == "call_module":
+            if node.target not in self.shared:
+                return self._module(node)
+            why = f"module {node.target} is called more than once"
+            self.pin_all(node.args, why)  # first: this reason is the one reported
+            out = self._module(node)
+            for s in out.slots if out is not None else ():
+                self.classes.pin(s, why)
+            return out
+        if node.op == "call_function":
+            return ops.function_call(self, node)
+        if node.op == "call_method":
+            return ops.method_call(self, node)
+        self.pin_all((node.args, node.kwargs), f"unsupported op {node.op} {node.target}")
+        return None
+
+    def _module(self, node: fx.Node) -> ChannelInfo | None:
+        layer = self.modules[node.target]
+        handler = handler_for(type(layer))
+        if handler is None:
+            self.unsupported(node, f"module {node.target} ({type(layer).__name__})")
+            return None
+        x, info = self.input_of(node)
+        return handler.analyse(LayerCall(node, layer, x, info), self)
