@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from shrink_latency import MACHINE, OUT
 
 from common import ResultLog, arguments, command, header, parse, table, write_lines
-from hwprune.deploy.sparse_kernels import SparseLinear, _timer
+from hwprune.deploy.sparse_kernels import SparseLinear, median_timer
 
 SHAPES = [(512, 512), (3072, 768), (768, 3072), (1024, 1024)]
 SPARSITIES = [0.5, 0.7, 0.8, 0.9, 0.95, 0.98]
@@ -40,7 +40,7 @@ def weight(shape: tuple[int, int], sparsity: float, block: int, seed: int = 0) -
 
 def run(shape: tuple[int, int], sparsity: float, batch: int, repeats: int) -> dict:
     x = torch.randn(batch, shape[1])
-    median_ms = _timer(torch.device("cpu"))
+    median_ms = median_timer(torch.device("cpu"))
     rec = {"shape": list(shape), "sparsity": sparsity, "batch": batch, "repeats": repeats}
     with torch.inference_mode():
         for fmt, block in (("csr", 1), ("bsr", 16)):

@@ -96,7 +96,7 @@ def is_2to4(weight: Tensor) -> bool:
     return bool((weight.reshape(weight.shape[0], -1, 4).ne(0).sum(-1) <= 2).all())
 
 
-def _timer(device: torch.device) -> Callable[[Callable[[], Any], int], float]:
+def median_timer(device: torch.device) -> Callable[[Callable[[], Any], int], float]:
     def median_ms(fn: Callable[[], Any], repeats: int) -> float:
         times = []
         for i in range(repeats + 2):  # two warm-up calls
@@ -216,7 +216,7 @@ def _choose(work: nn.Module, name: str, x: Tensor, formats: Sequence[str], min_s
             repeats: int, atol: float, rtol: float) -> LayerChoice:
     lin = work.get_submodule(name)
     w, b = lin.weight.detach(), None if lin.bias is None else lin.bias.detach()
-    median_ms = _timer(w.device)
+    median_ms = median_timer(w.device)
     dense_ms = median_ms(lambda: F.linear(x, w, b), repeats)
     choice = LayerChoice(name, tuple(w.shape), float((w == 0).float().mean()), dense_ms)
     cands, skipped = _candidates(w, formats)
