@@ -97,6 +97,8 @@ def is_2to4(weight: Tensor) -> bool:
 
 
 def median_timer(device: torch.device) -> Callable[[Callable[[], Any], int], float]:
+    """A timer for ``device``: ``timer(fn, repeats)`` is the median milliseconds of ``fn``
+    over ``repeats`` calls after two warm-up calls, CUDA synchronised around each."""
     def median_ms(fn: Callable[[], Any], repeats: int) -> float:
         times = []
         for i in range(repeats + 2):  # two warm-up calls
