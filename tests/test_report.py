@@ -352,6 +352,22 @@ def test_structures_column() -> None:
     assert [r.structure for r in partial.rows] == ["kernel", "-"]
 
 
+def test_structure_column_is_each_layers_own_structure_from_the_pruner() -> None:
+    # DPP's "weight" rows are k-of-n over each layer's row length: the pruner's own structure
+    # ("element") is no layer's structure
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(),
+                          nn.Linear(12, 4))
+    pruner = hp.DPP(model, "weight", k=2, targets=["0", "2", "4"])
+    expected = {"0.weight": "2:8", "2.weight": "2:16", "4.weight": "2:12"}
+    assert {n: str(layer.structure) for n, layer in pruner.layers.items()} == expected
+    for live in (True, False):
+        rep = report(model if live else pruner.finalize(), torch.randn(2, 8), pruner=pruner)
+        assert {r.name: r.structure for r in rep.rows} == expected
+        assert rep.hints() == expected
+        assert "| 0.weight | Linear | 16x8 | 2:8 |" in rep.to_markdown()
+
+
 # --------------------------------------------------------------------------------- baseline
 
 

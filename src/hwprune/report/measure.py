@@ -267,7 +267,8 @@ def report(
     if pruner is not None:
         extras = pruner.layer_extras()
         if structures is None:
-            structures = {n: pruner.structure for n in pruner.layers if n in names}
+            structures = {n: layer.structure for n, layer in pruner.layers.items()
+                          if n in names}
     structure_of = _structure_for(structures, names)
 
     hints = {n: s for n, s in structure_of.items() if s != "-"}
