@@ -14,10 +14,8 @@ from torch.nn.utils import parametrize
 
 import hwprune as hp
 from hwprune.errors import ConfigError, LifecycleError, StructureError
+from hwprune.hardware import FREE, UNIFIED, ZERO
 from hwprune.methods.unify import (
-    FREE,
-    UNIFIED,
-    ZERO,
     assign_blocks,
     block_counts,
     block_errors,

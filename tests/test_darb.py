@@ -16,13 +16,8 @@ from torch.nn.utils import parametrize
 
 import hwprune as hp
 from hwprune.errors import ConfigError, LifecycleError, StructureError
-from hwprune.methods.darb import (
-    DEFAULT_ALLOWED,
-    assign_block_sizes,
-    block_kept,
-    bmwm_mask,
-    decoding_cost,
-)
+from hwprune.hardware import block_kept, decoding_cost
+from hwprune.methods.darb import DEFAULT_ALLOWED, assign_block_sizes, bmwm_mask
 from hwprune.schedules import Linear
 
 from conftest import TinyLSTM, fit_full_batch

@@ -15,9 +15,12 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 import hwprune as hp
+from hwprune import hardware
 from hwprune.errors import HwpruneError, StructureError
+from hwprune.hardware import decoding_cost
 from hwprune.report.measure import LayerRow, Report, report
 from hwprune.storage import file_layout
+from hwprune.storage.bits import unpack_uint
 from hwprune.storage.encodings import RowBlock
 from hwprune.structures import KofN
 
@@ -349,6 +352,22 @@ def test_structures_column() -> None:
     assert [r.structure for r in partial.rows] == ["kernel", "-"]
 
 
+def test_structure_column_is_each_layers_own_structure_from_the_pruner() -> None:
+    # DPP's "weight" rows are k-of-n over each layer's row length: the pruner's own structure
+    # ("element") is no layer's structure
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(),
+                          nn.Linear(12, 4))
+    pruner = hp.DPP(model, "weight", k=2, targets=["0", "2", "4"])
+    expected = {"0.weight": "2:8", "2.weight": "2:16", "4.weight": "2:12"}
+    assert {n: str(layer.structure) for n, layer in pruner.layers.items()} == expected
+    for live in (True, False):
+        rep = report(model if live else pruner.finalize(), torch.randn(2, 8), pruner=pruner)
+        assert {r.name: r.structure for r in rep.rows} == expected
+        assert rep.hints() == expected
+        assert "| 0.weight | Linear | 16x8 | 2:8 |" in rep.to_markdown()
+
+
 # --------------------------------------------------------------------------------- baseline
 
 
@@ -470,8 +489,6 @@ def test_storage_fields_of_a_2_of_4_weight_by_hand() -> None:
 
 
 def test_selection_width_follows_darbs_decoding_cost() -> None:
-    from hwprune.methods.darb import decoding_cost
-
     g = torch.Generator().manual_seed(0)
     irregular = torch.randn(8, 64, generator=g) * (torch.rand(8, 64, generator=g) < 0.1)
     r = report(_linear_with(irregular), torch.randn(1, 64)).rows[0]
@@ -497,6 +514,41 @@ def test_selection_width_follows_darbs_decoding_cost() -> None:
     assert dense.min_index_bits == 0.0 and dense.compression_ratio_min == 1.0
     empty = report(_linear_with(torch.zeros(4, 8)), torch.randn(1, 8)).rows[0]
     assert empty.selection_width is None and empty.index_bits_per_kept is None
+
+
+def test_report_and_methods_read_the_same_cost_model() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 64)
+    # DARB's extras and the report's storage columns: hwprune.hardware's decoding cost
+    model = _linear_with(torch.randn(16, 64, generator=g))
+    pruner = hp.DARB(model, ratio=8.0, targets=["0"])
+    pruner.finalize()
+    row = report(model, x, pruner=pruner).rows[0]
+    mask = pruner.masks()["0.weight"]
+    cost = hardware.decoding_cost(mask, "darb", block_sizes=pruner.block_sizes["0.weight"],
+                                  allowed=pruner.allowed_sizes["0.weight"])
+    assert row.extras["selection_width"] == cost["selection_width"]
+    assert row.extras["index_bits_per_kept"] == cost["index_bits_per_kept"]
+    enc = hp.storage.choose(model[0].weight.detach())
+    sizes = torch.from_numpy(RowBlock.row_sizes(enc))
+    assert (row.selection_width, row.selection_inputs_per_kept) == hardware.stored_selection(
+        mask, enc.encoding, enc.meta, sizes)
+    assert set(sizes.tolist()) <= set(hardware.ROW_BLOCK_SIZES)
+    # ADMM's block states are the ones the unified encoding stores, and its multiplications
+    # saved are hardware's count of them
+    model = _linear_with(torch.randn(8, 64, generator=g))
+    pruner = hp.ADMM(model, block=(1, 4), unify=0.5, zero=0.25, targets=["0"])
+    pruner.hard_project()  # the pattern is fixed from here on
+    states = pruner.layers["0.weight"].parametrization.states.clone()
+    pruner.finalize()
+    enc = hp.storage.encode(model[0].weight.detach(), "unified", bh=1, bw=4)
+    stored = unpack_uint(enc.index["states"], hardware.BLOCK_STATE_BITS, states.numel())
+    assert stored.tolist() == states.tolist()
+    assert {hardware.ZERO, hardware.UNIFIED, hardware.FREE} == set(states.tolist())
+    row = report(model, x, pruner=pruner).rows[0]
+    saved = hardware.multiplications_saved(torch.full((states.numel(),), 4), states, 8 * 64)
+    assert row.extras["mults_saved"] == saved["mults_saved"] == (64 * 3 + 32 * 4) / 512
+    assert row.extras["mults_saved_by_unify"] == saved["mults_saved_by_unify"]
 
 
 @pytest.mark.parametrize("live", [False, True])

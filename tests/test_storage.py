@@ -31,8 +31,9 @@ from hwprune.storage import (
     summarize,
 )
 from hwprune.storage import container as container_mod
-from hwprune.storage._bits import pack_uint, subset_rank, subset_unrank, unpack_uint
-from hwprune.storage.encodings import ENCODINGS, _tiles
+from hwprune.storage.bits import pack_uint, subset_rank, subset_unrank, unpack_uint
+from hwprune.storage.encodings import ENCODINGS
+from hwprune.storage.encodings.tiling import tiles
 from hwprune.structures import Block, KofN
 
 from conftest import TinyNet
@@ -201,7 +202,7 @@ def test_block_round_trips_including_ragged_edges(rows, cols, bh, bw, density, s
 def test_tile_order_is_the_block_structures_group_order():
     w = torch.arange(1, 7 * 10 + 1, dtype=torch.int32).reshape(7, 10)
     for bh, bw in [(2, 3), (4, 4), (1, 5), (7, 1)]:
-        ours = _tiles(w.numpy().reshape(-1), 7, 10, bh, bw)
+        ours = tiles(w.numpy().reshape(-1), 7, 10, bh, bw)
         assert np.array_equal(ours, Block(bh, bw).to_groups(w).numpy())
 
 

@@ -51,10 +51,11 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, LifecycleError, StructureError
+from ..hardware import FREE, UNIFIED, ZERO, multiplications_saved
 from ..structures import Block, KofN, Structure, parse_structure
 from ..targets import Spec
 from .base import PrunedLayer, Pruner
-from .unify import FREE, UNIFIED, ZERO, block_counts, project_groups, signs_of
+from .unify import block_counts, project_groups, signs_of
 
 __all__ = ["ADMM", "UnifiedBlocks"]
 
@@ -228,17 +229,13 @@ class ADMM(Pruner):
             states = layer.parametrization.states
             sizes = layer.parametrization.valid.sum(1)
             unified, zero = states == UNIFIED, states == ZERO
-            numel = math.prod(layer.shape)
-            # per output position a unified block of m weights needs 1 multiplication, not m
-            by_unify = int((sizes[unified] - 1).sum())
             out[name] = {
                 "block": str(layer.structure),
                 "phase": self.phase,
                 "unified": float(unified.float().mean()),
                 "zero": float(zero.float().mean()),
                 "free": float((states == FREE).float().mean()),
-                "mults_saved": (by_unify + int(sizes[zero].sum())) / numel,
-                "mults_saved_by_unify": by_unify / numel,
+                **multiplications_saved(sizes, states, math.prod(layer.shape)),
             }
         return out
 

@@ -28,7 +28,8 @@ sizes ``<= cols`` and (for ``m > 1``) ``> m``; an explicit ``allowed`` must fit 
 row (``b <= cols``) and every size must exceed ``m`` when ``m > 1`` (``b = 1`` with ``m = 1`` is
 a dense row). A target ratio outside what the allowed sizes can reach on a layer is an error.
 
-Decoding cost (``decoding_cost``; ``_layer_extras`` reports it for DARB): see its docstring.
+Decoding cost: ``hwprune.hardware.decoding_cost`` (``_layer_extras`` reports it for DARB;
+``decoding_cost`` and ``block_kept`` are importable from here too).
 """
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError, StructureError
+from ..hardware import ROW_BLOCK_SIZES, block_kept, decoding_cost, im2col_shape
 from ..schedules import OneShot, Schedule
-from ..storage._bits import ceil_log2
 from ..structures import Element
 from ..targets import Spec
 from .base import PrunedLayer, Pruner
@@ -54,17 +55,9 @@ from .selection import keep_all_but_lowest
 __all__ = ["DARB", "DEFAULT_ALLOWED", "bmwm_mask", "assign_block_sizes", "decoding_cost",
            "block_kept"]
 
-DEFAULT_ALLOWED = (1, 2, 4, 8, 16, 32, 64)
-_SCHEMES = ("csr", "block", "bmwm", "darb")
-
-
-def _matrix(shape: Sequence[int]) -> tuple[int, int]:
-    return int(shape[0]), math.prod(shape[1:])
-
-
-def block_kept(cols: int, b: int, m: int = 1) -> int:
-    """Weights BMWM keeps in a row of ``cols`` with blocks of ``b`` (``m`` per block)."""
-    return min(m, b) * (cols // b) + min(m, cols % b)
+#: DARB's default allowed block sizes: the row block sizes the hardware model and the storage's
+#: ``rowblock`` encoding share
+DEFAULT_ALLOWED = ROW_BLOCK_SIZES
 
 
 def bmwm_mask(w: Tensor, block_sizes: Tensor | int, m: int = 1) -> Tensor:
@@ -74,7 +67,7 @@ def bmwm_mask(w: Tensor, block_sizes: Tensor | int, m: int = 1) -> Tensor:
     ``block_sizes``: one int for all rows, or a ``(rows,)`` tensor. Ties keep the lower
     position (a stable sort), so masks are deterministic.
     """
-    rows, cols = _matrix(w.shape)
+    rows, cols = im2col_shape(w.shape)
     mat = w.detach().reshape(rows, cols).abs()
     sizes = (torch.full((rows,), int(block_sizes)) if isinstance(block_sizes, int)
              else block_sizes.to("cpu", torch.long))
@@ -113,69 +106,6 @@ def assign_block_sizes(nnz: Tensor, cols: int, target_kept: float, sizes: Sequen
     j = int(np.argmin(np.abs(totals - target_kept)))  # first minimum: fewer moves
     levels = np.bincount(row[order[:j]], minlength=rows)
     return torch.tensor(np.array(a)[levels], dtype=torch.long)
-
-
-def decoding_cost(mask: Tensor, scheme: str, *, block: tuple[int, int] | None = None,
-                  block_sizes: Tensor | int | None = None,
-                  allowed: Sequence[int] | None = None) -> dict[str, float]:
-    """Index bits and selection work to decode one weight's sparse pattern, per kept weight.
-
-    The weight is seen as its im2col matrix (``rows x cols``); ``kept`` = nonzeros of ``mask``
-    (for ``"block"``: the real elements of tiles with any kept weight, all of which are stored).
-
-    * ``"csr"`` (irregular): a column index of ``ceil(log2 cols)`` bits per kept weight plus
-      ``rows + 1`` row pointers of ``ceil(log2(kept + 1))`` bits. Each kept weight selects its
-      input among the row's ``cols`` inputs: selection width ``cols``, one selection per weight.
-    * ``"block"`` (``block=(bh, bw)``): one bit per tile of the matrix (kept or not). A kept
-      tile selects one ``bw``-wide input slice among ``ceil(cols / bw)`` positions, shared by
-      its weights: selection width ``ceil(cols / bw)``, one selection per kept tile.
-    * ``"bmwm"`` (``block_sizes=b``) and ``"darb"`` (``block_sizes`` per row, ``allowed``): each
-      kept weight's position in its block, ``ceil(log2 b_r)`` bits (``m`` positions per block
-      for ``m`` kept); DARB adds ``ceil(log2 len(allowed))`` bits per row for the row's block
-      size. Each kept weight comes through a ``b_r``:1 selection: selection width ``b_r``.
-
-    Returns ``kept``, ``index_bits``, ``index_bits_per_kept``, ``selection_width`` (mean over
-    kept weights of the width of the selection their input passes), ``selections_per_kept``
-    and ``selection_inputs_per_kept`` (width x selections, the multiplexer inputs per weight).
-    """
-    if scheme not in _SCHEMES:
-        raise ConfigError(f"scheme must be one of {_SCHEMES}; got {scheme!r}")
-    rows, cols = _matrix(mask.shape)
-    m = mask.reshape(rows, cols).bool().cpu()
-    if scheme == "csr":
-        kept = int(m.sum())
-        bits = kept * ceil_log2(cols) + (rows + 1) * ceil_log2(kept + 1)
-        width, selections = float(cols), kept
-    elif scheme == "block":
-        if block is None:
-            raise ConfigError("scheme 'block' needs block=(bh, bw)")
-        bh, bw = block
-        pr, pc = -(-rows // bh), -(-cols // bw)
-        tiles = F.pad(m.float(), (0, pc * bw - cols, 0, pr * bh - rows))
-        tiles = tiles.reshape(pr, bh, pc, bw).amax((1, 3)) > 0
-        real = F.pad(torch.ones(rows, cols), (0, pc * bw - cols, 0, pr * bh - rows))
-        real = real.reshape(pr, bh, pc, bw).sum((1, 3))
-        kept = int(real[tiles].sum())
-        bits = pr * pc
-        width, selections = float(pc), int(tiles.sum())
-    else:
-        if block_sizes is None:
-            raise ConfigError(f"scheme {scheme!r} needs block_sizes")
-        sizes = (torch.full((rows,), int(block_sizes)) if isinstance(block_sizes, int)
-                 else block_sizes.to("cpu", torch.long))
-        per_row = m.sum(1)
-        kept = int(per_row.sum())
-        bits = sum(int(k) * ceil_log2(int(b)) for k, b in zip(per_row, sizes, strict=True))
-        if scheme == "darb":
-            if allowed is None:
-                raise ConfigError("scheme 'darb' needs allowed (the block sizes a row may have)")
-            bits += rows * ceil_log2(len(allowed))
-        width = float((per_row * sizes).sum()) / kept if kept else 0.0
-        selections = kept
-    per = (lambda x: x / kept) if kept else (lambda x: 0.0)
-    return {"kept": kept, "index_bits": bits, "index_bits_per_kept": per(bits),
-            "selection_width": width, "selections_per_kept": per(selections),
-            "selection_inputs_per_kept": per(selections * width)}
 
 
 class DARB(Pruner):
@@ -237,11 +167,11 @@ class DARB(Pruner):
                               f"{self.reference!r}")
         self.final_sparsity = 1.0 - 1.0 / r
         # every row dense until the first prune (b = 1 keeps every weight)
-        self.block_sizes = {n: torch.ones(_matrix(layer.shape)[0], dtype=torch.long)
+        self.block_sizes = {n: torch.ones(im2col_shape(layer.shape)[0], dtype=torch.long)
                             for n, layer in self.layers.items()}
         self.allowed_sizes = {n: self._layer_sizes(layer) for n, layer in self.layers.items()}
         for name, layer in self.layers.items():
-            rows, cols = _matrix(layer.shape)
+            rows, cols = im2col_shape(layer.shape)
             sizes = self.allowed_sizes[name]
             lo = cols / block_kept(cols, sizes[0], m)
             hi = cols / block_kept(cols, sizes[-1], m)
@@ -259,7 +189,7 @@ class DARB(Pruner):
                     )
 
     def _layer_sizes(self, layer: PrunedLayer) -> tuple[int, ...]:
-        _, cols = _matrix(layer.shape)
+        _, cols = im2col_shape(layer.shape)
         if self.allowed is None:
             sizes = [b for b in DEFAULT_ALLOWED if b <= cols and (self.m == 1 or b > self.m)]
             if not sizes:
@@ -290,7 +220,7 @@ class DARB(Pruner):
         ratio = 1.0 / (1.0 - sparsity)
         for name, layer in self.layers.items():
             w = layer.effective_weight()
-            rows, cols = _matrix(layer.shape)
+            rows, cols = im2col_shape(layer.shape)
             nnz = self._reference_mask(name, w, sparsity).reshape(rows, cols).sum(1)
             sizes = assign_block_sizes(nnz, cols, rows * cols / ratio, self.allowed_sizes[name],
                                        self.m)

@@ -28,13 +28,12 @@ import math
 import torch
 from torch import Tensor
 
+from ..hardware import FREE, UNIFIED, ZERO
 from ..structures import Structure
 
+#: the block states are ``hwprune.hardware``'s (shared with the storage's ``unified`` encoding)
 __all__ = ["ZERO", "UNIFIED", "FREE", "block_counts", "block_errors", "assign_blocks",
            "project_groups", "project"]
-
-#: block states (the same numbering as the storage's ``unified`` encoding)
-ZERO, UNIFIED, FREE = 0, 1, 2
 
 
 def block_counts(num_blocks: int, unify: float, zero: float) -> tuple[int, int]:

@@ -1,4 +1,7 @@
-"""Reporting: what a pruned model gained, measured (``measure``) and drawn (``plots``).
+"""Reporting: what a pruned model gained, measured (``measure``: MACs, kept fractions,
+parameters), accounted (``accounting``: stored bytes, index overhead, decoding cost), held
+(``result``: ``Report``, ``LayerRow``), rendered (``render``: Markdown, terminal, JSON) and
+drawn (``plots``).
 
 ``plots`` needs matplotlib and is imported only when used.
 """

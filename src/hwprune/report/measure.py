@@ -1,7 +1,7 @@
 """Reporting: what a pruned (or shrunk) model keeps, per layer and in total.
 
-``report(model, example_inputs)`` answers the questions every method is judged by (see
-METHODS.md, "What every method is judged by"): how many weights are left, at which granularity
+``report(model, example_inputs)`` answers the questions every method is judged by (each
+field is defined in docs/storage.md): how many weights are left, at which granularity
 they were removed (a zero *filter* can be cut from the network, scattered zeros only save
 storage), how much arithmetic is left, and, with ``baseline=``, how a physically smaller model
 compares with the dense one it came from.
@@ -25,16 +25,14 @@ unified and quantized, with the structure as a hint), so the stored total is the
 of the file ``hwprune.save`` writes for these weights. The ``file_*`` totals describe the file
 ``hwprune.save(model, path, hints=rep.hints())`` writes for the whole model (every tensor of
 its state dict), byte for byte: ``file_bytes == file_tensor_bytes + file_header_bytes``.
-Every field is defined in docs/storage.md.
+
+This module measures (MACs, kept fractions, parameters); ``accounting`` counts the storage,
+``render`` draws the tables, ``result`` holds the ``Report`` they fill.
 """
 
 from __future__ import annotations
 
-import json
-import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -43,316 +41,16 @@ from torch.nn.utils import parametrize
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..errors import HwpruneError
-from ..methods.darb import decoding_cost
-from ..storage import EncodedTensor, choose, plan, summarize
-from ..storage.encodings import RowBlock
+from ..storage import EncodedTensor, FilePlan, plan
 from ..structures import Channel, Filter, Kernel, Structure, parse_structure
 from ..targets import CONV_TYPES, LINEAR_TYPES, RNN_TYPES
+from .accounting import safe_div, storage_fields, storage_totals
+from .result import LayerRow, Report
 
 __all__ = ["LayerRow", "Report", "report", "report_state_dict", "weights_of"]
 
 #: module types whose weights get a row (RNNBase covers LSTM, GRU and RNN)
 _SUPPORTED = "Conv1d/2d/3d, Linear, LSTM/GRU/RNN"
-
-
-@dataclass
-class LayerRow:
-    """One prunable weight. Fractions are kept/total at that granularity (1.0 = nothing cut).
-
-    ``kept_kernels`` is ``None`` for weights without a kernel axis (Linear, RNN): a linear layer
-    has no kernels. A group counts as kept if any of its weights is nonzero, because only a group
-    that is entirely zero can be skipped by hardware.
-    """
-
-    name: str
-    module: str
-    shape: tuple[int, ...]
-    structure: str
-    kept_elements: float
-    kept_kernels: float | None
-    kept_channels: float
-    kept_filters: float
-    params: int
-    kept_params: int
-    #: ``None`` where no forward pass measured them (``report_state_dict``)
-    macs_dense: int | None
-    macs_remaining: int | None
-    dense_bytes: int
-    #: bytes as ``hwprune.save`` stores the weight, index overhead included
-    stored_bytes: int | None = None
-    #: of ``stored_bytes``, the index/metadata part (masks, pointers, positions, sign bits)
-    index_bytes: int | None = None
-    #: the encoding ``hwprune.save`` picks for the weight
-    encoding: str | None = None
-    #: of ``stored_bytes``, the kept values (and a quantization scale)
-    payload_bytes: int | None = None
-    #: information-theoretic minimum of the index of the stored pattern, in bits
-    min_index_bits: float | None = None
-    #: dense / stored bytes, index included
-    compression_ratio: float | None = None
-    #: dense / payload bytes: the ratio if the index were free
-    compression_ratio_no_index: float | None = None
-    #: dense / (payload + min_index_bits / 8): the ratio with the smallest possible index
-    compression_ratio_min: float | None = None
-    #: 8 * index bytes / kept weights
-    index_bits_per_kept: float | None = None
-    #: 8 * stored bytes / kept weights (values and index)
-    stored_bits_per_kept: float | None = None
-    #: mean over kept weights of the width of the selection that places each (see docs)
-    selection_width: float | None = None
-    #: selection width x selections / kept weights: multiplexer inputs per kept weight
-    selection_inputs_per_kept: float | None = None
-    #: method-specific facts from ``pruner.layer_extras()`` (PSP: alphas, pruned fraction)
-    extras: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = {f.name: getattr(self, f.name) for f in fields(self)}
-        d["shape"] = list(self.shape)
-        d["extras"] = _plain(self.extras)
-        return d
-
-
-@dataclass
-class Report:
-    """The result of ``report``: ``rows`` per weight, ``total`` and an optional ``baseline``.
-
-    ``total`` keys: ``params``, ``kept_params``, ``kept_elements``, ``pruning_ratio`` (params /
-    kept params), ``macs_dense``, ``macs_remaining``, ``mac_reduction`` (dense / remaining),
-    ``dense_bytes``, ``stored_bytes``, ``index_bytes``, ``payload_bytes``, ``min_index_bits``,
-    ``compression_ratio`` (dense / stored, index overhead included),
-    ``compression_ratio_no_index`` (dense / payload), ``compression_ratio_min`` (dense /
-    (payload + min_index_bits / 8)), ``index_bits_per_kept``, ``stored_bits_per_kept``,
-    ``selection_width`` and ``selection_inputs_per_kept`` (means over kept weights) -- all over
-    the prunable rows -- plus ``file_bytes`` (the size of ``hwprune.save(model, path,
-    hints=self.hints())``, uncompressed) = ``file_tensor_bytes`` (every state-dict tensor's
-    stored bytes) + ``file_header_bytes`` (the container header), ``file_dense_bytes`` (the
-    state dict's dense bytes), ``model_macs`` (every
-    MAC of the forward pass, including ops outside prunable layers such as attention matmuls;
-    BN, activations and pooling have none), ``model_macs_remaining`` (the same with the
-    prunable rows' zeros skipped) and ``model_params`` (every parameter, biases and BN
-    included).
-    Ratios are ``None`` where the denominator is 0.
-
-    ``baseline`` (with ``baseline=``): the reference's ``params``, ``macs`` (its prunable rows,
-    dense), ``model_macs``, ``model_params``, ``param_ratio`` = baseline params / this model's
-    kept params, ``mac_ratio`` = baseline MACs / this model's remaining MACs, and ``layers``:
-    the same two ratios per baseline weight name (a layer that is gone has ratio ``None``).
-    """
-
-    name: str
-    rows: list[LayerRow]
-    total: dict[str, Any]
-    baseline: dict[str, Any] | None = None
-
-    def hints(self) -> dict[str, str]:
-        """{weight name: structure} of the rows that have one: the storage hints the stored
-        bytes were counted with (``hwprune.save(model, path, hints=rep.hints())``)."""
-        return {r.name: r.structure for r in self.rows if r.structure != "-"}
-
-    # -- machine-readable ------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON types only, so ``json.loads(r.to_json()) == r.to_dict()``."""
-        return {
-            "name": self.name,
-            "rows": [r.to_dict() for r in self.rows],
-            "total": dict(self.total),
-            "baseline": None if self.baseline is None else _plain(self.baseline),
-        }
-
-    def to_json(self, path: str | Path | None = None, indent: int | None = 2) -> str:
-        """The report as JSON text; also written to ``path`` if given."""
-        text = json.dumps(self.to_dict(), indent=indent, allow_nan=False)
-        if path is not None:
-            Path(path).write_text(text + "\n")
-        return text
-
-    # -- human-readable --------------------------------------------------------------------
-    def _table(self) -> tuple[list[str], list[list[str]]]:
-        """Header and cells shared by the Markdown and the terminal table."""
-        header = [
-            "layer", "type", "shape", "structure", "elements", "kernels", "channels",
-            "filters", "params", "kept", "MACs", "MACs left", "bytes",
-        ]  # fmt: skip
-        layers = (self.baseline or {}).get("layers", {})
-        if self.baseline is not None:
-            header.append("vs baseline")
-        cells = []
-        for r in self.rows:
-            row = [
-                r.name,
-                r.module,
-                "x".join(map(str, r.shape)),
-                r.structure,
-                _pct(r.kept_elements),
-                _pct(r.kept_kernels),
-                _pct(r.kept_channels),
-                _pct(r.kept_filters),
-                f"{r.params:,}",
-                f"{r.kept_params:,}",
-                _si(r.macs_dense),
-                _si(r.macs_remaining),
-                _bytes(r.dense_bytes),
-            ]
-            if self.baseline is not None:
-                row.append(_ratio(layers.get(r.name, {}).get("param_ratio")))
-            cells.append(row)
-        return header, cells
-
-    def _storage_table(self) -> tuple[list[str], list[list[str]]]:
-        """Header and cells of the per-layer storage table (docs/storage.md defines them)."""
-        header = ["layer", "encoding", "dense", "stored", "index", "min index", "ratio",
-                  "w/o index", "at min", "index bits/kept", "selection width"]
-        cells = [[r.name, r.encoding or "-", f"{r.dense_bytes:,}", _num(r.stored_bytes),
-                  _num(r.index_bytes), _num(_bytes_of(r.min_index_bits)),
-                  _ratio(r.compression_ratio), _ratio(r.compression_ratio_no_index),
-                  _ratio(r.compression_ratio_min), _fmt(r.index_bits_per_kept),
-                  _fmt(r.selection_width)] for r in self.rows]
-        return header, cells
-
-    def _storage_lines(self) -> list[str]:
-        t = self.total
-        return [
-            f"stored {t['stored_bytes']:,} B of {t['dense_bytes']:,} B dense (index "
-            f"{t['index_bytes']:,} B, minimum {_num(_bytes_of(t['min_index_bits']))} B): "
-            f"compression {_ratio(t['compression_ratio'])}, "
-            f"{_ratio(t['compression_ratio_no_index'])} without index, "
-            f"{_ratio(t['compression_ratio_min'])} at the minimum; "
-            f"{_fmt(t['index_bits_per_kept'])} index bits and "
-            f"{_fmt(t['stored_bits_per_kept'])} stored bits per kept weight; selection width "
-            f"{_fmt(t['selection_width'])}",
-            f"hwprune.save file: {t['file_bytes']:,} B = {t['file_tensor_bytes']:,} B tensors + "
-            f"{t['file_header_bytes']:,} B header (whole state dict, {t['file_dense_bytes']:,} B "
-            "dense)",
-        ]
-
-    def _summary(self) -> list[str]:
-        t = self.total
-        lines = [
-            f"params {t['params']:,} -> kept {t['kept_params']:,} "
-            f"({_pct(t['kept_elements'])}, pruning ratio {_ratio(t['pruning_ratio'])}); "
-            f"MACs {_si(t['macs_dense'])} -> {_si(t['macs_remaining'])} "
-            f"(reduction {_ratio(t['mac_reduction'])}); model MACs {_si(t['model_macs'])}; "
-            f"dense {_bytes(t['dense_bytes'])}"
-        ]
-        if self.baseline is not None:
-            b = self.baseline
-            lines.append(
-                f"baseline {b['name']}: params {b['params']:,}, MACs {_si(b['macs'])} "
-                f"(model MACs {_si(b['model_macs'])}); param ratio {_ratio(b['param_ratio'])}, "
-                f"MAC ratio {_ratio(b['mac_ratio'])}"
-            )
-        return lines
-
-    def to_markdown(self) -> str:
-        """A GitHub table, one row per weight, then a totals line (and a baseline line)."""
-        header, cells = self._table()
-
-        def line(items: list[str]) -> str:
-            return "| " + " | ".join(s.replace("|", "\\|") for s in items) + " |"
-
-        out = [f"### {self.name}", "", line(header), line(["---"] * len(header))]
-        out += [line(c) for c in cells]
-        out.append("")
-        summary = self._summary()
-        out.append(f"**Total**: {summary[0]}")
-        out += [f"**Baseline**: {s.removeprefix('baseline ')}" for s in summary[1:]]
-        header, cells = self._storage_table()
-        out += ["", "Storage (bytes as hwprune.save stores each weight; docs/storage.md):", "",
-                line(header), line(["---"] * len(header))]
-        out += [line(c) for c in cells]
-        out += [""] + [f"**Storage**: {s}" for s in self._storage_lines()]
-        keys = sorted({k for r in self.rows for k, v in r.extras.items()
-                       if isinstance(v, (int, float))})
-        if keys:  # the method's scalar per-layer facts (lists such as alphas: JSON and plots)
-            out += ["", "Method extras:", "", line(["layer", *keys]),
-                    line(["---"] * (len(keys) + 1))]
-            out += [line([r.name, *(_fmt_extra(r.extras.get(k)) for k in keys)])
-                    for r in self.rows if r.extras]
-        return "\n".join(out) + "\n"
-
-    def print(self, console: Any = None) -> None:
-        """Print a rich table (to ``console``, or a new ``rich.console.Console``)."""
-        from rich.console import Console
-        from rich.table import Table
-
-        console = console if console is not None else Console()
-        header, cells = self._table()
-        table = Table(title=self.name)
-        for i, h in enumerate(header):  # names fold rather than being cut off with an ellipsis
-            table.add_column(h, justify="left" if i < 4 else "right", overflow="fold")
-        for c in cells:
-            table.add_row(*c)
-        console.print(table)
-        for s in self._summary():
-            console.print(s, highlight=False)
-        header, cells = self._storage_table()
-        table = Table(title=f"{self.name}: storage")
-        for i, h in enumerate(header):
-            table.add_column(h, justify="left" if i < 2 else "right", overflow="fold")
-        for c in cells:
-            table.add_row(*c)
-        console.print(table)
-        for s in self._storage_lines():
-            console.print(s, highlight=False)
-
-    def __str__(self) -> str:
-        return self.to_markdown()
-
-
-# -- formatting helpers ---------------------------------------------------------------------
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.1f}%"
-
-
-def _ratio(x: float | None) -> str:
-    return "-" if x is None else f"{x:.2f}x"
-
-
-def _num(n: int | float | None) -> str:
-    return "-" if n is None else f"{n:,}"
-
-
-def _fmt(x: float | None) -> str:
-    return "-" if x is None else f"{x:.2f}"
-
-
-def _bytes_of(bits: float | None) -> int | None:
-    """Whole bytes holding ``bits`` (rounded up), for display."""
-    return None if bits is None else math.ceil(bits / 8)
-
-
-def _si(n: int | float | None) -> str:
-    """MACs: exact with thousands separators below 10,000, else K/M/G/T with one decimal."""
-    if n is None:
-        return "-"
-    if abs(n) < 10_000:
-        return f"{int(n):,}"
-    for div, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
-        if abs(n) >= div:
-            return f"{n / div:.1f}{suffix}"
-    return f"{n}"  # pragma: no cover - unreachable
-
-
-def _bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for div, suffix in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
-        if n >= div:
-            return f"{n / div:.1f} {suffix}"
-    return f"{n} B"
-
-
-def _plain(x: Any) -> Any:
-    """Deep copy into plain JSON types (tuples become lists)."""
-    if isinstance(x, Mapping):
-        return {str(k): _plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    return x
-
-
-def _div(a: float, b: float) -> float | None:
-    return a / b if b else None
 
 
 def _frac(k: int, n: int) -> float:
@@ -364,61 +62,6 @@ def _kept_groups(structure: Structure, w: Tensor) -> float:
     """Fraction of ``structure``'s groups of ``w`` with any nonzero weight."""
     alive = (structure.to_groups(w) != 0).any(dim=1)
     return _frac(int(alive.sum()), alive.numel())
-
-
-#: the ``decoding_cost`` scheme (hwprune.methods.darb) that decodes each sparse encoding:
-#: irregular positions (bitmask, CSR) select among a row's inputs; a k-of-n run is an n:k
-#: block-max selection, a rowblock row a b_r:1 one; block and unified tiles select a bw-wide
-#: slice of the row per tile
-_SCHEMES = {"bitmask": "csr", "csr": "csr", "kofn": "bmwm", "rowblock": "bmwm",
-            "block": "block", "unified": "block"}
-
-
-def _selection(weight: Tensor, enc: EncodedTensor) -> tuple[float, float]:
-    """(selection width, selection inputs per kept weight) of decoding ``weight`` as stored.
-
-    Dense and quantized tensors store every element in place: each kept weight is placed by a
-    trivial 1-wide selection. The others use DARB's ``decoding_cost`` (docs/darb.md)."""
-    scheme = _SCHEMES.get(enc.encoding)
-    if scheme is None:
-        return 1.0, 1.0
-    mask = weight != 0
-    if enc.encoding == "rowblock":
-        sizes = torch.from_numpy(RowBlock.row_sizes(enc))
-        cost = decoding_cost(mask, scheme, block_sizes=sizes)
-    elif scheme == "bmwm":
-        cost = decoding_cost(mask, scheme, block_sizes=int(enc.meta["n"]))
-    elif scheme == "block":
-        cost = decoding_cost(mask, scheme, block=(int(enc.meta["bh"]), int(enc.meta["bw"])))
-    else:
-        cost = decoding_cost(mask, scheme)
-    return cost["selection_width"], cost["selection_inputs_per_kept"]
-
-
-def _storage(weight: Tensor, structure: str, enc: EncodedTensor | None = None) -> dict[str, Any]:
-    """How ``hwprune.save`` stores ``weight`` (``enc``: its encoding, if already chosen): the
-    row's storage fields."""
-    if enc is None:
-        enc = choose(weight, hints=None if structure == "-" else structure)
-    info = summarize(enc, weight)
-    dense, total, payload = info["dense_bytes"], info["total_bytes"], info["payload_bytes"]
-    kept, min_bits = info["kept"], info["min_index_bits"]
-    width, inputs = _selection(weight, enc) if kept else (None, None)
-    return {
-        "stored_bytes": total,
-        "index_bytes": info["index_bytes"],
-        "encoding": info["encoding"],
-        "payload_bytes": payload,
-        "min_index_bits": min_bits,
-        "compression_ratio": _div(dense, total),
-        "compression_ratio_no_index": _div(dense, payload),
-        "compression_ratio_min": None if min_bits is None else _div(dense,
-                                                                     payload + min_bits / 8),
-        "index_bits_per_kept": _div(8 * info["index_bytes"], kept),
-        "stored_bits_per_kept": _div(8 * total, kept),
-        "selection_width": width,
-        "selection_inputs_per_kept": inputs,
-    }
 
 
 def _module_type(m: nn.Module) -> str:
@@ -586,12 +229,6 @@ def _row_macs(
     return macs, unseen
 
 
-def _fmt_extra(v: Any) -> str:
-    if v is None:
-        return "-"
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
 def report(
     model: nn.Module,
     example_inputs: Tensor | tuple[Any, ...],
@@ -630,7 +267,8 @@ def report(
     if pruner is not None:
         extras = pruner.layer_extras()
         if structures is None:
-            structures = {n: pruner.structure for n in pruner.layers if n in names}
+            structures = {n: layer.structure for n, layer in pruner.layers.items()
+                          if n in names}
     structure_of = _structure_for(structures, names)
 
     hints = {n: s for n, s in structure_of.items() if s != "-"}
@@ -680,34 +318,26 @@ def _layer_row(name: str, module: str, w: Tensor, structure: str, macs: int | No
         macs_remaining=remaining,
         dense_bytes=numel * w.element_size(),
         extras=extras,
-        **_storage(w, structure, enc),
+        **storage_fields(w, structure, enc),
     )
 
 
-def _totals(rows: list[LayerRow], file: Any, state: Mapping[str, Tensor]) -> dict[str, Any]:
+def _totals(rows: list[LayerRow], file: FilePlan, state: Mapping[str, Tensor]) -> dict[str, Any]:
     """Sums and ratios over the rows, and the file's accounting (``file``: its ``plan``)."""
     params = sum(r.params for r in rows)
     kept_params = sum(r.kept_params for r in rows)
     measured = all(r.macs_dense is not None for r in rows)
     macs_dense = sum(r.macs_dense for r in rows) if measured else None
     macs_remaining = sum(r.macs_remaining for r in rows) if measured else None
-    dense_bytes = sum(r.dense_bytes for r in rows)
-    stored_bytes = sum(r.stored_bytes for r in rows)  # type: ignore[misc]
     return {
         "params": params,
         "kept_params": kept_params,
         "kept_elements": _frac(kept_params, params),
-        "pruning_ratio": _div(params, kept_params),
+        "pruning_ratio": safe_div(params, kept_params),
         "macs_dense": macs_dense,
         "macs_remaining": macs_remaining,
-        "mac_reduction": _div(macs_dense, macs_remaining) if measured else None,
-        "dense_bytes": dense_bytes,
-        "stored_bytes": stored_bytes,
-        **_storage_total(rows, dense_bytes, stored_bytes, kept_params),
-        "file_tensor_bytes": file.data_bytes,
-        "file_header_bytes": file.header_bytes,
-        "file_bytes": file.size,
-        "file_dense_bytes": sum(t.numel() * t.element_size() for t in state.values()),
+        "mac_reduction": safe_div(macs_dense, macs_remaining) if measured else None,
+        **storage_totals(rows, kept_params, file, state),
     }
 
 
@@ -737,29 +367,6 @@ def report_state_dict(state: Mapping[str, Tensor], name: str = "state dict",
     return Report(name=name, rows=rows, total=total)
 
 
-def _storage_total(rows: list[LayerRow], dense: int, stored: int, kept: int) -> dict[str, Any]:
-    """Storage totals over the rows: sums, ratios, and means over kept weights."""
-    payload = sum(r.payload_bytes for r in rows)  # type: ignore[misc]
-    index = sum(r.index_bytes for r in rows)  # type: ignore[misc]
-    min_bits = sum(r.min_index_bits for r in rows)  # type: ignore[misc]
-
-    def mean(key: str) -> float | None:  # over kept weights; a row with none adds nothing
-        return _div(sum(getattr(r, key) * r.kept_params for r in rows if r.kept_params), kept)
-
-    return {
-        "index_bytes": index,
-        "payload_bytes": payload,
-        "min_index_bits": min_bits,
-        "compression_ratio": _div(dense, stored),
-        "compression_ratio_no_index": _div(dense, payload),
-        "compression_ratio_min": _div(dense, payload + min_bits / 8),
-        "index_bits_per_kept": _div(8 * index, kept),
-        "stored_bits_per_kept": _div(8 * stored, kept),
-        "selection_width": mean("selection_width"),
-        "selection_inputs_per_kept": mean("selection_inputs_per_kept"),
-    }
-
-
 def _compare(rep: Report, baseline: nn.Module | Report, inputs: Any) -> dict[str, Any]:
     """Baseline totals and baseline/model ratios, in total and per weight name."""
     if isinstance(baseline, Report):
@@ -777,8 +384,8 @@ def _compare(rep: Report, baseline: nn.Module | Report, inputs: Any) -> dict[str
         layers[b.name] = {
             "params": b.params,
             "macs": b.macs_dense,
-            "param_ratio": _div(b.params, r.kept_params) if r else None,
-            "mac_ratio": _div(b.macs_dense, r.macs_remaining) if r else None,
+            "param_ratio": safe_div(b.params, r.kept_params) if r else None,
+            "mac_ratio": safe_div(b.macs_dense, r.macs_remaining) if r else None,
         }
     t = base.total
     return {
@@ -787,7 +394,7 @@ def _compare(rep: Report, baseline: nn.Module | Report, inputs: Any) -> dict[str
         "macs": t["macs_dense"],
         "model_macs": t["model_macs"],
         "model_params": t["model_params"],
-        "param_ratio": _div(t["params"], rep.total["kept_params"]),
-        "mac_ratio": _div(t["macs_dense"], rep.total["macs_remaining"]),
+        "param_ratio": safe_div(t["params"], rep.total["kept_params"]),
+        "mac_ratio": safe_div(t["macs_dense"], rep.total["macs_remaining"]),
         "layers": layers,
     }

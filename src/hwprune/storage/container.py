@@ -29,8 +29,8 @@ then           ``hwprune.doc``: the document, compact JSON compressed with zlib:
 saved (with the same hints): ``hwprune.data`` is exactly the payload + index bytes the report
 counts, and ``8 + H + len(doc)`` is the container's whole overhead (``file_layout(path)``
 reads both numbers). Packing the arrays into one blob and compressing the document keeps that
-overhead near 1.5 KB for a CIFAR ResNet-20 (116 tensors); version 1, one safetensors entry
-per array with the document as a JSON string in the metadata, spent about 30 KB on it.
+overhead small; version 1 stored one safetensors entry per array with the document as a JSON
+string in the metadata (docs/storage.md, "Header accounting", compares the two).
 ``load`` reads version 1 files too.
 
 With ``compress="zlib"`` or ``"lzma"`` (stdlib codecs) the whole uncompressed file above is
@@ -77,7 +77,7 @@ import safetensors.numpy
 from torch import Tensor, nn
 
 from ..files import write_atomic
-from ._bits import dtype_from_name, dtype_name
+from .bits import dtype_from_name, dtype_name
 from .encodings import EncodedTensor, Hints, choose, decode
 from .errors import StorageError
 

@@ -1,4 +1,5 @@
-"""Bit-level helpers shared by the encodings: raw bit views, bit packing, k-subset ranks.
+"""Bit-level helpers shared by the encodings: raw bit views, bit packing, k-subset ranks
+(the index widths they pack to are ``hwprune.hardware``'s).
 
 Encodings work on the *raw bits* of a tensor (an unsigned integer per element), never on float
 values, so every round trip is bitwise exact: -0.0, NaN payloads and subnormals survive, and
@@ -24,8 +25,6 @@ __all__ = [
     "uint_for",
     "pack_uint",
     "unpack_uint",
-    "ceil_log2",
-    "log2_comb",
     "subset_rank",
     "subset_unrank",
 ]
@@ -79,18 +78,6 @@ def uint_for(max_value: int) -> np.dtype:
         if max_value <= np.iinfo(dt).max:
             return np.dtype(dt)
     raise StorageError(f"{max_value} does not fit in 64 bits")
-
-
-def ceil_log2(x: int) -> int:
-    """Exact ``ceil(log2(x))`` for a positive integer (0 for 1): the bits to tell x cases apart."""
-    return (x - 1).bit_length()
-
-
-def log2_comb(n: int, k: int) -> float:
-    """``log2(C(n, k))`` without forming the (possibly huge) integer."""
-    if not 0 <= k <= n:
-        return 0.0
-    return (math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)) / math.log(2)
 
 
 def pack_uint(values: np.ndarray, width: int) -> np.ndarray:

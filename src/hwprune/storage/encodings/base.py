@@ -1,0 +1,240 @@
+"""What every encoding shares: the encoded form, the analysed tensor, the ``Encoding`` base
+class, checked access to stored arrays, and the zero-signs variant."""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass, field, replace
+from functools import cached_property
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ...hardware import im2col_shape
+from ..bits import from_raw_bits, raw_bits, unpack_uint
+from ..errors import StorageError
+
+__all__ = [
+    "EncodedTensor",
+    "TensorView",
+    "Encoding",
+    "ZERO_SIGNS",
+    "add_zero_signs",
+    "restore_zero_signs",
+    "stored_param",
+    "stored_array",
+    "stored_values",
+    "zero_bits",
+    "matrix_of",
+]
+
+
+@dataclass(frozen=True, eq=False)
+class EncodedTensor:
+    """One tensor in one encoding: arrays (payload and index kept apart) + small metadata."""
+
+    encoding: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    payload: dict[str, np.ndarray]
+    index: dict[str, np.ndarray]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        """Payload bytes: the kept values (and a quantization scale)."""
+        return sum(int(a.nbytes) for a in self.payload.values())
+
+    @property
+    def index_bytes(self) -> int:
+        """Index bytes: masks, pointers, positions, sign bits, block states."""
+        return sum(int(a.nbytes) for a in self.index.values())
+
+    @property
+    def total_bytes(self) -> int:
+        return self.nbytes + self.index_bytes
+
+    def decode(self) -> Tensor:
+        from .registry import decode  # the registry knows every encoding
+
+        return decode(self)
+
+
+@dataclass
+class TensorView:
+    """A tensor analysed once for all candidate encodings (raw bits, nonzeros, finiteness)."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    bits: np.ndarray
+    nz: np.ndarray
+    finite: bool
+
+    @classmethod
+    def of(cls, t: Tensor) -> TensorView:
+        if not isinstance(t, Tensor):
+            raise StorageError(f"expected a torch.Tensor; got {type(t).__name__}")
+        if t.layout != torch.strided:
+            raise StorageError(f"only strided (dense-layout) tensors are stored; got {t.layout} "
+                               "(call .to_dense() first)")
+        t = t.detach().cpu()
+        bits = raw_bits(t)
+        nz = bits != 0 if bits.ndim == 1 else (bits != 0).any(axis=1)
+        return cls(t.dtype, tuple(t.shape), bits, nz, _all_finite(t))
+
+    @property
+    def numel(self) -> int:
+        return int(self.nz.size)
+
+    @property
+    def itemsize(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def matrix(self) -> tuple[int, int]:
+        """The im2col view: (shape[0], rest) for 2+ dimensions, else one row."""
+        return im2col_shape(self.shape)
+
+    def sparse_ok(self) -> bool:
+        """Whether non-dense encodings apply: plain-width elements, finite, not empty."""
+        return self.bits.ndim == 1 and self.finite and self.numel > 0
+
+    @cached_property
+    def negzero(self) -> np.ndarray:
+        """Where the tensor holds -0.0 (floating dtypes only; all False otherwise)."""
+        if not self.dtype.is_floating_point or self.bits.ndim != 1:
+            return np.zeros(self.numel, bool)
+        return self.bits == self.bits.dtype.type(1 << (8 * self.itemsize - 1))
+
+    def canonical(self) -> TensorView:
+        """This tensor with every -0.0 made +0.0: the base of the zero-signs variant."""
+        bits = np.where(self.negzero, 0, self.bits).astype(self.bits.dtype)
+        return TensorView(self.dtype, self.shape, bits, bits != 0, self.finite)
+
+    def encoded(self, name: str, payload: dict, index: dict, **meta: Any) -> EncodedTensor:
+        return EncodedTensor(name, self.dtype, self.shape, payload, index, meta)
+
+
+def _all_finite(t: Tensor) -> bool:
+    if not (t.is_floating_point() or t.is_complex()) or t.numel() == 0:
+        return True
+    if t.element_size() == 1:  # float8 kinds: isfinite is not implemented for all of them
+        t = t.float()
+    return bool(torch.isfinite(t).all())
+
+
+# -- checked access to what an encoding stored -----------------------------------------------
+def stored_param(enc: EncodedTensor, key: str) -> int:
+    """The int parameter ``key`` of ``enc`` (``StorageError`` if missing or not an int)."""
+    value = enc.meta.get(key)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise StorageError(f"{enc.encoding}: stored parameter {key!r} is missing or not an int")
+    return value
+
+
+def stored_array(arrays: dict[str, np.ndarray], key: str, enc: EncodedTensor) -> np.ndarray:
+    """``arrays[key]`` (``enc``'s payload or index), or a ``StorageError`` naming it."""
+    if key not in arrays:
+        raise StorageError(f"{enc.encoding}: stored array {key!r} is missing")
+    return np.asarray(arrays[key])
+
+
+def stored_values(enc: EncodedTensor, count: int, key: str = "values") -> np.ndarray:
+    """The ``count`` stored raw-bit values, checked against the dtype's width."""
+    v = stored_array(enc.payload, key, enc)
+    size = torch.empty((), dtype=enc.dtype).element_size()
+    if v.ndim != 1 or v.size != count or v.dtype.itemsize != size or v.dtype.kind != "u":
+        raise StorageError(
+            f"{enc.encoding}: expected {count} stored values of {size} bytes; got {v.size} "
+            f"of {v.dtype}"
+        )
+    return v
+
+
+def zero_bits(enc: EncodedTensor) -> np.ndarray:
+    """All-zero raw bits of ``enc``'s size and element width: what decoding fills in."""
+    size = torch.empty((), dtype=enc.dtype).element_size()
+    return np.zeros(math.prod(enc.shape), np.dtype(f"u{size}"))
+
+
+def matrix_of(enc: EncodedTensor) -> tuple[int, int]:
+    """The im2col matrix of the stored tensor."""
+    return im2col_shape(enc.shape)
+
+
+# -- the encoding interface ----------------------------------------------------------------
+class Encoding:
+    """One encoding: ``encode(t, **params)``, ``decode(enc)``, and what the chooser tries."""
+
+    name: ClassVar[str]
+    #: lower is simpler; the chooser breaks ties towards simpler encodings
+    simplicity: ClassVar[int]
+
+    def encode(self, t: Tensor, zero_signs: bool = False, **params: Any) -> EncodedTensor:
+        """Encode ``t``; ``StorageError`` if it cannot take this encoding (with these params).
+
+        ``zero_signs=True``: encode ``t`` with -0.0 made +0.0, plus one sign bit per zero.
+        """
+        allowed = set(inspect.signature(self.encode_view).parameters) - {"view"}
+        if set(params) - allowed:
+            raise StorageError(
+                f"{self.name} takes parameters {sorted(allowed)}; got {sorted(params)}"
+            )
+        view = TensorView.of(t)
+        if not zero_signs:
+            return self.encode_view(view, **params)
+        if self.name == "dense" or not view.dtype.is_floating_point:
+            raise StorageError("zero_signs applies to sparse encodings of floating tensors")
+        return add_zero_signs(self.encode_view(view.canonical(), **params), view)
+
+    def encode_view(self, view: TensorView, **params: Any) -> EncodedTensor:
+        """Encode an analysed tensor (``StorageError`` if it does not fit)."""
+        raise NotImplementedError
+
+    def decode(self, enc: EncodedTensor) -> Tensor:
+        raise NotImplementedError
+
+    def candidates(self, view: TensorView, hints: dict[str, tuple[int, int]]) -> list[dict]:
+        """Parameter sets worth trying on ``view`` (empty: not applicable)."""
+        return [{}] if view.sparse_ok() else []
+
+    def min_index_bits(self, enc: EncodedTensor) -> float | None:
+        """Information-theoretic minimum of the index for this pattern (None: undefined)."""
+        return None
+
+    def min_payload(self, view: TensorView, params: dict) -> int:
+        """A cheap lower bound on the payload of ``params``, so the chooser can skip it."""
+        return 0
+
+    def require_sparse_ok(self, view: TensorView) -> None:
+        """``StorageError`` unless non-dense encodings apply to ``view``."""
+        if not view.sparse_ok():
+            raise StorageError(
+                f"{self.name} needs a finite, non-empty tensor of 1/2/4/8-byte elements; got "
+                f"{view.dtype} of shape {view.shape} (NaN/inf and odd dtypes are stored dense)"
+            )
+
+
+# -- the zero-signs variant ------------------------------------------------------------------
+ZERO_SIGNS = "zero_signs"
+
+
+def add_zero_signs(enc: EncodedTensor, view: TensorView) -> EncodedTensor:
+    """``enc`` (of ``view.canonical()``) + which zeros of ``view`` are -0.0: one bit per zero
+    element in flat order. Cheaper than storing each -0.0 as a value when ``w * mask`` left
+    many of them; the chooser tries both."""
+    neg = view.negzero
+    signs = np.packbits(neg[(view.bits == 0) | neg])
+    return replace(enc, index={**enc.index, ZERO_SIGNS: signs}, meta={**enc.meta, ZERO_SIGNS: True})
+
+
+def restore_zero_signs(out: Tensor, enc: EncodedTensor) -> Tensor:
+    """``out`` (decoded without the signs) with the stored -0.0 signs set back."""
+    bits = raw_bits(out)
+    zeros = np.flatnonzero(bits == 0)
+    signs = unpack_uint(stored_array(enc.index, ZERO_SIGNS, enc), 1, zeros.size).astype(bool)
+    bits[zeros[signs]] = bits.dtype.type(1 << (8 * bits.dtype.itemsize - 1))
+    return from_raw_bits(bits, enc.dtype, enc.shape)

@@ -1,0 +1,62 @@
+"""Block sparsity: bh x bw tiles of the im2col matrix, kept or not."""
+
+from __future__ import annotations
+
+import numpy as np
+from torch import Tensor
+
+from ...hardware import block_min_bits
+from ..bits import from_raw_bits, unpack_uint
+from .base import (
+    EncodedTensor,
+    Encoding,
+    TensorView,
+    matrix_of,
+    stored_array,
+    stored_param,
+    stored_values,
+    zero_bits,
+)
+from .tiling import check_tile, tile_candidates, tiles, untile, valid_tiles
+
+__all__ = ["BlockEncoding", "BLOCK_SIZES"]
+
+#: the tile sizes the chooser tries (plus the one a hint names)
+BLOCK_SIZES = tuple(s for b in (2, 4, 8, 16) for s in ((b, b), (1, b), (b, 1)))
+
+
+class BlockEncoding(Encoding):
+    """bh x bw tiles of the im2col matrix: one bit per tile + the kept tiles stored dense."""
+
+    name, simplicity = "block", 3
+
+    def encode_view(self, view: TensorView, bh: int = 4, bw: int = 4) -> EncodedTensor:
+        self.require_sparse_ok(view)
+        rows, cols = check_tile(view, bh, bw)
+        g = tiles(view.bits, rows, cols, bh, bw)
+        kept = (g != 0).any(axis=1)
+        values = g[kept][valid_tiles(rows, cols, bh, bw)[kept]]
+        return view.encoded(self.name, {"values": values}, {"tiles": np.packbits(kept)},
+                            bh=bh, bw=bw)
+
+    def decode(self, enc: EncodedTensor) -> Tensor:
+        bh, bw = stored_param(enc, "bh"), stored_param(enc, "bw")
+        rows, cols = matrix_of(enc)
+        valid = valid_tiles(rows, cols, bh, bw)
+        kept = unpack_uint(stored_array(enc.index, "tiles", enc), 1, valid.shape[0]).astype(bool)
+        g = np.zeros(valid.shape, zero_bits(enc).dtype)
+        sub = g[kept]
+        sub[valid[kept]] = stored_values(enc, int(valid[kept].sum()))
+        g[kept] = sub
+        return from_raw_bits(untile(g, rows, cols, bh, bw), enc.dtype, enc.shape)
+
+    def candidates(self, view: TensorView, hints: dict[str, tuple[int, int]]) -> list[dict]:
+        if not view.sparse_ok():
+            return []
+        return tile_candidates(view, BLOCK_SIZES, hints.get("block"))
+
+    def min_index_bits(self, enc: EncodedTensor) -> float | None:
+        rows, cols = matrix_of(enc)
+        count = -(-rows // enc.meta["bh"]) * -(-cols // enc.meta["bw"])
+        kept = int(np.unpackbits(enc.index["tiles"], count=count).sum())
+        return block_min_bits(count, kept)

@@ -1,0 +1,28 @@
+"""The dense encoding: every element's raw bits, in order."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from ..bits import from_raw_bits
+from .base import EncodedTensor, Encoding, TensorView, stored_array
+
+__all__ = ["Dense"]
+
+
+class Dense(Encoding):
+    """Every element's raw bits, in order. Always applicable; the reference for the others."""
+
+    name, simplicity = "dense", 0
+
+    def encode_view(self, view: TensorView) -> EncodedTensor:
+        return view.encoded(self.name, {"values": view.bits.reshape(-1)}, {})
+
+    def decode(self, enc: EncodedTensor) -> Tensor:
+        return from_raw_bits(stored_array(enc.payload, "values", enc), enc.dtype, enc.shape)
+
+    def candidates(self, view: TensorView, hints: dict[str, tuple[int, int]]) -> list[dict]:
+        return [{}]
+
+    def min_index_bits(self, enc: EncodedTensor) -> float | None:
+        return 0.0

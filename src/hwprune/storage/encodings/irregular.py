@@ -1,0 +1,78 @@
+"""Irregular sparsity: any positions, as a bitmask or as compressed sparse rows."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from torch import Tensor
+
+from ...hardware import irregular_min_bits
+from ..bits import from_raw_bits, uint_for, unpack_uint
+from ..errors import StorageError
+from .base import (
+    EncodedTensor,
+    Encoding,
+    TensorView,
+    matrix_of,
+    stored_array,
+    stored_values,
+    zero_bits,
+)
+
+__all__ = ["Bitmask", "CSR"]
+
+
+class Bitmask(Encoding):
+    """One bit per element (numpy.packbits, big-endian bit order) + the nonzero values."""
+
+    name, simplicity = "bitmask", 1
+
+    def encode_view(self, view: TensorView) -> EncodedTensor:
+        self.require_sparse_ok(view)
+        return view.encoded(self.name, {"values": view.bits[view.nz]},
+                            {"mask": np.packbits(view.nz)})
+
+    def decode(self, enc: EncodedTensor) -> Tensor:
+        numel = math.prod(enc.shape)
+        mask = unpack_uint(stored_array(enc.index, "mask", enc), 1, numel).astype(bool)
+        out = zero_bits(enc)
+        out[mask] = stored_values(enc, int(mask.sum()))
+        return from_raw_bits(out, enc.dtype, enc.shape)
+
+    def min_index_bits(self, enc: EncodedTensor) -> float | None:
+        return irregular_min_bits(math.prod(enc.shape), enc.payload["values"].size)
+
+
+class CSR(Encoding):
+    """Compressed sparse rows of the im2col matrix; pointers and column indices in the
+    smallest unsigned dtype that holds them."""
+
+    name, simplicity = "csr", 2
+
+    def encode_view(self, view: TensorView) -> EncodedTensor:
+        self.require_sparse_ok(view)
+        rows, cols = view.matrix
+        m = view.nz.reshape(rows, cols)
+        nnz = int(view.nz.sum())
+        indptr = np.zeros(rows + 1, uint_for(nnz))
+        np.cumsum(m.sum(axis=1), out=indptr[1:])
+        indices = np.nonzero(m)[1].astype(uint_for(max(cols - 1, 0)))
+        return view.encoded(self.name, {"values": view.bits[view.nz]},
+                            {"indptr": indptr, "indices": indices})
+
+    def decode(self, enc: EncodedTensor) -> Tensor:
+        rows, cols = matrix_of(enc)
+        indptr = stored_array(enc.index, "indptr", enc).astype(np.int64)
+        indices = stored_array(enc.index, "indices", enc).astype(np.int64)
+        counts = np.diff(indptr)
+        if (indptr.size != rows + 1 or indptr[0] != 0 or (counts < 0).any()
+                or indptr[-1] != indices.size or (indices >= cols).any()):
+            raise StorageError("csr: row pointers and column indices are inconsistent")
+        out = zero_bits(enc)
+        out[np.repeat(np.arange(rows), counts) * cols + indices] = stored_values(enc,
+                                                                                 indices.size)
+        return from_raw_bits(out, enc.dtype, enc.shape)
+
+    def min_index_bits(self, enc: EncodedTensor) -> float | None:
+        return irregular_min_bits(math.prod(enc.shape), enc.payload["values"].size)

@@ -1,0 +1,111 @@
+"""k-of-n: at most k nonzeros in every run of n consecutive elements along dim 1."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from torch import Tensor
+
+from ...hardware import ceil_log2, kofn_min_bits, kofn_rank_bits
+from ..bits import from_raw_bits, pack_uint, subset_rank, subset_unrank, unpack_uint
+from ..errors import StorageError
+from .base import (
+    EncodedTensor,
+    Encoding,
+    TensorView,
+    stored_array,
+    stored_param,
+    stored_values,
+    zero_bits,
+)
+
+__all__ = ["KofNEncoding", "KOFN_N"]
+
+#: the run lengths the chooser tries (plus the one a hint names)
+KOFN_N = (2, 4, 8, 16)
+
+
+class KofNEncoding(Encoding):
+    """At most k nonzeros in every run of n consecutive elements along dim 1: k values per run
+    + the positions, as a combinatorial rank (``positions="rank"``, ceil(log2 C(n, k)) bits per
+    run) or as k indices of ceil(log2 n) bits (``positions="index"``)."""
+
+    name, simplicity = "kofn", 4
+    POSITIONS = ("index", "rank")
+
+    @staticmethod
+    def _runs(bits: np.ndarray, shape: tuple[int, ...], n: int) -> np.ndarray:
+        return np.moveaxis(bits.reshape(shape), 1, -1).reshape(-1, n)
+
+    def encode_view(self, view: TensorView, k: int | None = None, n: int | None = None,
+                    positions: str = "rank") -> EncodedTensor:
+        self.require_sparse_ok(view)
+        if positions not in self.POSITIONS:
+            raise StorageError(f"kofn positions must be one of {self.POSITIONS}; got {positions!r}")
+        if len(view.shape) < 2 or not isinstance(n, int) or not 2 <= n <= 64 \
+                or view.shape[1] % n:
+            raise StorageError(
+                f"kofn needs n in [2, 64] dividing dim 1 of a tensor with 2+ dimensions; got "
+                f"n={n} for shape {view.shape}"
+            )
+        nz = self._runs(view.nz, view.shape, n)
+        most = int(nz.sum(axis=1).max())
+        k = max(most, 1) if k is None else k
+        if not isinstance(k, int) or not most <= k < n:
+            raise StorageError(
+                f"kofn {k}:{n} does not fit: a run of {n} along dim 1 holds {most} nonzeros "
+                f"(need 1 <= k < n and at most k nonzeros per run)"
+            )
+        # k positions per run: its nonzeros, padded with its lowest zero positions; sorted
+        missing = k - nz.sum(axis=1)
+        chosen = nz | (np.cumsum(~nz, axis=1) <= missing[:, None])
+        pos = np.nonzero(chosen)[1].reshape(-1, k)
+        values = np.take_along_axis(self._runs(view.bits, view.shape, n), pos, axis=1)
+        if positions == "rank":
+            code = pack_uint(subset_rank(pos, n), kofn_rank_bits(n, k))
+        else:
+            code = pack_uint(pos.reshape(-1), ceil_log2(n))
+        return view.encoded(self.name, {"values": values.reshape(-1)}, {"positions": code},
+                            k=k, n=n, positions=positions)
+
+    def decode(self, enc: EncodedTensor) -> Tensor:
+        k, n = stored_param(enc, "k"), stored_param(enc, "n")
+        mode = enc.meta.get("positions")
+        if len(enc.shape) < 2 or not 1 <= k < n <= 64 or enc.shape[1] % n:
+            raise StorageError(f"kofn: stored {k}:{n} does not fit shape {enc.shape}")
+        runs = math.prod(enc.shape) // n
+        code = stored_array(enc.index, "positions", enc)
+        if mode == "rank":
+            ranks = unpack_uint(code, kofn_rank_bits(n, k), runs)
+            pos = subset_unrank(ranks, n, k)
+        elif mode == "index":
+            pos = unpack_uint(code, ceil_log2(n), runs * k).astype(np.int64).reshape(runs, k)
+            if (pos >= n).any():
+                raise StorageError(f"kofn: a stored position is >= n={n}")
+        else:
+            raise StorageError(f"kofn: unknown positions mode {mode!r}")
+        out = np.zeros((runs, n), zero_bits(enc).dtype)
+        np.put_along_axis(out, pos, stored_values(enc, runs * k).reshape(runs, k), axis=1)
+        moved = (enc.shape[0], *enc.shape[2:], enc.shape[1])
+        flat = np.moveaxis(out.reshape(moved), -1, 1).reshape(-1)
+        return from_raw_bits(flat, enc.dtype, enc.shape)
+
+    def candidates(self, view: TensorView, hints: dict[str, tuple[int, int]]) -> list[dict]:
+        if not view.sparse_ok() or len(view.shape) < 2:
+            return []
+        ns = set(KOFN_N) | ({hints["kofn"][1]} if "kofn" in hints else set())
+        out = []
+        for n in sorted(ns):
+            if 2 <= n <= 64 and view.shape[1] % n == 0:
+                most = int(self._runs(view.nz, view.shape, n).sum(axis=1).max())
+                if most < n:
+                    out += [{"k": max(most, 1), "n": n, "positions": p} for p in self.POSITIONS]
+        return out
+
+    def min_payload(self, view: TensorView, params: dict) -> int:
+        return view.numel // params["n"] * params["k"] * view.itemsize
+
+    def min_index_bits(self, enc: EncodedTensor) -> float | None:
+        k, n = enc.meta["k"], enc.meta["n"]
+        return kofn_min_bits(math.prod(enc.shape) // n, n, k)

@@ -1,0 +1,155 @@
+"""Quantized tensors: every value an integer code in [-q, q] times one per-tensor scale, as
+an encoding of its own and as the coded payload of any sparse encoding (``qvalues``)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..bits import from_raw_bits, pack_uint, raw_bits, unpack_uint
+from ..errors import StorageError
+from .base import EncodedTensor, Encoding, TensorView, stored_array, stored_param, stored_values
+
+__all__ = ["Quantized", "QUANT_MAX", "QVALUES", "find_scale", "quantize_values",
+           "dequantize_values"]
+
+QUANT_MAX = 127
+QUANT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: the meta key of a sparse encoding whose payload is stored as codes
+QVALUES = "qvalues"
+
+
+class Quantized(Encoding):
+    """Few distinct values, each an integer code in [-q, q] times one per-tensor scale:
+    codes offset by q, packed in ceil(log2(2q+1)) bits, + the scale in the tensor's dtype."""
+
+    name, simplicity = "quantized", 7
+
+    def encode_view(self, view: TensorView) -> EncodedTensor:
+        self.require_sparse_ok(view)
+        found = find_scale(view)
+        if found is None:
+            raise StorageError(
+                "quantized needs a float16/bfloat16/float32/float64 tensor whose values are "
+                f"exactly integer * scale with |integer| <= {QUANT_MAX} and no -0.0"
+            )
+        q, scale = found
+        values = from_raw_bits(view.bits, view.dtype, (view.numel,)).double()
+        codes = torch.round(values / scale.double()).long().numpy() + q
+        enc = view.encoded(
+            self.name,
+            {"codes": pack_uint(codes, (2 * q).bit_length()), "scale": raw_bits(scale)},
+            {}, qmax=q,
+        )
+        if not np.array_equal(raw_bits(self.decode(enc)), view.bits):  # the definition: exact
+            raise StorageError("quantized: decoding does not give back the exact bits")
+        return enc
+
+    def decode(self, enc: EncodedTensor) -> Tensor:
+        q = stored_param(enc, "qmax")
+        if not 1 <= q <= QUANT_MAX or enc.dtype not in QUANT_DTYPES:
+            raise StorageError(f"quantized: stored qmax {q} or dtype {enc.dtype} not allowed")
+        numel = math.prod(enc.shape)
+        codes = unpack_uint(stored_array(enc.payload, "codes", enc), (2 * q).bit_length(), numel)
+        if (codes > 2 * q).any():
+            raise StorageError(f"quantized: a stored code is outside [-{q}, {q}]")
+        scale = from_raw_bits(stored_values(enc, 1, "scale"), enc.dtype, ())
+        out = torch.from_numpy(codes.astype(np.int64) - q).to(enc.dtype) * scale
+        return out.reshape(enc.shape)
+
+    def candidates(self, view: TensorView, hints: dict[str, tuple[int, int]]) -> list[dict]:
+        return [{}] if view.sparse_ok() and view.dtype in QUANT_DTYPES else []
+
+    def min_index_bits(self, enc: EncodedTensor) -> float | None:
+        return 0.0  # no index: every element has its code, zeros included
+
+
+def find_scale(view: TensorView) -> tuple[int, Tensor] | None:
+    """The smallest q (and a scale in the dtype) with every value == code.to(dtype) * scale."""
+    if view.dtype not in QUANT_DTYPES or not view.sparse_ok():
+        return None
+    limit = 2 * QUANT_MAX + 1
+    if np.unique(view.bits[:4096]).size > limit:  # cheap early exit for ordinary weights
+        return None
+    uniq = np.unique(view.bits)
+    sign = uniq.dtype.type(1 << (8 * uniq.dtype.itemsize - 1))
+    if uniq.size > limit or (uniq == sign).any():  # too many values, or a -0.0
+        return None
+    vals = from_raw_bits(uniq, view.dtype, (uniq.size,))
+    top = float(vals.double().abs().max())
+    if top == 0.0:
+        return None
+    q = torch.arange(1, QUANT_MAX + 1, dtype=torch.float64)
+    base = raw_bits((top / q).to(view.dtype)).astype(np.int64)
+    # the scale a quantizer used may sit an ulp or two from top / q after rounding
+    near = (base[:, None] + np.arange(-2, 3)[None, :]).reshape(-1)
+    qs = q.repeat_interleave(5)
+    keep = near > 0
+    scales = from_raw_bits(near[keep].astype(uniq.dtype), view.dtype, (int(keep.sum()),))
+    qs = qs[torch.from_numpy(keep)]
+    # a few probe values rule out almost every candidate before the full check
+    probe = np.unique(np.linspace(0, uniq.size - 1, 8).round().astype(np.int64))
+    ok = _scale_fits(vals[probe], uniq[probe], scales, qs).nonzero().reshape(-1)
+    if ok.numel():
+        scales, qs = scales[ok], qs[ok]
+        good = _scale_fits(vals, uniq, scales, qs).nonzero().reshape(-1)
+        if good.numel():
+            i = int(good[0])
+            return int(qs[i]), scales[i].clone()
+    return None
+
+
+def _scale_fits(vals: Tensor, bits: np.ndarray, scales: Tensor, qs: Tensor) -> Tensor:
+    """For each candidate scale: does every value equal ``round(v / s).to(dtype) * s``
+    bitwise, with the code within [-q, q]?"""
+    codes = torch.round(vals.double()[None, :] / scales.double()[:, None])
+    rebuilt = codes.to(vals.dtype) * scales[:, None]
+    same = torch.from_numpy(raw_bits(rebuilt).reshape(rebuilt.shape) == bits[None, :])
+    return (torch.isfinite(scales)[:, None] & (codes.abs() <= qs[:, None]) & same).all(dim=1)
+
+
+def quantize_values(enc: EncodedTensor, found: tuple[int, Tensor]) -> EncodedTensor | None:
+    """``enc`` with its payload arrays stored as integer codes in [-q, q] (offset by q, packed
+    in ceil(log2(2q+1)) bits each) + one ``scale`` in the dtype: a sparse pattern of quantized
+    weights (DPP's 2:4 with 8-bit values: k-of-n positions + 8-bit codes). ``None`` where a
+    value is not exactly ``code.to(dtype) * scale``."""
+    q, scale = found
+    width = (2 * q).bit_length()
+    payload, counts = {}, {}
+    for name, arr in enc.payload.items():
+        values = from_raw_bits(arr, enc.dtype, (arr.size,))
+        codes = torch.round(values.double() / scale.double()).long()
+        if (codes.abs() > q).any() or not np.array_equal(raw_bits(codes.to(enc.dtype) * scale),
+                                                         arr):
+            return None
+        payload[f"{name}_codes"] = pack_uint(codes.numpy() + q, width)
+        counts[name] = int(arr.size)
+    payload["scale"] = raw_bits(scale)
+    return replace(enc, payload=payload, meta={**enc.meta, QVALUES: {"qmax": q,
+                                                                    "counts": counts}})
+
+
+def dequantize_values(enc: EncodedTensor) -> EncodedTensor:
+    """The inverse of ``quantize_values``: the payload arrays as raw bits again."""
+    info = enc.meta[QVALUES]
+    q = info.get("qmax") if isinstance(info, dict) else None
+    counts = info.get("counts") if isinstance(info, dict) else None
+    if (not isinstance(q, int) or not 1 <= q <= QUANT_MAX or enc.dtype not in QUANT_DTYPES
+            or not isinstance(counts, dict)):
+        raise StorageError(f"{enc.encoding}: stored quantized values ({info!r}) for "
+                           f"{enc.dtype} are not valid")
+    scale = from_raw_bits(stored_values(enc, 1, "scale"), enc.dtype, ())
+    payload = {}
+    for name, count in counts.items():
+        codes = unpack_uint(stored_array(enc.payload, f"{name}_codes", enc),
+                            (2 * q).bit_length(), int(count))
+        if (codes > 2 * q).any():
+            raise StorageError(f"{enc.encoding}: a stored code is outside [-{q}, {q}]")
+        values = torch.from_numpy(codes.astype(np.int64) - q).to(enc.dtype) * scale
+        payload[name] = raw_bits(values).reshape(-1)
+    return replace(enc, payload=payload,
+                   meta={k: v for k, v in enc.meta.items() if k != QVALUES})

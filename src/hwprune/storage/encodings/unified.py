@@ -1,0 +1,94 @@
+"""Weight unification: blocks that are zero, unified (one magnitude + signs) or free."""
+
+from __future__ import annotations
+
+import numpy as np
+from torch import Tensor
+
+from ...hardware import BLOCK_STATE_BITS, BLOCK_STATES, FREE, UNIFIED, ZERO, unified_min_bits
+from ..bits import from_raw_bits, pack_uint, unpack_uint
+from ..errors import StorageError
+from .base import (
+    EncodedTensor,
+    Encoding,
+    TensorView,
+    matrix_of,
+    stored_array,
+    stored_param,
+    stored_values,
+    zero_bits,
+)
+from .tiling import check_tile, tile_candidates, tiles, untile, valid_tiles
+
+__all__ = ["Unified", "UNIFIED_SIZES"]
+
+#: the block sizes the chooser tries (plus the one a hint names)
+UNIFIED_SIZES = tuple((1, b) for b in (2, 4, 8, 16))
+
+
+class Unified(Encoding):
+    """Blocks (default 1 x b along rows of the im2col matrix) in three states, 2 bits each
+    (``hwprune.hardware.BLOCK_STATES``): zero; unified (one magnitude in the dtype + one sign
+    bit per element); free (dense)."""
+
+    name, simplicity = "unified", 6
+
+    def encode_view(self, view: TensorView, bh: int = 1, bw: int = 4) -> EncodedTensor:
+        self.require_sparse_ok(view)
+        if not view.dtype.is_floating_point:
+            raise StorageError(f"unified needs a floating-point tensor; got {view.dtype}")
+        rows, cols = check_tile(view, bh, bw)
+        g, valid = tiles(view.bits, rows, cols, bh, bw), valid_tiles(rows, cols, bh, bw)
+        sign_shift = 8 * view.itemsize - 1
+        sign = g.dtype.type(1 << sign_shift)
+        mag = g & ~sign
+        top = np.where(valid, mag, 0).max(axis=1)
+        same = (np.where(valid, mag, top[:, None]) == top[:, None]).all(axis=1)
+        zero = ~(g != 0).any(axis=1)
+        states = np.full(g.shape[0], FREE, np.uint8)
+        states[same] = UNIFIED
+        states[zero] = ZERO
+        uni, free = states == UNIFIED, states == FREE
+        signs = (g[uni][valid[uni]] >> g.dtype.type(sign_shift)).astype(np.uint8)
+        return view.encoded(
+            self.name,
+            {"magnitudes": top[uni], "values": g[free][valid[free]]},
+            {"states": pack_uint(states, BLOCK_STATE_BITS), "signs": np.packbits(signs)},
+            bh=bh, bw=bw,
+        )
+
+    def decode(self, enc: EncodedTensor) -> Tensor:
+        bh, bw = stored_param(enc, "bh"), stored_param(enc, "bw")
+        rows, cols = matrix_of(enc)
+        valid = valid_tiles(rows, cols, bh, bw)
+        states = unpack_uint(stored_array(enc.index, "states", enc), BLOCK_STATE_BITS,
+                             valid.shape[0])
+        if (states > max(BLOCK_STATES)).any():
+            raise StorageError("unified: a stored block state is not 0, 1 or 2")
+        uni, free = states == UNIFIED, states == FREE
+        g = np.zeros(valid.shape, zero_bits(enc).dtype)
+        vu = valid[uni]
+        signs = unpack_uint(stored_array(enc.index, "signs", enc), 1, int(vu.sum()))
+        sign_bits = np.zeros(vu.shape, g.dtype)
+        sign_bits[vu] = signs.astype(g.dtype) << g.dtype.type(8 * g.dtype.itemsize - 1)
+        mags = stored_values(enc, int(uni.sum()), "magnitudes")
+        g[uni] = np.where(vu, mags[:, None] | sign_bits, 0)
+        sub = g[free]
+        sub[valid[free]] = stored_values(enc, int(valid[free].sum()))
+        g[free] = sub
+        return from_raw_bits(untile(g, rows, cols, bh, bw), enc.dtype, enc.shape)
+
+    def candidates(self, view: TensorView, hints: dict[str, tuple[int, int]]) -> list[dict]:
+        if not view.sparse_ok() or not view.dtype.is_floating_point:
+            return []
+        return tile_candidates(view, UNIFIED_SIZES, hints.get("unified"))
+
+    def min_index_bits(self, enc: EncodedTensor) -> float | None:
+        """log2 of the multinomial of the three states + the sign bits (incompressible)."""
+        rows, cols = matrix_of(enc)
+        bh, bw = enc.meta["bh"], enc.meta["bw"]
+        states = unpack_uint(enc.index["states"], BLOCK_STATE_BITS,
+                             -(-rows // bh) * -(-cols // bw))
+        counts = [int((states == s).sum()) for s in BLOCK_STATES]
+        signs = int(valid_tiles(rows, cols, bh, bw)[states == UNIFIED].sum())
+        return unified_min_bits(counts, signs)
