@@ -43,12 +43,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError, StructureError
-from ..schedules import OneShot, Schedule
+from ..schedules import Linear, OneShot, Schedule
 from ..storage._bits import ceil_log2
 from ..structures import Element
 from ..targets import Spec
 from .base import PrunedLayer, Pruner
 from .magnitude import Magnitude
+from .registry import register_method
 from .selection import keep_all_but_lowest
 
 __all__ = ["DARB", "DEFAULT_ALLOWED", "bmwm_mask", "assign_block_sizes", "decoding_cost",
@@ -178,6 +179,11 @@ def decoding_cost(mask: Tensor, scheme: str, *, block: tuple[int, int] | None = 
             "selection_inputs_per_kept": per(selections * width)}
 
 
+@register_method(
+    configs={"element": {"ratio": 4.0, "schedule": Linear(0, 6, every=2)}},
+    structure_arg=None,
+    bad_settings=({"ratio": 0.5}, {"m": 0}, {"allowed": (2, 2)}),
+    recipe="darb-digits", doc="darb.md")
 class DARB(Pruner):
     """Density-adaptive regular-block pruning: per-row block sizes, block-max masks.
 
