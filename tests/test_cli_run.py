@@ -25,7 +25,6 @@ from hwprune.methods import all_methods
 from hwprune.schedules import Schedule
 
 
-
 def _recipe_value(value):
     """A registry configuration value as a recipe writes it (YAML lists and mappings)."""
     if isinstance(value, Schedule):

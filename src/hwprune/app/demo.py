@@ -1,11 +1,11 @@
 """``hwprune demo``: the tour of the product on bundled data (scikit-learn's digits).
 
 A small CNN trains dense once; then each registered method (``hwprune.methods.all_methods``)
-prunes a copy of it with its shipped digits recipe (``hwprune run <method>-digits``, started from the dense weights), and
-every result is finalized, shrunk (channels that are entirely zero are removed), saved with
-``hwprune.save`` and timed on this CPU. One table compares them: accuracy, pruning ratio,
-stored bytes with the index overhead, MACs and the measured batch-1 latency against the dense
-model's, timed in the same run.
+prunes a copy of it with its shipped digits recipe (``hwprune run <method>-digits``, started
+from the dense weights), and every result is finalized, shrunk (channels that are entirely zero
+are removed), saved with ``hwprune.save`` and timed on this CPU. One table compares them:
+accuracy, pruning ratio, stored bytes with the index overhead, MACs and the measured batch-1
+latency against the dense model's, timed in the same run.
 
 Everything is an ordinary run folder under ``out`` (``hwprune compare`` reads them again).
 """
