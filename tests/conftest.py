@@ -4,6 +4,8 @@ import pytest
 import torch
 from torch import nn
 
+from hwprune.models.resnet_cifar import BasicBlock
+
 
 class TinyNet(nn.Module):
     """conv -> conv(grouped option) -> conv -> linear -> linear, with BN: every structure fits."""
@@ -23,6 +25,38 @@ class TinyNet(nn.Module):
         x = torch.relu(self.bn2(self.conv2(x)))
         x = nn.functional.max_pool2d(torch.relu(self.conv3(x)), 2)
         return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+
+
+class TinyMLP(nn.Module):
+    """Linear layers only (structures that need a kernel or columns do not apply)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(16, 32)
+        self.fc2 = nn.Linear(32, 32)
+        self.fc3 = nn.Linear(32, 16)
+        self.fc4 = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.fc2(torch.relu(self.fc1(x))))
+        return self.fc4(torch.relu(self.fc3(x)))
+
+
+class TinyResidual(nn.Module):
+    """A stem, two CIFAR-ResNet basic blocks (the second with a padding shortcut), a head:
+    residual additions and BatchNorm after every conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.layer1 = BasicBlock(8, 8)
+        self.layer2 = BasicBlock(8, 16, stride=2)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.layer2(self.layer1(torch.relu(self.bn1(self.conv1(x)))))
+        return self.fc(x.mean((2, 3)))
 
 
 class TinyLSTM(nn.Module):

@@ -1,10 +1,11 @@
 """The ``hwprune`` command line.
 
 ``hwprune demo``: the main job on bundled data (scikit-learn's digits): a small CNN trained
-once, pruned by each of the five methods, finalized, shrunk, saved, timed; one table.
+once, pruned by each registered method, finalized, shrunk, saved, timed; one table.
 ``hwprune run RECIPE``: a recipe (model, data, method, schedule, budget) with progress bars,
 checkpoints and results in an output folder (see ``hwprune.app.runner``, docs/cli.md).
 ``hwprune compare RUN_DIR ...``: one table and one plot from several run folders.
+``hwprune methods``: the registered methods, their structures, recipes and docs pages.
 Bad arguments get one clear line naming the field and the allowed values, never a traceback.
 """
 
@@ -29,16 +30,30 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_methods(args: argparse.Namespace) -> int:
+    from ..methods import all_methods
+
+    for spec in all_methods():
+        print(f"{spec.name}: structures {', '.join(spec.structures)}; recipe "
+              f"{spec.recipe or '-'}; docs/{spec.doc or '-'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hwprune", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"hwprune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    demo = sub.add_parser("demo", help="all five methods on bundled digits: one table")
+    from ..methods import all_methods
+
+    methods = ", ".join(spec.name for spec in all_methods())
+    demo = sub.add_parser("demo", help=f"every method ({methods}) on bundled digits: one table")
     demo.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quick", action="store_true",
                       help="two steps per epoch: a smoke run, not a result")
     demo.set_defaults(func=_cmd_demo)
+    listing = sub.add_parser("methods", help="list the methods: structures, recipe, docs page")
+    listing.set_defaults(func=_cmd_methods)
     _add_run_parsers(sub)
     from .cli_report import add_report_parser  # hwprune report CKPT
 

@@ -1,11 +1,11 @@
 """``hwprune demo``: the tour of the product on bundled data (scikit-learn's digits).
 
-A small CNN trains dense once; then each of the five methods prunes a copy of it with its
-shipped digits recipe (``hwprune run <method>-digits``, started from the dense weights), and
-every result is finalized, shrunk (channels that are entirely zero are removed), saved with
-``hwprune.save`` and timed on this CPU. One table compares them: accuracy, pruning ratio,
-stored bytes with the index overhead, MACs and the measured batch-1 latency against the dense
-model's, timed in the same run.
+A small CNN trains dense once; then each registered method (``hwprune.methods.all_methods``)
+prunes a copy of it with its shipped digits recipe (``hwprune run <method>-digits``, started
+from the dense weights), and every result is finalized, shrunk (channels that are entirely zero
+are removed), saved with ``hwprune.save`` and timed on this CPU. One table compares them:
+accuracy, pruning ratio, stored bytes with the index overhead, MACs and the measured batch-1
+latency against the dense model's, timed in the same run.
 
 Everything is an ordinary run folder under ``out`` (``hwprune compare`` reads them again).
 """
@@ -23,10 +23,17 @@ from .compare import compare_markdown, compare_plot, compare_table, load_runs
 from .recipe import load_recipe
 from .runner import Run
 
-__all__ = ["DEMO_RECIPES", "run_demo"]
+__all__ = ["demo_recipes", "run_demo"]
 
-#: the shipped recipes the demo runs, one per method, each from the same dense model
-DEMO_RECIPES = ("magnitude-digits", "psp-digits", "dpp-digits", "admm-digits", "darb-digits")
+
+def demo_recipes() -> tuple[str, ...]:
+    """The shipped recipes the demo runs: each registered method's own, in registry order,
+    each from the same dense model (a method registered without a recipe is not in it)."""
+    from ..methods import all_methods
+
+    return tuple(spec.recipe for spec in all_methods() if spec.recipe is not None)
+
+
 #: per-recipe changes: DPP's recipe trains from scratch; from the dense model it needs less
 _ADJUST = {"dpp-digits": ["train.prune_epochs=8", "method.anneal_epochs=8"]}
 #: the dense reference: the magnitude recipe's dense phase, without pruning
@@ -36,7 +43,7 @@ _DENSE = ("magnitude-digits", ["name=dense-digits", "method=null", "train.prune_
 
 def run_demo(out: str | Path, overrides: list[str] | None = None,
              console: Console | None = None) -> list[dict[str, Any]]:
-    """Run the dense reference and the five methods into ``out``; returns their summaries.
+    """Run the dense reference and every method's recipe into ``out``; returns the summaries.
 
     ``overrides``: ``--set``-style items applied to every run (e.g. ``train.steps_per_epoch=2``
     for a quick smoke run).
@@ -49,7 +56,8 @@ def run_demo(out: str | Path, overrides: list[str] | None = None,
     dense.execute(out / "dense", force=True, command="hwprune demo")
     weights = out / "dense" / "dense_weights.pt"
     torch.save(dense.model.state_dict(), weights)
-    for name in DEMO_RECIPES:
+    recipes = demo_recipes()
+    for name in recipes:
         cfg = load_recipe(name, [f"model.pretrained={weights.resolve()}",
                                  "train.dense_epochs=0", "end.shrink=true",
                                  *_ADJUST.get(name, []), *overrides])
@@ -58,7 +66,7 @@ def run_demo(out: str | Path, overrides: list[str] | None = None,
             raise HwpruneError(f"demo: recipe {name} has no pruning or fine-tuning epochs")
         console.rule(name)
         Run(cfg, console=console).execute(out / name, force=True, command="hwprune demo")
-    runs = load_runs([out / "dense", *(out / n for n in DEMO_RECIPES)])
+    runs = load_runs([out / "dense", *(out / n for n in recipes)])
     (out / "demo.md").write_text(
         "# hwprune demo\n\nEvery method starts from the same dense model (the first row). "
         "Latency: median batch-1 forward pass of the deployable (finalized, shrunk) model on "

@@ -17,7 +17,7 @@ A recipe has these sections (every key optional except ``model.name``; defaults 
       augment: false            # random crop + flip (CIFAR)
       seq_len: 128              # text: characters per training sequence
     method:                     # null: no pruning (a dense reference run)
-      name: PSP                 # an hwprune method class, by name (case-insensitive)
+      name: PSP                 # a registered method (hwprune.methods.all_methods), by name
       structure: channel        # every other key is passed to the class as a keyword argument
       alpha_decay: 0.04
     optimizer:
@@ -233,28 +233,22 @@ def _resolve_section(spec: Mapping[str, Any], given: Any, path: str) -> dict[str
 
 
 # -- methods ------------------------------------------------------------------------------------
-def _methods() -> dict[str, type]:
-    """hwprune's method classes by lower-case name (whatever this version ships)."""
-    import hwprune
-    from hwprune.methods.base import Pruner
+def _method_names() -> str:
+    from ..methods import all_methods
 
-    out = {}
-    for name in getattr(hwprune, "__all__", dir(hwprune)):
-        obj = getattr(hwprune, name, None)
-        if inspect.isclass(obj) and issubclass(obj, Pruner) and obj is not Pruner:
-            out[name.lower()] = obj
-    return out
+    return ", ".join(sorted(spec.name for spec in all_methods()))
 
 
 def method_class(name: str) -> type:
-    """The hwprune method class called ``name`` (case-insensitive)."""
-    methods = _methods()
-    cls = methods.get(str(name).lower())
-    if cls is None:
-        names = ", ".join(sorted(c.__name__ for c in methods.values()))
-        raise RecipeError(f"recipe field method.name: got {name!r}; allowed: {names}, or "
-                          "method: null (no pruning)")
-    return cls
+    """The registered method class called ``name`` (case-insensitive; see
+    ``hwprune.methods.all_methods``)."""
+    from ..methods import get_method
+
+    try:
+        return get_method(str(name)).cls
+    except ConfigError:
+        raise RecipeError(f"recipe field method.name: got {name!r}; allowed: {_method_names()}, "
+                          "or method: null (no pruning)") from None
 
 
 def _method_params(cls: type) -> dict[str, inspect.Parameter]:
@@ -275,7 +269,7 @@ def _resolve_method(given: Any) -> dict[str, Any] | None:
                           "allowed: a mapping with name: and the method's parameters, or null")
     if "name" not in given:
         raise RecipeError("recipe field method.name: missing; allowed: a method class name "
-                          f"({', '.join(sorted(c.__name__ for c in _methods().values()))})")
+                          f"({_method_names()})")
     cls = method_class(given["name"])
     params = _method_params(cls)
     for key in given:

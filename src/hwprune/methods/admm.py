@@ -55,6 +55,7 @@ from ..hardware import FREE, UNIFIED, ZERO, multiplications_saved
 from ..structures import Block, KofN, Structure, parse_structure
 from ..targets import Spec
 from .base import PrunedLayer, Pruner
+from .registry import register_method
 from .unify import block_counts, project_groups, signs_of
 
 __all__ = ["ADMM", "UnifiedBlocks"]
@@ -101,6 +102,19 @@ class UnifiedBlocks(nn.Module):
         return out.masked_fill(self.pattern == ZERO, 0.0)
 
 
+# two ADMM rounds, then the retraining phase with the pattern fixed
+_FAST = {"unify": 0.25, "zero": 0.25, "rho": 0.05, "admm_interval": 2, "retrain_at": 5}
+
+
+@register_method(
+    configs={"block:1x4": {"block": (1, 4), **_FAST},
+             **{s: {"block": s, **_FAST} for s in ("element", "filter", "channel", "kernel",
+                                                  "column", "block:2x2")},
+             # one block per layer: a quarter of it rounds to none, so the whole layer goes
+             "layer": {"block": "layer", **_FAST, "unify": 0.0, "zero": 1.0}},
+    structure_arg="block",
+    bad_settings=({"unify": 1.5}, {"rho": 0.0}, {"admm_interval": 0}),
+    recipe="admm-digits", doc="admm.md")
 class ADMM(Pruner):
     """Micro-structured weight unification and pruning with ADMM.
 

@@ -17,8 +17,7 @@ weight is already that matrix, one row per gate unit). Row ``r`` gets a block si
   denser row never gets a larger block. The kept count changes by at most one row's step per
   move, so the **tolerance** is: per layer, ``|kept - rows*cols/ratio| <= max_step / 2`` with
   ``max_step = max_i m*(ceil(cols/a_i) - ceil(cols/a_{i+1}))`` over consecutive allowed sizes
-  (at most ``m*ceil(cols/2)/2`` weights for sizes 1 and 2, i.e. below one row's worth; on a
-  1024 x 256 LSTM matrix at 4x that is 0.1 % of the kept weights).
+  (at most ``m*ceil(cols/2)/2`` weights for sizes 1 and 2, i.e. below one row's worth).
 * **Retraining** with the masks fixed (a ``Mask`` parametrization), optionally after a gradual
   schedule (``hwprune.schedules``): at each due step the masks are recomputed (reference, block
   sizes and BMWM, from the effective weights) at the ratio ``1 / (1 - s_t)``.
@@ -45,11 +44,12 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError, StructureError
 from ..hardware import ROW_BLOCK_SIZES, block_kept, decoding_cost, im2col_shape
-from ..schedules import OneShot, Schedule
+from ..schedules import Linear, OneShot, Schedule
 from ..structures import Element
 from ..targets import Spec
 from .base import PrunedLayer, Pruner
 from .magnitude import Magnitude
+from .registry import register_method
 from .selection import keep_all_but_lowest
 
 __all__ = ["DARB", "DEFAULT_ALLOWED", "bmwm_mask", "assign_block_sizes", "decoding_cost",
@@ -108,6 +108,11 @@ def assign_block_sizes(nnz: Tensor, cols: int, target_kept: float, sizes: Sequen
     return torch.tensor(np.array(a)[levels], dtype=torch.long)
 
 
+@register_method(
+    configs={"element": {"ratio": 4.0, "schedule": Linear(0, 6, every=2)}},
+    structure_arg=None,
+    bad_settings=({"ratio": 0.5}, {"m": 0}, {"allowed": (2, 2)}),
+    recipe="darb-digits", doc="darb.md")
 class DARB(Pruner):
     """Density-adaptive regular-block pruning: per-row block sizes, block-max masks.
 

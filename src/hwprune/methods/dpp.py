@@ -55,6 +55,7 @@ from ..schedules import Anneal
 from ..structures import Element, Filter, Kernel, KofN, Structure, parse_structure
 from ..targets import Spec
 from .base import PrunedLayer, Pruner
+from .registry import register_method
 
 __all__ = ["DPP"]
 
@@ -62,6 +63,12 @@ _ROWS = {"weight": Element, "kernel": Kernel, "filter": Filter}
 _INITS = ("magnitude", "zeros")
 
 
+@register_method(
+    configs={"2:4": {"structure": "2:4", "anneal_epochs": 2},
+             **{s: {"structure": s, "k": 0.5, "anneal_epochs": 2}
+                for s in ("weight", "kernel", "filter")}},
+    bad_settings=({"noise_scale": -1.0}, {"temperature": (5.0, 0.0)}, {"quantize_bits": 1}),
+    recipe="dpp-digits", doc="dpp.md")
 class DPP(Pruner):
     """Learned k-of-n masks sampled with Gumbel top-k.
 

@@ -30,10 +30,11 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..parametrize import Mask
-from ..schedules import OneShot, Schedule
+from ..schedules import Cubic, OneShot, Schedule
 from ..structures import KofN, Layer, Structure
 from ..targets import Spec
 from .base import PrunedLayer, Pruner
+from .registry import register_method
 from .selection import keep_all_but_lowest
 
 __all__ = ["Magnitude"]
@@ -42,6 +43,16 @@ _SCOPES = ("layer", "global")
 _NORMS = ("l1", "l2")
 
 
+def _gradual(structure: str) -> dict:
+    return {"structure": structure, "sparsity": 0.5, "schedule": Cubic(0, 6, every=2)}
+
+
+@register_method(
+    configs={**{s: _gradual(s) for s in ("element", "filter", "channel", "kernel", "column",
+                                         "layer", "block:2x2")},
+             "2:4": {"structure": "2:4"}},
+    bad_settings=({"sparsity": 1.0}, {"scope": "everywhere"}, {"norm": "l3"}),
+    recipe="magnitude-digits", doc="magnitude.md")
 class Magnitude(Pruner):
     """Prune the groups of smallest norm.
 

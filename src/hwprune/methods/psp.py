@@ -57,6 +57,7 @@ from ..schedules import OneShot, Schedule
 from ..structures import KofN, Layer, Structure
 from ..targets import Spec
 from .base import PrunedLayer, Pruner
+from .registry import register_method
 from .selection import keep_all_but_lowest
 
 __all__ = ["PSP"]
@@ -65,6 +66,16 @@ _VARIANTS = ("decay", "l1", "fixed")
 _THRESHOLD_MODES = ("absolute", "relative")
 
 
+# strong decay on fast alphas: groups fall under the threshold within a few steps
+_FAST = {"alpha_decay": 0.2, "alpha_lr": 0.5, "threshold": 0.6}
+
+
+@register_method(
+    configs={**{s: {"structure": s, **_FAST} for s in ("channel", "column", "filter", "kernel",
+                                                      "element", "block:2x2")},
+             "layer": {"structure": "layer", "variant": "fixed", "sparsity": 0.5}},
+    bad_settings=({"threshold": -0.5}, {"alpha_decay": -1.0}, {"variant": "l0"}),
+    recipe="psp-digits", doc="psp.md")
 class PSP(Pruner):
     """Learned structure scales with weight decay (or an L1 penalty, or a fixed sparsity).
 
