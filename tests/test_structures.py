@@ -1,4 +1,4 @@
-"""Structures: exact round trips, group counts from METHODS.md, k-of-n invariants, errors."""
+"""Structures: exact round trips, group counts by hand, k-of-n invariants, errors."""
 
 import math
 
@@ -28,7 +28,7 @@ any_shape = st.one_of(conv_shapes, conv1d_shapes, linear_shapes)
 
 
 def expected_groups(name: str, shape: tuple[int, ...], bh: int = 1, bw: int = 1) -> int:
-    """Group counts straight from the table in METHODS.md (Linear: R = S = 1)."""
+    """Group counts of a (K, C, R, S) weight, counted by hand (Linear: R = S = 1)."""
     K, C = shape[0], shape[1]
     RS = math.prod(shape[2:])
     return {

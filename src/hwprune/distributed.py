@@ -155,7 +155,7 @@ def shutdown(timeout_s: float = 60.0) -> None:
     ``timeout_s``; gloo), then destroy it. Drop DistributedDataParallel wrappers first. A
     torchrun process that exits with the group (or a DDP reducer) alive can abort while the
     interpreter tears down gloo's threads (SIGABRT, "terminate called without an active
-    exception"); bench/torchrun_exit.py measures how often, with and without this call
+    exception"); bench/distributed/torchrun_exit.py measures how often, with and without this call
     (docs/distributed.md cites the figures)."""
     if not (dist.is_available() and dist.is_initialized()):
         return

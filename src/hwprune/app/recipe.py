@@ -9,8 +9,8 @@ A recipe has these sections (every key optional except ``model.name``; defaults 
       args: {}                  # keyword arguments of the factory
       pretrained: null          # a state-dict checkpoint; relative paths: cwd, then data.dir
     data:
-      name: digits              # digits, cifar10, mnist, tinyshakespeare (or any
-                                # hwprune.data.load_<name>(root, train) -> dataset)
+      name: digits              # a registered data set (hwprune.app.datasets.DATASETS):
+                                # digits, cifar10, mnist, tinyshakespeare
       dir: null                 # the data folder; default $HWPRUNE_DATA_DIR
       train_subset: null        # a seeded random subset of this many training samples
       test_subset: null
