@@ -11,10 +11,20 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "hwprune"
 
-# Core modules: the three axes' shared vocabulary. They may import each other and nothing above.
-CORE = {"errors", "files", "structures", "targets", "schedules", "parametrize", "hardware",
-        "distributed"}
-ABOVE_CORE = {"methods", "deploy", "storage", "report", "app", "models", "data", "training"}
+# The layers of docs/architecture.md: each top-level module or package, and what it may import.
+LAYER = {
+    **dict.fromkeys(["errors", "files", "structures", "targets", "schedules", "parametrize",
+                     "hardware", "distributed"], "core"),
+    "methods": "methods", "deploy": "deployment", "storage": "deployment", "report": "reporting",
+    **dict.fromkeys(["models", "data", "training"], "zoo"), "app": "application",
+}
+MAY_IMPORT = {
+    "core": {"core"},
+    "methods": {"core", "methods"},
+    "deployment": {"core", "deployment"},
+    "reporting": {"core", "deployment", "reporting"},
+    "zoo": {"core", "methods", "zoo"},
+}
 
 
 def _modules():
@@ -36,29 +46,34 @@ def _imported(path: Path, parts: tuple[str, ...]):
             target = node.module.split(".")[1:]
         else:
             continue
-        yield target, [a.name for a in node.names]
+        if target:
+            yield target, [a.name for a in node.names]
+        else:  # `from .. import methods`: each name is a module of the package
+            for alias in node.names:
+                yield [alias.name], [alias.name]
 
 
 def _where(path: Path) -> str:
     return str(path.relative_to(SRC.parent))
 
 
-def test_the_library_never_imports_the_application_layer():
-    offenders = [
-        f"{_where(path)} imports hwprune.{'.'.join(target)}"
-        for path, parts in _modules() if parts[0] not in ("app", "__main__")
-        for target, _ in _imported(path, parts) if target[:1] == ["app"]
-    ]
+def test_every_layer_imports_only_the_layers_below_it():
+    offenders = []
+    for path, parts in _modules():
+        layer = LAYER.get(parts[0])
+        if layer not in MAY_IMPORT:  # the application layer, hwprune/__init__, __main__
+            continue
+        for target, _ in _imported(path, parts):
+            if target and target[0] in LAYER and LAYER[target[0]] not in MAY_IMPORT[layer]:
+                offenders.append(f"{_where(path)} ({layer}) imports hwprune.{'.'.join(target)} "
+                                 f"({LAYER[target[0]]})")
     assert offenders == []
 
 
-def test_the_core_imports_nothing_above_it():
-    offenders = [
-        f"{_where(path)} imports hwprune.{'.'.join(target)}"
-        for path, parts in _modules() if len(parts) == 1 and parts[0] in CORE
-        for target, _ in _imported(path, parts) if target[:1] and target[0] in ABOVE_CORE
-    ]
-    assert offenders == []
+def test_every_top_level_module_has_a_layer():
+    names = {p.stem if p.is_file() else p.name for p in SRC.iterdir()
+             if (p.suffix == ".py" or (p / "__init__.py").is_file())}
+    assert names - {"__init__", "__main__"} == set(LAYER)
 
 
 def test_no_module_imports_private_names_of_another():
