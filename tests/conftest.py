@@ -71,6 +71,16 @@ class TinyLSTM(nn.Module):
 
 
 @pytest.fixture
+def one_thread():
+    """Torch on one thread for the test: the test machine is shared, and one thread is faster
+    than two contending ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def tiny():
     torch.manual_seed(0)
     return TinyNet()

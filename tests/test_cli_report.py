@@ -11,7 +11,8 @@ import yaml
 import hwprune as hp
 from hwprune.app.cli import main
 from hwprune.models import SmallCNN
-from test_cli_run import _one_thread  # noqa: F401 (autouse: one thread on a shared CPU)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

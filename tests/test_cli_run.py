@@ -38,13 +38,7 @@ METHODS = {spec.name: {"name": spec.name, **{k: _recipe_value(v) for k, v in
            for spec in all_methods()}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # the test machine is shared: one thread is faster than two contending ones
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(method="PSP", **train):

@@ -57,13 +57,7 @@ CASES = [(spec, label, zoo) for spec in all_methods() for label in spec.structur
          for zoo in ZOO if _applies(label, ZOO[zoo][0])]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # the test machine is shared: one thread is faster than two contending ones
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__.removeprefix("check_"))
