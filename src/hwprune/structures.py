@@ -44,6 +44,7 @@ __all__ = [
     "Layer",
     "Block",
     "KofN",
+    "FeatureMap",
     "parse_structure",
     "STRUCTURE_NAMES",
 ]
@@ -365,6 +366,44 @@ class KofN(Structure):
         return f"{self.k}:{self.n}{base}"
 
 
+class FeatureMap(Structure):
+    """A feature map of the network: every weight that writes it (a conv's filter, its bias,
+    the BatchNorm entries) and every weight that reads it (the next layers' input channels),
+    coupled through residual additions, concatenations and depthwise convs. Which weights
+    belong to which map is found from the traced graph (``hwprune.deploy.feature_maps``);
+    a method given ``"map"`` needs ``example_inputs`` to trace.
+
+    As a view of one weight it is that weight's entries along ``axis``: 0 for a writer (a
+    filter; an entry of a bias or a norm's scale), 1 for a reader (an input channel). ``str``
+    is ``"map"`` for axis 0 and ``"map@1"`` for axis 1."""
+
+    name = "map"
+    min_ndim = 1
+
+    def __init__(self, axis: int = 0):
+        if axis not in (0, 1):
+            raise StructureError(f"a feature map's axis is 0 (writers) or 1 (readers); got "
+                                 f"{axis!r}")
+        self.axis = axis
+
+    def validate(self, shape: Shape, layer: str = "weight") -> None:
+        if len(shape) <= self.axis:
+            raise StructureError(f"{layer}: structure {self} needs a weight with an axis "
+                                 f"{self.axis}; got shape {tuple(shape)}")
+
+    def to_groups(self, w: Tensor) -> Tensor:
+        return w.movedim(self.axis, 0).reshape(w.shape[self.axis], -1)
+
+    def from_groups(self, g: Tensor, shape: Shape) -> Tensor:
+        return g.reshape(_moved_front(shape, self.axis)).movedim(0, self.axis)
+
+    def line_length(self, shape: Shape) -> int:
+        return shape[self.axis]
+
+    def __str__(self) -> str:
+        return "map" if self.axis == 0 else f"map@{self.axis}"
+
+
 _SIMPLE = {
     "element": Element,
     "weight": Element,  # DPP's name for element-level k-of-n
@@ -373,8 +412,9 @@ _SIMPLE = {
     "kernel": Kernel,
     "column": Column,
     "layer": Layer,
+    "map": FeatureMap,
 }
-STRUCTURE_NAMES = ("element", "filter", "channel", "kernel", "column", "layer")
+STRUCTURE_NAMES = ("element", "filter", "channel", "kernel", "column", "layer", "map")
 _ALLOWED = (
     "a name (" + ", ".join(STRUCTURE_NAMES) + "), 'k:n' (e.g. '2:4', optionally '2:4@kernel'), "
     "'block:BHxBW' (e.g. 'block:4x4'), or an object from hwprune.structures"
@@ -394,9 +434,11 @@ def parse_structure(spec: str | Structure) -> Structure:
         return _SIMPLE[s]()
     if s.startswith("element@") and s[8:].isdigit():
         return Element(axis=int(s[8:]))
+    if s == "map@1":
+        return FeatureMap(axis=1)
     if m := _KN.match(s):
         k, n, base = int(m[1]), int(m[2]), m[3]
-        if base is not None and base not in _SIMPLE:
+        if base is not None and (base not in _SIMPLE or base == "map"):
             raise StructureError(f"unknown base {base!r} in {spec!r}; allowed: {_ALLOWED}")
         return KofN(k, n, _SIMPLE[base]() if base else None)
     if m := _BLOCK.match(s):

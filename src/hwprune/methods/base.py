@@ -25,8 +25,9 @@ from torch.nn.utils import parametrize
 
 from .. import distributed
 from ..errors import ConfigError, LifecycleError, StructureError
-from ..structures import Structure, parse_structure
+from ..structures import FeatureMap, Structure, parse_structure
 from ..targets import Spec, Target, resolve_targets
+from .registry import get_method
 
 __all__ = ["Pruner", "PrunedLayer"]
 
@@ -73,8 +74,10 @@ class Pruner:
             )
         self.model = model
         self.structure = parse_structure(structure)
+        if isinstance(self.structure, FeatureMap) and not self._prunes_maps():
+            raise ConfigError(_no_maps(type(self)))
         self.layers: dict[str, PrunedLayer] = {}
-        for t in resolve_targets(model, targets, norm_layers=self._norm_targets_allowed()):
+        for t in self._targets(model, targets):
             shape = tuple(getattr(t.module, t.param).shape)
             structure = self._layer_structure(shape, t.name)
             structure.validate(shape, t.name)
@@ -94,6 +97,14 @@ class Pruner:
         self.sync()  # under torch.distributed every rank starts from rank 0's decisions
 
     # -- hooks for methods ---------------------------------------------------------------
+    def _prunes_maps(self) -> bool:
+        """Whether the method prunes the coupled feature maps of ``structure="map"``."""
+        return False
+
+    def _targets(self, model: nn.Module, targets: Spec) -> list[Target]:
+        """The weights to parametrize (``"map"``: every weight of a map, found from the graph)."""
+        return resolve_targets(model, targets, norm_layers=self._norm_targets_allowed())
+
     def _norm_targets_allowed(self) -> bool:
         """Whether ``targets`` may name norm layers (whole-output gates; PSP's "layer")."""
         return False
@@ -303,3 +314,13 @@ class Pruner:
 
     def _device(self) -> torch.device:
         return next(iter(self.layers.values())).original().device
+
+
+def _no_maps(cls: type) -> str:
+    try:
+        supported = ", ".join(get_method(cls).structures)
+    except ConfigError:  # a subclass not registered as a method
+        supported = "see its docstring"
+    return (f"{cls.__name__} does not prune structure 'map' (coupled feature maps); it "
+            f"supports: {supported}. hp.Magnitude(model, 'map', sparsity, "
+            "example_inputs=...) prunes feature maps")

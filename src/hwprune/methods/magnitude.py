@@ -19,20 +19,28 @@ Choices, documented because users compare against them:
   distributed ranks identical.
 * k-of-n patterns are pruned one-shot (the pattern is exact at every step; there is nothing to
   ramp); a ``schedule`` other than ``OneShot`` is refused for them.
+* ``structure="map"`` prunes coupled feature maps (``hwprune.deploy.feature_maps``, traced on
+  ``example_inputs``): a map's score is the norm over all its members (the filters, biases
+  and BatchNorm entries that write it, the input channels that read it), and a removed map
+  has every member zeroed, so ``finalize()`` then ``hp.shrink`` remove it whole. "Layer"
+  scope removes ``sparsity`` of the maps of each family (the maps that share their weights:
+  one layer's outputs, or one residual stream's channels); every family keeps one map.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError
+from ..deploy.shrink.maps import ExcludedMap, FeatureMaps, MapGroup, feature_maps
+from ..errors import ConfigError, TargetError
 from ..parametrize import Mask
 from ..schedules import Cubic, OneShot, Schedule
-from ..structures import KofN, Layer, Structure
-from ..targets import Spec
+from ..structures import FeatureMap, KofN, Layer, Structure
+from ..targets import PRUNABLE_TYPES, Spec, Target, resolve_targets
 from .base import PrunedLayer, Pruner
 from .registry import register_method
 from .selection import keep_all_but_lowest
@@ -64,17 +72,47 @@ class Magnitude(Pruner):
             at a later step, ``Cubic``, ``Linear``), counted in ``step()`` or ``epoch_end()``.
         scope: ``"layer"`` (same sparsity in every layer) or ``"global"``.
         norm: ``"l1"`` or ``"l2"`` norm of each group.
-        targets: which weights; see ``hwprune.targets``.
+        targets: which weights; see ``hwprune.targets``. With ``"map"``: None prunes every
+            map the graph allows; otherwise only maps whose conv/linear weights are all
+            selected.
+        example_inputs: a tensor or tuple of the model's inputs; needed by ``"map"`` (to
+            trace the model), ignored otherwise.
     """
 
     def __init__(self, model: nn.Module, structure: str | Structure = "element",
                  sparsity: float | None = None, schedule: Schedule | None = None,
-                 scope: str = "layer", norm: str = "l1", targets: Spec = None):
+                 scope: str = "layer", norm: str = "l1", targets: Spec = None,
+                 example_inputs: Any = None):
         self.final_sparsity = sparsity
         self.schedule = schedule if schedule is not None else OneShot()
         self.scope = scope
         self.norm = norm
+        self.example_inputs = example_inputs
+        self.maps: FeatureMaps | None = None
         super().__init__(model, structure, targets)
+
+    def _prunes_maps(self) -> bool:
+        return True
+
+    def _targets(self, model: nn.Module, targets: Spec) -> list[Target]:
+        if not isinstance(self.structure, FeatureMap):
+            return super()._targets(model, targets)
+        if self.example_inputs is None:
+            raise ConfigError("structure 'map' needs example_inputs= (a tensor or a tuple of "
+                              "the model's inputs): the feature maps are found by tracing")
+        self.maps = _selected(feature_maps(model, self.example_inputs), model, targets)
+        owners = dict(model.named_modules())
+        out = []
+        for name in self.maps.params():
+            module_name, _, param = name.rpartition(".")
+            out.append(Target(name, module_name, owners[module_name], param))
+        return out
+
+    def _layer_structure(self, shape: tuple[int, ...], name: str) -> Structure:
+        if self.maps is None:
+            return self.structure
+        # informational (reports): a weight that writes maps is viewed by its filters
+        return FeatureMap(min(self.maps.index(name, shape)))
 
     def _check_config(self) -> None:
         if self.scope not in _SCOPES:
@@ -138,6 +176,9 @@ class Magnitude(Pruner):
     @torch.no_grad()
     def prune_to(self, sparsity: float) -> None:
         """Recompute every mask so that ``sparsity`` of the groups are removed."""
+        if self.maps is not None:
+            self._prune_maps(sparsity)
+            return
         scores = {n: l.structure.scores(l.effective_weight(), self.norm)
                   for n, l in self.layers.items()}
         if isinstance(self.structure, KofN):
@@ -156,21 +197,82 @@ class Magnitude(Pruner):
         return 0 if isinstance(self.structure, Layer) else 1
 
     def _global_keep(self, scores: dict[str, Tensor], sparsity: float) -> dict[str, Tensor]:
-        per_weight = {}
-        for name, s in scores.items():
-            sizes = self.layers[name].structure.group_sizes(self.layers[name].shape).to(s)
-            s = s / (sizes if self.norm == "l1" else sizes.sqrt())
-            if self._min_keep():
-                # each layer's best group is reserved first, so no layer is emptied and the
-                # global count is still exact
-                s = s.clone()
-                s[int(s.argmax())] = torch.inf
-            per_weight[name] = s
-        flat = torch.cat(list(per_weight.values()))
-        keep_flat = keep_all_but_lowest(flat, sparsity, self._min_keep() * len(scores))
-        keeps, i = {}, 0
-        for name, s in per_weight.items():
-            keeps[name] = keep_flat[i:i + s.numel()]
-            i += s.numel()
-        return keeps
+        sizes = {n: self.layers[n].structure.group_sizes(self.layers[n].shape).to(s)
+                 for n, s in scores.items()}
+        return _global_keep(scores, sizes, sparsity, self.norm, self._min_keep())
 
+    def _prune_maps(self, sparsity: float) -> None:
+        scores, sizes = self._map_scores()
+        families = {f: torch.tensor(ids) for f, ids in self.maps.families().items()}
+        if self.scope == "layer":
+            keeps = {f: keep_all_but_lowest(scores[ids], sparsity, 1)
+                     for f, ids in families.items()}
+        else:
+            keeps = _global_keep({f: scores[ids] for f, ids in families.items()},
+                                 {f: sizes[ids] for f, ids in families.items()},
+                                 sparsity, self.norm, 1)
+        keep = torch.ones(len(self.maps.groups), dtype=torch.bool)
+        for f, ids in families.items():
+            keep[ids] = keeps[f]
+        for name, layer in self.layers.items():
+            mask = self.maps.mask(name, layer.shape, keep)
+            layer.parametrization.mask.copy_(mask.to(layer.parametrization.mask.device))
+        self.sync()
+
+    def _map_scores(self) -> tuple[Tensor, Tensor]:
+        """Per map: the norm over all its members' weights, and how many weights they are."""
+        n = len(self.maps.groups)
+        total = torch.zeros(n, dtype=torch.float64)
+        sizes = torch.zeros(n, dtype=torch.float64)
+        for name, layer in self.layers.items():
+            w = layer.effective_weight().detach().double().cpu()
+            w = w.abs() if self.norm == "l1" else w.pow(2)
+            for axis, idx in self.maps.index(name, layer.shape).items():
+                per = w.movedim(axis, 0).reshape(w.shape[axis], -1)
+                on = idx >= 0
+                total.index_add_(0, idx[on], per.sum(1)[on])
+                sizes.index_add_(0, idx[on], torch.full((int(on.sum()),), float(per.shape[1]),
+                                                        dtype=torch.float64))
+        return (total if self.norm == "l1" else total.sqrt()), sizes
+
+
+def _global_keep(scores: dict[Any, Tensor], sizes: dict[Any, Tensor], sparsity: float,
+                 norm: str, min_keep: int) -> dict[Any, Tensor]:
+    """Keep-vectors per key, ranking every key's groups together by their norm per weight
+    (L1 / size, L2 / sqrt(size)); with ``min_keep`` each key's best group is reserved first,
+    so no key is emptied and the global count is still exact."""
+    per_weight = {}
+    for key, s in scores.items():
+        s = s / (sizes[key] if norm == "l1" else sizes[key].sqrt())
+        if min_keep:
+            s = s.clone()
+            s[int(s.argmax())] = torch.inf
+        per_weight[key] = s
+    flat = torch.cat(list(per_weight.values()))
+    keep_flat = keep_all_but_lowest(flat, sparsity, min_keep * len(scores))
+    keeps, i = {}, 0
+    for key, s in per_weight.items():
+        keeps[key] = keep_flat[i:i + s.numel()]
+        i += s.numel()
+    return keeps
+
+
+def _selected(maps: FeatureMaps, model: nn.Module, targets: Spec) -> FeatureMaps:
+    """``maps`` restricted to those whose conv/linear/RNN weights ``targets`` all select."""
+    if targets is not None:
+        chosen = {t.name for t in resolve_targets(model, targets)}
+        weights = {t.name for t in resolve_targets(model, PRUNABLE_TYPES)}
+        groups, excluded = [], list(maps.excluded)
+        for g in maps.groups:
+            left_out = sorted({m.param for m in g.members} & weights - chosen)
+            if left_out:
+                excluded.append(ExcludedMap(g.where, f"touches {left_out[0]}, which targets= "
+                                            "does not select"))
+            else:
+                groups.append(MapGroup(len(groups), g.where, g.members))
+        maps = FeatureMaps(groups, excluded)
+    if not maps.groups:
+        why = "; ".join(sorted({e.reason for e in maps.excluded})[:4]) or "none found"
+        raise TargetError(f"{type(model).__name__} has no feature map that structure 'map' can "
+                          f"remove ({why})")
+    return maps

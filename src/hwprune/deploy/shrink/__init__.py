@@ -35,7 +35,9 @@ modified.
 The modules: ``pipeline`` (``shrink`` itself), ``analysis`` and ``ops`` (the channel classes of
 every tensor; ``channels`` holds the classes and their union-find), ``handlers``, ``layers`` and
 ``registry`` (what a layer type does to channels and how it is narrowed), ``rewrite`` (the
-graph surgery), ``result``.
+graph surgery), ``result``; ``maps`` gives the same analysis' classes as coupled feature maps
+(``feature_maps``: every weight that writes or reads each map), the groups of
+``structure="map"``.
 """
 
 from .handlers import (
@@ -47,6 +49,7 @@ from .handlers import (
     PerChannelHandler,
     Rebuilt,
 )
+from .maps import ExcludedMap, FeatureMaps, MapGroup, MapMember, feature_maps
 from .pipeline import shrink
 from .registry import register_handler, unregister_handler
 from .result import KeptChannels, ShrinkError, ShrinkResult
@@ -54,4 +57,5 @@ from .rewrite import ChannelMap
 
 __all__ = ["shrink", "ShrinkResult", "ShrinkError", "KeptChannels", "ChannelMap",
            "register_handler", "unregister_handler", "LayerHandler", "MixingHandler",
-           "PerChannelHandler", "ElementwiseHandler", "LayerCall", "Narrowing", "Rebuilt"]
+           "PerChannelHandler", "ElementwiseHandler", "LayerCall", "Narrowing", "Rebuilt",
+           "feature_maps", "FeatureMaps", "MapGroup", "MapMember", "ExcludedMap"]

@@ -29,10 +29,15 @@ class Analysis:
 
     Handlers and op rules use ``info_of``, ``fresh``, ``read``, ``pin_all`` and
     ``unsupported`` to say how a call's channels relate to its inputs'.
+
+    ``structural=True`` asks only what the graph allows, whatever the weights hold: a class a
+    layer reads with nonzero weights is not pinned for it (the coupled feature maps of
+    ``maps`` are found this way); shrink itself uses the default.
     """
 
-    def __init__(self, gm: fx.GraphModule):
+    def __init__(self, gm: fx.GraphModule, structural: bool = False):
         self.gm = gm
+        self.structural = structural
         self.modules = dict(gm.named_modules())
         self.classes = ChannelClasses()
         self.info: dict[fx.Node, ChannelInfo | None] = {}
@@ -73,7 +78,7 @@ class Analysis:
         if info is None:
             return
         for p, s in enumerate(info.slots):
-            if not bool(weight_cols([p]).any()):
+            if self.structural or not bool(weight_cols([p]).any()):
                 self.classes.candidate.add(s)
                 continue
             v = float(info.const[p])
