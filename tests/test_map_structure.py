@@ -280,3 +280,14 @@ def test_the_structure_parses_and_refuses_a_kofn_base():
     assert str(parse_structure("map@1")) == "map@1"
     with pytest.raises(StructureError):
         parse_structure("2:4@map")
+
+
+def test_a_map_pruner_resumes_exactly_and_reports_its_weights_as_maps():
+    pruner = hp.Magnitude(Residual(), "map", 0.5, example_inputs=X8)
+    other = hp.Magnitude(Residual(), "map", 0.25, example_inputs=X8)
+    other.load_state_dict(pruner.state_dict())
+    assert pruner.masks().keys() == other.masks().keys()
+    assert all(torch.equal(m, other.masks()[n]) for n, m in pruner.masks().items())
+    rows = {r.name: r.structure for r in hp.report(pruner.model, X8, pruner=pruner).rows}
+    assert rows == {"conv0.weight": "map", "conv1.weight": "map", "conv2.weight": "map",
+                    "fc.weight": "map@1"}
