@@ -53,8 +53,9 @@ offset     size  field
 The checksum (``sha256`` in the document) covers the format, version and tensors JSON, and
 every array's key, dtype, shape and bytes, so a changed byte in the data or in hwprune's
 metadata is caught even where safetensors would still parse the file; the document itself is
-guarded by zlib's checksum, and it may inflate to ``MAX_DOC_BYTES`` at most. Writes are
-atomic: a temporary file in the same folder, fsync, then ``os.replace``.
+guarded by zlib's checksum. Writes are atomic: a temporary file in the same folder, fsync,
+then ``os.replace``. ``load`` trusts nothing it reads: ``reading`` checks every size against
+a bound (``max_bytes``, the data section, the declared lengths) before it allocates.
 """
 
 from __future__ import annotations
