@@ -22,15 +22,19 @@ __all__ = [
     "from_raw_bits",
     "dtype_name",
     "dtype_from_name",
+    "element_size",
     "uint_for",
     "pack_uint",
     "unpack_uint",
+    "unpack_bits",
     "subset_rank",
     "subset_unrank",
 ]
 
 _SIGNED = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _UNSIGNED = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+#: values ``unpack_uint`` expands per step (a multiple of 8)
+_UNPACK_STEP = 1 << 14
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -43,6 +47,14 @@ def dtype_from_name(name: str) -> torch.dtype:
     if not isinstance(dtype, torch.dtype):
         raise StorageError(f"unknown dtype {name!r} in stored metadata")
     return dtype
+
+
+def element_size(dtype: torch.dtype) -> int:
+    """Bytes per element of ``dtype`` (``StorageError`` for a dtype no tensor can hold)."""
+    try:
+        return torch.empty((), dtype=dtype).element_size()
+    except (RuntimeError, TypeError) as err:
+        raise StorageError(f"dtype {dtype} cannot be stored: {err}") from err
 
 
 def raw_bits(t: Tensor) -> np.ndarray:
@@ -94,18 +106,36 @@ def pack_uint(values: np.ndarray, width: int) -> np.ndarray:
 
 
 def unpack_uint(packed: np.ndarray, width: int, count: int) -> np.ndarray:
-    """Inverse of ``pack_uint``: ``count`` values of ``width`` bits, as uint64."""
+    """Inverse of ``pack_uint``: ``count`` values of ``width`` bits, as uint64.
+
+    The packed size is checked against ``count`` before anything is allocated, and the bits
+    are expanded a bounded number of values at a time (the output is 8 bytes per value)."""
     expected = -(-count * width // 8)
     if packed.dtype != np.uint8 or packed.size != expected:
         raise StorageError(
             f"packed array has {packed.size} bytes of {packed.dtype}; {count} values of "
             f"{width} bits need {expected} uint8"
         )
-    if width == 0 or count == 0:
-        return np.zeros(count, np.uint64)
-    bits = np.unpackbits(packed, count=count * width).reshape(count, width).astype(np.uint64)
+    out = np.zeros(count, np.uint64)
+    if width == 0:
+        return out
     shifts = np.arange(width - 1, -1, -1, dtype=np.uint64)
-    return (bits << shifts).sum(axis=1, dtype=np.uint64)
+    for start in range(0, count, _UNPACK_STEP):  # a multiple of 8: each step starts on a byte
+        n = min(_UNPACK_STEP, count - start)
+        first = start * width // 8
+        bits = np.unpackbits(packed[first: first + -(-n * width // 8)], count=n * width)
+        out[start: start + n] = (bits.reshape(n, width).astype(np.uint64) << shifts).sum(
+            axis=1, dtype=np.uint64)
+    return out
+
+
+def unpack_bits(packed: np.ndarray, count: int) -> np.ndarray:
+    """``count`` bits packed by ``pack_uint(..., 1)`` or ``np.packbits``, as bools (the size is
+    checked before anything is allocated)."""
+    if packed.dtype != np.uint8 or packed.size != -(-count // 8):
+        raise StorageError(f"packed array has {packed.size} bytes of {packed.dtype}; {count} "
+                           f"bits need {-(-count // 8)} uint8")
+    return np.unpackbits(packed, count=count).view(bool)
 
 
 @lru_cache(maxsize=64)

@@ -53,8 +53,9 @@ offset     size  field
 The checksum (``sha256`` in the document) covers the format, version and tensors JSON, and
 every array's key, dtype, shape and bytes, so a changed byte in the data or in hwprune's
 metadata is caught even where safetensors would still parse the file; the document itself is
-guarded by zlib's checksum, and it may inflate to ``MAX_DOC_BYTES`` at most. Writes are
-atomic: a temporary file in the same folder, fsync, then ``os.replace``.
+guarded by zlib's checksum. Writes are atomic: a temporary file in the same folder, fsync,
+then ``os.replace``. ``load`` trusts nothing it reads: ``reading`` checks every size against
+a bound (``max_bytes``, the data section, the declared lengths) before it allocates.
 """
 
 from __future__ import annotations
@@ -64,8 +65,6 @@ import json
 import lzma
 import math
 import os
-import struct
-import sys
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -80,31 +79,31 @@ from ..files import write_atomic
 from .bits import dtype_from_name, dtype_name
 from .encodings import EncodedTensor, Hints, choose, decode
 from .errors import StorageError
+from .fileformat import (
+    CODECS,
+    COMPRESSED_HEADER,
+    COMPRESSED_HEADER_SIZE,
+    DATA_KEY,
+    DEFAULT_MAX_BYTES,
+    DOC_KEY,
+    FORMAT,
+    MAGIC,
+    META_KEY,
+    PREFIX_SIZE,
+    VERSION,
+    WRAPPER_VERSION,
+)
+from .reading import (
+    check_max_bytes,
+    check_records,
+    parse_header,
+    read_regular,
+    unpack,
+    unwrap,
+)
 
-__all__ = ["save", "load", "plan", "FilePlan", "file_layout", "FORMAT", "VERSION",
-           "COMPRESSED_HEADER_SIZE"]
-
-FORMAT = "hwprune.storage"
-#: the version ``save`` writes; ``load`` also reads version 1 (one safetensors entry per array)
-VERSION = 2
-READABLE_VERSIONS = (1, 2)
-#: version 2's two arrays: the zlib-compressed JSON document, and every array back to back
-DOC_KEY, DATA_KEY = "hwprune.doc", "hwprune.data"
-#: the most bytes a document may inflate to (a model with 10^4 tensors needs about 2 MB)
-MAX_DOC_BYTES = 256 << 20
-#: the array dtypes a file may declare (numpy's ``dtype.str``, little-endian)
-_ARRAY_DTYPES = {np.dtype(t).str: np.dtype(t) for t in
-                 ("|b1", "|u1", "<u2", "<u4", "<u8", "|i1", "<i2", "<i4", "<i8", "<f2", "<f4",
-                  "<f8")}
-MAGIC = b"HWPRUNEZ"
-WRAPPER_VERSION = 1  # the compressed wrapper's own version
-_CODECS = {"zlib": 1, "lzma": 2}
-_HEADER = struct.Struct("<8sBB6sQ32s")
-COMPRESSED_HEADER_SIZE = _HEADER.size  # 56
-#: bytes of safetensors' length prefix in front of its JSON header
-PREFIX_SIZE = 8
-#: the one key of the safetensors metadata that hwprune uses
-META_KEY = "hwprune"
+__all__ = ["save", "load", "plan", "pack", "FilePlan", "file_layout", "FORMAT", "VERSION",
+           "COMPRESSED_HEADER_SIZE", "DEFAULT_MAX_BYTES", "DOC_KEY", "DATA_KEY", "META_KEY"]
 
 
 def save(obj: nn.Module | Mapping[str, Tensor], path: str | os.PathLike,
@@ -115,7 +114,7 @@ def save(obj: nn.Module | Mapping[str, Tensor], path: str | os.PathLike,
     ``compress`` (``None``, ``"zlib"``, ``"lzma"``) wraps the file in the compressed layout.
     Returns the number of bytes written.
     """
-    if compress is not None and compress not in _CODECS:
+    if compress is not None and compress not in CODECS:
         raise StorageError(f"compress must be None, 'zlib' or 'lzma'; got {compress!r}")
     data = plan(obj, hints).data
     if compress is not None:
@@ -154,6 +153,14 @@ def plan(obj: nn.Module | Mapping[str, Tensor],
     for name, t in state.items():
         encoded[name] = choose(t, hints.get(name))
         records.append(_record(name, encoded[name], arrays))
+    data = pack(records, arrays)
+    data_bytes = sum(e.total_bytes for e in encoded.values())
+    return FilePlan(encoded, data, len(data) - data_bytes, data_bytes)
+
+
+def pack(records: list[dict[str, Any]], arrays: Mapping[str, np.ndarray]) -> bytes:
+    """The version 2 file of tensor ``records`` (as ``plan`` makes them) and their ``arrays``
+    (1-D, by key ``"<name>/<array>"``, in the order of the data), checksummed."""
     doc = {"sha256": _digest(records, arrays, VERSION), "tensors": records,
            "arrays": [[key, a.dtype.str, int(a.size)] for key, a in arrays.items()]}
     blob = np.concatenate([a.view(np.uint8) for a in arrays.values()] or [np.zeros(0, np.uint8)])
@@ -161,36 +168,49 @@ def plan(obj: nn.Module | Mapping[str, Tensor],
               DATA_KEY: blob}
     # one metadata key: safetensors writes a multi-key metadata map in no fixed order, and the
     # same model should give the same bytes
-    data = safetensors.numpy.save(
+    return safetensors.numpy.save(
         packed, metadata={META_KEY: _json({"format": FORMAT, "version": VERSION})})
-    data_bytes = sum(e.total_bytes for e in encoded.values())
-    return FilePlan(encoded, data, len(data) - data_bytes, data_bytes)
 
 
-def load(path: str | os.PathLike) -> dict[str, Tensor]:
+def load(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES) -> dict[str, Tensor]:
     """The exact tensors of a file ``save`` wrote, by name, in the order they were saved.
 
-    Raises ``StorageError`` for anything else: a damaged, truncated or foreign file. Only
-    safetensors and ``json`` read it; nothing is unpickled.
+    Raises ``StorageError`` for anything else: a damaged, truncated or foreign file, or one
+    that is not a regular file. Only safetensors and ``json`` read it; nothing is unpickled.
+    ``max_bytes`` bounds memory: the file, its uncompressed form and the decoded tensors may
+    each be at most ``max_bytes`` bytes, each checked before it is allocated (docs/storage.md,
+    "Memory bound").
     """
+    max_bytes = check_max_bytes(max_bytes)
     try:
-        data = Path(path).read_bytes()
-    except OSError as err:
-        raise StorageError(f"cannot read {path}: {err}") from err
+        tensors, arrays = _read(path, max_bytes)
+        return _decode_all(tensors, arrays)
+    except StorageError as err:
+        raise StorageError(f"{path}: {err}") from err
+
+
+def _read(path: str | os.PathLike, max_bytes: int) -> tuple[list, dict[str, np.ndarray]]:
+    """The checked tensor records and arrays of the file at ``path``."""
+    data = read_regular(path, max_bytes)
     if data[: len(MAGIC)] == MAGIC:
-        data = _unwrap(data)
-    meta, _, section = _header(data)
+        data = unwrap(data, max_bytes)
+    header = parse_header(data)
+    section = len(data) - PREFIX_SIZE - header.length
+    if header.data_end != section:
+        raise StorageError("the data section does not match the arrays it declares")
     try:
         stored = safetensors.numpy.load(data)
     except Exception as err:  # safetensors raises its own error types for every malformed file
-        raise StorageError(f"{path} is not an intact hwprune file: {err}") from err
+        raise StorageError(f"not an intact hwprune file: {err}") from err
+    del data
     if sum(int(a.nbytes) for a in stored.values()) != section:
-        raise StorageError(f"{path}: the data section does not match the arrays it declares")
-    doc, arrays = (meta, stored) if meta["version"] == 1 else _unpack(stored, path)
+        raise StorageError("the data section does not match the arrays it declares")
+    doc, arrays = (header.meta, stored) if header.version == 1 else unpack(stored, max_bytes)
     tensors = doc["tensors"]
-    if doc.get("sha256") != _digest(tensors, arrays, meta["version"]):
-        raise StorageError(f"{path}: checksum mismatch; the file is damaged")
-    return _decode_all(tensors, arrays, path)
+    check_records(tensors, max_bytes)
+    if doc.get("sha256") != _digest(tensors, arrays, header.version):
+        raise StorageError("checksum mismatch; the file is damaged")
+    return tensors, arrays
 
 
 def _json(obj: Any) -> str:
@@ -206,12 +226,18 @@ def file_layout(path: str | os.PathLike) -> dict[str, Any]:
     Compressed: ``header_bytes = 56``, ``data_bytes`` = the compressed body. Reads headers
     only; use ``load`` to verify a file.
     """
-    data = Path(path).read_bytes()
-    if data[: len(MAGIC)] == MAGIC:
-        return {"compressed": True, "header_bytes": COMPRESSED_HEADER_SIZE,
-                "data_bytes": len(data) - COMPRESSED_HEADER_SIZE, "size": len(data)}
-    meta, entries, section = _header(data)
-    data_bytes = section if meta["version"] == 1 else _entry_bytes(entries, DATA_KEY)
+    try:
+        data = read_regular(path, DEFAULT_MAX_BYTES)
+        if data[: len(MAGIC)] == MAGIC:
+            return {"compressed": True, "header_bytes": COMPRESSED_HEADER_SIZE,
+                    "data_bytes": len(data) - COMPRESSED_HEADER_SIZE, "size": len(data)}
+        header = parse_header(data)
+    except StorageError as err:
+        raise StorageError(f"{path}: {err}") from err
+    data_bytes = header.data_end
+    if header.version == 2:
+        start, end = header.entries[DATA_KEY]["data_offsets"]
+        data_bytes = end - start
     return {"compressed": False, "header_bytes": len(data) - data_bytes,
             "data_bytes": data_bytes, "size": len(data)}
 
@@ -267,110 +293,17 @@ def _digest(tensors: list, arrays: Mapping[str, np.ndarray], version: int) -> st
 
 def _wrap(data: bytes, codec: str) -> bytes:
     body = zlib.compress(data, 9) if codec == "zlib" else lzma.compress(data)
-    head = _HEADER.pack(MAGIC, WRAPPER_VERSION, _CODECS[codec], bytes(6), len(data),
+    head = COMPRESSED_HEADER.pack(MAGIC, WRAPPER_VERSION, CODECS[codec], bytes(6), len(data),
                         hashlib.sha256(body).digest())
     return head + body
 
 
-# -- reading --------------------------------------------------------------------------------
-def _unwrap(data: bytes) -> bytes:
-    if len(data) < COMPRESSED_HEADER_SIZE:
-        raise StorageError("compressed hwprune file is truncated (shorter than its header)")
-    magic, version, codec, reserved, size, digest = _HEADER.unpack_from(data)
-    body = data[COMPRESSED_HEADER_SIZE:]
-    if version != WRAPPER_VERSION or reserved != bytes(6) or codec not in _CODECS.values():
-        raise StorageError(f"unsupported compressed container (version {version}, codec {codec})")
-    if hashlib.sha256(body).digest() != digest:
-        raise StorageError("checksum mismatch in the compressed body; the file is damaged")
-    if size >= sys.maxsize:  # the length field is outside the checksum: a flipped bit shows here
-        raise StorageError(f"recorded uncompressed length {size} is impossible; the file is "
-                           "damaged")
-    try:
-        if codec == _CODECS["zlib"]:
-            d = zlib.decompressobj()
-            out = d.decompress(body, size + 1)
-            complete = d.eof and not d.unused_data
-        else:
-            d = lzma.LZMADecompressor()
-            out = d.decompress(body, size + 1)
-            complete = d.eof and not d.unused_data
-    except (zlib.error, lzma.LZMAError) as err:
-        raise StorageError(f"cannot decompress the file: {err}") from err
-    if len(out) != size or not complete:
-        raise StorageError("the compressed body does not decompress to its recorded length")
-    return out
-
-
-def _header(data: bytes) -> tuple[dict[str, Any], dict[str, Any], int]:
-    """The safetensors header, checked: hwprune's metadata (version 1: the whole document;
-    version 2: format and version only), the array entries, and the data section's size."""
-    if len(data) < PREFIX_SIZE:
-        raise StorageError("not an hwprune file: shorter than the 8-byte header length")
-    (length,) = struct.unpack_from("<Q", data)
-    if length > len(data) - PREFIX_SIZE:
-        raise StorageError("not an intact hwprune file: the header runs past the end (truncated?)")
-    try:
-        header = json.loads(data[PREFIX_SIZE: PREFIX_SIZE + length])
-        meta = json.loads(header.pop("__metadata__")[META_KEY])
-        fmt, version = meta.get("format"), meta.get("version")
-    except (ValueError, KeyError, TypeError, AttributeError) as err:
-        raise StorageError(f"not an hwprune file: unreadable header ({err})") from err
-    if fmt != FORMAT:
-        raise StorageError(f"not an hwprune file (format {fmt!r})")
-    if version not in READABLE_VERSIONS:
-        raise StorageError(
-            f"hwprune container version {version!r} is not supported (this hwprune reads "
-            f"versions {', '.join(map(str, READABLE_VERSIONS))}); upgrade hwprune"
-        )
-    if version == 1 and not isinstance(meta.get("tensors"), list):
-        raise StorageError("not an intact hwprune file: the tensors record is not a list")
-    return meta, header, len(data) - PREFIX_SIZE - length
-
-
-def _entry_bytes(entries: dict[str, Any], key: str) -> int:
-    """The byte size safetensors' header declares for the array ``key``."""
-    try:
-        start, end = entries[key]["data_offsets"]
-        return int(end) - int(start)
-    except (KeyError, TypeError, ValueError) as err:
-        raise StorageError(f"not an intact hwprune file: no valid entry {key!r}") from err
-
-
-def _unpack(stored: dict[str, np.ndarray], path: Any) -> tuple[dict[str, Any], dict]:
-    """Version 2: the document (inflated, at most ``MAX_DOC_BYTES``) and the arrays it
-    declares, cut from the data blob in order; the blob must be used exactly."""
-    if set(stored) != {DOC_KEY, DATA_KEY}:
-        raise StorageError(f"{path}: a version 2 file holds the arrays {DOC_KEY!r} and "
-                           f"{DATA_KEY!r} only; found {sorted(stored)}")
-    inflate = zlib.decompressobj()
-    try:
-        raw = inflate.decompress(stored[DOC_KEY].tobytes(), MAX_DOC_BYTES + 1)
-        complete = inflate.eof and not inflate.unused_data and len(raw) <= MAX_DOC_BYTES
-        doc = json.loads(raw) if complete else None
-    except (zlib.error, ValueError) as err:
-        raise StorageError(f"{path}: unreadable document ({err}); the file is damaged") from err
-    if not isinstance(doc, dict) or not isinstance(doc.get("tensors"), list):
-        raise StorageError(f"{path}: the document is incomplete or not a tensor list")
-    blob, arrays, offset = stored[DATA_KEY], {}, 0
-    try:
-        for key, dtype, count in doc["arrays"]:
-            dt = _ARRAY_DTYPES[dtype]
-            end = offset + dt.itemsize * int(count)
-            if count < 0 or end > blob.size:
-                raise StorageError(f"{path}: array {key!r} runs past the data section")
-            arrays[key] = np.frombuffer(blob, dt, int(count), offset).copy()
-            offset = end
-    except (KeyError, TypeError, ValueError) as err:
-        raise StorageError(f"{path}: malformed array list ({type(err).__name__}: {err})") \
-            from err
-    if offset != blob.size:
-        raise StorageError(f"{path}: the data section is longer than the arrays it declares")
-    return doc, arrays
-
-
-def _decode_all(tensors: list, arrays: dict[str, np.ndarray], path: Any) -> dict[str, Tensor]:
+# -- decoding -------------------------------------------------------------------------------
+def _decode_all(tensors: list, arrays: dict[str, np.ndarray]) -> dict[str, Tensor]:
+    """Every record decoded (``check_records`` has bounded their shapes and sizes)."""
     out: dict[str, Tensor] = {}
     used: set[str] = set()
+    name = None
     try:
         for rec in tensors:
             name = rec["name"]
@@ -378,17 +311,19 @@ def _decode_all(tensors: list, arrays: dict[str, np.ndarray], path: Any) -> dict
             for role in ("payload", "index"):
                 groups[role] = {a: arrays[f"{name}/{a}"] for a in rec[role]}
                 used.update(f"{name}/{a}" for a in rec[role])
-            shape = tuple(int(s) for s in rec["shape"])
+            shape = tuple(rec["shape"])
             enc = EncodedTensor(rec["encoding"], dtype_from_name(rec["dtype"]), shape,
                                 groups["payload"], groups["index"], dict(rec["meta"]))
             out[name] = decode(enc)
             if out[name].numel() != math.prod(shape):
                 raise StorageError(f"{name}: decoded the wrong number of elements")
     except StorageError as err:
-        raise StorageError(f"{path}: {err}") from err
+        raise StorageError(f"tensor {str(name)[:80]!r}: {err}") from err
+    except MemoryError:
+        raise  # the checks came first: a file within max_bytes that this machine cannot hold
     except Exception as err:  # a record that passed the checksum but is malformed
-        raise StorageError(f"{path}: malformed tensor record ({type(err).__name__}: {err})") \
-            from err
+        raise StorageError(f"tensor {str(name)[:80]!r}: malformed record "
+                           f"({type(err).__name__}: {err})") from err
     if used != set(arrays):
-        raise StorageError(f"{path}: arrays and tensor records do not match")
+        raise StorageError("arrays and tensor records do not match")
     return out

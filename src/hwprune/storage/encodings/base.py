@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ...hardware import im2col_shape
-from ..bits import from_raw_bits, raw_bits, unpack_uint
+from ..bits import element_size, from_raw_bits, raw_bits, unpack_bits
 from ..errors import StorageError
 
 __all__ = [
@@ -91,7 +91,7 @@ class TensorView:
 
     @property
     def itemsize(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
+        return element_size(self.dtype)
 
     @property
     def matrix(self) -> tuple[int, int]:
@@ -145,7 +145,7 @@ def stored_array(arrays: dict[str, np.ndarray], key: str, enc: EncodedTensor) ->
 def stored_values(enc: EncodedTensor, count: int, key: str = "values") -> np.ndarray:
     """The ``count`` stored raw-bit values, checked against the dtype's width."""
     v = stored_array(enc.payload, key, enc)
-    size = torch.empty((), dtype=enc.dtype).element_size()
+    size = element_size(enc.dtype)
     if v.ndim != 1 or v.size != count or v.dtype.itemsize != size or v.dtype.kind != "u":
         raise StorageError(
             f"{enc.encoding}: expected {count} stored values of {size} bytes; got {v.size} "
@@ -156,7 +156,7 @@ def stored_values(enc: EncodedTensor, count: int, key: str = "values") -> np.nda
 
 def zero_bits(enc: EncodedTensor) -> np.ndarray:
     """All-zero raw bits of ``enc``'s size and element width: what decoding fills in."""
-    size = torch.empty((), dtype=enc.dtype).element_size()
+    size = element_size(enc.dtype)
     return np.zeros(math.prod(enc.shape), np.dtype(f"u{size}"))
 
 
@@ -235,6 +235,6 @@ def restore_zero_signs(out: Tensor, enc: EncodedTensor) -> Tensor:
     """``out`` (decoded without the signs) with the stored -0.0 signs set back."""
     bits = raw_bits(out)
     zeros = np.flatnonzero(bits == 0)
-    signs = unpack_uint(stored_array(enc.index, ZERO_SIGNS, enc), 1, zeros.size).astype(bool)
+    signs = unpack_bits(stored_array(enc.index, ZERO_SIGNS, enc), zeros.size)
     bits[zeros[signs]] = bits.dtype.type(1 << (8 * bits.dtype.itemsize - 1))
     return from_raw_bits(bits, enc.dtype, enc.shape)

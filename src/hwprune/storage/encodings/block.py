@@ -6,7 +6,7 @@ import numpy as np
 from torch import Tensor
 
 from ...hardware import block_min_bits
-from ..bits import from_raw_bits, unpack_uint
+from ..bits import from_raw_bits, unpack_bits
 from .base import (
     EncodedTensor,
     Encoding,
@@ -15,9 +15,16 @@ from .base import (
     stored_array,
     stored_param,
     stored_values,
-    zero_bits,
 )
-from .tiling import check_tile, tile_candidates, tiles, untile, valid_tiles
+from .tiling import (
+    check_tile,
+    real_elements,
+    tile_candidates,
+    tile_grid,
+    tiles,
+    untile,
+    valid_tiles,
+)
 
 __all__ = ["BlockEncoding", "BLOCK_SIZES"]
 
@@ -41,12 +48,15 @@ class BlockEncoding(Encoding):
 
     def decode(self, enc: EncodedTensor) -> Tensor:
         bh, bw = stored_param(enc, "bh"), stored_param(enc, "bw")
-        rows, cols = matrix_of(enc)
+        rows, cols = check_tile(enc, bh, bw)
+        tr, tc = tile_grid(rows, cols, bh, bw)
+        # the index and the values must fit the shape before the matrix is allocated
+        kept = unpack_bits(stored_array(enc.index, "tiles", enc), tr * tc)
+        values = stored_values(enc, real_elements(kept, rows, cols, bh, bw))
         valid = valid_tiles(rows, cols, bh, bw)
-        kept = unpack_uint(stored_array(enc.index, "tiles", enc), 1, valid.shape[0]).astype(bool)
-        g = np.zeros(valid.shape, zero_bits(enc).dtype)
+        g = np.zeros(valid.shape, values.dtype)
         sub = g[kept]
-        sub[valid[kept]] = stored_values(enc, int(valid[kept].sum()))
+        sub[valid[kept]] = values
         g[kept] = sub
         return from_raw_bits(untile(g, rows, cols, bh, bw), enc.dtype, enc.shape)
 

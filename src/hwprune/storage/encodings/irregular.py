@@ -8,7 +8,7 @@ import numpy as np
 from torch import Tensor
 
 from ...hardware import irregular_min_bits
-from ..bits import from_raw_bits, uint_for, unpack_uint
+from ..bits import from_raw_bits, uint_for, unpack_bits
 from ..errors import StorageError
 from .base import (
     EncodedTensor,
@@ -34,10 +34,10 @@ class Bitmask(Encoding):
                             {"mask": np.packbits(view.nz)})
 
     def decode(self, enc: EncodedTensor) -> Tensor:
-        numel = math.prod(enc.shape)
-        mask = unpack_uint(stored_array(enc.index, "mask", enc), 1, numel).astype(bool)
+        mask = unpack_bits(stored_array(enc.index, "mask", enc), math.prod(enc.shape))
+        values = stored_values(enc, int(mask.sum()))
         out = zero_bits(enc)
-        out[mask] = stored_values(enc, int(mask.sum()))
+        out[mask] = values
         return from_raw_bits(out, enc.dtype, enc.shape)
 
     def min_index_bits(self, enc: EncodedTensor) -> float | None:
@@ -69,9 +69,9 @@ class CSR(Encoding):
         if (indptr.size != rows + 1 or indptr[0] != 0 or (counts < 0).any()
                 or indptr[-1] != indices.size or (indices >= cols).any()):
             raise StorageError("csr: row pointers and column indices are inconsistent")
+        values = stored_values(enc, indices.size)
         out = zero_bits(enc)
-        out[np.repeat(np.arange(rows), counts) * cols + indices] = stored_values(enc,
-                                                                                 indices.size)
+        out[np.repeat(np.arange(rows), counts) * cols + indices] = values
         return from_raw_bits(out, enc.dtype, enc.shape)
 
     def min_index_bits(self, enc: EncodedTensor) -> float | None:

@@ -17,7 +17,6 @@ from .base import (
     stored_array,
     stored_param,
     stored_values,
-    zero_bits,
 )
 
 __all__ = ["KofNEncoding", "KOFN_N"]
@@ -85,8 +84,9 @@ class KofNEncoding(Encoding):
                 raise StorageError(f"kofn: a stored position is >= n={n}")
         else:
             raise StorageError(f"kofn: unknown positions mode {mode!r}")
-        out = np.zeros((runs, n), zero_bits(enc).dtype)
-        np.put_along_axis(out, pos, stored_values(enc, runs * k).reshape(runs, k), axis=1)
+        values = stored_values(enc, runs * k).reshape(runs, k)
+        out = np.zeros((runs, n), values.dtype)
+        np.put_along_axis(out, pos, values, axis=1)
         moved = (enc.shape[0], *enc.shape[2:], enc.shape[1])
         flat = np.moveaxis(out.reshape(moved), -1, 1).reshape(-1)
         return from_raw_bits(flat, enc.dtype, enc.shape)

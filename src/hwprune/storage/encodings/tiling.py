@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from ...hardware import im2col_shape
 from ..errors import StorageError
-from .base import TensorView
+from .base import EncodedTensor, TensorView
 
-__all__ = ["tiles", "untile", "valid_tiles", "check_tile", "tile_candidates"]
+__all__ = ["tiles", "untile", "valid_tiles", "check_tile", "tile_candidates", "tile_grid",
+           "real_elements"]
 
 
 def tiles(flat: np.ndarray, rows: int, cols: int, bh: int, bw: int) -> np.ndarray:
@@ -34,15 +36,31 @@ def valid_tiles(rows: int, cols: int, bh: int, bw: int) -> np.ndarray:
     return tiles(np.ones(rows * cols, bool), rows, cols, bh, bw)
 
 
-def check_tile(view: TensorView, bh: int, bw: int) -> tuple[int, int]:
-    """The matrix (rows, cols) of ``view``, or a ``StorageError`` if bh x bw does not fit."""
-    rows, cols = view.matrix
+def check_tile(t: TensorView | EncodedTensor, bh: int, bw: int) -> tuple[int, int]:
+    """The matrix (rows, cols) of ``t`` (to encode, or as stored), or a ``StorageError`` if
+    bh x bw does not fit: checked before decoding, so padding never outgrows the matrix."""
+    rows, cols = im2col_shape(t.shape)
     if not (isinstance(bh, int) and isinstance(bw, int)) or not (1 <= bh <= rows and
                                                                   1 <= bw <= cols):
         raise StorageError(
-            f"block {bh}x{bw} does not fit the {rows}x{cols} matrix of shape {view.shape}"
+            f"block {bh}x{bw} does not fit the {rows}x{cols} matrix of shape {t.shape}"
         )
     return rows, cols
+
+
+def tile_grid(rows: int, cols: int, bh: int, bw: int) -> tuple[int, int]:
+    """Tile rows and tile columns of the (rows, cols) matrix."""
+    return -(-rows // bh), -(-cols // bw)
+
+
+def real_elements(chosen: np.ndarray, rows: int, cols: int, bh: int, bw: int) -> int:
+    """Real (not padding) elements of the tiles marked in ``chosen`` (bools in tile order),
+    counted without building the tiles: only the last tile row and column are ragged."""
+    tr, tc = tile_grid(rows, cols, bh, bw)
+    grid = chosen.reshape(tr, tc)
+    short_h, short_w = tr * bh - rows, tc * bw - cols  # padding in the last tile row, column
+    return (int(grid.sum()) * bh * bw - int(grid[-1].sum()) * short_h * bw
+            - int(grid[:, -1].sum()) * short_w * bh + int(grid[-1, -1]) * short_h * short_w)
 
 
 def tile_candidates(view: TensorView, sizes: tuple[tuple[int, int], ...],

@@ -6,7 +6,7 @@ import numpy as np
 from torch import Tensor
 
 from ...hardware import BLOCK_STATE_BITS, BLOCK_STATES, FREE, UNIFIED, ZERO, unified_min_bits
-from ..bits import from_raw_bits, pack_uint, unpack_uint
+from ..bits import from_raw_bits, pack_uint, unpack_bits, unpack_uint
 from ..errors import StorageError
 from .base import (
     EncodedTensor,
@@ -16,9 +16,16 @@ from .base import (
     stored_array,
     stored_param,
     stored_values,
-    zero_bits,
 )
-from .tiling import check_tile, tile_candidates, tiles, untile, valid_tiles
+from .tiling import (
+    check_tile,
+    real_elements,
+    tile_candidates,
+    tile_grid,
+    tiles,
+    untile,
+    valid_tiles,
+)
 
 __all__ = ["Unified", "UNIFIED_SIZES"]
 
@@ -59,22 +66,25 @@ class Unified(Encoding):
 
     def decode(self, enc: EncodedTensor) -> Tensor:
         bh, bw = stored_param(enc, "bh"), stored_param(enc, "bw")
-        rows, cols = matrix_of(enc)
-        valid = valid_tiles(rows, cols, bh, bw)
-        states = unpack_uint(stored_array(enc.index, "states", enc), BLOCK_STATE_BITS,
-                             valid.shape[0])
+        rows, cols = check_tile(enc, bh, bw)
+        tr, tc = tile_grid(rows, cols, bh, bw)
+        states = unpack_uint(stored_array(enc.index, "states", enc), BLOCK_STATE_BITS, tr * tc)
         if (states > max(BLOCK_STATES)).any():
             raise StorageError("unified: a stored block state is not 0, 1 or 2")
         uni, free = states == UNIFIED, states == FREE
-        g = np.zeros(valid.shape, zero_bits(enc).dtype)
+        # every stored array must fit the states before the matrix is allocated
+        signs = unpack_bits(stored_array(enc.index, "signs", enc),
+                            real_elements(uni, rows, cols, bh, bw))
+        mags = stored_values(enc, int(uni.sum()), "magnitudes")
+        values = stored_values(enc, real_elements(free, rows, cols, bh, bw))
+        valid = valid_tiles(rows, cols, bh, bw)
+        g = np.zeros(valid.shape, values.dtype)
         vu = valid[uni]
-        signs = unpack_uint(stored_array(enc.index, "signs", enc), 1, int(vu.sum()))
         sign_bits = np.zeros(vu.shape, g.dtype)
         sign_bits[vu] = signs.astype(g.dtype) << g.dtype.type(8 * g.dtype.itemsize - 1)
-        mags = stored_values(enc, int(uni.sum()), "magnitudes")
         g[uni] = np.where(vu, mags[:, None] | sign_bits, 0)
         sub = g[free]
-        sub[valid[free]] = stored_values(enc, int(valid[free].sum()))
+        sub[valid[free]] = values
         g[free] = sub
         return from_raw_bits(untile(g, rows, cols, bh, bw), enc.dtype, enc.shape)
 
