@@ -15,8 +15,8 @@ from typing import Any
 from ..errors import ConfigError
 from .checkpoint import load_checkpoint
 
-__all__ = ["METRIC_FIELDS", "RESULT_FILES", "prepare_out", "run_status", "write_json",
-           "write_metrics"]
+__all__ = ["METRIC_FIELDS", "RESULT_FILES", "check_flags", "prepare_out", "run_status",
+           "write_json", "write_metrics"]
 
 #: what a run writes into its output folder (``--force`` removes exactly these)
 RESULT_FILES = ("recipe.yaml", "run.json", "metrics.jsonl", "metrics.csv", "checkpoint.pt",
@@ -61,12 +61,19 @@ def _first_difference(a: Any, b: Any, path: str = "") -> tuple[str, Any, Any] | 
     return None if a == b else (path, a, b)
 
 
+def check_flags(out: Path, resume: bool, force: bool) -> None:
+    """Refuse ``resume`` with ``force``: one continues the run in ``out``, the other deletes it."""
+    if resume and force:
+        raise ConfigError(f"--resume and --force together: --resume continues the run in {out}, "
+                          "--force deletes it and starts over; give one of them")
+
+
 def prepare_out(out: Path, cfg: dict[str, Any], resume: bool, force: bool) -> dict | None:
     """Check the output folder against the request; returns the checkpoint to resume from.
 
     A finished run is never overwritten without ``force``; an unfinished one needs ``resume``
     (continue, with the same recipe) or ``force`` (start over). ``force`` removes only the files
-    a run writes (``RESULT_FILES``).
+    a run writes (``RESULT_FILES``); it is never given with ``resume`` (``check_flags``).
     """
     status = run_status(out)
     if force:

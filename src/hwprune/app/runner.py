@@ -28,7 +28,7 @@ from .build import build
 from .finish import finish
 from .loop import Interrupted, TrainingLoop
 from .machine import machine
-from .outdir import RESULT_FILES, prepare_out, run_status, write_json
+from .outdir import RESULT_FILES, check_flags, prepare_out, run_status, write_json
 from .recipe import dump
 
 __all__ = ["Run", "RESULT_FILES", "Interrupted"]
@@ -94,6 +94,7 @@ class Run:
         (so their ``model`` holds the same pruned weights) and return rank 0's summary.
         """
         out = Path(out)
+        check_flags(out, resume, force)  # before anything is read or deleted
         info = {"command": command or " ".join(["hwprune", *sys.argv[1:]]),
                 "machine": machine()}
         if distributed.world_size() > 1:
@@ -102,7 +103,7 @@ class Run:
 
         def start() -> tuple[bool, Any]:
             """(finished, its summary) or (not finished, the checkpoint to resume from)."""
-            if resume and not force and run_status(out) == "finished":
+            if resume and run_status(out) == "finished":
                 self.console.print(f"{out} holds a finished run; nothing to resume")
                 return True, json.loads((out / "summary.json").read_text())
             ckpt = prepare_out(out, self.cfg, resume, force)

@@ -1,0 +1,100 @@
+"""``hwprune run`` under misuse, through the installed command in a subprocess: --resume with
+--force, non-finite numbers, two writers, a changed recipe on resume, stale temporary files,
+recipes that name code (refused; --plugin is the way in), and augmentation a data set lacks.
+Every refusal is one line on stderr, exit 2."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def cli(*args, cwd=None):
+    """``python -m hwprune ARGS`` with this checkout's source; returns the finished process."""
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "hwprune", *map(str, args)], env=env,
+                          cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def one_line_error(proc, *words):
+    """Exit 2 and exactly one line on stderr, an hwprune error holding every word."""
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert len(lines) == 1 and lines[0].startswith("hwprune: error:"), proc.stderr
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    return lines[0]
+
+
+def tiny(**changes):
+    """A dense small CNN on digits: two epochs of two steps, no report, plots or timing."""
+    recipe = {
+        "name": "tiny",
+        "model": {"name": "small_cnn", "args": {"width": 4}},
+        "data": {"name": "digits", "test_subset": 60},
+        "method": None,
+        "train": {"dense_epochs": 2, "prune_epochs": 0, "steps_per_epoch": 2,
+                  "batch_size": 16},
+        "end": {"report": False, "plots": False, "latency": False},
+    }
+    for key, value in changes.items():
+        section, _, field = key.partition(".")
+        if field:
+            recipe[section][field] = value
+        else:
+            recipe[section] = value
+    return recipe
+
+
+def write(tmp_path, recipe, name="recipe.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def folder_state(out):
+    """Every file under ``out`` with its bytes."""
+    return {p.relative_to(out): p.read_bytes() for p in sorted(Path(out).rglob("*"))
+            if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished run of ``tiny()`` (made once; tests copy it before changing it)."""
+    root = tmp_path_factory.mktemp("finished")
+    path = write(root, tiny())
+    proc = cli("run", path, "--out", root / "out")
+    assert proc.returncode == 0, proc.stderr
+    return path, root / "out"
+
+
+def copy_run(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+# -- 1. --resume with --force ---------------------------------------------------------------------
+
+
+def test_resume_with_force_is_refused_and_deletes_nothing(finished, tmp_path):
+    path, src = finished
+    out = copy_run(src, tmp_path / "out")
+    before = folder_state(out)
+    proc = cli("run", path, "--out", out, "--resume", "--force")
+    one_line_error(proc, "--resume", "--force")
+    assert folder_state(out) == before
+    # an unfinished run: its checkpoint stays, and --resume alone still continues it
+    (out / "summary.json").unlink()
+    run_json = json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps({**run_json, "status": "interrupted"}))
+    before = folder_state(out)
+    one_line_error(cli("run", path, "--out", out, "--force", "--resume"), "--resume")
+    assert folder_state(out) == before
