@@ -4,12 +4,14 @@ recipes that name code (refused; --plugin is the way in), and augmentation a dat
 Every refusal is one line on stderr, exit 2."""
 
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -46,7 +48,7 @@ def tiny(**changes):
     for key, value in changes.items():
         section, _, field = key.partition(".")
         if field:
-            recipe[section][field] = value
+            recipe.setdefault(section, {})[field] = value
         else:
             recipe[section] = value
     return recipe
@@ -98,3 +100,66 @@ def test_resume_with_force_is_refused_and_deletes_nothing(finished, tmp_path):
     before = folder_state(out)
     one_line_error(cli("run", path, "--out", out, "--force", "--resume"), "--resume")
     assert folder_state(out) == before
+
+
+# -- 2. non-finite numbers ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("item, field", [
+    ("optimizer.lr=.inf", "optimizer.lr"),
+    ("optimizer.lr=1e400", "optimizer.lr"),  # overflows to infinity
+    ("optimizer.weight_decay=.nan", "optimizer.weight_decay"),
+    ("model.args.dropout=-.inf", "model.args.dropout"),
+    ("method.alpha_decay=.nan", "method.alpha_decay"),
+])
+def test_non_finite_numbers_are_refused_anywhere_in_a_recipe(tmp_path, item, field):
+    sets = ["--set", "method.name=PSP"] if item.startswith("method.") else []
+    proc = cli("run", write(tmp_path, tiny()), "--dry-run", *sets, "--set", item)
+    one_line_error(proc, field, "a finite number")
+
+
+def strict_json(text):
+    """json.loads that refuses NaN and Infinity (which are not JSON)."""
+    def refuse(name):
+        raise ValueError(f"not JSON: {name}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_a_diverging_run_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    # the schema allows lr 1e30: the first dense epoch (lr 0.05) is good, fine-tuning diverges
+    recipe = tiny(**{"train.dense_epochs": 1, "train.finetune_epochs": 1,
+                     "optimizer.finetune_lr": 1e30})
+    out = tmp_path / "out"
+    proc = cli("run", write(tmp_path, recipe), "--out", out)
+    line = one_line_error(proc, "training loss became", "epoch 2, step", "finetune",
+                          "checkpoint.pt")
+    assert "lower optimizer.lr" in line
+    from hwprune.app.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(out / "checkpoint.pt")
+    assert (ckpt["epoch"], ckpt["step"]) == (1, 0)  # the end of the good epoch
+    assert all(torch.isfinite(t).all() for t in ckpt["model"].values() if t.is_floating_point())
+    status = strict_json((out / "run.json").read_text())
+    assert status["status"] == "failed" and "epoch 2" in status["error"]
+    assert not (out / "summary.json").exists() and not (out / "model.hwp").exists()
+    assert [r["epoch"] for r in map(strict_json, (out / "metrics.jsonl").read_text()
+                                    .splitlines())] == [1]
+
+
+def test_results_are_strict_json_with_null_for_non_finite_values(tmp_path, monkeypatch):
+    from rich.console import Console
+
+    from hwprune.app.loop import TrainingLoop
+    from hwprune.app.recipe import resolve
+    from hwprune.app.runner import Run
+
+    # an evaluation whose loss overflows (a finite accuracy, an infinite mean loss)
+    monkeypatch.setattr(TrainingLoop, "evaluate", lambda self, model=None: (math.inf, 0.5))
+    run = Run(resolve(tiny(), name="tiny"), console=Console(file=open(os.devnull, "w")))  # noqa: SIM115
+    summary = run.execute(tmp_path / "out")
+    assert math.isinf(summary["test_loss"])  # the returned summary keeps the real value
+    saved = strict_json((tmp_path / "out" / "summary.json").read_text())
+    assert saved["test_loss"] is None and saved["accuracy"] == 0.5
+    rows = [strict_json(line) for line in
+            (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["test_loss"] for r in rows] == [None, None]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -15,8 +16,8 @@ from typing import Any
 from ..errors import ConfigError
 from .checkpoint import load_checkpoint
 
-__all__ = ["METRIC_FIELDS", "RESULT_FILES", "check_flags", "prepare_out", "run_status",
-           "write_json", "write_metrics"]
+__all__ = ["METRIC_FIELDS", "RESULT_FILES", "check_flags", "json_text", "prepare_out",
+           "run_status", "write_json", "write_metrics"]
 
 #: what a run writes into its output folder (``--force`` removes exactly these)
 RESULT_FILES = ("recipe.yaml", "run.json", "metrics.jsonl", "metrics.csv", "checkpoint.pt",
@@ -26,14 +27,30 @@ METRIC_FIELDS = ("epoch", "phase", "lr", "train_loss", "train_accuracy", "test_l
                  "test_accuracy", "sparsity", "steps", "seconds")
 
 
+def _finite_or_null(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_null(v) for v in obj]
+    return obj
+
+
+def json_text(obj: Any, indent: int | None = None) -> str:
+    """``obj`` as strict JSON: an infinite or NaN number (which JSON cannot hold; Python would
+    write a bare ``NaN``) becomes ``null``."""
+    return json.dumps(_finite_or_null(obj), indent=indent, allow_nan=False)
+
+
 def write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n")
+    path.write_text(json_text(obj, indent=2) + "\n")
 
 
 def write_metrics(out: Path, history: list[dict[str, Any]]) -> None:
     """metrics.jsonl and metrics.csv from the history (rewritten whole: after a resume they
     hold exactly the epochs of the checkpoint, never an epoch twice)."""
-    lines = "".join(json.dumps(h) + "\n" for h in history)
+    lines = "".join(json_text(h) + "\n" for h in history)
     (out / "metrics.jsonl").write_text(lines)
     with (out / "metrics.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=METRIC_FIELDS)

@@ -60,6 +60,7 @@ from __future__ import annotations
 import copy
 import importlib
 import inspect
+import math
 import re
 from collections.abc import Callable, Mapping
 from importlib import resources
@@ -314,11 +315,25 @@ def method_kwargs(method: Mapping[str, Any]) -> dict[str, Any]:
 
 
 # -- whole recipes ------------------------------------------------------------------------------
+def refuse_non_finite(value: Any, path: str) -> None:
+    """A ``RecipeError`` for the first infinite or NaN number anywhere in ``value`` (YAML's
+    ``.inf``, ``.nan``, or ``1e400``, which overflows to infinity): none has a meaning here."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise RecipeError(f"recipe field {path}: got {value!r}; allowed: a finite number")
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            refuse_non_finite(item, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            refuse_non_finite(item, f"{path}[{i}]")
+
+
 def resolve(raw: Any, name: str | None = None) -> dict[str, Any]:
     """Check a parsed recipe and fill in every default; returns the resolved recipe."""
     if not isinstance(raw, Mapping):
         raise RecipeError(f"recipe: got {type(raw).__name__}; allowed: a mapping of sections "
                           f"({', '.join(_ORDER)})")
+    refuse_non_finite(raw, "")  # every section, model.args and the method's parameters too
     for key in raw:
         if key not in _ORDER:
             raise RecipeError(f"recipe field {key}: unknown key; allowed: {', '.join(_ORDER)}")

@@ -26,12 +26,12 @@ from torch import Tensor, nn
 from .. import distributed
 from .build import build
 from .finish import finish
-from .loop import Interrupted, TrainingLoop
+from .loop import Diverged, Interrupted, TrainingLoop
 from .machine import machine
 from .outdir import RESULT_FILES, check_flags, prepare_out, run_status, write_json
 from .recipe import dump
 
-__all__ = ["Run", "RESULT_FILES", "Interrupted"]
+__all__ = ["Diverged", "Run", "RESULT_FILES", "Interrupted"]
 
 
 class Run:
@@ -126,6 +126,10 @@ class Run:
         except Interrupted:
             if distributed.is_main():
                 write_json(out / "run.json", {**status, "status": "interrupted"})
+            raise
+        except Diverged as e:
+            if distributed.is_main():
+                write_json(out / "run.json", {**status, "status": "failed", "error": str(e)})
             raise
         if not distributed.is_main() and self.pruner is not None and self.cfg["end"]["finalize"]:
             # rank 0 finalizes in finish(); finalize's collectives (ADMM's hard_project) pair up
