@@ -163,3 +163,46 @@ def test_results_are_strict_json_with_null_for_non_finite_values(tmp_path, monke
     rows = [strict_json(line) for line in
             (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [r["test_loss"] for r in rows] == [None, None]
+
+
+# -- 3. one writer per run folder -----------------------------------------------------------------
+
+
+def test_a_second_writer_is_refused_while_the_first_holds_the_folder(tmp_path):
+    from hwprune.app.runlock import LOCK_NAME, RunLock
+
+    path, out = write(tmp_path, tiny()), tmp_path / "out"
+    out.mkdir()
+    lock = RunLock(out)  # this process is the first writer
+    lock.acquire()
+    try:
+        proc = cli("run", path, "--out", out)
+        one_line_error(proc, "in use by another hwprune run", f"pid {os.getpid()}")
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]  # nothing written
+    finally:
+        lock.release()
+    assert not (out / LOCK_NAME).exists()
+    proc = cli("run", path, "--out", out)  # the folder is free again
+    assert proc.returncode == 0, proc.stderr
+    assert not (out / LOCK_NAME).exists()  # released at the end of the run
+
+
+def test_a_stale_lock_of_a_process_that_is_gone_is_taken_over(tmp_path):
+    from hwprune.app.runlock import LOCK_NAME
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # its pid names no live process now
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / LOCK_NAME).write_text(json.dumps({"pid": gone.pid, "host": "here"}))
+    proc = cli("run", write(tmp_path, tiny()), "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    assert f"stale lock of pid {gone.pid}" in " ".join(proc.stdout.split())
+    assert strict_json((out / "run.json").read_text())["status"] == "finished"
+    assert not (out / LOCK_NAME).exists()
+
+
+def test_a_refused_run_leaves_no_folder_behind(tmp_path):
+    proc = cli("run", write(tmp_path, tiny()), "--out", tmp_path / "new", "--resume")
+    one_line_error(proc, "no checkpoint")
+    assert not (tmp_path / "new").exists()

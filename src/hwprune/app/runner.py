@@ -17,6 +17,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +25,14 @@ from rich.console import Console
 from torch import Tensor, nn
 
 from .. import distributed
+from ..errors import ConfigError
 from .build import build
 from .finish import finish
 from .loop import Diverged, Interrupted, TrainingLoop
 from .machine import machine
 from .outdir import RESULT_FILES, check_flags, prepare_out, run_status, write_json
 from .recipe import dump
+from .runlock import RunLock
 
 __all__ = ["Diverged", "Run", "RESULT_FILES", "Interrupted"]
 
@@ -101,8 +104,17 @@ class Run:
             info["world_size"] = distributed.world_size()
         status = {"status": "running", "name": self.cfg["name"], **info}
 
+        lock = RunLock(out)
+        created = not out.exists()  # removed again if the run is refused before writing
+
         def start() -> tuple[bool, Any]:
             """(finished, its summary) or (not finished, the checkpoint to resume from)."""
+            if out.exists() and not out.is_dir():
+                raise ConfigError(f"--out {out} is a file; allowed: a folder (new or a run's)")
+            out.mkdir(parents=True, exist_ok=True)
+            lock.acquire()  # held until the run ends: one writer per folder
+            if lock.stale:
+                self.console.print(f"took over the stale lock of {lock.stale} in {out}")
             if resume and run_status(out) == "finished":
                 self.console.print(f"{out} holds a finished run; nothing to resume")
                 return True, json.loads((out / "summary.json").read_text())
@@ -112,6 +124,17 @@ class Run:
             write_json(out / "run.json", status)
             return False, ckpt
 
+        try:
+            return self._train_and_finish(out, start, status, info)
+        finally:
+            if distributed.is_main():
+                lock.release()
+                if created:
+                    with suppress(OSError):  # only an empty folder: a refused run wrote nothing
+                        out.rmdir()
+
+    def _train_and_finish(self, out: Path, start: Callable[[], tuple[bool, Any]],
+                          status: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
         def end(seconds: float) -> dict[str, Any]:
             summary = finish(self.loop, out, {**info, "seconds": seconds}, self.console)
             write_json(out / "run.json", {**status, "status": "finished"})
