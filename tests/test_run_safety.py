@@ -206,3 +206,19 @@ def test_a_refused_run_leaves_no_folder_behind(tmp_path):
     proc = cli("run", write(tmp_path, tiny()), "--out", tmp_path / "new", "--resume")
     one_line_error(proc, "no checkpoint")
     assert not (tmp_path / "new").exists()
+
+
+# -- 4. --resume with another recipe --------------------------------------------------------------
+
+
+def test_resume_of_a_finished_run_with_another_recipe_is_refused_naming_the_field(finished,
+                                                                                  tmp_path):
+    path, src = finished
+    out = copy_run(src, tmp_path / "out")
+    before = folder_state(out)
+    proc = cli("run", path, "--out", out, "--resume", "--set", "optimizer.lr=0.2")
+    one_line_error(proc, "recipe field optimizer.lr", "0.2", "0.05")
+    assert folder_state(out) == before
+    proc = cli("run", path, "--out", out, "--resume")  # the same recipe: nothing to do
+    assert proc.returncode == 0 and "nothing to resume" in proc.stdout, proc.stderr
+    assert folder_state(out) == before

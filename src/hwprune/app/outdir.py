@@ -16,8 +16,8 @@ from typing import Any
 from ..errors import ConfigError
 from .checkpoint import load_checkpoint
 
-__all__ = ["METRIC_FIELDS", "RESULT_FILES", "check_flags", "json_text", "prepare_out",
-           "run_status", "write_json", "write_metrics"]
+__all__ = ["METRIC_FIELDS", "RESULT_FILES", "check_flags", "check_same_recipe", "json_text",
+           "prepare_out", "run_status", "write_json", "write_metrics"]
 
 #: what a run writes into its output folder (``--force`` removes exactly these)
 RESULT_FILES = ("recipe.yaml", "run.json", "metrics.jsonl", "metrics.csv", "checkpoint.pt",
@@ -85,6 +85,19 @@ def check_flags(out: Path, resume: bool, force: bool) -> None:
                           "--force deletes it and starts over; give one of them")
 
 
+def check_same_recipe(out: Path, cfg: dict[str, Any]) -> None:
+    """Refuse to resume the run in ``out`` with a recipe other than its ``recipe.yaml``,
+    naming the first field that differs."""
+    from .recipe import parse_yaml
+
+    saved = parse_yaml((out / "recipe.yaml").read_text(), f"{out / 'recipe.yaml'}")
+    diff = _first_difference(saved, cfg)
+    if diff is not None:
+        raise ConfigError(f"--resume: recipe field {diff[0]} is {diff[2]!r} here but "
+                          f"{diff[1]!r} in the run in {out}; allowed: the same recipe, "
+                          "or --force without --resume to start over")
+
+
 def prepare_out(out: Path, cfg: dict[str, Any], resume: bool, force: bool) -> dict | None:
     """Check the output folder against the request; returns the checkpoint to resume from.
 
@@ -108,14 +121,7 @@ def prepare_out(out: Path, cfg: dict[str, Any], resume: bool, force: bool) -> di
         if status is None or not (out / "checkpoint.pt").is_file():
             raise ConfigError(f"--resume: {out} holds no checkpoint to continue; run without "
                               "--resume to start")
-        from .recipe import parse_yaml
-
-        saved = parse_yaml((out / "recipe.yaml").read_text(), f"{out / 'recipe.yaml'}")
-        diff = _first_difference(saved, cfg)
-        if diff is not None:
-            raise ConfigError(f"--resume: recipe field {diff[0]} is {diff[2]!r} here but "
-                              f"{diff[1]!r} in the run in {out}; allowed: the same recipe, "
-                              "or --force to start over")
+        check_same_recipe(out, cfg)
         return load_checkpoint(out / "checkpoint.pt")
     if status is not None:
         raise ConfigError(f"--out {out} holds an unfinished run; pass --resume to continue it "

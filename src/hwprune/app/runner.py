@@ -30,7 +30,14 @@ from .build import build
 from .finish import finish
 from .loop import Diverged, Interrupted, TrainingLoop
 from .machine import machine
-from .outdir import RESULT_FILES, check_flags, prepare_out, run_status, write_json
+from .outdir import (
+    RESULT_FILES,
+    check_flags,
+    check_same_recipe,
+    prepare_out,
+    run_status,
+    write_json,
+)
 from .recipe import dump
 from .runlock import RunLock
 
@@ -116,6 +123,7 @@ class Run:
             if lock.stale:
                 self.console.print(f"took over the stale lock of {lock.stale} in {out}")
             if resume and run_status(out) == "finished":
+                check_same_recipe(out, self.cfg)  # never another recipe's numbers as these
                 self.console.print(f"{out} holds a finished run; nothing to resume")
                 return True, json.loads((out / "summary.json").read_text())
             ckpt = prepare_out(out, self.cfg, resume, force)
