@@ -222,3 +222,38 @@ def test_resume_of_a_finished_run_with_another_recipe_is_refused_naming_the_fiel
     proc = cli("run", path, "--out", out, "--resume")  # the same recipe: nothing to do
     assert proc.returncode == 0 and "nothing to resume" in proc.stdout, proc.stderr
     assert folder_state(out) == before
+
+
+# -- 5. temporary files of a write that was killed ------------------------------------------------
+
+KILLED_WRITE = """
+import os, signal, sys
+from pathlib import Path
+from hwprune.app.checkpoint import save_checkpoint
+os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL)  # killed before the rename
+save_checkpoint(Path(sys.argv[1]) / "checkpoint.pt", {"epoch": 0})
+"""
+
+
+def unfinished_with_a_killed_checkpoint_write(src, out):
+    """A copy of a run, marked interrupted, whose last checkpoint write was SIGKILLed."""
+    copy_run(src, out)
+    (out / "summary.json").unlink()
+    (out / "run.json").write_text(json.dumps({"status": "interrupted", "name": "tiny"}))
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    proc = subprocess.run([sys.executable, "-c", KILLED_WRITE, str(out)], env=env, timeout=120)
+    assert proc.returncode == -9
+    stale = list(out.glob(".checkpoint.pt.*.tmp"))
+    assert len(stale) == 1 and stale[0].stat().st_size > 0
+    return out
+
+
+@pytest.mark.parametrize("flag", ["--resume", "--force"])
+def test_resume_and_force_remove_the_temporary_file_of_a_killed_write(finished, tmp_path,
+                                                                      flag):
+    path, src = finished
+    out = unfinished_with_a_killed_checkpoint_write(src, tmp_path / "out")
+    proc = cli("run", path, "--out", out, flag)
+    assert proc.returncode == 0, proc.stderr
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+    assert strict_json((out / "run.json").read_text())["status"] == "finished"

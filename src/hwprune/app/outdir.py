@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..files import remove_stale_temporaries
 from .checkpoint import load_checkpoint
 
 __all__ = ["METRIC_FIELDS", "RESULT_FILES", "check_flags", "check_same_recipe", "json_text",
@@ -104,8 +105,11 @@ def prepare_out(out: Path, cfg: dict[str, Any], resume: bool, force: bool) -> di
     A finished run is never overwritten without ``force``; an unfinished one needs ``resume``
     (continue, with the same recipe) or ``force`` (start over). ``force`` removes only the files
     a run writes (``RESULT_FILES``); it is never given with ``resume`` (``check_flags``).
+    Temporary files an atomic write left when its process was killed are removed first.
     """
     status = run_status(out)
+    for name in RESULT_FILES:  # the caller holds the folder's lock: no write is in progress
+        remove_stale_temporaries(out / name)
     if force:
         for name in RESULT_FILES:
             p = out / name
