@@ -257,3 +257,58 @@ def test_resume_and_force_remove_the_temporary_file_of_a_killed_write(finished, 
     assert proc.returncode == 0, proc.stderr
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
     assert strict_json((out / "run.json").read_text())["status"] == "finished"
+
+
+# -- 6. recipes are data; --plugin is the way in for code -----------------------------------------
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_a_recipe_naming_code_is_refused_and_runs_nothing(tmp_path, dry_run):
+    marker = tmp_path / "pwned"
+    recipe = tiny(**{"model.name": "os:system", "model.args": {"command": f"touch {marker}"}})
+    out = tmp_path / "out"
+    proc = cli("run", write(tmp_path, recipe), "--out", out, *(["--dry-run"] if dry_run else []))
+    one_line_error(proc, "model.name", "'os:system'", "register_model", "--plugin")
+    assert not marker.exists()  # the command never ran
+    assert not out.exists()
+
+
+PLUGIN = """
+from hwprune.app.datasets import register_dataset
+from hwprune.models import SmallCNN, register_model
+import torch
+from torch.utils.data import TensorDataset
+
+
+def noise(root, data, seed):
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(48, 1, 8, 8, generator=g), torch.arange(48) % 3
+    return TensorDataset(x, y), TensorDataset(x[:12], y[:12]), {}
+
+
+register_model("plugin_cnn", lambda width=4, num_classes=10: SmallCNN(width, num_classes))
+register_dataset("noise", noise)
+"""
+
+
+def test_a_plugin_file_registers_what_a_recipe_then_names(tmp_path):
+    plugin = tmp_path / "my_models.py"
+    plugin.write_text(PLUGIN)
+    recipe = write(tmp_path, tiny(**{"model.name": "plugin_cnn", "data": {"name": "noise"}}))
+    out = tmp_path / "out"
+    one_line_error(cli("run", recipe, "--out", out), "data.name", "noise", "--plugin")
+    proc = cli("run", recipe, "--out", out, "--plugin", plugin)
+    assert proc.returncode == 0, proc.stderr
+    summary = strict_json((out / "summary.json").read_text())
+    assert summary["model"] == "plugin_cnn" and summary["data"] == "noise"
+    assert strict_json((out / "run.json").read_text())["status"] == "finished"
+
+
+def test_a_failing_or_missing_plugin_is_one_line(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("x = 1\nraise RuntimeError('no GPU here')\n")
+    recipe = write(tmp_path, tiny())
+    one_line_error(cli("run", recipe, "--plugin", bad, "--dry-run"),
+                   f"--plugin {bad}, line 2", "RuntimeError", "no GPU here")
+    one_line_error(cli("run", recipe, "--plugin", tmp_path / "none.py", "--dry-run"),
+                   "no such file")

@@ -21,7 +21,7 @@ from .. import data as hdata
 from .. import models as hmodels
 from ..errors import HwpruneError
 from .datasets import dataset_spec
-from .recipe import RecipeError, import_factory, method_class, method_kwargs
+from .recipe import RecipeError, method_class, method_kwargs
 
 __all__ = ["Data", "Parts", "build", "field_error", "make_optimizer", "make_pruner",
            "new_model"]
@@ -118,12 +118,11 @@ def load_data(cfg: dict[str, Any]) -> tuple[Data, dict[str, Any]]:
 
 
 def model_factory(name: str) -> Callable[..., nn.Module]:
-    """A zoo model (``hwprune.models.MODELS``) or a ``package.module:factory``."""
-    if ":" in name:
-        return import_factory(name)
+    """The registered model (``hwprune.models.MODELS``) called ``name``."""
     if name not in hmodels.MODELS:
         raise RecipeError(f"recipe field model.name: got {name!r}; allowed: "
-                          f"{', '.join(sorted(hmodels.MODELS))}, or 'package.module:factory'")
+                          f"{', '.join(sorted(hmodels.MODELS))}, or a model your --plugin FILE "
+                          "registers with hwprune.models.register_model")
     return hmodels.MODELS[name]
 
 

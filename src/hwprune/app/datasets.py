@@ -18,7 +18,7 @@ from torch.utils.data import TensorDataset
 from .. import data as hdata
 from .recipe import RecipeError
 
-__all__ = ["DATASETS", "DatasetSpec", "dataset_spec"]
+__all__ = ["DATASETS", "DatasetSpec", "dataset_spec", "register_dataset"]
 
 #: (train, test, facts for the model factory)
 Loaded = tuple[Any, Any, dict[str, Any]]
@@ -73,5 +73,25 @@ def dataset_spec(name: str) -> DatasetSpec:
     """The registry entry of ``name``; a one-line ``RecipeError`` listing the names if unknown."""
     if name not in DATASETS:
         raise RecipeError(f"recipe field data.name: got {name!r}; allowed: "
-                          f"{', '.join(DATASETS)}")
+                          f"{', '.join(DATASETS)}, or a data set your --plugin FILE registers "
+                          "with hwprune.app.datasets.register_dataset")
     return DATASETS[name]
+
+
+def register_dataset(name: str, load: Callable[[Path | None, Mapping[str, Any], int], Loaded],
+                     needs_folder: bool = False) -> DatasetSpec:
+    """Add a data set recipes can name (``data: {name: NAME}``): ``load(root, data, seed)``
+    returns (train, test, facts) as the entries above do. Call it in a Python file passed as
+    ``hwprune run --plugin FILE``. Registering a name again with the same spec does nothing;
+    another spec is refused."""
+    if not isinstance(name, str) or not name.isidentifier():
+        raise RecipeError(f"register_dataset: name {name!r}; allowed: a Python identifier")
+    if not callable(load):
+        raise RecipeError(f"register_dataset({name!r}): load is {type(load).__name__}; "
+                          "allowed: a callable load(root, data, seed)")
+    spec = DatasetSpec(load, needs_folder)
+    if DATASETS.get(name, spec) != spec:
+        raise RecipeError(f"register_dataset: a data set named {name!r} is already "
+                          "registered; choose another name")
+    DATASETS[name] = spec
+    return spec

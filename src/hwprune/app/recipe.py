@@ -5,7 +5,7 @@ A recipe has these sections (every key optional except ``model.name``; defaults 
     name: psp-digits            # default: the file's stem
     seed: 0
     model:
-      name: small_cnn           # a zoo name (hwprune.models.MODELS) or "package.module:factory"
+      name: small_cnn           # a registered model (hwprune.models.MODELS; yours: --plugin)
       args: {}                  # keyword arguments of the factory
       pretrained: null          # a state-dict checkpoint; relative paths: cwd, then data.dir
     data:
@@ -51,14 +51,16 @@ A recipe has these sections (every key optional except ``model.name``; defaults 
 ``load_recipe`` / ``resolve`` return the *resolved* recipe: a plain nested dict with every
 default filled in, which the runner writes back as ``recipe.yaml``. Every bad value raises
 ``RecipeError`` (a ``ConfigError``) with one line naming the field, the value and what is
-allowed; method parameters are checked against the method's own signature here and by the
-method's constructor in the runner, still before any output is written.
+allowed; infinite and NaN numbers are refused anywhere. Recipes are data: models, data sets and
+methods are names in registries, never code (your own are registered by a ``--plugin`` file,
+see ``hwprune.app.plugins``); method parameters are checked against the method's own
+signature here and by the method's constructor in the runner, still before any output is
+written.
 """
 
 from __future__ import annotations
 
 import copy
-import importlib
 import inspect
 import math
 import re
@@ -157,7 +159,7 @@ SCHEMA: dict[str, Any] = {
     "name": _str(None, allowed="a run name"),
     "seed": _int(0, 0),
     "model": {
-        "name": _Field((str,), None, "a zoo model name or 'package.module:factory'",
+        "name": _Field((str,), None, "a registered model name (hwprune.models.MODELS)",
                        required=True),
         "args": _Field((dict,), {}, "a mapping of factory keyword arguments"),
         "pretrained": _str(None, allowed="a checkpoint path"),
@@ -187,8 +189,8 @@ SCHEMA: dict[str, Any] = {
         "dense_epochs": _int(0, 0),
         "prune_epochs": _int(0, 5),
         "finetune_epochs": _int(0, 0),
-        "phase_hook": _Field((str, _NONE), "hard_project", "a pruner method name or null",
-                             lambda v: v.isidentifier()),
+        "phase_hook": _Field((str, _NONE), "hard_project", "a public pruner method name or null",
+                             lambda v: v.isidentifier() and not v.startswith("_")),
         "batch_size": _int(1, 64),
         "eval_batch_size": _int(1, 512),
         "steps_per_epoch": _int(1, None, none=True),
@@ -345,6 +347,11 @@ def resolve(raw: Any, name: str | None = None) -> dict[str, Any]:
             out[key] = _resolve_section(SCHEMA[key], raw.get(key), key)
         else:
             out[key] = SCHEMA[key].validate(key, raw[key]) if key in raw else SCHEMA[key].default
+    if ":" in out["model"]["name"]:  # the old "module:callable" form imported and ran code
+        raise RecipeError(f"recipe field model.name: got {out['model']['name']!r}; recipes are "
+                          "data and never name code: register your model with "
+                          "hwprune.models.register_model(name, factory) in a Python file, pass "
+                          "it as hwprune run --plugin FILE, and name it here")
     if out["name"] is None:
         out["name"] = name or out["model"]["name"]
     train = out["train"]
@@ -420,18 +427,3 @@ def load_recipe(spec: str, overrides: list[str] | None = None) -> dict[str, Any]
         raise RecipeError(f"recipe {spec}: got {type(raw).__name__}; allowed: a mapping of "
                           f"sections ({', '.join(_ORDER)})")
     return resolve(apply_overrides(raw, overrides or []), name=name)
-
-
-def import_factory(spec: str, field: str = "model.name") -> Callable[..., Any]:
-    """``package.module:factory`` -> the callable."""
-    module_name, _, attr = spec.partition(":")
-    try:
-        obj: Any = importlib.import_module(module_name)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError) as e:
-        raise RecipeError(f"recipe field {field}: cannot import {spec!r} ({e}); allowed: a zoo "
-                          "name or 'package.module:factory'") from None
-    if not callable(obj):
-        raise RecipeError(f"recipe field {field}: {spec!r} is not callable")
-    return obj
