@@ -312,3 +312,43 @@ def test_a_failing_or_missing_plugin_is_one_line(tmp_path):
                    f"--plugin {bad}, line 2", "RuntimeError", "no GPU here")
     one_line_error(cli("run", recipe, "--plugin", tmp_path / "none.py", "--dry-run"),
                    "no such file")
+
+
+# -- 16. augmentation belongs to the data set -----------------------------------------------------
+
+
+def test_augment_on_a_data_set_without_augmentation_is_refused(tmp_path):
+    # CIFAR's crop and flip on 8 x 8 digits trained at chance
+    proc = cli("run", write(tmp_path, tiny(**{"data.augment": True})), "--dry-run")
+    one_line_error(proc, "data.augment", "'digits' has no augmentation", "cifar10")
+
+
+def test_the_data_sets_own_augmentation_is_what_training_batches_get(monkeypatch):
+    from torch.utils.data import TensorDataset
+
+    from hwprune.app.build import build
+    from hwprune.app.datasets import DATASETS, DatasetSpec
+    from hwprune.app.phases import Plan
+    from hwprune.app.recipe import resolve
+
+    x, y = torch.randn(40, 1, 8, 8), torch.arange(40) % 4
+
+    def load(root, data, seed):
+        return TensorDataset(x, y), TensorDataset(x[:8], y[:8]), {}
+
+    def negate(batch, generator):
+        assert isinstance(generator, torch.Generator)  # seeded per step: exact resume
+        return -batch
+
+    monkeypatch.setitem(DATASETS, "toy", DatasetSpec(load, needs_folder=False, augment=negate))
+    for augment in (True, False):
+        cfg = resolve({"model": {"name": "small_cnn", "args": {"width": 4}},
+                       "data": {"name": "toy", "augment": augment},
+                       "train": {"batch_size": 8}}, name="toy")
+        parts = build(cfg)
+        assert parts.augment is (negate if augment else None)
+        plain = Plan(cfg, x, y)
+        plan = Plan(cfg, x, y, parts.augment)
+        for (_, got, _), (_, raw, _) in zip(plan.batches(0, 0), plain.batches(0, 0),
+                                            strict=True):
+            assert torch.equal(got, -raw if augment else raw)

@@ -121,7 +121,7 @@ class TrainingLoop:
                  on_step: Callable[[int], object] | None = None):
         self.cfg, self.parts, self.console, self.on_step = cfg, parts, console, on_step
         self.model = parts.model
-        self.plan = Plan(cfg, parts.data.train_x, parts.data.train_y)
+        self.plan = Plan(cfg, parts.data.train_x, parts.data.train_y, parts.augment)
         self.stop = StopRequest()
         self.pruner: Any = None
         self.phase: str | None = None

@@ -14,7 +14,7 @@ A recipe has these sections (every key optional except ``model.name``; defaults 
       dir: null                 # the data folder; default $HWPRUNE_DATA_DIR
       train_subset: null        # a seeded random subset of this many training samples
       test_subset: null
-      augment: false            # random crop + flip (CIFAR)
+      augment: false            # the data set's augmentation (cifar10: crop + flip)
       seq_len: 128              # text: characters per training sequence
     method:                     # null: no pruning (a dense reference run)
       name: PSP                 # a registered method (hwprune.methods.all_methods), by name
