@@ -97,7 +97,8 @@ class Run:
     def execute(self, out: str | Path, resume: bool = False, force: bool = False,
                 command: str | None = None) -> dict[str, Any]:
         """Write the run into ``out``; returns the summary. See ``prepare_out`` for the rules
-        on existing folders.
+        on existing folders; ``out`` is locked (``RunLock``) for the whole call, so a second
+        writer is refused.
 
         Distributed (under torchrun): only rank 0 reads and writes ``out``; the other ranks get
         its checkpoint (or its error) by broadcast, train their shards, finalize their pruner
