@@ -303,6 +303,8 @@ def _bad(recipe_changes):
     ({"method.name": "Lottery"}, ["method.name", "'Lottery'", "PSP"]),
     ({"method.structure": "2:4"}, ["method", "2:4", "DPP"]),
     ({"model.name": "resnet9000"}, ["model.name", "resnet9000", "resnet20"]),
+    ({"model.name": "builtins:print"}, ["model.name", "never name code", "--plugin"]),
+    ({"train.phase_hook": "__init__"}, ["train.phase_hook", "a public pruner method"]),
     ({"data.name": "cifar10", "data.dir": "/no/such/folder"}, ["data.dir", "/no/such/folder"]),
     ({"data.name": "imagenet"}, ["data.name", "'imagenet'", "cifar10"]),
     ({"model.pretrained": "/no/such.pt"}, ["model.pretrained", "/no/such.pt", "no such file"]),

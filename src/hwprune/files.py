@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import tempfile
 from contextlib import suppress
 from pathlib import Path
 
+_TMP = ".tmp"
+
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside ``path``, then rename: never a half-written file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    """Write to a temporary file beside ``path``, then rename: never a half-written file.
+
+    A process killed mid-write (SIGKILL, power loss) leaves the temporary file
+    (``.NAME.*.tmp``) behind; ``remove_stale_temporaries`` removes it."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TMP, dir=path.parent or ".")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -22,3 +28,13 @@ def write_atomic(path: Path, data: bytes) -> None:
         with suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Remove the temporary files ``write_atomic(path, ...)`` left behind when its process was
+    killed mid-write; returns them. Call it only when no write to ``path`` is in progress."""
+    stale = sorted(Path(path).parent.glob(f".{glob.escape(Path(path).name)}.*{_TMP}"))
+    for tmp in stale:
+        with suppress(FileNotFoundError):
+            tmp.unlink()
+    return stale

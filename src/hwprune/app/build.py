@@ -20,8 +20,8 @@ from torch import Tensor, nn
 from .. import data as hdata
 from .. import models as hmodels
 from ..errors import HwpruneError
-from .datasets import dataset_spec
-from .recipe import RecipeError, import_factory, method_class, method_kwargs
+from .datasets import Augment, augmentable, dataset_spec
+from .recipe import RecipeError, method_class, method_kwargs
 
 __all__ = ["Data", "Parts", "build", "field_error", "make_optimizer", "make_pruner",
            "new_model"]
@@ -43,14 +43,16 @@ class Data:
 
 @dataclass
 class Parts:
-    """What ``build`` returns: the data, the model factory and the model it made, and the
-    method (None: a dense run) with its keyword arguments, checked on a copy of the model."""
+    """What ``build`` returns: the data, the model factory and the model it made, the
+    method (None: a dense run) with its keyword arguments, checked on a copy of the model, and
+    the training batches' augmentation (None: none)."""
 
     data: Data
     factory: Callable[..., nn.Module]
     model: nn.Module
     method_cls: type | None
     method_kwargs: dict[str, Any]
+    augment: Augment | None = None  # the data set's, when the recipe asks for augmentation
 
     @property
     def example(self) -> Tensor:
@@ -75,7 +77,8 @@ def build(cfg: dict[str, Any]) -> Parts:
         load_pretrained(model, cfg)
     method = cfg["method"]
     parts = Parts(data, factory, model, method_class(method["name"]) if method else None,
-                  method_kwargs(method) if method else {})
+                  method_kwargs(method) if method else {},
+                  dataset_spec(cfg["data"]["name"]).augment if cfg["data"]["augment"] else None)
     if parts.method_cls is not None:  # every method parameter is checked here, on a copy
         make_pruner(parts, copy.deepcopy(model))
     return parts
@@ -93,6 +96,10 @@ def load_data(cfg: dict[str, Any]) -> tuple[Data, dict[str, Any]]:
     d = cfg["data"]
     name = d["name"]
     spec = dataset_spec(name)
+    if d["augment"] and spec.augment is None:
+        raise RecipeError(f"recipe field data.augment: got True, but data set {name!r} has no "
+                          f"augmentation; allowed: false, or a data set that has one "
+                          f"({', '.join(augmentable()) or 'none registered'})")
     try:
         root = data_root(cfg) if spec.needs_folder else None
         train, test, info = spec.load(root, d, cfg["seed"])
@@ -118,12 +125,11 @@ def load_data(cfg: dict[str, Any]) -> tuple[Data, dict[str, Any]]:
 
 
 def model_factory(name: str) -> Callable[..., nn.Module]:
-    """A zoo model (``hwprune.models.MODELS``) or a ``package.module:factory``."""
-    if ":" in name:
-        return import_factory(name)
+    """The registered model (``hwprune.models.MODELS``) called ``name``."""
     if name not in hmodels.MODELS:
         raise RecipeError(f"recipe field model.name: got {name!r}; allowed: "
-                          f"{', '.join(sorted(hmodels.MODELS))}, or 'package.module:factory'")
+                          f"{', '.join(sorted(hmodels.MODELS))}, or a model your --plugin FILE "
+                          "registers with hwprune.models.register_model")
     return hmodels.MODELS[name]
 
 

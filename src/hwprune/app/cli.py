@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from .plugins import load_plugin
     from .recipe import dump, load_recipe, shipped_recipes
     from .runner import Interrupted, Run
 
@@ -71,6 +72,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.recipe is None:
         raise HwpruneError("run: give a RECIPE (a YAML file or a shipped name; --list shows "
                            "them)")
+    for plugin in args.plugin:  # before the recipe: it may name what they register
+        load_plugin(plugin)
     cfg = load_recipe(args.recipe, args.set)
     console = Console()
     run = Run(cfg, console=console)  # builds everything: every error is raised before writing
@@ -118,6 +121,10 @@ def _add_run_parsers(sub: argparse._SubParsersAction) -> None:
                      help="overwrite a run (finished or not) in --out")
     run.add_argument("--dry-run", action="store_true",
                      help="validate and print the resolved recipe; write nothing")
+    run.add_argument("--plugin", action="append", default=[], metavar="FILE",
+                     help="a Python file to run first, which registers your models, data "
+                          "sets or methods (hwprune.models.register_model, ...); repeatable. "
+                          "Recipes themselves never run code")
     run.add_argument("--list", action="store_true", help="list the shipped recipes")
     run.set_defaults(func=_cmd_run, argv=None)
     compare = sub.add_parser("compare", help="one table and plot from several run folders")

@@ -3,7 +3,6 @@ report, save, time, plot; the results go into the output folder and ``summary.js
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ from ..errors import HwpruneError
 from ..training import recalibrate_batchnorm
 from .build import new_model
 from .loop import TrainingLoop
+from .outdir import write_json
 
 __all__ = ["finish", "latencies_ms"]
 
@@ -67,7 +67,7 @@ def finish(loop: TrainingLoop, out: Path, info: dict[str, Any], console: Console
     summary.update(info)
     if end["plots"] and end["report"]:
         _plots(out / "plots", rep, deployable, loop, console)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(out / "summary.json", summary)
     return summary
 
 

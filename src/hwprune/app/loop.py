@@ -23,6 +23,7 @@ two runs differ unless ``torch.use_deterministic_algorithms(True)`` is set.
 
 from __future__ import annotations
 
+import math
 import signal
 import sys
 import threading
@@ -46,11 +47,16 @@ from .checkpoint import rng_state, save_checkpoint, set_rng_state
 from .outdir import write_metrics
 from .phases import PHASES, Plan
 
-__all__ = ["Interrupted", "StopRequest", "TrainingLoop", "loss_correct"]
+__all__ = ["Diverged", "Interrupted", "StopRequest", "TrainingLoop", "loss_correct"]
 
 
 class Interrupted(HwpruneError):
     """The run stopped on SIGINT after writing a checkpoint (exit code 130)."""
+
+
+class Diverged(HwpruneError):
+    """The training loss became infinite or NaN; the last checkpoint (of the last completed
+    epoch) is the last good state, and nothing is written after the step that diverged."""
 
 
 def loss_correct(logits: Tensor, y: Tensor) -> tuple[Tensor, int, int]:
@@ -115,7 +121,7 @@ class TrainingLoop:
                  on_step: Callable[[int], object] | None = None):
         self.cfg, self.parts, self.console, self.on_step = cfg, parts, console, on_step
         self.model = parts.model
-        self.plan = Plan(cfg, parts.data.train_x, parts.data.train_y)
+        self.plan = Plan(cfg, parts.data.train_x, parts.data.train_y, parts.augment)
         self.stop = StopRequest()
         self.pruner: Any = None
         self.phase: str | None = None
@@ -210,6 +216,10 @@ class TrainingLoop:
                                description=f"epoch {epoch + 1} ({phase})", info="")
                 for step, x, y in self.plan.batches(epoch, start):
                     self.train_step(x, y, running)
+                    # the running sum is non-finite from the first non-finite loss on; it is
+                    # the all-reduced sum, so every rank of a distributed run stops together
+                    if not math.isfinite(running["loss"]):
+                        raise Diverged(self._diverged(out, epoch, step, running["loss"]))
                     if self.on_step is not None:
                         self.on_step(epoch * per_epoch + step + 1)
                     if live:
@@ -277,6 +287,14 @@ class TrainingLoop:
             "sparsity": self.pruner.sparsity() if self.pruner is not None else 0.0,
             "steps": (epoch + 1) * self.plan.steps_per_epoch(), "seconds": round(seconds, 3),
         })
+
+    def _diverged(self, out: Path, epoch: int, step: int, loss: float) -> str:
+        ckpt = out / "checkpoint.pt"
+        kept = (f"{ckpt} (written before this step) is kept" if ckpt.is_file()
+                else "no checkpoint was written before it")
+        return (f"training loss became {'NaN' if math.isnan(loss) else 'infinite'} at epoch "
+                f"{epoch + 1}, step {step + 1} ({self.phase} phase); {kept}; lower "
+                "optimizer.lr (or finetune_lr) and start over with --force")
 
     def _save_checkpoint(self, out: Path, state: dict[str, Any]) -> None:
         if distributed.is_main():  # the other ranks hold the same state

@@ -8,13 +8,11 @@ pipeline needs saving to resume exactly.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor
-
-from .. import data as hdata
 
 __all__ = ["PHASES", "Plan"]
 
@@ -24,9 +22,12 @@ PHASES = ("dense", "prune", "finetune")
 class Plan:
     """The epochs of each phase and the batches of each epoch of a recipe's training."""
 
-    def __init__(self, cfg: dict[str, Any], train_x: Tensor, train_y: Tensor):
+    def __init__(self, cfg: dict[str, Any], train_x: Tensor, train_y: Tensor,
+                 augment: Callable[..., Tensor] | None = None):
+        """``augment(x, generator=g)``: the data set's augmentation of a training batch."""
         self.cfg = cfg
         self.train_x, self.train_y = train_x, train_y
+        self.augment = augment
         t = cfg["train"]
         self.epochs = {p: t[f"{p}_epochs"] for p in PHASES}
 
@@ -56,7 +57,7 @@ class Plan:
         for step in range(start, self.steps_per_epoch()):
             idx = perm[step * bs:(step + 1) * bs]
             x, y = self.train_x[idx], self.train_y[idx]
-            if self.cfg["data"]["augment"]:
+            if self.augment is not None:
                 g = torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 100_003 + step)
-                x = hdata.augment_cifar(x, generator=g)
+                x = self.augment(x, generator=g)
             yield step, x, y

@@ -5,7 +5,7 @@ A recipe has these sections (every key optional except ``model.name``; defaults 
     name: psp-digits            # default: the file's stem
     seed: 0
     model:
-      name: small_cnn           # a zoo name (hwprune.models.MODELS) or "package.module:factory"
+      name: small_cnn           # a registered model (hwprune.models.MODELS; yours: --plugin)
       args: {}                  # keyword arguments of the factory
       pretrained: null          # a state-dict checkpoint; relative paths: cwd, then data.dir
     data:
@@ -14,7 +14,7 @@ A recipe has these sections (every key optional except ``model.name``; defaults 
       dir: null                 # the data folder; default $HWPRUNE_DATA_DIR
       train_subset: null        # a seeded random subset of this many training samples
       test_subset: null
-      augment: false            # random crop + flip (CIFAR)
+      augment: false            # the data set's augmentation (cifar10: crop + flip)
       seq_len: 128              # text: characters per training sequence
     method:                     # null: no pruning (a dense reference run)
       name: PSP                 # a registered method (hwprune.methods.all_methods), by name
@@ -51,15 +51,18 @@ A recipe has these sections (every key optional except ``model.name``; defaults 
 ``load_recipe`` / ``resolve`` return the *resolved* recipe: a plain nested dict with every
 default filled in, which the runner writes back as ``recipe.yaml``. Every bad value raises
 ``RecipeError`` (a ``ConfigError``) with one line naming the field, the value and what is
-allowed; method parameters are checked against the method's own signature here and by the
-method's constructor in the runner, still before any output is written.
+allowed; infinite and NaN numbers are refused anywhere. Recipes are data: models, data sets and
+methods are names in registries, never code (your own are registered by a ``--plugin`` file,
+see ``hwprune.app.plugins``); method parameters are checked against the method's own
+signature here and by the method's constructor in the runner, still before any output is
+written.
 """
 
 from __future__ import annotations
 
 import copy
-import importlib
 import inspect
+import math
 import re
 from collections.abc import Callable, Mapping
 from importlib import resources
@@ -156,7 +159,7 @@ SCHEMA: dict[str, Any] = {
     "name": _str(None, allowed="a run name"),
     "seed": _int(0, 0),
     "model": {
-        "name": _Field((str,), None, "a zoo model name or 'package.module:factory'",
+        "name": _Field((str,), None, "a registered model name (hwprune.models.MODELS)",
                        required=True),
         "args": _Field((dict,), {}, "a mapping of factory keyword arguments"),
         "pretrained": _str(None, allowed="a checkpoint path"),
@@ -186,8 +189,8 @@ SCHEMA: dict[str, Any] = {
         "dense_epochs": _int(0, 0),
         "prune_epochs": _int(0, 5),
         "finetune_epochs": _int(0, 0),
-        "phase_hook": _Field((str, _NONE), "hard_project", "a pruner method name or null",
-                             lambda v: v.isidentifier()),
+        "phase_hook": _Field((str, _NONE), "hard_project", "a public pruner method name or null",
+                             lambda v: v.isidentifier() and not v.startswith("_")),
         "batch_size": _int(1, 64),
         "eval_batch_size": _int(1, 512),
         "steps_per_epoch": _int(1, None, none=True),
@@ -314,11 +317,25 @@ def method_kwargs(method: Mapping[str, Any]) -> dict[str, Any]:
 
 
 # -- whole recipes ------------------------------------------------------------------------------
+def refuse_non_finite(value: Any, path: str) -> None:
+    """A ``RecipeError`` for the first infinite or NaN number anywhere in ``value`` (YAML's
+    ``.inf``, ``.nan``, or ``1e400``, which overflows to infinity): none has a meaning here."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise RecipeError(f"recipe field {path}: got {value!r}; allowed: a finite number")
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            refuse_non_finite(item, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            refuse_non_finite(item, f"{path}[{i}]")
+
+
 def resolve(raw: Any, name: str | None = None) -> dict[str, Any]:
     """Check a parsed recipe and fill in every default; returns the resolved recipe."""
     if not isinstance(raw, Mapping):
         raise RecipeError(f"recipe: got {type(raw).__name__}; allowed: a mapping of sections "
                           f"({', '.join(_ORDER)})")
+    refuse_non_finite(raw, "")  # every section, model.args and the method's parameters too
     for key in raw:
         if key not in _ORDER:
             raise RecipeError(f"recipe field {key}: unknown key; allowed: {', '.join(_ORDER)}")
@@ -330,6 +347,11 @@ def resolve(raw: Any, name: str | None = None) -> dict[str, Any]:
             out[key] = _resolve_section(SCHEMA[key], raw.get(key), key)
         else:
             out[key] = SCHEMA[key].validate(key, raw[key]) if key in raw else SCHEMA[key].default
+    if ":" in out["model"]["name"]:  # the old "module:callable" form imported and ran code
+        raise RecipeError(f"recipe field model.name: got {out['model']['name']!r}; recipes are "
+                          "data and never name code: register your model with "
+                          "hwprune.models.register_model(name, factory) in a Python file, pass "
+                          "it as hwprune run --plugin FILE, and name it here")
     if out["name"] is None:
         out["name"] = name or out["model"]["name"]
     train = out["train"]
@@ -405,18 +427,3 @@ def load_recipe(spec: str, overrides: list[str] | None = None) -> dict[str, Any]
         raise RecipeError(f"recipe {spec}: got {type(raw).__name__}; allowed: a mapping of "
                           f"sections ({', '.join(_ORDER)})")
     return resolve(apply_overrides(raw, overrides or []), name=name)
-
-
-def import_factory(spec: str, field: str = "model.name") -> Callable[..., Any]:
-    """``package.module:factory`` -> the callable."""
-    module_name, _, attr = spec.partition(":")
-    try:
-        obj: Any = importlib.import_module(module_name)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError) as e:
-        raise RecipeError(f"recipe field {field}: cannot import {spec!r} ({e}); allowed: a zoo "
-                          "name or 'package.module:factory'") from None
-    if not callable(obj):
-        raise RecipeError(f"recipe field {field}: {spec!r} is not callable")
-    return obj

@@ -17,6 +17,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +25,23 @@ from rich.console import Console
 from torch import Tensor, nn
 
 from .. import distributed
+from ..errors import ConfigError
 from .build import build
 from .finish import finish
-from .loop import Interrupted, TrainingLoop
+from .loop import Diverged, Interrupted, TrainingLoop
 from .machine import machine
-from .outdir import RESULT_FILES, prepare_out, run_status, write_json
+from .outdir import (
+    RESULT_FILES,
+    check_flags,
+    check_same_recipe,
+    prepare_out,
+    run_status,
+    write_json,
+)
 from .recipe import dump
+from .runlock import RunLock
 
-__all__ = ["Run", "RESULT_FILES", "Interrupted"]
+__all__ = ["Diverged", "Run", "RESULT_FILES", "Interrupted"]
 
 
 class Run:
@@ -87,22 +97,34 @@ class Run:
     def execute(self, out: str | Path, resume: bool = False, force: bool = False,
                 command: str | None = None) -> dict[str, Any]:
         """Write the run into ``out``; returns the summary. See ``prepare_out`` for the rules
-        on existing folders.
+        on existing folders; ``out`` is locked (``RunLock``) for the whole call, so a second
+        writer is refused.
 
         Distributed (under torchrun): only rank 0 reads and writes ``out``; the other ranks get
         its checkpoint (or its error) by broadcast, train their shards, finalize their pruner
         (so their ``model`` holds the same pruned weights) and return rank 0's summary.
         """
         out = Path(out)
+        check_flags(out, resume, force)  # before anything is read or deleted
         info = {"command": command or " ".join(["hwprune", *sys.argv[1:]]),
                 "machine": machine()}
         if distributed.world_size() > 1:
             info["world_size"] = distributed.world_size()
         status = {"status": "running", "name": self.cfg["name"], **info}
 
+        lock = RunLock(out)
+        created = not out.exists()  # removed again if the run is refused before writing
+
         def start() -> tuple[bool, Any]:
             """(finished, its summary) or (not finished, the checkpoint to resume from)."""
-            if resume and not force and run_status(out) == "finished":
+            if out.exists() and not out.is_dir():
+                raise ConfigError(f"--out {out} is a file; allowed: a folder (new or a run's)")
+            out.mkdir(parents=True, exist_ok=True)
+            lock.acquire()  # held until the run ends: one writer per folder
+            if lock.stale:
+                self.console.print(f"took over the stale lock of {lock.stale} in {out}")
+            if resume and run_status(out) == "finished":
+                check_same_recipe(out, self.cfg)  # never another recipe's numbers as these
                 self.console.print(f"{out} holds a finished run; nothing to resume")
                 return True, json.loads((out / "summary.json").read_text())
             ckpt = prepare_out(out, self.cfg, resume, force)
@@ -111,6 +133,17 @@ class Run:
             write_json(out / "run.json", status)
             return False, ckpt
 
+        try:
+            return self._train_and_finish(out, start, status, info)
+        finally:
+            if distributed.is_main():
+                lock.release()
+                if created:
+                    with suppress(OSError):  # only an empty folder: a refused run wrote nothing
+                        out.rmdir()
+
+    def _train_and_finish(self, out: Path, start: Callable[[], tuple[bool, Any]],
+                          status: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
         def end(seconds: float) -> dict[str, Any]:
             summary = finish(self.loop, out, {**info, "seconds": seconds}, self.console)
             write_json(out / "run.json", {**status, "status": "finished"})
@@ -125,6 +158,10 @@ class Run:
         except Interrupted:
             if distributed.is_main():
                 write_json(out / "run.json", {**status, "status": "interrupted"})
+            raise
+        except Diverged as e:
+            if distributed.is_main():
+                write_json(out / "run.json", {**status, "status": "failed", "error": str(e)})
             raise
         if not distributed.is_main() and self.pruner is not None and self.cfg["end"]["finalize"]:
             # rank 0 finalizes in finish(); finalize's collectives (ADMM's hard_project) pair up

@@ -54,6 +54,7 @@ __all__ = [
     "densenet_bc100",
     "densenet_cifar",
     "get_model",
+    "register_model",
     "load_pretrained",
     "ResNet18Cifar",
     "resnet110",
@@ -94,3 +95,22 @@ def get_model(name: str, **kwargs: object) -> nn.Module:
             f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}"
         ) from None
     return factory(**kwargs)
+
+
+def register_model(name: str, factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Add ``factory`` (a callable returning an ``nn.Module``) to ``MODELS`` under ``name``, so
+    that recipes can name it (``model: {name: NAME}``); returns ``factory``. This is how your
+    own models reach ``hwprune run``: call it in a Python file passed as ``--plugin FILE``.
+    Registering a name again with the same factory does nothing; another factory is refused."""
+    if not isinstance(name, str) or not name.isidentifier():
+        raise HwpruneError(f"register_model: name {name!r}; allowed: a Python identifier "
+                           "(letters, digits, underscores)")
+    if not callable(factory):
+        raise HwpruneError(f"register_model({name!r}): got {type(factory).__name__}; allowed: "
+                           "a callable that returns a torch.nn.Module")
+    if MODELS.get(name, factory) is not factory:
+        raise HwpruneError(f"register_model: a model named {name!r} is already registered "
+                           f"({getattr(MODELS[name], '__qualname__', MODELS[name])}); choose "
+                           "another name")
+    MODELS[name] = factory
+    return factory
