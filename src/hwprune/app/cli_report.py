@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..report.measure import Report, report, report_state_dict, weights_of
+from .outputs import output_file, output_folder
 
 __all__ = ["add_report_parser", "load_report"]
 
@@ -52,6 +53,12 @@ def add_report_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    # every output path is checked before the (possibly long) rebuild of a run
+    for flag, value in (("--markdown", args.markdown), ("--json", args.json)):
+        if value:
+            output_file(f"report {flag}", value)
+    if args.plots:
+        output_folder("report --plots", args.plots)
     rep, weights, history = load_report(args.ckpt, args.model, args.input_shape)
     console = Console()
     if not console.is_terminal:  # a file or a pipe: never squeeze the tables to 80 columns

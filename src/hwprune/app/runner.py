@@ -29,6 +29,7 @@ from .finish import finish
 from .loop import Interrupted, TrainingLoop
 from .machine import machine
 from .outdir import RESULT_FILES, prepare_out, run_status, write_json
+from .outputs import output_folder
 from .recipe import dump
 
 __all__ = ["Run", "RESULT_FILES", "Interrupted"]
@@ -102,6 +103,7 @@ class Run:
 
         def start() -> tuple[bool, Any]:
             """(finished, its summary) or (not finished, the checkpoint to resume from)."""
+            output_folder("--out", out)  # a file there is named as one, not as a run
             if resume and not force and run_status(out) == "finished":
                 self.console.print(f"{out} holds a finished run; nothing to resume")
                 return True, json.loads((out / "summary.json").read_text())
