@@ -275,3 +275,57 @@ def test_a_truncated_checkpoint_says_it_is_truncated(tmp_path, cut):
     path.write_bytes(data[:cut])
     with pytest.raises(CheckpointError, match=rf"{path}: (the file is truncated|not a torch)"):
         load_checkpoint(path)
+
+
+# -- item 17: text printed through rich is printed whole ----------------------------------------
+
+
+def test_messages_with_brackets_are_printed_whole(tmp_path):
+    """Without matplotlib the run says how to get it, ``[plots]`` included (rich would read it
+    as markup and drop it), and a run named with brackets keeps them in the CLI's lines and
+    in compare's table."""
+    fake = tmp_path / "no-matplotlib" / "matplotlib"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('matplotlib is not installed')\n")
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(
+        {**RECIPE, "name": "tiny[1]", "end": {"latency": False, "plots": True}}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200",
+           "PYTHONPATH": os.pathsep.join([str(fake.parent), str(SRC)])}
+
+    def hwprune_(*args):
+        return subprocess.run([sys.executable, "-m", "hwprune", *args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    run = hwprune_("run", "recipe.yaml", "--out", "out")
+    assert run.returncode == 0, run.stderr
+    assert "plots skipped: plots need matplotlib: pip install 'hwprune[plots]'" in run.stdout
+    assert "tiny[1]: accuracy" in run.stdout
+    compare = hwprune_("compare", "out")
+    assert compare.returncode == 0, compare.stderr
+    assert "tiny[1]" in compare.stdout
+
+
+def _prints_text_as_markup(call) -> bool:
+    """A ``<console>.print("text")`` / ``print(f"...")`` call without ``markup=False``."""
+    import ast
+
+    func = call.func
+    if not (isinstance(func, ast.Attribute) and func.attr == "print" and call.args):
+        return False
+    text = call.args[0]
+    is_text = isinstance(text, ast.JoinedStr) or (isinstance(text, ast.Constant)
+                                                  and isinstance(text.value, str))
+    markup_off = any(k.arg == "markup" and isinstance(k.value, ast.Constant)
+                     and k.value.value is False for k in call.keywords)
+    return is_text and not markup_off
+
+
+def test_every_message_the_app_prints_through_rich_is_plain_text():
+    """Messages carry paths, names and errors, none of which is rich markup."""
+    import ast
+
+    app = SRC / "hwprune" / "app"
+    found = [f"{path.name}:{node.lineno}" for path in sorted(app.glob("*.py"))
+             for node in ast.walk(ast.parse(path.read_text()))
+             if isinstance(node, ast.Call) and _prints_text_as_markup(node)]
+    assert found == []

@@ -88,7 +88,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     finally:
         run.close()  # under torchrun: end the process group before the interpreter exits
     console.print(f"{cfg['name']}: accuracy {summary['accuracy']:.2%}, sparsity "
-                  f"{summary['sparsity']:.1%}; results in {out}")
+                  f"{summary['sparsity']:.1%}; results in {out}", markup=False)
     return 0
 
 

@@ -69,7 +69,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         # compressed, or written with other hints than the report's: both numbers, no guess
         console.print(f"note: {path} has {path.stat().st_size:,} B on disk; the report counts "
                       f"the uncompressed file hwprune.save writes with the report's hints "
-                      f"({rep.total['file_bytes']:,} B)", highlight=False)
+                      f"({rep.total['file_bytes']:,} B)", highlight=False, markup=False)
     if args.markdown:
         Path(args.markdown).write_text(rep.to_markdown())
     if args.json:
@@ -78,7 +78,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         from ..report.plots import write_plots
 
         for path in write_plots(rep, weights, args.plots, history):
-            console.print(f"wrote {path}", highlight=False)
+            console.print(f"wrote {path}", highlight=False, markup=False)
     return 0
 
 

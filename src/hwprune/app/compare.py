@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
 
 from ..errors import ConfigError
@@ -97,8 +98,8 @@ def compare_table(runs: list[dict[str, Any]]) -> Table:
     for header, _, _ in COLUMNS:
         table.add_column(header, justify="left" if header in ("run", "method", "structure")
                          else "right")
-    for run in runs:
-        table.add_row(*_cells(run))
+    for run in runs:  # cells are text, not markup: a run named "a[1]" keeps its brackets
+        table.add_row(*(escape(c) for c in _cells(run)))
     return table
 
 

@@ -105,7 +105,7 @@ class Run:
             """(finished, its summary) or (not finished, the checkpoint to resume from)."""
             output_folder("--out", out)  # a file there is named as one, not as a run
             if resume and not force and run_status(out) == "finished":
-                self.console.print(f"{out} holds a finished run; nothing to resume")
+                self.console.print(f"{out} holds a finished run; nothing to resume", markup=False)
                 return True, json.loads((out / "summary.json").read_text())
             ckpt = prepare_out(out, self.cfg, resume, force)
             if ckpt is None:
