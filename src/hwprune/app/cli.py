@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from rich.console import Console
 
@@ -40,8 +41,17 @@ def _cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Bad arguments are one line on stderr (exit 2), like every other error, not a usage
+    block: the line names the command and points to its --help."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} "
+                     "--help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hwprune", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="hwprune", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"hwprune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     from ..methods import all_methods
