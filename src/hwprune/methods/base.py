@@ -16,7 +16,6 @@ a user can get wrong is checked in ``__init__`` before the model is touched.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +27,7 @@ from .. import distributed
 from ..errors import ConfigError, LifecycleError, StructureError
 from ..structures import Structure, parse_structure
 from ..targets import Spec, Target, resolve_targets
+from .state import check_state
 
 __all__ = ["Pruner", "PrunedLayer"]
 
@@ -274,7 +274,9 @@ class Pruner:
         layer); if loading still fails part way (a method's extra state), the pruner is put
         back as it was, so a failed load never leaves some layers from the new state."""
         self._check_live("load_state_dict")
-        self._check_state(state)
+        check_state(state, type(self).__name__, str(self.structure),
+                    {name: layer.parametrization.state_dict()
+                     for name, layer in self.layers.items()})
         saved = self.state_dict()
         try:
             self._load_checked(state)
@@ -287,47 +289,6 @@ class Pruner:
             layer.parametrization.load_state_dict(state["layers"][name])
         self.steps, self.epochs = state["steps"], state["epochs"]
         self._load_extra_state(state.get("extra", {}))
-
-    def _check_state(self, state: Any) -> None:
-        """Raise ``ConfigError`` naming the first field of ``state`` that does not fit."""
-        if not isinstance(state, Mapping):
-            raise ConfigError(f"pruner state must be a mapping (state_dict() output); got "
-                              f"{type(state).__name__}")
-        missing = [k for k in ("method", "structure", "steps", "epochs", "layers")
-                   if k not in state]
-        if missing:
-            raise ConfigError(f"pruner state has no {', '.join(missing)}; allowed: the "
-                              "output of state_dict()")
-        if state["method"] != type(self).__name__:
-            raise ConfigError(
-                f"state is from method {state['method']!r}, this pruner is "
-                f"{type(self).__name__!r}"
-            )
-        if state["structure"] != str(self.structure):
-            raise ConfigError(
-                f"state has structure {state['structure']!r}, this pruner "
-                f"{str(self.structure)!r}"
-            )
-        for field in ("steps", "epochs"):
-            v = state[field]
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ConfigError(f"pruner state field {field}: got {v!r}; allowed: an int >= 0")
-        layers = state["layers"]
-        if not isinstance(layers, Mapping):
-            raise ConfigError(f"pruner state field layers: got {type(layers).__name__}; "
-                              "allowed: a mapping of layer name to its parametrization state")
-        if set(layers) != set(self.layers):
-            raise ConfigError(
-                "state targets differ from this pruner's: missing "
-                f"{sorted(set(self.layers) - set(layers))}, unexpected "
-                f"{sorted(set(layers) - set(self.layers), key=str)}"
-            )
-        for name, layer in self.layers.items():
-            _check_layer_state(name, layers[name], layer.parametrization.state_dict())
-        extra = state.get("extra", {})
-        if not isinstance(extra, Mapping):
-            raise ConfigError(f"pruner state field extra: got {type(extra).__name__}; "
-                              "allowed: a mapping")
 
     def _detach(self, before: dict[int, set[str]]) -> None:
         """Remove the parametrizations this pruner registered (not those already there)."""
@@ -364,19 +325,3 @@ class Pruner:
 
 def _parametrized_names(module: nn.Module) -> set[str]:
     return set(module.parametrizations) if parametrize.is_parametrized(module) else set()
-
-
-def _check_layer_state(name: str, given: Any, mine: Mapping[str, Tensor]) -> None:
-    """``given`` must hold a tensor of the same shape for every entry of ``mine``."""
-    if not isinstance(given, Mapping):
-        raise ConfigError(f"pruner state of layer {name}: got {type(given).__name__}; "
-                          "allowed: a mapping of tensors")
-    if set(given) != set(mine):
-        raise ConfigError(f"pruner state of layer {name}: keys {sorted(map(str, given))}; "
-                          f"allowed: {sorted(mine)}")
-    for key, ref in mine.items():
-        v = given[key]
-        if not isinstance(v, Tensor) or v.shape != ref.shape:
-            got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
-            raise ConfigError(f"pruner state of layer {name}: {key} is {got}; allowed: a "
-                              f"tensor of shape {tuple(ref.shape)}")
