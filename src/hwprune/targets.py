@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .errors import TargetError
 
@@ -111,7 +112,8 @@ def resolve_targets(model: nn.Module, targets: Spec = None,
         chosen = [t for t in candidates if targets(t.module_name, t.module)]
         what = "the predicate"
     else:
-        patterns = [targets] if isinstance(targets, str) else list(targets)
+        patterns = ([targets] if isinstance(targets, str)
+                    else list(targets) if isinstance(targets, Iterable) else [targets])
         if not all(isinstance(p, str) for p in patterns):
             raise TargetError(
                 "targets must be None, a name/glob or a list of them, module types, or a "
@@ -127,7 +129,26 @@ def resolve_targets(model: nn.Module, targets: Spec = None,
         what = f"targets {patterns}"
     if not chosen:
         raise TargetError(f"{what} selects no weight; prunable weights are: {_preview(candidates)}")
+    for t in chosen:
+        _check_prunable(t)
     return chosen
+
+
+def _check_prunable(t: Target) -> None:
+    """A target must be a non-empty parameter of its module (or already parametrized, which
+    the pruner reports itself): a computed tensor cannot carry a parametrization, and an
+    empty weight has no groups to prune."""
+    if parametrize.is_parametrized(t.module, t.param):
+        return
+    w = getattr(t.module, t.param)
+    if not isinstance(w, nn.Parameter):
+        raise TargetError(f"{t.name} is a {type(w).__name__}, not an nn.Parameter of "
+                          f"{type(t.module).__name__} (a computed tensor, not a leaf); "
+                          "hwprune prunes parameters: assign an nn.Parameter, or exclude it "
+                          "with targets=")
+    if w.numel() == 0:
+        raise TargetError(f"{t.name} is empty (shape {tuple(w.shape)}): nothing to prune; "
+                          "exclude it with targets=")
 
 
 def _preview(candidates: list[Target], limit: int = 12) -> str:

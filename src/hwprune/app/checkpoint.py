@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import random
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +23,17 @@ import torch
 from ..errors import HwpruneError
 from ..files import write_atomic
 
-__all__ = ["FORMAT", "save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state"]
+__all__ = ["FORMAT", "CheckpointError", "save_checkpoint", "load_checkpoint", "rng_state",
+           "set_rng_state"]
 
 FORMAT = "hwprune-run-checkpoint"
 VERSION = 1
+#: the first bytes of a torch.save file (a zip archive)
+_ZIP = b"PK\x03\x04"
+
+
+class CheckpointError(HwpruneError):
+    """A run checkpoint cannot be written or read (named, with the cause)."""
 
 
 def rng_state() -> dict[str, Any]:
@@ -51,21 +59,44 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     """Write ``state`` (plain containers and tensors) to ``path`` atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     torch.save({"format": FORMAT, "version": VERSION, **state}, buf)
-    write_atomic(path, buf.getvalue())
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, buf.getvalue())
+    except OSError as e:  # the temporary file's name would mislead: name the checkpoint
+        kept = "the previous checkpoint is kept" if path.is_file() else "no checkpoint yet"
+        raise CheckpointError(f"cannot write checkpoint {path}: "
+                              f"{e.strerror or e}; {kept}") from e
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint ``save_checkpoint`` wrote (tensors and plain containers only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"cannot read checkpoint {path}: no such file")
+    with path.open("rb") as f:  # torch's own messages for a damaged archive say nothing
+        head = f.read(len(_ZIP))
+    if head != _ZIP:
+        raise CheckpointError(f"cannot read checkpoint {path}: not a torch.save archive "
+                              f"({path.stat().st_size} bytes, starting {head!r}); allowed: "
+                              "the checkpoint.pt of a run folder")
     try:
-        state = torch.load(Path(path), map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for foreign or damaged files
-        raise HwpruneError(f"cannot read checkpoint {path}: {' '.join(str(e).split())}") from e
+        raise CheckpointError(f"cannot read checkpoint {path}: {_damage(path, e)}") from e
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise HwpruneError(f"{path} is not an hwprune run checkpoint")
+        raise CheckpointError(f"{path} is not an hwprune run checkpoint")
     if state.get("version") != VERSION:
-        raise HwpruneError(f"{path}: checkpoint version {state.get('version')}; this hwprune "
-                           f"reads version {VERSION}")
+        raise CheckpointError(f"{path}: checkpoint version {state.get('version')}; this "
+                              f"hwprune reads version {VERSION}")
     return state
+
+
+def _damage(path: Path, e: Exception) -> str:
+    """What is wrong with an archive ``torch.load`` refused, in words."""
+    if not zipfile.is_zipfile(path):  # the archive's directory at its end is missing
+        return (f"the file is truncated or damaged ({path.stat().st_size} bytes, and the "
+                "archive directory a complete file ends with is missing)")
+    detail = " ".join(str(e).split())
+    return f"the archive is damaged ({type(e).__name__}: {detail})"

@@ -14,18 +14,20 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from rich.console import Console
 
 from .. import __version__
 from ..errors import HwpruneError
+from .outputs import os_error_line, output_file, output_folder
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     overrides = [f"seed={args.seed}"] + (["train.steps_per_epoch=2"] if args.quick else [])
-    run_demo(args.out, overrides)
+    run_demo(output_folder("demo --out", args.out), overrides)
     print(f"results in {args.out} (demo.md, demo.png, one run folder per method)")
     return 0
 
@@ -39,8 +41,17 @@ def _cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Bad arguments are one line on stderr (exit 2), like every other error, not a usage
+    block: the line names the command and points to its --help."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} "
+                     "--help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hwprune", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="hwprune", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"hwprune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     from ..methods import all_methods
@@ -90,22 +101,24 @@ def _cmd_run(args: argparse.Namespace) -> int:
     finally:
         run.close()  # under torchrun: end the process group before the interpreter exits
     console.print(f"{cfg['name']}: accuracy {summary['accuracy']:.2%}, sparsity "
-                  f"{summary['sparsity']:.1%}; results in {out}")
+                  f"{summary['sparsity']:.1%}; results in {out}", markup=False)
     return 0
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     from .compare import compare_markdown, compare_plot, compare_table, load_runs
 
+    markdown = args.markdown and output_file("compare --markdown", args.markdown)
+    plot = args.plot and output_file("compare --plot", args.plot)
     runs = load_runs(args.runs)
     console = Console()
     if not console.is_terminal:  # a file or a pipe: never squeeze the table to 80 columns
         console = Console(width=220)
     console.print(compare_table(runs))
-    if args.markdown:
-        Path(args.markdown).write_text(compare_markdown(runs))
-    if args.plot:
-        compare_plot(runs, args.plot)
+    if markdown:
+        Path(markdown).write_text(compare_markdown(runs))
+    if plot:
+        compare_plot(runs, plot)
     return 0
 
 
@@ -135,14 +148,21 @@ def _add_run_parsers(sub: argparse._SubParsersAction) -> None:
     compare.set_defaults(func=_cmd_compare)
 
 
+def _error(message: str) -> int:
+    """Print ``message`` as the one line of a failed command; returns the exit status."""
+    print(f"hwprune: error: {' '.join(message.split())}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv
     try:
         return args.func(args)
     except HwpruneError as e:
-        print(f"hwprune: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+        return _error(str(e))
+    except OSError as e:  # no permission, a read-only or full disk, a missing file
+        return _error(os_error_line(e))
     except KeyboardInterrupt:
         print("hwprune: interrupted", file=sys.stderr)
         return 130

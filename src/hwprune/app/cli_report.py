@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..report.measure import Report, report, report_state_dict, weights_of
+from .outputs import output_file, output_folder
 
 __all__ = ["add_report_parser", "load_report"]
 
@@ -52,6 +53,12 @@ def add_report_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    # every output path is checked before the (possibly long) rebuild of a run
+    for flag, value in (("--markdown", args.markdown), ("--json", args.json)):
+        if value:
+            output_file(f"report {flag}", value)
+    if args.plots:
+        output_folder("report --plots", args.plots)
     rep, weights, history = load_report(args.ckpt, args.model, args.input_shape)
     console = Console()
     if not console.is_terminal:  # a file or a pipe: never squeeze the tables to 80 columns
@@ -62,7 +69,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         # compressed, or written with other hints than the report's: both numbers, no guess
         console.print(f"note: {path} has {path.stat().st_size:,} B on disk; the report counts "
                       f"the uncompressed file hwprune.save writes with the report's hints "
-                      f"({rep.total['file_bytes']:,} B)", highlight=False)
+                      f"({rep.total['file_bytes']:,} B)", highlight=False, markup=False)
     if args.markdown:
         Path(args.markdown).write_text(rep.to_markdown())
     if args.json:
@@ -71,7 +78,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         from ..report.plots import write_plots
 
         for path in write_plots(rep, weights, args.plots, history):
-            console.print(f"wrote {path}", highlight=False)
+            console.print(f"wrote {path}", highlight=False, markup=False)
     return 0
 
 

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
 
 from ..errors import ConfigError
@@ -52,6 +53,7 @@ def load_runs(dirs: Sequence[str | Path]) -> list[dict[str, Any]]:
             s = json.loads(path.read_text())
         except ValueError as e:
             raise ConfigError(f"compare: {path} is not valid JSON: {e}") from None
+        _check_summary(path, s)
         s["dir"] = str(d)
         dense = s.get("dense_accuracy")
         s["delta"] = None if dense is None else s["accuracy"] - dense
@@ -60,6 +62,27 @@ def load_runs(dirs: Sequence[str | Path]) -> list[dict[str, Any]]:
         s["speedup"] = dense_lat / lat if lat and dense_lat else None
         runs.append(s)
     return runs
+
+
+#: summary fields compare computes with: numbers (or null where a run has none)
+NUMBERS = ("accuracy", "dense_accuracy", "sparsity", "pruning_ratio", "stored_bytes",
+           "compression_ratio", "model_macs_remaining", "latency_ms", "dense_latency_ms")
+
+
+def _check_summary(path: Path, s: Any) -> None:
+    """``ConfigError`` naming the first field of a summary that compare cannot use."""
+    if not isinstance(s, dict):
+        raise ConfigError(f"compare: {path} holds {type(s).__name__}; allowed: the summary "
+                          "mapping 'hwprune run' writes")
+    for key in ("name", "accuracy"):
+        if s.get(key) is None:
+            raise ConfigError(f"compare: {path} has no {key}; allowed: the summary "
+                              "'hwprune run' writes")
+    for key in NUMBERS:
+        v = s.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise ConfigError(f"compare: {path} field {key} is {v!r} "
+                              f"({type(v).__name__}); allowed: a number")
 
 
 def _cells(run: dict[str, Any]) -> list[str]:
@@ -75,8 +98,8 @@ def compare_table(runs: list[dict[str, Any]]) -> Table:
     for header, _, _ in COLUMNS:
         table.add_column(header, justify="left" if header in ("run", "method", "structure")
                          else "right")
-    for run in runs:
-        table.add_row(*_cells(run))
+    for run in runs:  # cells are text, not markup: a run named "a[1]" keeps its brackets
+        table.add_row(*(escape(c) for c in _cells(run)))
     return table
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from ..errors import HwpruneError
 from .compare import compare_markdown, compare_plot, compare_table, load_runs
@@ -64,7 +65,7 @@ def run_demo(out: str | Path, overrides: list[str] | None = None,
         # a recipe without pruning phases would only re-evaluate the dense model
         if cfg["train"]["prune_epochs"] + cfg["train"]["finetune_epochs"] < 1:
             raise HwpruneError(f"demo: recipe {name} has no pruning or fine-tuning epochs")
-        console.rule(name)
+        console.rule(escape(name))
         Run(cfg, console=console).execute(out / name, force=True, command="hwprune demo")
     runs = load_runs([out / "dense", *(out / n for n in recipes)])
     (out / "demo.md").write_text(
@@ -75,7 +76,7 @@ def run_demo(out: str | Path, overrides: list[str] | None = None,
     try:
         compare_plot(runs, out / "demo.png")
     except HwpruneError as e:  # matplotlib missing: the table stands
-        console.print(f"plot skipped: {e}")
+        console.print(f"plot skipped: {e}", markup=False)
     wide = console if console.is_terminal else Console(width=220)
     wide.print(compare_table(runs))
     return runs

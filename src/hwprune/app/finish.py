@@ -95,7 +95,7 @@ def _plots(folder: Path, rep: Any, deployable: nn.Module, loop: TrainingLoop,
                           history=getattr(pruner, "history", None), training=loop.history,
                           extras=pruner.layer_extras() if pruner is not None else {})
     except HwpruneError as e:  # matplotlib missing: the rest of the results stand
-        console.print(f"plots skipped: {e}")
+        console.print(f"plots skipped: {e}", markup=False)
 
 
 @torch.no_grad()

@@ -74,7 +74,7 @@ import yaml
 from ..errors import ConfigError
 
 __all__ = ["RecipeError", "load_recipe", "resolve", "apply_overrides", "method_class",
-           "method_kwargs", "shipped_recipes", "find_recipe", "dump"]
+           "method_kwargs", "shipped_recipes", "find_recipe", "read_recipe_text", "dump"]
 
 
 class RecipeError(ConfigError):
@@ -130,9 +130,16 @@ class _Field:
 _NONE = type(None)
 
 
-def _int(low: int, default: Any, none: bool = False) -> _Field:
-    allowed = f"an integer >= {low}" + (" or null" if none else "")
-    return _Field((int, _NONE) if none else (int,), default, allowed, lambda v: v >= low)
+#: the largest integer torch's int64 holds: every count field is bounded by it
+INT_MAX = 2**63 - 1
+#: seeds also go to numpy and scikit-learn, which take 32-bit seeds
+SEED_MAX = 2**32 - 1
+
+
+def _int(low: int, default: Any, none: bool = False, high: int = INT_MAX) -> _Field:
+    allowed = f"an integer >= {low} and <= {high}" + (" or null" if none else "")
+    return _Field((int, _NONE) if none else (int,), default, allowed,
+                  lambda v: low <= v <= high)
 
 
 def _pos(default: Any, none: bool = False) -> _Field:
@@ -157,7 +164,7 @@ LR_SCHEDULES = ("constant", "cosine", "step")
 
 SCHEMA: dict[str, Any] = {
     "name": _str(None, allowed="a run name"),
-    "seed": _int(0, 0),
+    "seed": _int(0, 0, high=SEED_MAX),
     "model": {
         "name": _Field((str,), None, "a registered model name (hwprune.models.MODELS)",
                        required=True),
@@ -409,12 +416,22 @@ def find_recipe(spec: str) -> tuple[str, str]:
     """``(text, name)`` of a recipe file path or a shipped recipe's name."""
     path = Path(spec).expanduser()
     if path.is_file():
-        return path.read_text(), path.stem
+        return read_recipe_text(path), path.stem
     name = spec.removesuffix(".yaml")
     if "/" not in spec and name in shipped_recipes():
         return resources.files(RECIPES_PACKAGE).joinpath(f"{name}.yaml").read_text(), name
     raise RecipeError(f"recipe {spec!r}: no such file, nor a shipped recipe; shipped: "
                       f"{', '.join(shipped_recipes())}")
+
+
+def read_recipe_text(path: Path) -> str:
+    """The text of a recipe file; ``RecipeError`` for a file that is not UTF-8 text."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"recipe {path}: not a text file (byte {e.start} is not UTF-8); "
+                          "allowed: a YAML file") from None
 
 
 def load_recipe(spec: str, overrides: list[str] | None = None) -> dict[str, Any]:

@@ -25,7 +25,6 @@ from rich.console import Console
 from torch import Tensor, nn
 
 from .. import distributed
-from ..errors import ConfigError
 from .build import build
 from .finish import finish
 from .loop import Diverged, Interrupted, TrainingLoop
@@ -38,6 +37,7 @@ from .outdir import (
     run_status,
     write_json,
 )
+from .outputs import output_folder
 from .recipe import dump
 from .runlock import RunLock
 
@@ -117,15 +117,15 @@ class Run:
 
         def start() -> tuple[bool, Any]:
             """(finished, its summary) or (not finished, the checkpoint to resume from)."""
-            if out.exists() and not out.is_dir():
-                raise ConfigError(f"--out {out} is a file; allowed: a folder (new or a run's)")
+            output_folder("--out", out)  # a file there is named as one, not as a run
             out.mkdir(parents=True, exist_ok=True)
             lock.acquire()  # held until the run ends: one writer per folder
             if lock.stale:
-                self.console.print(f"took over the stale lock of {lock.stale} in {out}")
+                self.console.print(f"took over the stale lock of {lock.stale} in {out}",
+                                   markup=False)
             if resume and run_status(out) == "finished":
                 check_same_recipe(out, self.cfg)  # never another recipe's numbers as these
-                self.console.print(f"{out} holds a finished run; nothing to resume")
+                self.console.print(f"{out} holds a finished run; nothing to resume", markup=False)
                 return True, json.loads((out / "summary.json").read_text())
             ckpt = prepare_out(out, self.cfg, resume, force)
             if ckpt is None:

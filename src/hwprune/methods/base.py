@@ -28,6 +28,7 @@ from ..errors import ConfigError, LifecycleError, StructureError
 from ..structures import FeatureMap, Structure, parse_structure
 from ..targets import Spec, Target, resolve_targets
 from .registry import get_method
+from .state import check_state
 
 __all__ = ["Pruner", "PrunedLayer"]
 
@@ -90,11 +91,20 @@ class Pruner:
         self.steps = 0
         self.epochs = 0
         self._final_masks: dict[str, Tensor] | None = None
-        for layer in self.layers.values():
-            layer.parametrization = self._make_parametrization(layer)
-            parametrize.register_parametrization(layer.module, layer.param, layer.parametrization)
-        self._on_attach()
-        self.sync()  # under torch.distributed every rank starts from rank 0's decisions
+        before = {id(layer.module): _parametrized_names(layer.module)
+                  for layer in self.layers.values()}
+        try:
+            for layer in self.layers.values():
+                layer.parametrization = self._make_parametrization(layer)
+                parametrize.register_parametrization(layer.module, layer.param,
+                                                     layer.parametrization)
+            self._on_attach()
+            self.sync()  # under torch.distributed every rank starts from rank 0's decisions
+        except BaseException:
+            # a failure on a later layer must not leave the earlier ones parametrized: the
+            # model is handed back as it came (a second pruner would refuse it otherwise)
+            self._detach(before)
+            raise
 
     # -- hooks for methods ---------------------------------------------------------------
     def _prunes_maps(self) -> bool:
@@ -269,28 +279,36 @@ class Pruner:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore ``state_dict()`` output into this pruner (built the same way)."""
+        """Restore ``state_dict()`` output into this pruner (built the same way).
+
+        Everything is checked before anything is loaded (``ConfigError`` naming the field or
+        layer); if loading still fails part way (a method's extra state), the pruner is put
+        back as it was, so a failed load never leaves some layers from the new state."""
         self._check_live("load_state_dict")
-        if state.get("method") != type(self).__name__:
-            raise ConfigError(
-                f"state is from method {state.get('method')!r}, this pruner is "
-                f"{type(self).__name__!r}"
-            )
-        if state.get("structure") != str(self.structure):
-            raise ConfigError(
-                f"state has structure {state.get('structure')!r}, this pruner "
-                f"{str(self.structure)!r}"
-            )
-        if set(state["layers"]) != set(self.layers):
-            raise ConfigError(
-                "state targets differ from this pruner's: missing "
-                f"{sorted(set(self.layers) - set(state['layers']))}, unexpected "
-                f"{sorted(set(state['layers']) - set(self.layers))}"
-            )
+        check_state(state, type(self).__name__, str(self.structure),
+                    {name: layer.parametrization.state_dict()
+                     for name, layer in self.layers.items()})
+        saved = self.state_dict()
+        try:
+            self._load_checked(state)
+        except BaseException:
+            self._load_checked(saved)
+            raise
+
+    def _load_checked(self, state: dict[str, Any]) -> None:
         for name, layer in self.layers.items():
             layer.parametrization.load_state_dict(state["layers"][name])
-        self.steps, self.epochs = int(state["steps"]), int(state["epochs"])
+        self.steps, self.epochs = state["steps"], state["epochs"]
         self._load_extra_state(state.get("extra", {}))
+
+    def _detach(self, before: dict[int, set[str]]) -> None:
+        """Remove the parametrizations this pruner registered (not those already there)."""
+        with torch.no_grad():
+            for layer in self.layers.values():
+                m = layer.module
+                for tensor in _parametrized_names(m) - before[id(m)]:
+                    parametrize.remove_parametrizations(m, tensor, leave_parametrized=False)
+                layer.parametrization = None
 
     # -- summaries ---------------------------------------------------------------------------
     def sparsity(self) -> float:
@@ -324,3 +342,7 @@ def _no_maps(cls: type) -> str:
     return (f"{cls.__name__} does not prune structure 'map' (coupled feature maps); it "
             f"supports: {supported}. hp.Magnitude(model, 'map', sparsity, "
             "example_inputs=...) prunes feature maps")
+
+
+def _parametrized_names(module: nn.Module) -> set[str]:
+    return set(module.parametrizations) if parametrize.is_parametrized(module) else set()
