@@ -66,9 +66,10 @@ class RunLock:
             if previous:  # a lock file whose owner is gone without removing it
                 self.stale = owner_text(self.path)
             os.ftruncate(fd, 0)
+            # who holds it, for the message a second writer gets; the flock is the lock, so
+            # the text needs no fsync (a crash ends the owner and its flock alike)
             os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()})
                       .encode(), 0)
-            os.fsync(fd)
             self.fd = fd
 
     def _still_at_path(self, fd: int) -> bool:
