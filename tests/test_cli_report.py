@@ -116,6 +116,7 @@ def test_errors_are_one_line(tmp_path, saved, capsys):
     bad.write_bytes(bytes(data))
     cases = [
         ([str(tmp_path / "missing.hwp")], "does not exist"),
+        (["/dev/null"], "/dev/null is not a regular file"),
         ([str(tmp_path)], "without checkpoint.pt"),
         ([str(bad)], "damaged"),
         ([str(path), "--model", "resnet20"], "do not fit --model resnet20"),

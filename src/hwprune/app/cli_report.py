@@ -92,7 +92,8 @@ def load_report(ckpt: str | Path, model: str | None = None, input_shape: str = "
                               "run folder of 'hwprune run', its checkpoint.pt, or a .hwp file")
         return _from_run(path / "checkpoint.pt")
     if not path.is_file():
-        raise ConfigError(f"report: {path} does not exist; allowed: a .hwp file, a run folder "
+        what = "is not a regular file" if path.exists() else "does not exist"
+        raise ConfigError(f"report: {path} {what}; allowed: a .hwp file, a run folder "
                           "or its checkpoint.pt")
     with path.open("rb") as f:
         is_checkpoint = f.read(len(_ZIP)) == _ZIP
