@@ -27,8 +27,8 @@ from torch import nn
 
 from .errors import TargetError
 
-__all__ = ["Target", "resolve_targets", "CONV_TYPES", "LINEAR_TYPES", "RNN_TYPES", "NORM_TYPES",
-           "PRUNABLE_TYPES"]
+__all__ = ["Target", "resolve_targets", "SkippedLayersWarning", "CONV_TYPES", "LINEAR_TYPES",
+           "RNN_TYPES", "NORM_TYPES", "PRUNABLE_TYPES"]
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 LINEAR_TYPES = (nn.Linear,)
@@ -45,6 +45,21 @@ class Target:
     module_name: str
     module: nn.Module
     param: str  # attribute name on the module: "weight", "weight_ih_l0", ...
+
+
+class SkippedLayersWarning(UserWarning):
+    """Default targets a method leaves dense because they cannot carry its structure (a
+    depthwise conv's single input channel per group for k:n, a layer smaller than a block).
+    One warning per pruner; ``skipped`` is ``{parameter name: why}`` (also ``pruner.skipped``).
+    """
+
+    def __init__(self, method: str, structure: str, skipped: dict[str, str]):
+        self.skipped = dict(skipped)
+        reasons = "; ".join(f"{name}: {why}" for name, why in self.skipped.items())
+        super().__init__(
+            f"{method}({structure}) leaves {len(self.skipped)} default target(s) dense that "
+            f"cannot carry it: {reasons}. Pass strict=True to refuse instead, or targets= to "
+            "choose the layers")
 
 
 def _weights_of(module: nn.Module, norm_layers: bool = False) -> list[str]:

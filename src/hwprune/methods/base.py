@@ -16,6 +16,7 @@ a user can get wrong is checked in ``__init__`` before the model is touched.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,9 +25,9 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .. import distributed
-from ..errors import ConfigError, LifecycleError, StructureError
+from ..errors import ConfigError, HwpruneError, LifecycleError, StructureError
 from ..structures import Structure, parse_structure
-from ..targets import Spec, Target, resolve_targets
+from ..targets import SkippedLayersWarning, Spec, Target, resolve_targets
 
 __all__ = ["Pruner", "PrunedLayer"]
 
@@ -64,7 +65,8 @@ class PrunedLayer:
 class Pruner:
     """Base class of all methods. Subclasses override the ``_hooks`` below, not the verbs."""
 
-    def __init__(self, model: nn.Module, structure: str | Structure, targets: Spec = None):
+    def __init__(self, model: nn.Module, structure: str | Structure, targets: Spec = None,
+                 strict: bool = False):
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module; got {type(model).__name__}")
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
@@ -74,16 +76,39 @@ class Pruner:
         self.model = model
         self.structure = parse_structure(structure)
         self.layers: dict[str, PrunedLayer] = {}
+        #: default targets that cannot carry the structure: {parameter name: why}
+        self.skipped: dict[str, str] = {}
+        self._skip_errors: list[HwpruneError] = []
+        # only the default selection adapts to the model; named targets and strict=True refuse
+        may_skip = targets is None and not strict
         for t in resolve_targets(model, targets, norm_layers=self._norm_targets_allowed()):
             shape = tuple(getattr(t.module, t.param).shape)
-            structure = self._layer_structure(shape, t.name)
-            structure.validate(shape, t.name)
             if parametrize.is_parametrized(t.module, t.param):
                 raise StructureError(
                     f"{t.name} is already parametrized (another pruner?); finalize it first"
                 )
+            try:
+                structure = self._layer_structure(shape, t.name)
+                structure.validate(shape, t.name)
+            except StructureError as e:
+                self._skip(t.name, e, may_skip)
+                continue
             self.layers[t.name] = PrunedLayer(t, structure, shape)
         self._check_config()  # method-specific validation, still before the model is touched
+        for name, layer in list(self.layers.items()):
+            try:
+                self._check_layer(layer)
+            except (StructureError, ConfigError) as e:
+                self._skip(name, e, may_skip)
+                del self.layers[name]
+        if not self.layers:  # nothing fits: the first layer's kind of error, naming them all
+            raise self._skip_errors[0].__class__(
+                f"no default target of {type(model).__name__} can carry "
+                f"{type(self).__name__}'s {self.structure}: " + "; ".join(
+                    f"{n}: {why}" for n, why in self.skipped.items()))
+        if self.skipped:
+            warnings.warn(SkippedLayersWarning(type(self).__name__, str(self.structure),
+                                               self.skipped), stacklevel=3)
         self.steps = 0
         self.epochs = 0
         self._final_masks: dict[str, Tensor] | None = None
@@ -104,6 +129,10 @@ class Pruner:
 
     def _check_config(self) -> None:
         """Raise ``ConfigError`` for bad method parameters (called before attaching)."""
+
+    def _check_layer(self, layer: PrunedLayer) -> None:
+        """Raise ``StructureError``/``ConfigError`` if ``layer`` cannot carry the method's
+        pattern (after ``_check_config``); a default target that fails is skipped."""
 
     def _make_parametrization(self, layer: PrunedLayer) -> nn.Module:
         raise NotImplementedError
@@ -297,6 +326,13 @@ class Pruner:
                 f"layers={len(self.layers)}, steps={self.steps}, epochs={self.epochs})")
 
     # -- helpers ------------------------------------------------------------------------
+    def _skip(self, name: str, error: HwpruneError, may_skip: bool) -> None:
+        """Record why default target ``name`` cannot be pruned, or raise ``error``."""
+        if not may_skip:
+            raise error
+        self.skipped[name] = str(error).removeprefix(f"{name}: ")
+        self._skip_errors.append(error)
+
     def _check_live(self, verb: str) -> None:
         if self.finalized:
             raise LifecycleError(f"{verb}() after finalize(): this pruner is finished")

@@ -65,16 +65,19 @@ class Magnitude(Pruner):
         scope: ``"layer"`` (same sparsity in every layer) or ``"global"``.
         norm: ``"l1"`` or ``"l2"`` norm of each group.
         targets: which weights; see ``hwprune.targets``.
+        strict: refuse (``StructureError``) a default target that cannot carry the
+            structure instead of leaving it dense with a ``SkippedLayersWarning``.
     """
 
     def __init__(self, model: nn.Module, structure: str | Structure = "element",
                  sparsity: float | None = None, schedule: Schedule | None = None,
-                 scope: str = "layer", norm: str = "l1", targets: Spec = None):
+                 scope: str = "layer", norm: str = "l1", targets: Spec = None,
+                 strict: bool = False):
         self.final_sparsity = sparsity
         self.schedule = schedule if schedule is not None else OneShot()
         self.scope = scope
         self.norm = norm
-        super().__init__(model, structure, targets)
+        super().__init__(model, structure, targets, strict)
 
     def _check_config(self) -> None:
         if self.scope not in _SCOPES:

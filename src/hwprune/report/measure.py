@@ -246,8 +246,9 @@ def report(
     ``structures``: the structure each weight was pruned with, for the ``structure`` column: one
     name or object for every row, or {parameter name: structure}.
     ``pruner``: the pruner that produced the model (live or finalized): gives each pruned row
-    its structure (unless ``structures`` is given) and the method's per-layer extras
-    (``pruner.layer_extras()``: PSP's alphas and pruned fraction, ...).
+    its structure (unless ``structures`` is given), the method's per-layer extras
+    (``pruner.layer_extras()``: PSP's alphas and pruned fraction, ...) and the default targets
+    it left dense because they cannot carry its structure (``Report.skipped``).
     """
     if not isinstance(model, nn.Module):
         raise HwpruneError(f"report: model must be a torch.nn.Module; got {type(model).__name__}")
@@ -290,7 +291,8 @@ def report(
         "model_macs_remaining": model_macs - macs_dense + macs_remaining,
         "model_params": sum(p.numel() for p in model.parameters()),
     })
-    rep = Report(name=name or type(model).__name__, rows=out, total=total)
+    rep = Report(name=name or type(model).__name__, rows=out, total=total,
+                 skipped=dict(getattr(pruner, "skipped", {})))
     if baseline is not None:
         rep.baseline = _compare(rep, baseline, example_inputs)
     return rep

@@ -100,6 +100,9 @@ class Report:
     rows: list[LayerRow]
     total: dict[str, Any]
     baseline: dict[str, Any] | None = None
+    #: default targets the pruner left dense because they cannot carry its structure:
+    #: ``{parameter name: why}`` (``pruner.skipped``; empty without a pruner)
+    skipped: dict[str, str] = field(default_factory=dict)
 
     def hints(self) -> dict[str, str]:
         """{weight name: structure} of the rows that have one: the storage hints the stored
@@ -114,6 +117,7 @@ class Report:
             "rows": [r.to_dict() for r in self.rows],
             "total": dict(self.total),
             "baseline": None if self.baseline is None else plain(self.baseline),
+            "skipped": dict(self.skipped),
         }
 
     def to_json(self, path: str | Path | None = None, indent: int | None = 2) -> str:
