@@ -50,7 +50,7 @@ def test_target_errors_name_what_exists(tiny):
         resolve_targets(tiny, ["conv9"])
     with pytest.raises(TargetError, match="selects no weight"):
         resolve_targets(tiny, nn.Conv1d)
-    with pytest.raises(TargetError, match="no Conv, Linear or RNN"):
+    with pytest.raises(TargetError, match="no Conv, Linear, RNN or attention"):
         resolve_targets(nn.Sequential(nn.ReLU(), nn.BatchNorm1d(3)))
     with pytest.raises(TargetError, match="targets must be"):
         resolve_targets(tiny, [3])
