@@ -156,7 +156,11 @@ def markdown(rep: Report) -> str:
     def line(items: list[str]) -> str:
         return "| " + " | ".join(s.replace("|", "\\|") for s in items) + " |"
 
-    out = [f"### {rep.name}", "", line(header), line(["---"] * len(header))]
+    out = [f"### {rep.name}", ""]
+    if rep.macs_per is not None:
+        out += [f"MACs per {rep.macs_per} (example batch of {rep.total.get('batch_size')} "
+                "divided out).", ""]
+    out += [line(header), line(["---"] * len(header))]
     out += [line(c) for c in cells]
     out.append("")
     summary = summary_lines(rep)
