@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import warnings
 
@@ -12,6 +13,7 @@ from torch import nn
 
 import hwprune as hp
 from hwprune.errors import StructureError
+from hwprune.methods.registry import all_methods
 
 
 class DepthwiseSeparable(nn.Module):
@@ -80,8 +82,13 @@ def test_darb_skips_rows_too_short_for_the_ratio():
     assert (model.pw1.weight == 0).float().mean() > 0.8
 
 
-def test_admm_skips_layers_smaller_than_a_block():
-    model, pruner, skips = _build(hp.ADMM, block=(32, 4), zero=0.5)
+@pytest.mark.parametrize("method, kwargs", [
+    (hp.ADMM, {"block": (32, 4), "zero": 0.5}),
+    (hp.PSP, {"structure": "block:32x4"}),
+    (hp.Magnitude, {"structure": "block:32x4", "sparsity": 0.5}),
+])
+def test_layers_smaller_than_a_block_are_skipped(method, kwargs):
+    model, pruner, skips = _build(method, **kwargs)
     assert set(pruner.skipped) == {"dw1.weight"}  # 16 filters, fewer than 32 rows
     assert all("larger than its im2col matrix" in why for why in pruner.skipped.values())
     assert len(skips) == 1
@@ -92,6 +99,7 @@ def test_admm_skips_layers_smaller_than_a_block():
     (hp.DPP, {"structure": "2:4"}),
     (hp.DARB, {"ratio": 8.0}),
     (hp.ADMM, {"block": (32, 4), "zero": 0.5}),
+    (hp.PSP, {"structure": "block:32x4"}),
 ])
 def test_strict_and_named_targets_refuse(method, kwargs):
     for extra in ({"strict": True}, {"targets": ["dw1", "pw1"]}):
@@ -101,6 +109,11 @@ def test_strict_and_named_targets_refuse(method, kwargs):
             with pytest.raises(hp.HwpruneError, match=r"dw1\.weight|pw1\.weight"):
                 method(model, **kwargs, **extra)
         assert not any(hasattr(m, "parametrizations") for m in model.modules())
+
+
+def test_every_registered_method_takes_strict():
+    for spec in all_methods():
+        assert inspect.signature(spec.cls).parameters["strict"].default is False, spec.name
 
 
 def test_no_layer_that_fits_is_an_error_naming_every_reason():
