@@ -62,6 +62,51 @@ class PrunedLayer:
         return self.module.parametrizations[self.param].original
 
 
+def _select_layers(pruner: Pruner, targets: Spec, strict: bool) -> None:
+    """Fill ``pruner.layers`` with the targets that can carry its structure (the method's
+    ``_layer_structure``, ``validate``, ``_check_config`` and ``_check_layer``). A default
+    target that cannot is recorded in ``pruner.skipped`` and named in one warning; a named
+    target, or any with ``strict``, raises. Nothing of the model is touched."""
+    model = pruner.model
+    # only the default selection adapts to the model; named targets and strict=True refuse
+    may_skip = targets is None and not strict
+    errors: list[HwpruneError] = []
+
+    def skip(name: str, error: HwpruneError) -> None:
+        if not may_skip:
+            raise error
+        pruner.skipped[name] = str(error).removeprefix(f"{name}: ")
+        errors.append(error)
+
+    for t in resolve_targets(model, targets, norm_layers=pruner._norm_targets_allowed()):
+        shape = tuple(getattr(t.module, t.param).shape)
+        if parametrize.is_parametrized(t.module, t.param):
+            raise StructureError(
+                f"{t.name} is already parametrized (another pruner?); finalize it first")
+        try:
+            structure = pruner._layer_structure(shape, t.name)
+            structure.validate(shape, t.name)
+        except StructureError as e:
+            skip(t.name, e)
+            continue
+        pruner.layers[t.name] = PrunedLayer(t, structure, shape)
+    pruner._check_config()  # method-specific validation, still before the model is touched
+    for name, layer in list(pruner.layers.items()):
+        try:
+            pruner._check_layer(layer)
+        except (StructureError, ConfigError) as e:
+            skip(name, e)
+            del pruner.layers[name]
+    if not pruner.layers:  # nothing fits: the first layer's kind of error, naming them all
+        raise type(errors[0])(
+            f"no default target of {type(model).__name__} can carry "
+            f"{type(pruner).__name__}'s {pruner.structure}: " + "; ".join(
+                f"{n}: {why}" for n, why in pruner.skipped.items()))
+    if pruner.skipped:
+        warnings.warn(SkippedLayersWarning(type(pruner).__name__, str(pruner.structure),
+                                           pruner.skipped), stacklevel=4)
+
+
 class Pruner:
     """Base class of all methods. Subclasses override the ``_hooks`` below, not the verbs."""
 
@@ -78,37 +123,7 @@ class Pruner:
         self.layers: dict[str, PrunedLayer] = {}
         #: default targets that cannot carry the structure: {parameter name: why}
         self.skipped: dict[str, str] = {}
-        self._skip_errors: list[HwpruneError] = []
-        # only the default selection adapts to the model; named targets and strict=True refuse
-        may_skip = targets is None and not strict
-        for t in resolve_targets(model, targets, norm_layers=self._norm_targets_allowed()):
-            shape = tuple(getattr(t.module, t.param).shape)
-            if parametrize.is_parametrized(t.module, t.param):
-                raise StructureError(
-                    f"{t.name} is already parametrized (another pruner?); finalize it first"
-                )
-            try:
-                structure = self._layer_structure(shape, t.name)
-                structure.validate(shape, t.name)
-            except StructureError as e:
-                self._skip(t.name, e, may_skip)
-                continue
-            self.layers[t.name] = PrunedLayer(t, structure, shape)
-        self._check_config()  # method-specific validation, still before the model is touched
-        for name, layer in list(self.layers.items()):
-            try:
-                self._check_layer(layer)
-            except (StructureError, ConfigError) as e:
-                self._skip(name, e, may_skip)
-                del self.layers[name]
-        if not self.layers:  # nothing fits: the first layer's kind of error, naming them all
-            raise self._skip_errors[0].__class__(
-                f"no default target of {type(model).__name__} can carry "
-                f"{type(self).__name__}'s {self.structure}: " + "; ".join(
-                    f"{n}: {why}" for n, why in self.skipped.items()))
-        if self.skipped:
-            warnings.warn(SkippedLayersWarning(type(self).__name__, str(self.structure),
-                                               self.skipped), stacklevel=3)
+        _select_layers(self, targets, strict)
         self.steps = 0
         self.epochs = 0
         self._final_masks: dict[str, Tensor] | None = None
@@ -326,13 +341,6 @@ class Pruner:
                 f"layers={len(self.layers)}, steps={self.steps}, epochs={self.epochs})")
 
     # -- helpers ------------------------------------------------------------------------
-    def _skip(self, name: str, error: HwpruneError, may_skip: bool) -> None:
-        """Record why default target ``name`` cannot be pruned, or raise ``error``."""
-        if not may_skip:
-            raise error
-        self.skipped[name] = str(error).removeprefix(f"{name}: ")
-        self._skip_errors.append(error)
-
     def _check_live(self, verb: str) -> None:
         if self.finalized:
             raise LifecycleError(f"{verb}() after finalize(): this pruner is finished")
