@@ -50,7 +50,7 @@ def test_target_errors_name_what_exists(tiny):
         resolve_targets(tiny, ["conv9"])
     with pytest.raises(TargetError, match="selects no weight"):
         resolve_targets(tiny, nn.Conv1d)
-    with pytest.raises(TargetError, match="no Conv, Linear or RNN"):
+    with pytest.raises(TargetError, match="no Conv, Linear, RNN or attention"):
         resolve_targets(nn.Sequential(nn.ReLU(), nn.BatchNorm1d(3)))
     with pytest.raises(TargetError, match="targets must be"):
         resolve_targets(tiny, [3])
@@ -58,8 +58,8 @@ def test_target_errors_name_what_exists(tiny):
 
 def test_bad_input_raises_before_the_model_is_touched(tiny):
     before = copy.deepcopy(tiny.state_dict())
-    with pytest.raises(StructureError, match="fc1.weight"):
-        hp.Magnitude(tiny, "column", 0.5)  # conv2/conv3 fit; fc1 cannot have columns
+    with pytest.raises(StructureError, match="fc1.weight"):  # conv2/conv3 fit; fc1 cannot
+        hp.Magnitude(tiny, "column", 0.5, strict=True)      # have columns
     with pytest.raises(ConfigError, match=r"\[0, 1\)"):
         hp.Magnitude(tiny, "filter", 1.0)
     assert not any(parametrize.is_parametrized(m) for m in tiny.modules())

@@ -168,16 +168,18 @@ def test_rows_follow_module_order_and_skip_other_modules() -> None:
     "layer, x, macs",
     [
         (nn.Conv2d(3, 8, 3, padding=1), torch.randn(1, 3, 10, 10), 8 * 3 * 9 * 100),
-        (nn.Conv2d(3, 8, 3, stride=2, padding=1), torch.randn(2, 3, 10, 10), 2 * 8 * 3 * 9 * 25),
+        (nn.Conv2d(3, 8, 3, stride=2, padding=1), torch.randn(2, 3, 10, 10), 8 * 3 * 9 * 25),
         (nn.Conv2d(4, 8, 3, padding=1, groups=2), torch.randn(1, 4, 6, 6), 8 * 2 * 9 * 36),
         (nn.Conv1d(2, 4, 3), torch.randn(1, 2, 10), 4 * 2 * 3 * 8),
         (nn.Conv3d(2, 3, 2), torch.randn(1, 2, 4, 4, 4), 3 * 2 * 8 * 27),
-        (nn.Linear(800, 10), torch.randn(2, 800), 2 * 800 * 10),
-        (nn.Linear(6, 5), torch.randn(2, 7, 6), 2 * 7 * 6 * 5),
+        (nn.Linear(800, 10), torch.randn(2, 800), 800 * 10),
+        (nn.Linear(6, 5), torch.randn(2, 7, 6), 7 * 6 * 5),
     ],
 )
 def test_dense_macs_match_hand_count(layer: nn.Module, x: Tensor, macs: int) -> None:
+    """Per sample: the example batch (the first dimension) is divided out."""
     rep = report(nn.Sequential(layer), x)
+    assert rep.macs_per == "sample" and rep.total["batch_size"] == x.shape[0]
     assert rep.rows[0].macs_dense == macs
     assert rep.rows[0].macs_remaining == macs
     assert rep.total["macs_dense"] == rep.total["model_macs"] == macs
@@ -192,9 +194,9 @@ def test_model_macs_include_work_outside_prunable_layers() -> None:
         def forward(self, x: Tensor) -> Tensor:
             return self.fc(x) @ x.t()  # (2, 4) @ (4, 2): 16 MACs outside any layer
 
-    rep = report(WithMatmul(), torch.randn(2, 4))
-    assert rep.total["macs_dense"] == 2 * 4 * 4
-    assert rep.total["model_macs"] == 2 * 4 * 4 + 16
+    rep = report(WithMatmul(), torch.randn(2, 4))  # per sample: halved
+    assert rep.total["macs_dense"] == 4 * 4
+    assert rep.total["model_macs"] == 4 * 4 + 8
 
 
 def test_remaining_macs_scale_with_kept_fraction() -> None:
@@ -264,10 +266,10 @@ def test_lstm_rows_and_macs() -> None:
     assert all(r.module == "LSTM" and r.kept_kernels is None for r in rep.rows)
     per_step = {"weight_ih_l0": 4 * hid * inp, "weight_hh_l0": 4 * hid * hid}
     per_step |= {"weight_ih_l1": 4 * hid * hid, "weight_hh_l1": 4 * hid * hid}
-    for r in rep.rows:
-        assert r.macs_dense == per_step[r.name] * steps * batch > 0
+    for r in rep.rows:  # per sample: batch-first, the batch is divided out
+        assert r.macs_dense == per_step[r.name] * steps > 0
     # gates * hidden * (input + hidden) per step, per layer
-    layer0 = 4 * hid * (inp + hid) * steps * batch
+    layer0 = 4 * hid * (inp + hid) * steps
     assert _row(rep, "weight_ih_l0").macs_dense + _row(rep, "weight_hh_l0").macs_dense == layer0
     assert rep.total["model_macs"] == rep.total["macs_dense"]
 
@@ -277,7 +279,8 @@ def test_gru_in_a_model_sequence_first_and_bidirectional() -> None:
     model = Recurrent(nn.GRU(inp, hid, bidirectional=True), 2 * hid)
     with torch.no_grad():
         model.rnn.weight_hh_l0_reverse[:hid] = 0  # one gate of three
-    rep = report(model, torch.randn(steps, batch, inp))
+    # sequence-first: the batch is the second dimension, so it is given
+    rep = report(model, torch.randn(steps, batch, inp), batch_size=batch)
     assert [r.name for r in rep.rows] == [
         "rnn.weight_ih_l0",
         "rnn.weight_hh_l0",
@@ -286,10 +289,10 @@ def test_gru_in_a_model_sequence_first_and_bidirectional() -> None:
         "fc.weight",
     ]
     hh = _row(rep, "rnn.weight_hh_l0_reverse")
-    assert hh.macs_dense == 3 * hid * hid * steps * batch
+    assert hh.macs_dense == 3 * hid * hid * steps
     assert hh.kept_filters == 2 / 3
     assert hh.macs_remaining * 3 == hh.macs_dense * 2
-    assert _row(rep, "fc.weight").macs_dense == steps * batch * 2 * hid * 2
+    assert _row(rep, "fc.weight").macs_dense == steps * 2 * hid * 2
     assert rep.total["model_macs"] == rep.total["macs_dense"]
 
 
@@ -417,7 +420,7 @@ def test_failing_inputs_name_the_shape_and_error() -> None:
 
 def test_tuple_inputs() -> None:
     rep = report(TwoInputs(), (torch.randn(2, 4), torch.randn(2, 5)))
-    assert [r.macs_dense for r in rep.rows] == [2 * 4 * 3, 2 * 5 * 3]
+    assert [r.macs_dense for r in rep.rows] == [4 * 3, 5 * 3]
     with pytest.raises(HwpruneError, match=r"\(2, 4\), \(2, 4\)"):
         report(TwoInputs(), (torch.randn(2, 4), torch.randn(2, 4)))
 
@@ -583,3 +586,19 @@ def test_storage_table_in_markdown_and_terminal() -> None:
     rep.print(Console(file=buf, width=250))
     assert "small: storage" in buf.getvalue() and "selection width" in buf.getvalue()
     assert json.loads(rep.to_json())["rows"][0]["compression_ratio_no_index"] is not None
+
+
+def test_macs_are_per_sample_whatever_the_example_batch() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8 * 36, 4))
+    x = torch.randn(4, 3, 6, 6)
+    one, four = report(model, x[:1]), report(model, x)
+    for key in ("macs_dense", "macs_remaining", "model_macs", "model_macs_remaining"):
+        assert one.total[key] == four.total[key] > 0, key
+    assert [r.macs_dense for r in one.rows] == [r.macs_dense for r in four.rows]
+    assert four.total["batch_size"] == 4 and four.to_dict()["macs_per"] == "sample"
+    assert "MACs per sample (example batch of 4 divided out)" in four.to_markdown()
+    assert report(model, x, batch_size=2).total["model_macs"] == 2 * one.total["model_macs"]
+    with pytest.raises(HwpruneError, match="batch_size must be an int >= 1"):
+        report(model, x, batch_size=0)

@@ -28,6 +28,7 @@ from .methods import ADMM, DARB, DPP, PSP, Magnitude, Pruner
 # `from hwprune.report import plots`.
 from .report import Report, report
 from .storage import load, save
+from .targets import SkippedLayersWarning
 
 __version__ = "0.1.0"
 
@@ -58,5 +59,6 @@ __all__ = [
     "TargetError",
     "ConfigError",
     "LifecycleError",
+    "SkippedLayersWarning",
     "__version__",
 ]

@@ -1,8 +1,14 @@
 """Which parameters a method prunes: the ``targets=`` argument.
 
-Default: the weight of every Conv and Linear layer except the network's first conv and its last
-linear layer (the input and the classifier are small and sensitive; every method in the field
-leaves them dense by default). ``targets`` may also be
+Default: the weight of every Conv and Linear layer and every ``nn.MultiheadAttention``'s input
+projection, except the network's first conv and the layers that produce its output (the input
+and the classifier are small and sensitive; every method in the field leaves them dense by
+default). The output's layers are found in the torch.fx graph: from the output back, through
+anything that is not a Conv/Linear/RNN/attention layer (pooling, flatten, norms, activations),
+to the first such layer on every path -- a SqueezeNet's classifier conv as much as a ResNet's
+``fc``. A model torch.fx cannot trace falls back to "the last Linear layer" with a warning that
+says why. A method leaves a default target that cannot carry its structure dense (a
+``SkippedLayersWarning``; ``strict=True`` refuses instead). ``targets`` may also be
 
 * a name or glob, or a list of them, matched against module names (``"layer1.*"``) and
   parameter names (``"layer1.0.conv1.weight"``);
@@ -10,7 +16,10 @@ leaves them dense by default). ``targets`` may also be
 * a predicate ``f(name, module) -> bool`` over modules.
 
 A selected Conv/Linear module contributes its ``weight``; an LSTM/GRU/RNN module contributes
-every ``weight_ih_l*`` / ``weight_hh_l*`` matrix (biases are never pruned).
+every ``weight_ih_l*`` / ``weight_hh_l*`` matrix; an ``nn.MultiheadAttention`` its input
+projection ``in_proj_weight`` (or ``q/k/v_proj_weight`` when key and value have their own
+sizes), a linear weight of shape (out, in); its ``out_proj`` is an ``nn.Linear`` of its own.
+Biases are never pruned.
 
 With ``norm_layers=True`` (PSP's ``"layer"`` structure, which gates a module's whole output)
 BatchNorm/GroupNorm/LayerNorm modules with affine parameters may be named too, so that the
@@ -20,22 +29,25 @@ last BatchNorm of a residual branch can gate the branch. They are never selected
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from torch import nn
+from torch import fx, nn
 from torch.nn.utils import parametrize
 
 from .errors import TargetError
 
-__all__ = ["Target", "resolve_targets", "CONV_TYPES", "LINEAR_TYPES", "RNN_TYPES", "NORM_TYPES",
+__all__ = ["Target", "resolve_targets", "output_layers", "layer_weights", "SkippedLayersWarning",
+           "CONV_TYPES", "LINEAR_TYPES", "RNN_TYPES", "ATTENTION_TYPES", "NORM_TYPES",
            "PRUNABLE_TYPES"]
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 LINEAR_TYPES = (nn.Linear,)
 RNN_TYPES = (nn.RNNBase,)  # LSTM, GRU, RNN
+ATTENTION_TYPES = (nn.MultiheadAttention,)  # its input projection is a linear weight
 NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
-PRUNABLE_TYPES = (*CONV_TYPES, *LINEAR_TYPES, *RNN_TYPES)
+PRUNABLE_TYPES = (*CONV_TYPES, *LINEAR_TYPES, *RNN_TYPES, *ATTENTION_TYPES)
 
 
 @dataclass(frozen=True)
@@ -48,14 +60,38 @@ class Target:
     param: str  # attribute name on the module: "weight", "weight_ih_l0", ...
 
 
-def _weights_of(module: nn.Module, norm_layers: bool = False) -> list[str]:
-    if norm_layers and isinstance(module, NORM_TYPES):
-        return ["weight"] if getattr(module, "weight", None) is not None else []
+class SkippedLayersWarning(UserWarning):
+    """Default targets a method leaves dense because they cannot carry its structure (a
+    depthwise conv's single input channel per group for k:n, a layer smaller than a block).
+    One warning per pruner; ``skipped`` is ``{parameter name: why}`` (also ``pruner.skipped``).
+    """
+
+    def __init__(self, method: str, structure: str, skipped: dict[str, str]):
+        self.skipped = dict(skipped)
+        reasons = "; ".join(f"{name}: {why}" for name, why in self.skipped.items())
+        super().__init__(
+            f"{method}({structure}) leaves {len(self.skipped)} default target(s) dense that "
+            f"cannot carry it: {reasons}. Pass strict=True to refuse instead, or targets= to "
+            "choose the layers")
+
+
+def layer_weights(module: nn.Module) -> list[str]:
+    """The names of ``module``'s own prunable weights (``[]`` for other modules): a Conv's or
+    Linear's ``weight``, an RNN's ``weight_*`` matrices, an attention's input projection(s)."""
+    if isinstance(module, ATTENTION_TYPES):
+        names = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+        return [n for n in names if getattr(module, n, None) is not None]
     if isinstance(module, RNN_TYPES):
         return [n for n, _ in module.named_parameters(recurse=False) if n.startswith("weight_")]
     if isinstance(module, (*CONV_TYPES, *LINEAR_TYPES)):
         return ["weight"]
     return []
+
+
+def _weights_of(module: nn.Module, norm_layers: bool = False) -> list[str]:
+    if norm_layers and isinstance(module, NORM_TYPES):
+        return ["weight"] if getattr(module, "weight", None) is not None else []
+    return layer_weights(module)
 
 
 def _full(module_name: str, param: str) -> str:
@@ -70,15 +106,69 @@ def _all_candidates(model: nn.Module, norm_layers: bool = False) -> list[Target]
     ]
 
 
-def _default(candidates: list[Target]) -> list[Target]:
+class _LayerTracer(fx.Tracer):
+    """Traces down to the prunable layers and the modules without children."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, PRUNABLE_TYPES) or next(m.children(), None) is None
+
+
+def _graph(model: nn.Module) -> fx.Graph:
+    """The graph down to the layers, else with torch.nn's modules as leaves (a
+    TransformerEncoderLayer's forward has control flow torch.fx cannot follow)."""
+    try:
+        return _LayerTracer().trace(model)
+    except Exception as first:  # torch.fx raises many types for untraceable code
+        try:
+            return fx.Tracer().trace(model)
+        except Exception:
+            raise first from None
+
+
+def output_layers(model: nn.Module) -> set[str]:
+    """Names of the modules whose weights write the model's output: from the traced graph's
+    output back to the first Conv/Linear/RNN layer on every path (an attention's ``out_proj``
+    where the path meets an ``nn.MultiheadAttention``). Raises what torch.fx raises for a
+    model it cannot trace, and ``TargetError`` where a path meets a module that holds layers
+    but could only be traced as a whole."""
+    graph = _graph(model)
+    modules = dict(model.named_modules())
+    found: set[str] = set()
+    seen: set[fx.Node] = set()
+    stack = [n for n in graph.nodes if n.op == "output"]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        m = modules.get(node.target) if node.op == "call_module" else None
+        if isinstance(m, ATTENTION_TYPES):
+            found.add(f"{node.target}.out_proj")
+        elif isinstance(m, PRUNABLE_TYPES):
+            found.add(node.target)
+        elif m is not None and any(isinstance(s, PRUNABLE_TYPES) for s in m.modules()):
+            raise TargetError(f"the output comes through {node.target} ({type(m).__name__}), "
+                              "whose layers torch.fx could only trace as a whole")
+        else:
+            stack.extend(node.all_input_nodes)
+    return found
+
+
+def _default(model: nn.Module, candidates: list[Target]) -> list[Target]:
     convs = [t for t in candidates if isinstance(t.module, CONV_TYPES)]
-    linears = [t for t in candidates if isinstance(t.module, LINEAR_TYPES)]
-    skip = set()
-    if convs:
-        skip.add(convs[0].name)
-    if linears:
-        skip.add(linears[-1].name)
-    layers = (*CONV_TYPES, *LINEAR_TYPES)
+    skip = {t.name for t in convs[:1]}
+    try:
+        outputs = output_layers(model)
+        skip |= {t.name for t in candidates if t.module_name in outputs}
+    except Exception as e:  # torch.fx raises many types for untraceable code
+        linears = [t for t in candidates if isinstance(t.module, LINEAR_TYPES)]
+        skip |= {t.name for t in linears[-1:]}
+        warnings.warn(
+            f"hwprune.targets: torch.fx cannot trace {type(model).__name__} ({type(e).__name__}: "
+            f"{e}), so the layer that produces its output is not known; the default targets "
+            f"leave its last Linear layer ({linears[-1].name if linears else 'none'}) dense "
+            "instead. Pass targets= to choose the layers.", stacklevel=3)
+    layers = (*CONV_TYPES, *LINEAR_TYPES, *ATTENTION_TYPES)
     return [t for t in candidates if isinstance(t.module, layers) and t.name not in skip]
 
 
@@ -97,12 +187,14 @@ def resolve_targets(model: nn.Module, targets: Spec = None,
         candidates = _all_candidates(model, norm_layers=True)
     if not candidates:
         raise TargetError(
-            f"{type(model).__name__} has no Conv, Linear or RNN layer to prune; hwprune prunes "
-            f"the weights of nn.Conv1d/2d/3d, nn.Linear, nn.LSTM/GRU/RNN"
+            f"{type(model).__name__} has no Conv, Linear, RNN or attention layer to prune; "
+            "hwprune prunes the weights of nn.Conv1d/2d/3d, nn.Linear, nn.LSTM/GRU/RNN and "
+            "nn.MultiheadAttention's input projection"
         )
     if targets is None:
-        chosen = _default(candidates)
-        what = "the default (every Conv/Linear weight but the first conv and the last linear)"
+        chosen = _default(model, candidates)
+        what = ("the default (every Conv/Linear/attention weight but the first conv and the "
+                "layers that produce the output)")
     elif isinstance(targets, type) or (
         isinstance(targets, tuple) and targets and all(isinstance(t, type) for t in targets)
     ):

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, HwpruneError
+from .verify import ATOL, RTOL, compare_outputs, flat_outputs
 
 __all__ = ["EXPORT_FORMATS", "ExportError", "export_model"]
 
@@ -30,18 +31,17 @@ class ExportError(HwpruneError):
     """The model cannot be exported, or the exported program computes something else."""
 
 
-def _check(got: Any, ref: Tensor | tuple, what: str, atol: float) -> None:
-    got_t = got if isinstance(got, list | tuple) else [got]
-    ref_t = ref if isinstance(ref, list | tuple) else [ref]
-    for g, r in zip(got_t, ref_t, strict=True):
-        g = torch.as_tensor(g)
-        if g.shape != r.shape or not torch.allclose(g, r, atol=atol, rtol=atol):
-            raise ExportError(f"the {what} differs from the model (max |diff| "
-                              f"{float((g - r).abs().max()) if g.shape == r.shape else 'shape'})")
+def _check(got: Any, ref: list[Tensor], what: str, rtol: float, atol: float) -> None:
+    check = compare_outputs(flat_outputs(got), ref, rtol=rtol, atol=atol)
+    if not check.close:
+        found = (f"max |diff| {check.max_abs_diff:.3g} at output scale {check.scale:.3g}, "
+                 f"rtol={rtol}, atol={atol}" if check.same_shapes else "other output shapes")
+        raise ExportError(f"the {what} differs from the model ({found})")
 
 
 def export_model(model: nn.Module, example_inputs: Any, path: str | os.PathLike | None = None,
-                 *, format: str = "torch.export", atol: float = 1e-5) -> Any:
+                 *, format: str = "torch.export", rtol: float = RTOL,
+                 atol: float = ATOL) -> Any:
     """Export ``model`` (eval mode) and check the result on ``example_inputs``.
 
     Args:
@@ -51,7 +51,8 @@ def export_model(model: nn.Module, example_inputs: Any, path: str | os.PathLike 
             ``.onnx``); required for ONNX. The written file is loaded back and checked.
         format: ``"torch.export"`` (default; an ``ExportedProgram``), ``"torchscript"`` (a
             traced ``ScriptModule``) or ``"onnx"``.
-        atol: tolerance of the check (also used as rtol).
+        rtol, atol: tolerance of the check on every output: max |difference| <= rtol * the
+            output's largest magnitude + atol (``hwprune.deploy.verify``).
 
     Returns:
         the ``ExportedProgram``, the ``ScriptModule``, or the ONNX path.
@@ -61,7 +62,7 @@ def export_model(model: nn.Module, example_inputs: Any, path: str | os.PathLike 
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     model = copy.deepcopy(model).eval()
     with torch.no_grad():
-        ref = model(*args)
+        ref = flat_outputs(model(*args))
     try:
         if format == "torch.export":
             program = torch.export.export(model, args)
@@ -69,7 +70,7 @@ def export_model(model: nn.Module, example_inputs: Any, path: str | os.PathLike 
                 torch.export.save(program, os.fspath(path))
                 program = torch.export.load(os.fspath(path))
             with torch.no_grad():
-                _check(program.module()(*args), ref, "exported program", atol)
+                _check(program.module()(*args), ref, "exported program", rtol, atol)
             return program
         if format == "torchscript":
             with torch.no_grad():
@@ -78,16 +79,17 @@ def export_model(model: nn.Module, example_inputs: Any, path: str | os.PathLike 
                 script.save(os.fspath(path))
                 script = torch.jit.load(os.fspath(path))
             with torch.no_grad():
-                _check(script(*args), ref, "TorchScript module", atol)
+                _check(script(*args), ref, "TorchScript module", rtol, atol)
             return script
-        return _onnx(model, args, ref, path, atol)
+        return _onnx(model, args, ref, path, rtol, atol)
     except (ConfigError, ExportError):
         raise
     except Exception as e:  # the exporters raise many types; name the cause, keep the chain
         raise ExportError(f"{format} export of {type(model).__name__} failed: {e}") from e
 
 
-def _onnx(model: nn.Module, args: tuple, ref: Any, path: Any, atol: float) -> str:
+def _onnx(model: nn.Module, args: tuple, ref: list[Tensor], path: Any, rtol: float,
+          atol: float) -> str:
     missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
     if missing:
         raise ConfigError(f"ONNX export needs the optional packages {missing}: "
@@ -105,5 +107,5 @@ def _onnx(model: nn.Module, args: tuple, ref: Any, path: Any, atol: float) -> st
         session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
         feeds = {i.name: a.numpy() for i, a in zip(session.get_inputs(), args, strict=True)}
         _check([torch.from_numpy(o) for o in session.run(None, feeds)], ref, "ONNX model",
-               atol)
+               rtol, atol)
     return path

@@ -28,7 +28,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from ..errors import HwpruneError
 from .tracing import trace
-from .verify import compare_outputs, example_args, outputs_of
+from .verify import ATOL, RTOL, compare_outputs, example_args, outputs_of
 
 __all__ = ["fold_batchnorm", "FoldError"]
 
@@ -40,16 +40,17 @@ class FoldError(HwpruneError):
     """The model cannot be traced, or the folded copy does not compute what it computes."""
 
 
-def fold_batchnorm(model: nn.Module, example_inputs: Any, *, atol: float = 1e-4,
-                   rtol: float = 1e-4) -> nn.Module:
+def fold_batchnorm(model: nn.Module, example_inputs: Any, *, atol: float = ATOL,
+                   rtol: float = RTOL) -> nn.Module:
     """A copy of ``model`` in eval mode in which every BatchNorm fed only by a conv or
     linear layer is folded into it (the BatchNorm becomes ``nn.Identity``).
 
     Args:
         model: any traceable model (its own class, or the GraphModule ``shrink`` returns).
         example_inputs: a tensor or a tuple of tensors, to verify the result.
-        atol, rtol: the verification tolerance on every output (folding reorders float
-            arithmetic, so the outputs match to rounding, not bitwise).
+        atol, rtol: the verification tolerance on every output: max |difference| <= rtol *
+            the output's largest magnitude + atol (``hwprune.deploy.verify``; folding reorders
+            float arithmetic, so the outputs match to rounding, not bitwise).
 
     Raises:
         FoldError: bad ``example_inputs``, a model torch.fx cannot trace, or a folded copy
@@ -67,9 +68,11 @@ def fold_batchnorm(model: nn.Module, example_inputs: Any, *, atol: float = 1e-4,
                      else fuse_linear_bn_eval(layer, norm))
             work.set_submodule(producer, fused)
             work.set_submodule(bn, nn.Identity())
-    if not compare_outputs(outputs_of(work, args), reference, atol, rtol).close:
-        raise FoldError(f"folding BatchNorm changed {type(model).__name__}'s outputs beyond "
-                        f"atol={atol}, rtol={rtol}; refusing to return it (the input model is "
+    check = compare_outputs(outputs_of(work, args), reference, rtol=rtol, atol=atol)
+    if not check.close:
+        raise FoldError(f"folding BatchNorm changed {type(model).__name__}'s outputs by up to "
+                        f"{check.max_abs_diff:.3g} at output scale {check.scale:.3g} (rtol="
+                        f"{rtol}, atol={atol}); refusing to return it (the input model is "
                         "unchanged)")
     return work
 

@@ -132,19 +132,21 @@ class ADMM(Pruner):
         retrain_at: step at which ``step()`` calls ``hard_project()`` itself (default None:
             call it yourself).
         targets: which weights; see ``hwprune.targets``.
+        strict: refuse (``StructureError``) a default target that cannot carry the
+            structure instead of leaving it dense with a ``SkippedLayersWarning``.
     """
 
     def __init__(self, model: nn.Module, block: tuple[int, int] | str | Structure = (1, 4),
                  unify: float = 0.5, zero: float = 0.0, rho: float = 1e-3,
                  rho_growth: float = 1.3, rho_max: float = 1.0, admm_interval: int = 100,
-                 retrain_at: int | None = None, targets: Spec = None):
+                 retrain_at: int | None = None, targets: Spec = None, strict: bool = False):
         self.unify, self.zero = unify, zero
         self.rho, self.rho_growth, self.rho_max = rho, rho_growth, rho_max
         self.admm_interval, self.retrain_at = admm_interval, retrain_at
         self.phase = "admm"
         self.rounds = 0
         self.history: list[dict[str, Any]] = []
-        super().__init__(model, _parse_block(block), targets)
+        super().__init__(model, _parse_block(block), targets, strict)
 
     # -- construction ---------------------------------------------------------------------
     def _check_config(self) -> None:

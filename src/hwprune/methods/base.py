@@ -16,6 +16,7 @@ a user can get wrong is checked in ``__init__`` before the model is touched.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,9 +25,9 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .. import distributed
-from ..errors import ConfigError, LifecycleError, StructureError
+from ..errors import ConfigError, HwpruneError, LifecycleError, StructureError
 from ..structures import FeatureMap, Structure, parse_structure
-from ..targets import Spec, Target, resolve_targets
+from ..targets import SkippedLayersWarning, Spec, Target, resolve_targets
 from .registry import get_method
 from .state import check_state
 
@@ -63,10 +64,56 @@ class PrunedLayer:
         return self.module.parametrizations[self.param].original
 
 
+def _select_layers(pruner: Pruner, targets: Spec, strict: bool) -> None:
+    """Fill ``pruner.layers`` with the targets that can carry its structure (the method's
+    ``_layer_structure``, ``validate``, ``_check_config`` and ``_check_layer``). A default
+    target that cannot is recorded in ``pruner.skipped`` and named in one warning; a named
+    target, or any with ``strict``, raises. Nothing of the model is touched."""
+    model = pruner.model
+    # only the default selection adapts to the model; named targets and strict=True refuse
+    may_skip = targets is None and not strict
+    errors: list[HwpruneError] = []
+
+    def skip(name: str, error: HwpruneError) -> None:
+        if not may_skip:
+            raise error
+        pruner.skipped[name] = str(error).removeprefix(f"{name}: ")
+        errors.append(error)
+
+    for t in pruner._targets(model, targets):
+        shape = tuple(getattr(t.module, t.param).shape)
+        if parametrize.is_parametrized(t.module, t.param):
+            raise StructureError(
+                f"{t.name} is already parametrized (another pruner?); finalize it first")
+        try:
+            structure = pruner._layer_structure(shape, t.name)
+            structure.validate(shape, t.name)
+        except StructureError as e:
+            skip(t.name, e)
+            continue
+        pruner.layers[t.name] = PrunedLayer(t, structure, shape)
+    pruner._check_config()  # method-specific validation, still before the model is touched
+    for name, layer in list(pruner.layers.items()):
+        try:
+            pruner._check_layer(layer)
+        except (StructureError, ConfigError) as e:
+            skip(name, e)
+            del pruner.layers[name]
+    if not pruner.layers:  # nothing fits: the first layer's kind of error, naming them all
+        raise type(errors[0])(
+            f"no default target of {type(model).__name__} can carry "
+            f"{type(pruner).__name__}'s {pruner.structure}: " + "; ".join(
+                f"{n}: {why}" for n, why in pruner.skipped.items()))
+    if pruner.skipped:
+        warnings.warn(SkippedLayersWarning(type(pruner).__name__, str(pruner.structure),
+                                           pruner.skipped), stacklevel=4)
+
+
 class Pruner:
     """Base class of all methods. Subclasses override the ``_hooks`` below, not the verbs."""
 
-    def __init__(self, model: nn.Module, structure: str | Structure, targets: Spec = None):
+    def __init__(self, model: nn.Module, structure: str | Structure, targets: Spec = None,
+                 strict: bool = False):
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module; got {type(model).__name__}")
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
@@ -78,16 +125,9 @@ class Pruner:
         if isinstance(self.structure, FeatureMap) and not self._prunes_maps():
             raise ConfigError(_no_maps(type(self)))
         self.layers: dict[str, PrunedLayer] = {}
-        for t in self._targets(model, targets):
-            shape = tuple(getattr(t.module, t.param).shape)
-            structure = self._layer_structure(shape, t.name)
-            structure.validate(shape, t.name)
-            if parametrize.is_parametrized(t.module, t.param):
-                raise StructureError(
-                    f"{t.name} is already parametrized (another pruner?); finalize it first"
-                )
-            self.layers[t.name] = PrunedLayer(t, structure, shape)
-        self._check_config()  # method-specific validation, still before the model is touched
+        #: default targets that cannot carry the structure: {parameter name: why}
+        self.skipped: dict[str, str] = {}
+        _select_layers(self, targets, strict)
         self.steps = 0
         self.epochs = 0
         self._final_masks: dict[str, Tensor] | None = None
@@ -125,6 +165,10 @@ class Pruner:
 
     def _check_config(self) -> None:
         """Raise ``ConfigError`` for bad method parameters (called before attaching)."""
+
+    def _check_layer(self, layer: PrunedLayer) -> None:
+        """Raise ``StructureError``/``ConfigError`` if ``layer`` cannot carry the method's
+        pattern (after ``_check_config``); a default target that fails is skipped."""
 
     def _make_parametrization(self, layer: PrunedLayer) -> nn.Module:
         raise NotImplementedError

@@ -129,19 +129,21 @@ class DARB(Pruner):
             sparsity ``s_t`` sets the ratio ``1 / (1 - s_t)`` at each due step or epoch.
         targets: which weights; see ``hwprune.targets`` (``torch.nn.LSTM`` for an LSTM's
             matrices).
+        strict: refuse (``StructureError``) a default target that cannot carry the
+            structure instead of leaving it dense with a ``SkippedLayersWarning``.
     """
 
     def __init__(self, model: nn.Module, ratio: float,
                  allowed: Sequence[int] | None = None, m: int = 1,
                  reference: str | Mapping[str, Tensor] = "magnitude",
-                 schedule: Schedule | None = None, targets: Spec = None):
+                 schedule: Schedule | None = None, targets: Spec = None, strict: bool = False):
         self.ratio = ratio
         self.allowed = allowed
         self.m = m
         self.reference = reference
         self.schedule = schedule if schedule is not None else OneShot()
         self.block_sizes: dict[str, Tensor] = {}
-        super().__init__(model, Element(), targets)
+        super().__init__(model, Element(), targets, strict)
 
     # -- construction ---------------------------------------------------------------------
     def _check_config(self) -> None:
@@ -171,27 +173,29 @@ class DARB(Pruner):
             raise ConfigError(f"reference must be 'magnitude' or {{name: bool mask}}; got "
                               f"{self.reference!r}")
         self.final_sparsity = 1.0 - 1.0 / r
-        # every row dense until the first prune (b = 1 keeps every weight)
-        self.block_sizes = {n: torch.ones(im2col_shape(layer.shape)[0], dtype=torch.long)
-                            for n, layer in self.layers.items()}
-        self.allowed_sizes = {n: self._layer_sizes(layer) for n, layer in self.layers.items()}
-        for name, layer in self.layers.items():
-            rows, cols = im2col_shape(layer.shape)
-            sizes = self.allowed_sizes[name]
-            lo = cols / block_kept(cols, sizes[0], m)
-            hi = cols / block_kept(cols, sizes[-1], m)
-            if not lo * (1 - 1e-9) <= r <= hi * (1 + 1e-9):
+        self.allowed_sizes: dict[str, tuple[int, ...]] = {}
+
+    def _check_layer(self, layer: PrunedLayer) -> None:
+        r, m, name = self.ratio, self.m, layer.name
+        rows, cols = im2col_shape(layer.shape)
+        sizes = self._layer_sizes(layer)
+        lo = cols / block_kept(cols, sizes[0], m)
+        hi = cols / block_kept(cols, sizes[-1], m)
+        if not lo * (1 - 1e-9) <= r <= hi * (1 + 1e-9):
+            raise ConfigError(
+                f"{name}: ratio {r:g} is outside what block sizes {sizes} (m={m}) reach on "
+                f"rows of {cols}: allowed ratios {lo:.4g} .. {hi:.4g}"
+            )
+        if isinstance(self.reference, Mapping):
+            ref = self.reference.get(name)
+            if ref is None or tuple(ref.shape) != layer.shape:
                 raise ConfigError(
-                    f"{name}: ratio {r:g} is outside what block sizes {sizes} (m={m}) reach on "
-                    f"rows of {cols}: allowed ratios {lo:.4g} .. {hi:.4g}"
+                    f"reference mask for {name} is missing or not of shape {layer.shape}; "
+                    f"got {None if ref is None else tuple(ref.shape)}"
                 )
-            if isinstance(self.reference, Mapping):
-                ref = self.reference.get(name)
-                if ref is None or tuple(ref.shape) != layer.shape:
-                    raise ConfigError(
-                        f"reference mask for {name} is missing or not of shape {layer.shape}; "
-                        f"got {None if ref is None else tuple(ref.shape)}"
-                    )
+        self.allowed_sizes[name] = sizes
+        # every row dense until the first prune (b = 1 keeps every weight)
+        self.block_sizes[name] = torch.ones(rows, dtype=torch.long)
 
     def _layer_sizes(self, layer: PrunedLayer) -> tuple[int, ...]:
         _, cols = im2col_shape(layer.shape)

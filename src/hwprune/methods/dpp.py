@@ -85,6 +85,8 @@ class DPP(Pruner):
         seed: seed of the noise generator.
         logit_lr: learning rate of the logits (default: the optimizer default's).
         targets: which weights; see ``hwprune.targets``.
+        strict: refuse (``StructureError``) a default target that cannot carry the
+            structure instead of leaving it dense with a ``SkippedLayersWarning``.
     """
 
     def __init__(self, model: nn.Module, structure: str | Structure = "2:4",
@@ -92,7 +94,7 @@ class DPP(Pruner):
                  anneal_epochs: int = 10, noise_scale: float = 0.05,
                  entropy_weight: float = 1e-4, quantize_bits: int | bool | None = None,
                  logit_init: str = "magnitude", seed: int = 0, logit_lr: float | None = None,
-                 targets: Spec = None):
+                 targets: Spec = None, strict: bool = False):
         # the structure as given; rows of weight/kernel/filter get their n per layer
         self.row_kind, self._spec = _parse_dpp_structure(structure)
         self.k = k
@@ -109,7 +111,7 @@ class DPP(Pruner):
         self._check_k()
         self.generator = torch.Generator()
         self.generator.manual_seed(seed)
-        super().__init__(model, self._spec, targets)
+        super().__init__(model, self._spec, targets, strict)
 
     # -- construction ---------------------------------------------------------------------
     def _check_k(self) -> None:

@@ -77,19 +77,21 @@ class Magnitude(Pruner):
             selected.
         example_inputs: a tensor or tuple of the model's inputs; needed by ``"map"`` (to
             trace the model), ignored otherwise.
+        strict: refuse (``StructureError``) a default target that cannot carry the
+            structure instead of leaving it dense with a ``SkippedLayersWarning``.
     """
 
     def __init__(self, model: nn.Module, structure: str | Structure = "element",
                  sparsity: float | None = None, schedule: Schedule | None = None,
                  scope: str = "layer", norm: str = "l1", targets: Spec = None,
-                 example_inputs: Any = None):
+                 example_inputs: Any = None, strict: bool = False):
         self.final_sparsity = sparsity
         self.schedule = schedule if schedule is not None else OneShot()
         self.scope = scope
         self.norm = norm
         self.example_inputs = example_inputs
         self.maps: FeatureMaps | None = None
-        super().__init__(model, structure, targets)
+        super().__init__(model, structure, targets, strict)
 
     def _prunes_maps(self) -> bool:
         return True

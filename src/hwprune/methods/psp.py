@@ -97,6 +97,8 @@ class PSP(Pruner):
         alpha_lr, alpha_momentum: optimizer settings of the alpha group; default: the same as
             the weights' (as in the paper).
         targets: which weights; see ``hwprune.targets``.
+        strict: refuse (``StructureError``) a default target that cannot carry the
+            structure instead of leaving it dense with a ``SkippedLayersWarning``.
     """
 
     def __init__(self, model: nn.Module, structure: str | Structure = "channel",
@@ -105,7 +107,7 @@ class PSP(Pruner):
                  revive: bool = True, threshold_start: int = 0,
                  threshold_mode: str = "absolute",
                  alpha_lr: float | None = None, alpha_momentum: float | None = None,
-                 targets: Spec = None):
+                 targets: Spec = None, strict: bool = False):
         self.alpha_decay = alpha_decay
         self.threshold = threshold
         self.variant = variant
@@ -116,7 +118,7 @@ class PSP(Pruner):
         self.threshold_mode = threshold_mode
         self.alpha_lr = alpha_lr
         self.alpha_momentum = alpha_momentum
-        super().__init__(model, structure, targets)
+        super().__init__(model, structure, targets, strict)
 
     # -- construction ---------------------------------------------------------------------
     def _check_config(self) -> None:

@@ -6,15 +6,17 @@ they were removed (a zero *filter* can be cut from the network, scattered zeros 
 storage), how much arithmetic is left, and, with ``baseline=``, how a physically smaller model
 compares with the dense one it came from.
 
-One row per prunable weight: the ``weight`` of every Conv1d/2d/3d and Linear, and each
-``weight_*`` matrix of an LSTM/GRU/RNN, in module order. Models that still carry
+One row per prunable weight: the ``weight`` of every Conv1d/2d/3d and Linear, each
+``weight_*`` matrix of an LSTM/GRU/RNN and each input projection of a MultiheadAttention, in
+module order. Models that still carry
 ``torch.nn.utils.parametrize`` parametrizations are read through the parametrization (the
 effective, masked weight) and named by the plain parameter name (``layer1.0.conv1.weight``).
 
 MACs are *measured*, not derived from shapes: one forward pass of ``example_inputs`` under
 PyTorch's own ``FlopCounterMode`` (eval mode, ``no_grad``), so strides, padding, groups and the
-actual input size are all accounted for. MACs = FLOPs / 2 (the counter only counts
-multiply-accumulate ops: mm, addmm, bmm, convolution). A layer's *remaining* MACs are its dense
+actual input size are all accounted for (``macs``: how, and what the counter cannot see). MACs
+are **per sample**: the pass's count divided by the batch size of ``example_inputs`` (its first
+dimension unless ``batch_size=`` says otherwise). A layer's *remaining* MACs are its dense
 MACs times its kept element fraction: every weight of a conv or linear layer is used equally
 often (once per output position), so each zero removes the same share of the work. That is the
 arithmetic an ideal sparse kernel would do, not a latency prediction.
@@ -38,19 +40,19 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
-from torch.utils.flop_counter import FlopCounterMode
 
 from ..errors import HwpruneError
 from ..storage import EncodedTensor, FilePlan, plan
 from ..structures import Channel, Filter, Kernel, Structure, parse_structure
-from ..targets import CONV_TYPES, LINEAR_TYPES, RNN_TYPES
+from ..targets import ATTENTION_TYPES, CONV_TYPES, LINEAR_TYPES, RNN_TYPES, layer_weights
 from .accounting import safe_div, storage_fields, storage_totals
+from .macs import measure_macs
 from .result import LayerRow, Report
 
 __all__ = ["LayerRow", "Report", "report", "report_state_dict", "weights_of"]
 
 #: module types whose weights get a row (RNNBase covers LSTM, GRU and RNN)
-_SUPPORTED = "Conv1d/2d/3d, Linear, LSTM/GRU/RNN"
+_SUPPORTED = "Conv1d/2d/3d, Linear, LSTM/GRU/RNN, MultiheadAttention"
 
 
 def _frac(k: int, n: int) -> float:
@@ -89,6 +91,8 @@ def _weights(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
             out.append((mname, m, "weight"))
         elif isinstance(m, RNN_TYPES):
             out += [(mname, m, p) for p in m._flat_weights_names if p.startswith("weight")]
+        elif isinstance(m, ATTENTION_TYPES):
+            out += [(mname, m, p) for p in layer_weights(m)]
     return out
 
 
@@ -132,103 +136,6 @@ def _structure_for(structures: Any, names: list[str]) -> dict[str, str]:
     )
 
 
-# -- measuring MACs -------------------------------------------------------------------------
-def _describe(inputs: Any) -> str:
-    if isinstance(inputs, Tensor):
-        return f"tensor of shape {tuple(inputs.shape)}"
-    parts = [f"{tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__ for x in inputs]
-    return f"tuple of shapes ({', '.join(parts)})"
-
-
-def _rnn_steps(m: nn.RNNBase, x: Any) -> int:
-    """Time steps x batch the RNN runs for this input: every weight is used once per one."""
-    if isinstance(x, nn.utils.rnn.PackedSequence):
-        return int(x.data.shape[0])
-    if x.dim() == 2:  # unbatched (T, input)
-        return int(x.shape[0])
-    return int(x.shape[0] * x.shape[1])
-
-
-def _measure(
-    model: nn.Module, inputs: Any, rnns: list[nn.Module]
-) -> tuple[dict[str, int], int, dict[int, int]]:
-    """Run one forward; return (MACs per flop-counter module name, total MACs, RNN steps)."""
-    if isinstance(inputs, Tensor):
-        args: tuple[Any, ...] = (inputs,)
-    elif isinstance(inputs, (tuple, list)):
-        args = tuple(inputs)
-    else:
-        raise HwpruneError(
-            "report: example_inputs must be a tensor or a tuple of tensors (the positional "
-            f"arguments of model(...)); got {type(inputs).__name__}"
-        )
-    steps: dict[int, int] = {}
-
-    def hook(m: nn.Module, a: tuple[Any, ...]) -> None:
-        steps[id(m)] = steps.get(id(m), 0) + _rnn_steps(m, a[0])  # type: ignore[arg-type]
-
-    handles = [m.register_forward_pre_hook(hook) for m in rnns]
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    counter = FlopCounterMode(display=False)
-    try:
-        with torch.no_grad(), counter:
-            model(*args)
-    except HwpruneError:
-        raise
-    except Exception as e:
-        raise HwpruneError(
-            f"report: the model failed on example_inputs ({_describe(inputs)}): "
-            f"{type(e).__name__}: {e}"
-        ) from e
-    finally:
-        for h in handles:
-            h.remove()
-        for m, training in modes:
-            m.training = training
-    counts = {k: sum(v.values()) // 2 for k, v in counter.get_flop_counts().items()}
-    return counts, counter.get_total_flops() // 2, steps
-
-
-def _row_macs(
-    model: nn.Module,
-    weights: list[tuple[str, nn.Module, str]],
-    counts: dict[str, int],
-    steps: dict[int, int],
-) -> tuple[list[int], int]:
-    """Dense MACs per weight (in ``weights`` order), and the RNN MACs the counter missed.
-
-    A module's count goes to its weight; an RNN's is split over its matrices in proportion to
-    their size, since each matrix is used once per time step. aten's fused lstm/gru/rnn ops are
-    invisible to the flop counter (count 0): then an (out, in) matrix does out*in MACs per time
-    step and batch element, which sums to gates*hidden*(input+hidden) per layer and direction.
-    """
-    root = type(model).__name__  # the counter names modules "<root class>.<qualified name>"
-
-    def counted(mname: str) -> int:
-        return counts.get(f"{root}.{mname}" if mname else root, 0)
-
-    by_module: dict[int, list[int]] = {}
-    for i, (_, m, _) in enumerate(weights):
-        by_module.setdefault(id(m), []).append(i)
-    macs = [0] * len(weights)
-    unseen = 0
-    for idx in by_module.values():
-        mname, m, _ = weights[idx[0]]
-        own = counted(mname)
-        if parametrize.is_parametrized(m):  # work done computing the weight is not the layer's
-            own -= sum(counted(f"{mname}.parametrizations.{t}") for t in m.parametrizations)
-        sizes = [getattr(m, weights[i][2]).numel() for i in idx]
-        if isinstance(m, RNN_TYPES) and own == 0:
-            for i, size in zip(idx, sizes, strict=True):
-                macs[i] = size * steps.get(id(m), 0)
-                unseen += macs[i]
-        else:
-            for i, size in zip(idx, sizes, strict=True):
-                macs[i] = own * size // sum(sizes) if size else 0
-    return macs, unseen
-
-
 def report(
     model: nn.Module,
     example_inputs: Tensor | tuple[Any, ...],
@@ -236,6 +143,7 @@ def report(
     structures: str | Structure | Mapping[str, str | Structure] | None = None,
     name: str | None = None,
     pruner: Any = None,
+    batch_size: int | None = None,
 ) -> Report:
     """Per-layer and total kept fractions, parameters, MACs and bytes of ``model``.
 
@@ -246,8 +154,11 @@ def report(
     ``structures``: the structure each weight was pruned with, for the ``structure`` column: one
     name or object for every row, or {parameter name: structure}.
     ``pruner``: the pruner that produced the model (live or finalized): gives each pruned row
-    its structure (unless ``structures`` is given) and the method's per-layer extras
-    (``pruner.layer_extras()``: PSP's alphas and pruned fraction, ...).
+    its structure (unless ``structures`` is given), the method's per-layer extras
+    (``pruner.layer_extras()``: PSP's alphas and pruned fraction, ...) and the default targets
+    it left dense because they cannot carry its structure (``Report.skipped``).
+    ``batch_size``: what MACs are divided by to count them per sample; default the first
+    dimension of the first input (give it for sequence-first or unbatched inputs).
     """
     if not isinstance(model, nn.Module):
         raise HwpruneError(f"report: model must be a torch.nn.Module; got {type(model).__name__}")
@@ -257,11 +168,7 @@ def report(
             f"report: {type(model).__name__} has no prunable weights; reported layers are "
             f"{_SUPPORTED} (subclasses included)"
         )
-    rnns = list({id(m): m for _, m, _ in weights if isinstance(m, RNN_TYPES)}.values())
-    counts, model_macs, steps = _measure(model, example_inputs, rnns)
-
-    macs, unseen = _row_macs(model, weights, counts, steps)
-    model_macs += unseen
+    macs, model_macs, batch = measure_macs(model, example_inputs, weights, batch_size)
     names = [_row_name(mname, p) for mname, _, p in weights]
     extras: dict[str, dict[str, Any]] = {}
     if pruner is not None:
@@ -289,10 +196,12 @@ def report(
         # the whole forward pass with the prunable layers' zeros skipped
         "model_macs_remaining": model_macs - macs_dense + macs_remaining,
         "model_params": sum(p.numel() for p in model.parameters()),
+        "batch_size": batch,
     })
-    rep = Report(name=name or type(model).__name__, rows=out, total=total)
+    rep = Report(name=name or type(model).__name__, rows=out, total=total,
+                 skipped=dict(getattr(pruner, "skipped", {})), macs_per="sample")
     if baseline is not None:
-        rep.baseline = _compare(rep, baseline, example_inputs)
+        rep.baseline = _compare(rep, baseline, example_inputs, batch)
     return rep
 
 
@@ -363,16 +272,17 @@ def report_state_dict(state: Mapping[str, Tensor], name: str = "state dict",
     total = _totals(rows, file, state)
     total.update({"model_macs": None, "model_macs_remaining": None,
                   "model_params": sum(t.numel() for t in state.values()
-                                      if t.is_floating_point())})
+                                      if t.is_floating_point()), "batch_size": None})
     return Report(name=name, rows=rows, total=total)
 
 
-def _compare(rep: Report, baseline: nn.Module | Report, inputs: Any) -> dict[str, Any]:
+def _compare(rep: Report, baseline: nn.Module | Report, inputs: Any,
+             batch_size: int) -> dict[str, Any]:
     """Baseline totals and baseline/model ratios, in total and per weight name."""
     if isinstance(baseline, Report):
         base = baseline
     elif isinstance(baseline, nn.Module):
-        base = report(baseline, inputs)
+        base = report(baseline, inputs, batch_size=batch_size)
     else:
         raise HwpruneError(
             f"report: baseline must be a torch.nn.Module or a Report; got {type(baseline).__name__}"

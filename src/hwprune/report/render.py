@@ -156,7 +156,11 @@ def markdown(rep: Report) -> str:
     def line(items: list[str]) -> str:
         return "| " + " | ".join(s.replace("|", "\\|") for s in items) + " |"
 
-    out = [f"### {rep.name}", "", line(header), line(["---"] * len(header))]
+    out = [f"### {rep.name}", ""]
+    if rep.macs_per is not None:
+        out += [f"MACs per {rep.macs_per} (example batch of {rep.total.get('batch_size')} "
+                "divided out).", ""]
+    out += [line(header), line(["---"] * len(header))]
     out += [line(c) for c in cells]
     out.append("")
     summary = summary_lines(rep)
@@ -174,6 +178,9 @@ def markdown(rep: Report) -> str:
                 line(["---"] * (len(keys) + 1))]
         out += [line([r.name, *(fmt_extra(r.extras.get(k)) for k in keys)])
                 for r in rep.rows if r.extras]
+    if rep.skipped:
+        out += ["", "Skipped (default targets left dense: they cannot carry the structure):", ""]
+        out += [f"- `{name}`: {why}" for name, why in rep.skipped.items()]
     return "\n".join(out) + "\n"
 
 
@@ -188,6 +195,8 @@ def print_report(rep: Report, console: Any = None) -> None:
     console.print(_rich_table(f"{rep.name}: storage", *storage_table(rep), left=2))
     for s in storage_lines(rep):
         console.print(s, highlight=False)
+    for name, why in rep.skipped.items():
+        console.print(f"skipped {name}: {why}", highlight=False, markup=False)
 
 
 def _rich_table(title: str, header: list[str], cells: list[list[str]], left: int) -> Any:

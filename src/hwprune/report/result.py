@@ -87,7 +87,8 @@ class Report:
     MAC of the forward pass, including ops outside prunable layers such as attention matmuls;
     BN, activations and pooling have none), ``model_macs_remaining`` (the same with the
     prunable rows' zeros skipped) and ``model_params`` (every parameter, biases and BN
-    included).
+    included). Every MAC count is per sample (``macs_per``), the example inputs' batch
+    (``batch_size``) divided out.
     Ratios are ``None`` where the denominator is 0.
 
     ``baseline`` (with ``baseline=``): the reference's ``params``, ``macs`` (its prunable rows,
@@ -100,6 +101,12 @@ class Report:
     rows: list[LayerRow]
     total: dict[str, Any]
     baseline: dict[str, Any] | None = None
+    #: default targets the pruner left dense because they cannot carry its structure:
+    #: ``{parameter name: why}`` (``pruner.skipped``; empty without a pruner)
+    skipped: dict[str, str] = field(default_factory=dict)
+    #: what the MAC counts are per: ``"sample"`` (the example batch divided out; ``total``'s
+    #: ``batch_size`` says by what); ``None`` where no forward pass measured them
+    macs_per: str | None = None
 
     def hints(self) -> dict[str, str]:
         """{weight name: structure} of the rows that have one: the storage hints the stored
@@ -114,6 +121,8 @@ class Report:
             "rows": [r.to_dict() for r in self.rows],
             "total": dict(self.total),
             "baseline": None if self.baseline is None else plain(self.baseline),
+            "skipped": dict(self.skipped),
+            "macs_per": self.macs_per,
         }
 
     def to_json(self, path: str | Path | None = None, indent: int | None = 2) -> str:

@@ -10,7 +10,7 @@ from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..tracing import trace
-from ..verify import compare_outputs, example_args, flat_outputs, outputs_of
+from ..verify import ATOL, RTOL, compare_outputs, example_args, flat_outputs, outputs_of
 from .analysis import Analysis
 from .nodes import set_module
 from .registry import registered_types
@@ -23,7 +23,7 @@ _TRACE_HINT = ("shrink needs a traceable forward; pass the modules it cannot tra
                "leaf_modules=(Type, ...) (their channels are then kept)")
 
 
-def shrink(model: nn.Module, example_inputs: Any, *, atol: float = 1e-4, rtol: float = 1e-4,
+def shrink(model: nn.Module, example_inputs: Any, *, atol: float = ATOL, rtol: float = RTOL,
            leaf_modules: tuple[type, ...] = (), return_result: bool = False
            ) -> nn.Module | ShrinkResult:
     """A physically smaller copy of ``model`` without its entirely-zero channels and layers.
@@ -32,7 +32,8 @@ def shrink(model: nn.Module, example_inputs: Any, *, atol: float = 1e-4, rtol: f
         model: a model whose pruned structures are zero (``pruner.finalize()``); not modified.
         example_inputs: a tensor or a tuple of positional inputs; used to trace shapes and to
             verify the result.
-        atol, rtol: the verification tolerance (default 1e-4 each) on every output, eval mode.
+        atol, rtol: the verification tolerance on every output, eval mode: max |difference|
+            <= rtol * the output's largest magnitude + atol (``hwprune.deploy.verify``).
         leaf_modules: module types not to trace into (custom ops); channels they touch stay,
             unless a handler is registered for the type (``register_handler``).
         return_result: give a ``ShrinkResult`` (model, what stayed and why) instead of the model.
@@ -72,16 +73,17 @@ def shrink(model: nn.Module, example_inputs: Any, *, atol: float = 1e-4, rtol: f
         except Exception as e:  # a narrowed layer that does not fit its neighbours
             raise ShrinkError(f"the shrunk model fails on example_inputs: {e} (a bug in shrink "
                               "or in a registered handler; the input model is unchanged)") from e
-    check = compare_outputs(got, reference, atol, rtol)
+    check = compare_outputs(got, reference, rtol=rtol, atol=atol)
     if not check.same_shapes:
         raise ShrinkError("the shrunk model's outputs have other shapes than the input model's "
                           "(a bug in shrink or in a registered handler; the input model is "
                           "unchanged)")
     if not check.close:
         raise ShrinkError(f"the shrunk model differs from the input model by up to "
-                          f"{check.max_abs_diff:.3g} (atol={atol}, rtol={rtol}) on "
-                          "example_inputs; refusing to return it (a bug in shrink or in a "
-                          "registered handler; the input model is unchanged)")
+                          f"{check.max_abs_diff:.3g} at output scale {check.scale:.3g} "
+                          f"(rtol={rtol}, atol={atol}) on example_inputs; refusing to return "
+                          "it (a bug in shrink or in a registered handler; the input model is "
+                          "unchanged)")
     if gm.code == traced_code:  # only layers narrowed: the model's own class can run it
         plain = _in_own_class(work, gm, args, got)
         if plain is not None:
