@@ -305,6 +305,7 @@ def _bad(recipe_changes):
     ({"model.name": "resnet9000"}, ["model.name", "resnet9000", "resnet20"]),
     ({"model.name": "builtins:print"}, ["model.name", "never name code", "--plugin"]),
     ({"train.phase_hook": "__init__"}, ["train.phase_hook", "a public pruner method"]),
+    ({"train.phase_hook": "finalize"}, ["train.phase_hook", "'finalize'", "PSP (none)"]),
     ({"data.name": "cifar10", "data.dir": "/no/such/folder"}, ["data.dir", "/no/such/folder"]),
     ({"data.name": "imagenet"}, ["data.name", "'imagenet'", "cifar10"]),
     ({"model.pretrained": "/no/such.pt"}, ["model.pretrained", "/no/such.pt", "no such file"]),

@@ -34,7 +34,7 @@ A recipe has these sections (every key optional except ``model.name``; defaults 
       dense_epochs: 0           # phase 1: the dense model trains (no pruner yet)
       prune_epochs: 5           # phase 2: the pruner is created and trains with the model
       finetune_epochs: 0        # phase 3: retraining; phase_hook is called when it starts
-      phase_hook: hard_project  # pruner method called (if it has it) when fine-tuning starts
+      phase_hook: hard_project  # the method's phase hook (PHASE_HOOKS) run as fine-tuning starts
       batch_size: 64
       eval_batch_size: 512
       steps_per_epoch: null     # cap on the steps of an epoch (quick runs)
@@ -337,6 +337,20 @@ def refuse_non_finite(value: Any, path: str) -> None:
             refuse_non_finite(item, f"{path}[{i}]")
 
 
+def _check_phase_hook(cfg: dict[str, Any]) -> None:
+    """A phase hook is one the method declares (``PHASE_HOOKS``); a name the method lacks is
+    ignored (the shared default ``hard_project`` is ADMM's), but no other pruner method may be
+    called from a recipe (``finalize`` there would silently end pruning mid-run)."""
+    hook, method = cfg["train"]["phase_hook"], cfg[METHOD_KEY]
+    if hook is None or method is None:
+        return
+    cls = method_class(method["name"])
+    if hasattr(cls, hook) and hook not in cls.PHASE_HOOKS:
+        allowed = ", ".join(cls.PHASE_HOOKS) or "none"
+        raise RecipeError(f"recipe field train.phase_hook: got {hook!r}; allowed: a phase hook "
+                          f"of {cls.__name__} ({allowed}) or null")
+
+
 def resolve(raw: Any, name: str | None = None) -> dict[str, Any]:
     """Check a parsed recipe and fill in every default; returns the resolved recipe."""
     if not isinstance(raw, Mapping):
@@ -359,6 +373,7 @@ def resolve(raw: Any, name: str | None = None) -> dict[str, Any]:
                           "data and never name code: register your model with "
                           "hwprune.models.register_model(name, factory) in a Python file, pass "
                           "it as hwprune run --plugin FILE, and name it here")
+    _check_phase_hook(out)
     if out["name"] is None:
         out["name"] = name or out["model"]["name"]
     train = out["train"]

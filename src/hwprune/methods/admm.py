@@ -136,6 +136,8 @@ class ADMM(Pruner):
             structure instead of leaving it dense with a ``SkippedLayersWarning``.
     """
 
+    PHASE_HOOKS = ("hard_project",)  # the recipe's ADMM phase -> retraining with the pattern
+
     def __init__(self, model: nn.Module, block: tuple[int, int] | str | Structure = (1, 4),
                  unify: float = 0.5, zero: float = 0.0, rho: float = 1e-3,
                  rho_growth: float = 1.3, rho_max: float = 1.0, admm_interval: int = 100,

@@ -112,6 +112,9 @@ def _select_layers(pruner: Pruner, targets: Spec, strict: bool) -> None:
 class Pruner:
     """Base class of all methods. Subclasses override the ``_hooks`` below, not the verbs."""
 
+    #: public methods a recipe's ``train.phase_hook`` may call when fine-tuning starts
+    PHASE_HOOKS: tuple[str, ...] = ()
+
     def __init__(self, model: nn.Module, structure: str | Structure, targets: Spec = None,
                  strict: bool = False):
         if not isinstance(model, nn.Module):
