@@ -245,14 +245,13 @@ def test_on_cifar_resnets_map_removes_more_macs_than_channel(depth):
 
 
 @pytest.mark.parametrize("build", [
-    lambda m: hp.PSP(m, "map"),
     lambda m: hp.ADMM(m, block="map", unify=0.5),
     lambda m: hp.DPP(m, "map", k=0.5),
-], ids=["PSP", "ADMM", "DPP"])
+], ids=["ADMM", "DPP"])
 def test_methods_that_do_not_prune_maps_refuse_them_by_name(build):
     model = Residual()
     state = copy.deepcopy(model.state_dict())
-    with pytest.raises(ConfigError, match=r"(?s)(PSP|ADMM|DPP).*map|structure must be"):
+    with pytest.raises(ConfigError, match=r"(?s)(ADMM|DPP).*map|structure must be"):
         build(model)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
 

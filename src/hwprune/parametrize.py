@@ -12,7 +12,8 @@ from torch import Tensor, nn
 
 from .structures import KofN, Structure
 
-__all__ = ["Mask", "GroupScale", "TiedScale", "GumbelTopK", "fake_quantize"]
+__all__ = ["Mask", "GroupScale", "TiedScale", "MapScale", "MapGate", "GumbelTopK",
+           "fake_quantize"]
 
 
 class Mask(nn.Module):
@@ -25,6 +26,11 @@ class Mask(nn.Module):
     def forward(self, w: Tensor) -> Tensor:
         # masked_fill, not w * mask: an inf/nan in a pruned weight must not leak through.
         return w.masked_fill(~self.mask, 0.0)
+
+
+def straight_through_gate(alpha: Tensor, keep: Tensor) -> Tensor:
+    """``alpha * keep`` in the forward pass, the gradient of ``alpha`` itself backward."""
+    return alpha + (alpha * keep - alpha).detach()
 
 
 class GroupScale(nn.Module):
@@ -46,8 +52,7 @@ class GroupScale(nn.Module):
         self.register_buffer("keep", torch.ones(groups, dtype=torch.bool, device=like.device))
 
     def effective_alpha(self) -> Tensor:
-        gated = self.alpha * self.keep
-        return self.alpha + (gated - self.alpha).detach()
+        return straight_through_gate(self.alpha, self.keep)
 
     def forward(self, w: Tensor) -> Tensor:
         return w * self.structure.expand(self.effective_alpha(), self.shape)
@@ -64,6 +69,52 @@ class TiedScale(nn.Module):
 
     def forward(self, b: Tensor) -> Tensor:
         return b * self.gate.effective_alpha()
+
+
+class MapScale(nn.Module):
+    """PSP's alphas of ``structure="map"``: one per feature map, shared by every weight the
+    map has a member in (each weight's ``MapGate`` reads them); ``keep`` as in ``GroupScale``."""
+
+    def __init__(self, maps: int, like: Tensor):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.ones(maps, dtype=like.dtype, device=like.device))
+        self.register_buffer("keep", torch.ones(maps, dtype=torch.bool, device=like.device))
+
+    def effective_alpha(self) -> Tensor:
+        return straight_through_gate(self.alpha, self.keep)
+
+
+class MapGate(nn.Module):
+    """A weight whose entries along each axis of ``index`` ({axis: long tensor, per entry the
+    map it belongs to, -1: none}) are multiplied by their map's alpha in ``scale``. The gate
+    of the first weight owns ``scale`` (it is saved and optimized once); the others hold it
+    without registering it."""
+
+    def __init__(self, scale: MapScale, index: dict[int, Tensor], owner: bool):
+        super().__init__()
+        if owner:
+            self.scale = scale
+        else:
+            object.__setattr__(self, "scale", scale)
+        self.axes = tuple(index)
+        device = scale.alpha.device
+        for axis, idx in index.items():
+            self.register_buffer(f"index{axis}", idx.to(device), persistent=False)
+
+    def factor(self, shape: torch.Size) -> Tensor:
+        """The product of the alphas over ``shape`` (1 where an entry is in no map)."""
+        alpha = self.scale.effective_alpha()
+        out = torch.ones((), dtype=alpha.dtype, device=alpha.device)
+        for axis in self.axes:
+            idx = getattr(self, f"index{axis}")
+            a = torch.where(idx >= 0, alpha[idx.clamp(min=0)], torch.ones_like(alpha[:1]))
+            view = [1] * len(shape)
+            view[axis] = shape[axis]
+            out = out * a.reshape(view)
+        return out
+
+    def forward(self, w: Tensor) -> Tensor:
+        return w * self.factor(w.shape)
 
 
 def fake_quantize(w: Tensor, bits: int) -> Tensor:

@@ -388,7 +388,8 @@ def _no_maps(cls: type) -> str:
         supported = "see its docstring"
     return (f"{cls.__name__} does not prune structure 'map' (coupled feature maps); it "
             f"supports: {supported}. hp.Magnitude(model, 'map', sparsity, "
-            "example_inputs=...) prunes feature maps")
+            "example_inputs=...) and hp.PSP(model, 'map', example_inputs=...) prune "
+            "feature maps")
 
 
 def _parametrized_names(module: nn.Module) -> set[str]:

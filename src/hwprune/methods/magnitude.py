@@ -35,13 +35,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..deploy.shrink.maps import ExcludedMap, FeatureMaps, MapGroup, feature_maps
-from ..errors import ConfigError, TargetError
+from ..deploy.shrink.maps import FeatureMaps
+from ..errors import ConfigError
 from ..parametrize import Mask
 from ..schedules import Cubic, OneShot, Schedule
-from ..structures import FeatureMap, KofN, Layer, Structure
-from ..targets import PRUNABLE_TYPES, Spec, Target, resolve_targets
+from ..structures import KofN, Layer, Structure
+from ..targets import Spec
 from .base import PrunedLayer, Pruner
+from .maps import MapTargets, map_scores
 from .registry import register_method
 from .selection import keep_all_but_lowest
 
@@ -61,7 +62,7 @@ def _gradual(structure: str) -> dict:
              "2:4": {"structure": "2:4"}},
     bad_settings=({"sparsity": 1.0}, {"scope": "everywhere"}, {"norm": "l3"}),
     recipe="magnitude-digits", doc="magnitude.md")
-class Magnitude(Pruner):
+class Magnitude(MapTargets, Pruner):
     """Prune the groups of smallest norm.
 
     Args:
@@ -92,29 +93,6 @@ class Magnitude(Pruner):
         self.example_inputs = example_inputs
         self.maps: FeatureMaps | None = None
         super().__init__(model, structure, targets, strict)
-
-    def _prunes_maps(self) -> bool:
-        return True
-
-    def _targets(self, model: nn.Module, targets: Spec) -> list[Target]:
-        if not isinstance(self.structure, FeatureMap):
-            return super()._targets(model, targets)
-        if self.example_inputs is None:
-            raise ConfigError("structure 'map' needs example_inputs= (a tensor or a tuple of "
-                              "the model's inputs): the feature maps are found by tracing")
-        self.maps = _selected(feature_maps(model, self.example_inputs), model, targets)
-        owners = dict(model.named_modules())
-        out = []
-        for name in self.maps.params():
-            module_name, _, param = name.rpartition(".")
-            out.append(Target(name, module_name, owners[module_name], param))
-        return out
-
-    def _layer_structure(self, shape: tuple[int, ...], name: str) -> Structure:
-        if self.maps is None:
-            return self.structure
-        # informational (reports): a weight that writes maps is viewed by its filters
-        return FeatureMap(min(self.maps.index(name, shape)))
 
     def _check_config(self) -> None:
         if self.scope not in _SCOPES:
@@ -204,7 +182,8 @@ class Magnitude(Pruner):
         return _global_keep(scores, sizes, sparsity, self.norm, self._min_keep())
 
     def _prune_maps(self, sparsity: float) -> None:
-        scores, sizes = self._map_scores()
+        scores, sizes = map_scores(self.maps, self.layers, self.norm,
+                                   {n: l.effective_weight() for n, l in self.layers.items()})
         families = {f: torch.tensor(ids) for f, ids in self.maps.families().items()}
         if self.scope == "layer":
             keeps = {f: keep_all_but_lowest(scores[ids], sparsity, 1)
@@ -220,22 +199,6 @@ class Magnitude(Pruner):
             mask = self.maps.mask(name, layer.shape, keep)
             layer.parametrization.mask.copy_(mask.to(layer.parametrization.mask.device))
         self.sync()
-
-    def _map_scores(self) -> tuple[Tensor, Tensor]:
-        """Per map: the norm over all its members' weights, and how many weights they are."""
-        n = len(self.maps.groups)
-        total = torch.zeros(n, dtype=torch.float64)
-        sizes = torch.zeros(n, dtype=torch.float64)
-        for name, layer in self.layers.items():
-            w = layer.effective_weight().detach().double().cpu()
-            w = w.abs() if self.norm == "l1" else w.pow(2)
-            for axis, idx in self.maps.index(name, layer.shape).items():
-                per = w.movedim(axis, 0).reshape(w.shape[axis], -1)
-                on = idx >= 0
-                total.index_add_(0, idx[on], per.sum(1)[on])
-                sizes.index_add_(0, idx[on], torch.full((int(on.sum()),), float(per.shape[1]),
-                                                        dtype=torch.float64))
-        return (total if self.norm == "l1" else total.sqrt()), sizes
 
 
 def _global_keep(scores: dict[Any, Tensor], sizes: dict[Any, Tensor], sparsity: float,
@@ -257,24 +220,3 @@ def _global_keep(scores: dict[Any, Tensor], sizes: dict[Any, Tensor], sparsity: 
         keeps[key] = keep_flat[i:i + s.numel()]
         i += s.numel()
     return keeps
-
-
-def _selected(maps: FeatureMaps, model: nn.Module, targets: Spec) -> FeatureMaps:
-    """``maps`` restricted to those whose conv/linear/RNN weights ``targets`` all select."""
-    if targets is not None:
-        chosen = {t.name for t in resolve_targets(model, targets)}
-        weights = {t.name for t in resolve_targets(model, PRUNABLE_TYPES)}
-        groups, excluded = [], list(maps.excluded)
-        for g in maps.groups:
-            left_out = sorted({m.param for m in g.members} & weights - chosen)
-            if left_out:
-                excluded.append(ExcludedMap(g.where, f"touches {left_out[0]}, which targets= "
-                                            "does not select"))
-            else:
-                groups.append(MapGroup(len(groups), g.where, g.members))
-        maps = FeatureMaps(groups, excluded)
-    if not maps.groups:
-        why = "; ".join(sorted({e.reason for e in maps.excluded})[:4]) or "none found"
-        raise TargetError(f"{type(model).__name__} has no feature map that structure 'map' can "
-                          f"remove ({why})")
-    return maps

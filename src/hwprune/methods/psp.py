@@ -33,6 +33,12 @@ Choices the paper leaves open, made explicit (all parameters):
   ``hp.PSP(model, "layer", targets="layer*.*.bn2")`` gates whole residual branches (BN's
   output scales exactly with its weight and bias). A DenseNet layer is gated through its last
   conv (``targets="block*.layers.*.conv2"`` for DenseNet-BC), whose output is all it adds.
+* ``structure="map"`` (needs ``example_inputs``) learns one alpha per coupled feature map
+  (``hwprune.deploy.feature_maps``), shared by every member: the filters, biases and norm
+  entries that write the map and the input channels that read it are all multiplied by it,
+  so a map that is off is exactly zero wherever it is used, and ``finalize()`` then
+  ``hp.shrink`` remove it whole. Thresholds, ranking and "every layer keeps one" apply per
+  family of maps (one layer's outputs, or one residual stream's channels).
 * Every layer keeps at least its largest-``|α|`` group (a layer with nothing left would cut
   the network and can make BatchNorm statistics degenerate), except with
   ``structure="layer"``, where removing the whole layer is the point.
@@ -51,12 +57,14 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from ..deploy.shrink.maps import FeatureMaps
 from ..errors import ConfigError
-from ..parametrize import GroupScale, TiedScale
+from ..parametrize import GroupScale, MapGate, MapScale, TiedScale
 from ..schedules import OneShot, Schedule
 from ..structures import KofN, Layer, Structure
 from ..targets import Spec
 from .base import PrunedLayer, Pruner
+from .maps import MapTargets, map_scores
 from .registry import register_method
 from .selection import keep_all_but_lowest
 
@@ -76,13 +84,14 @@ _FAST = {"alpha_decay": 0.2, "alpha_lr": 0.5, "threshold": 0.6}
              "layer": {"structure": "layer", "variant": "fixed", "sparsity": 0.5}},
     bad_settings=({"threshold": -0.5}, {"alpha_decay": -1.0}, {"variant": "l0"}),
     recipe="psp-digits", doc="psp.md")
-class PSP(Pruner):
+class PSP(MapTargets, Pruner):
     """Learned structure scales with weight decay (or an L1 penalty, or a fixed sparsity).
 
     Args:
         model: the model to prune (modified in place).
-        structure: ``"channel"``, ``"column"``, ``"filter"``, ``"kernel"``, ``"layer"`` (or
-            ``"element"``, ``"block:BHxBW"``); k-of-n patterns are refused (use DPP).
+        structure: ``"channel"``, ``"column"``, ``"filter"``, ``"kernel"``, ``"layer"``,
+            ``"map"`` (or ``"element"``, ``"block:BHxBW"``); k-of-n patterns are refused
+            (use DPP).
         alpha_decay: the sparsity knob: weight decay (``"decay"``, ``"fixed"``) or L1
             coefficient (``"l1"``) on the alphas; >= 0.
         threshold: ε; groups with ``|α| < ε`` are off (``"decay"``, ``"l1"``); > 0.
@@ -97,6 +106,8 @@ class PSP(Pruner):
         alpha_lr, alpha_momentum: optimizer settings of the alpha group; default: the same as
             the weights' (as in the paper).
         targets: which weights; see ``hwprune.targets``.
+        example_inputs: a tensor or tuple of the model's inputs; needed by ``"map"`` (to
+            trace the model), ignored otherwise.
         strict: refuse (``StructureError``) a default target that cannot carry the
             structure instead of leaving it dense with a ``SkippedLayersWarning``.
     """
@@ -107,7 +118,10 @@ class PSP(Pruner):
                  revive: bool = True, threshold_start: int = 0,
                  threshold_mode: str = "absolute",
                  alpha_lr: float | None = None, alpha_momentum: float | None = None,
-                 targets: Spec = None, strict: bool = False):
+                 targets: Spec = None, example_inputs: Any = None, strict: bool = False):
+        self.example_inputs = example_inputs
+        self.maps: FeatureMaps | None = None
+        self.map_scale: MapScale | None = None  # "map": the alphas every layer's gate reads
         self.alpha_decay = alpha_decay
         self.threshold = threshold
         self.variant = variant
@@ -156,6 +170,12 @@ class PSP(Pruner):
         return isinstance(self.structure, Layer)
 
     def _make_parametrization(self, layer: PrunedLayer) -> nn.Module:
+        if self.maps is not None:
+            owner = self.map_scale is None
+            if owner:
+                self.map_scale = MapScale(len(self.maps.groups),
+                                          getattr(layer.module, layer.param))
+            return MapGate(self.map_scale, self.maps.index(layer.name, layer.shape), owner)
         return GroupScale(layer.structure, layer.shape, getattr(layer.module, layer.param))
 
     def _gated_biases(self) -> list[PrunedLayer]:
@@ -202,6 +222,9 @@ class PSP(Pruner):
             self._update_keep()
 
     def _mask(self, layer: PrunedLayer) -> Tensor:
+        if self.maps is not None:
+            keep = self.map_scale.keep.cpu()
+            return self.maps.mask(layer.name, layer.shape, keep).to(keep.device)
         p = layer.parametrization
         return layer.structure.expand(p.keep.to(torch.float32), layer.shape) > 0.5
 
@@ -210,25 +233,42 @@ class PSP(Pruner):
         themselves (a list, for histograms)."""
         out = {}
         for name, layer in self.layers.items():
-            p = layer.parametrization
-            magnitude = p.alpha.detach().abs().float().cpu()
-            out[name] = {"pruned_fraction": 1.0 - p.keep.float().mean().item(),
+            alpha, keep = self._layer_alphas(layer)
+            magnitude = alpha.abs().float().cpu()
+            out[name] = {"pruned_fraction": 1.0 - keep.float().mean().item(),
                          "alpha_abs_min": magnitude.min().item(),
                          "alpha_abs_median": magnitude.median().item(),
                          "alpha_abs_max": magnitude.max().item(),
-                         "alpha": p.alpha.detach().cpu().tolist()}
+                         "alpha": alpha.cpu().tolist()}
             if self.variant != "fixed":
                 out[name]["threshold"] = self.threshold
         return out
 
+    def _layer_alphas(self, layer: PrunedLayer) -> tuple[Tensor, Tensor]:
+        """The (detached) alphas and keep flags of ``layer``'s groups; "map": of the maps it
+        has a member in."""
+        p = layer.parametrization
+        if self.maps is None:
+            return p.alpha.detach(), p.keep
+        ids = torch.cat([i[i >= 0] for i in self.maps.index(layer.name, layer.shape).values()])
+        ids = ids.unique().to(self.map_scale.keep.device)
+        return self.map_scale.alpha.detach()[ids], self.map_scale.keep[ids]
+
     # -- PSP itself -----------------------------------------------------------------------
     def alphas(self, live: bool = False) -> dict[str, Tensor]:
-        """``{parameter name: alpha}``; the live parameters if ``live``, else detached copies."""
+        """``{parameter name: alpha}``; the live parameters if ``live``, else detached copies.
+        With ``"map"``: ``{"map": alpha}``, one per map of ``self.maps.groups``, in order."""
+        if self.maps is not None:
+            a = self.map_scale.alpha
+            return {"map": a if live else a.detach().clone()}
         return {n: (l.parametrization.alpha if live else l.parametrization.alpha.detach().clone())
                 for n, l in self.layers.items()}
 
     @torch.no_grad()
     def _update_keep(self) -> None:
+        if self.maps is not None:
+            self._update_map_keep()
+            return
         for layer in self.layers.values():
             p = layer.parametrization
             magnitude = p.alpha.abs()
@@ -255,6 +295,36 @@ class PSP(Pruner):
         keep = torch.empty_like(magnitude, dtype=torch.bool)
         keep[by_norm] = keep_all_but_lowest(magnitude[by_norm], sparsity, min_keep)
         return keep
+
+    def _update_map_keep(self) -> None:
+        """``_update_keep`` for "map": per family of maps (the alternatives to each other),
+        which keeps its best map."""
+        p = self.map_scale
+        magnitude = p.alpha.abs().cpu()
+        keep = torch.ones_like(magnitude, dtype=torch.bool)
+        if self.variant == "fixed":
+            t = self.steps if self.schedule.unit == "step" else self.epochs
+            sparsity = self.schedule.sparsity(t, self.final_sparsity)
+            weights = {n: l.original() for n, l in self.layers.items()}
+            norms = map_scores(self.maps, self.layers, "l2", weights)[0]
+        for ids in self.maps.families().values():
+            ids = torch.tensor(ids)
+            m = magnitude[ids]
+            if self.variant == "fixed":  # ties go to the larger weight norm, as per layer
+                by_norm = torch.sort(norms[ids], descending=True, stable=True).indices
+                k = torch.empty_like(m, dtype=torch.bool)
+                k[by_norm] = keep_all_but_lowest(m[by_norm], sparsity, 1)
+            else:
+                scale = m.max() if self.threshold_mode == "relative" else 1.0
+                k = m >= self.threshold * scale
+                k[int(m.argmax())] = True
+            keep[ids] = k
+        keep = keep.to(p.keep.device)
+        if not self.revive:
+            keep &= p.keep
+        p.keep.copy_(keep)
+        self.sync()
+
 
 def _check_number(field: str, value: Any, low: float, low_open: bool,
                   high: float | None = None) -> None:
