@@ -3,7 +3,9 @@
 ``Analysis`` walks a traced graph once, in order, and gives every tensor with a channel axis a
 ``ChannelInfo``. A module call is answered by the handler registered for its type (the built-in
 layers and any a user registered, see ``handlers``); a function or method call by the tensor-op
-rules in ``ops``. Anything else pins the channels it touches, with the reason.
+rules in ``ops``. Anything else pins the channels it touches, with the reason, and is recorded
+in ``stopped`` (with the nodes after it that are untracked for that reason), so that a layer
+whose input is untracked names the op that stopped the analysis.
 """
 
 from __future__ import annotations
@@ -41,11 +43,21 @@ class Analysis:
         self.modules = dict(gm.named_modules())
         self.classes = ChannelClasses()
         self.info: dict[fx.Node, ChannelInfo | None] = {}
+        # node -> the op, not followed, that left it without channel info
+        self.stopped: dict[fx.Node, str] = {}
+        gets = Counter(n.target for n in gm.graph.nodes if n.op == "get_attr")
+        self.read_once_targets = {t for t, c in gets.items() if c == 1}
         calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+        self.called = set(calls)
         self.shared = {t for t, c in calls.items() if c > 1
                        and any(True for _ in self.modules[t].parameters())}
         for node in gm.graph.nodes:
             self.info[node] = self._visit(node)
+            if self.info[node] is None and node not in self.stopped:
+                why = next((self.stopped[n] for n in nodes_in((node.args, node.kwargs))
+                            if n in self.stopped), None)
+                if why is not None:
+                    self.stopped[node] = why
 
     # -- what handlers and op rules use ---------------------------------------------------
     def info_of(self, x: Any) -> ChannelInfo | None:
@@ -90,8 +102,20 @@ class Analysis:
             if why is not None:
                 self.classes.pin(s, why)
 
+    def read_once(self, node: Any) -> bool:
+        """Whether ``node`` reads an attribute that nothing else in the graph uses (shrink's
+        own buffers, a layer scale), so that narrowing it disturbs no other op."""
+        if not (isinstance(node, fx.Node) and node.op == "get_attr"):
+            return False
+        if node.target.startswith("_shrink_const_"):
+            return True
+        owner = node.target.rpartition(".")[0]
+        return (node.target in self.read_once_targets and len(node.users) == 1
+                and not (owner and owner in self.called))
+
     def unsupported(self, node: fx.Node, what: str) -> None:
         """Keep every channel ``node`` touches: ``what`` it does is not modelled."""
+        self.stopped[node] = f"{what} ({where(node)}) is not followed by shrink"
         # listed in the result even where nothing is zero: the user should know what was
         # not analysed
         self.pin_all((node.args, node.kwargs), f"used by {what} ({where(node)}), which shrink "
@@ -130,8 +154,12 @@ class Analysis:
     def _module(self, node: fx.Node) -> ChannelInfo | None:
         layer = self.modules[node.target]
         handler = handler_for(type(layer))
+        x, info = self.input_of(node)
+        if (handler is None and info is not None and not any(True for _ in layer.parameters())
+                and not any(True for _ in layer.buffers())
+                and ops.is_eval_identity(node, layer)):
+            return ChannelInfo(info.dim, info.slots, info.const)  # stochastic depth in eval
         if handler is None:
             self.unsupported(node, f"module {node.target} ({type(layer).__name__})")
             return None
-        x, info = self.input_of(node)
         return handler.analyse(LayerCall(node, layer, x, info), self)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from ...targets import CONV_TYPES, RNN_TYPES
 from . import ops
@@ -134,14 +134,23 @@ class ConvHandler(MixingHandler):
         conv, info = call.layer, call.info
         if conv.groups == 1:
             return super().analyse(call, an)
+        stopped = an.stopped.get(call.x) if isinstance(call.x, fx.Node) else None
         if info is not None and info.dim != 1:
             self.unsupported_axis(call, an, 1)
-            info = None
+            info, stopped = None, an.stopped[call.node]
         if conv.groups == conv.in_channels and info is not None:
             return self._depthwise(conv, info, an)
-        reason = f"{call.name} is a grouped conv (groups={conv.groups}): its channels are kept"
+        if conv.groups == conv.in_channels and stopped is not None:
+            # a depthwise conv would pass its input's classes on: the cause is upstream
+            reason = f"{stopped}: the channels {call.name} reads from it are kept"
+        else:
+            reason = f"{call.name} is a grouped conv (groups={conv.groups}): its channels are kept"
         an.pin_all(call.x, reason)
-        out = an.fresh(1, conv.out_channels)
+        # an all-zero filter outputs its bias: listed with the reason it stays
+        w, b = conv.weight.detach(), conv.bias
+        zero = ~w.reshape(conv.out_channels, -1).ne(0).any(1)
+        bias = b.detach().double() if b is not None else torch.zeros(conv.out_channels)
+        out = an.fresh(1, conv.out_channels, torch.where(zero, bias, unknown(conv.out_channels)))
         for s in out.slots:
             an.classes.pin(s, reason)
         return out

@@ -3,8 +3,10 @@
 Ops that keep channels apart (activations, pooling, dropout, flatten, slicing) pass their
 input's classes through and map the constants; residual additions merge their operands'
 classes; concatenation places its inputs' classes side by side; channel padding (the option-A
-shortcut) gives the padded channels classes of their own. Anything else is ``unsupported``:
-the channels it touches stay.
+shortcut) gives the padded channels classes of their own. A permute moves the channel axis; a
+multiply by a per-channel parameter (layer scale) or by a per-channel gate of the same channels
+(squeeze-excitation) keeps the classes; a call that is the identity in eval mode (stochastic
+depth) passes them through. Anything else is ``unsupported``: the channels it touches stay.
 """
 
 from __future__ import annotations
@@ -19,12 +21,12 @@ import torch.nn.functional as F
 from torch import Tensor, fx
 
 from .channels import ChannelInfo
-from .nodes import get_attr, shape_of, where
+from .nodes import get_attr, nodes_in, shape_of, where
 
 if TYPE_CHECKING:
     from .analysis import Analysis
 
-__all__ = ["function_call", "method_call", "unary", "pool", "flatten"]
+__all__ = ["function_call", "method_call", "unary", "pool", "flatten", "is_eval_identity"]
 
 _UNARY_FUNCTIONS = {
     F.relu, F.relu6, F.leaky_relu, F.elu, F.gelu, F.silu, F.hardswish, F.hardtanh, F.mish,
@@ -70,6 +72,10 @@ def function_call(an: Analysis, node: fx.Node) -> ChannelInfo | None:
         return _pad(an, node, x, info)
     if fn is operator.getitem:
         return _getitem(an, node, info, args[1])
+    if fn is torch.permute:
+        return _permute(an, node, info, _arg(node, 1, "dims", None))
+    if info is not None and is_eval_identity(node, lambda t: fn(t, *args[1:], **kwargs)):
+        return ChannelInfo(info.dim, info.slots, info.const)
     an.unsupported(node, f"{getattr(fn, '__name__', fn)}")
     return None
 
@@ -90,6 +96,9 @@ def method_call(an: Analysis, node: fx.Node) -> ChannelInfo | None:
         shape, rest = shape_of(node), node.args[1:]
         if len(rest) == 2 and rest[1] == -1 and len(shape) == 2 and shape_of(x)[0] == shape[0]:
             return flatten(an, node, x, info, 1, -1)
+    if m == "permute":
+        dims = node.args[1] if len(node.args) == 2 else node.args[1:]
+        return _permute(an, node, info, node.kwargs.get("dims", dims))
     if m == "mean" and info is not None:
         dims = _arg(node, 1, "dim", None)
         dims = (dims,) if isinstance(dims, int) else dims
@@ -146,17 +155,64 @@ def flatten(an: Analysis, node: fx.Node, x: Any, info: ChannelInfo | None, start
     return None
 
 
+def is_eval_identity(node: fx.Node, call: Callable[[Tensor], Tensor]) -> bool:
+    """Whether ``call`` (the op of ``node``, on its tracked input alone) gives back its input
+    unchanged on two random inputs of the traced shape: the identity in eval mode
+    (stochastic depth, drop path)."""
+    shape = shape_of(node)
+    if shape is None or shape != shape_of(node.args[0] if node.args else None):
+        return False
+    if any(True for _ in nodes_in((node.args[1:], node.kwargs))):
+        return False  # it reads another tensor of the graph
+    gen = torch.Generator().manual_seed(0)
+    try:
+        with torch.no_grad():
+            for scale in (1.0, 1e4):
+                t = torch.randn(shape, generator=gen) * scale
+                out = call(t.clone())
+                if not (isinstance(out, Tensor) and out.shape == t.shape and torch.equal(out, t)):
+                    return False
+    except Exception:  # an op that cannot run on a bare tensor is not the identity
+        return False
+    return True
+
+
+def _permute(an: Analysis, node: fx.Node, info: ChannelInfo | None,
+             dims: Any) -> ChannelInfo | None:
+    """A permute: the channel axis moves to where ``dims`` puts it."""
+    if info is None:
+        return None
+    nd = len(shape_of(node))
+    if not (isinstance(dims, tuple | list) and all(isinstance(d, int) for d in dims)):
+        an.unsupported(node, "a permute with dimensions computed in the graph")
+        return None
+    dims = [d % nd for d in dims]
+    return ChannelInfo(dims.index(info.dim), info.slots, info.const)
+
+
+def _channel_gate(a: Any, b: Any, ia: ChannelInfo, ib: ChannelInfo,
+                  out_shape: tuple[int, ...]) -> bool:
+    """Whether ``a`` and ``b`` share the channel axis and one of them is broadcast over the
+    other's other axes (a squeeze-excitation gate, an (N, C, 1, 1) bias)."""
+    sa, sb = shape_of(a), shape_of(b)
+    if ia.dim != ib.dim or len(ia.slots) != len(ib.slots) or out_shape not in (sa, sb):
+        return False
+    small = sb if sa == out_shape else sa
+    return (small is not None and len(small) == len(out_shape)
+            and all(n in (1, m) for n, m in zip(small, out_shape, strict=True)))
+
+
 def _binary(an: Analysis, node: fx.Node, a: Any, b: Any, fn: Any) -> ChannelInfo | None:
     ia, ib = an.info_of(a), an.info_of(b)
     out_shape = shape_of(node)
     if ia is not None and ib is not None:
-        if (ia.dim != ib.dim or len(ia.slots) != len(ib.slots)
-                or shape_of(a) != out_shape or shape_of(b) != out_shape):
+        if not _channel_gate(a, b, ia, ib, out_shape):
             an.unsupported(node, "a broadcasting elementwise op")
             return None
         for s, t in zip(ia.slots, ib.slots, strict=True):
-            an.classes.union(s, t)  # a residual stream: its channels go together or stay
-        return ChannelInfo(ia.dim, ia.slots, fn(ia.const, ib.const))
+            # a residual stream or a channel gate: its channels go together or stay
+            an.classes.union(s, t)
+        return ChannelInfo(ia.dim, ia.slots, _combine(fn, ia.const, ib.const))
     info, other, swap = (ia, b, False) if ia is not None else (ib, a, True)
     if info is None:
         return None
@@ -164,8 +220,16 @@ def _binary(an: Analysis, node: fx.Node, a: Any, b: Any, fn: Any) -> ChannelInfo
     if vec is None:
         an.unsupported(node, "an elementwise op with a tensor hwprune cannot follow")
         return None
-    const = fn(vec, info.const) if swap else fn(info.const, vec)
+    const = _combine(fn, vec, info.const) if swap else _combine(fn, info.const, vec)
     return ChannelInfo(info.dim, info.slots, const)
+
+
+def _combine(fn: Any, a: Tensor | float, b: Tensor | float) -> Tensor:
+    """The constants of ``fn(a, b)``; a product with a zero is zero whatever the other is."""
+    out = fn(a, b)
+    if fn in (operator.mul, torch.mul):
+        out = torch.where((torch.as_tensor(a) == 0) | (torch.as_tensor(b) == 0), 0.0, out)
+    return out
 
 
 def _per_channel(an: Analysis, node: Any, info: ChannelInfo,
@@ -173,9 +237,10 @@ def _per_channel(an: Analysis, node: Any, info: ChannelInfo,
     """A get_attr tensor that is one value per channel, as float64 (else None)."""
     if not (isinstance(node, fx.Node) and node.op == "get_attr"):
         return None
-    # per-channel tensors are followed only for shrink's own buffers (one use each, so
-    # slicing them cannot disturb another op); others must broadcast over the channels
-    own = node.target.startswith("_shrink_const_")
+    # a tensor with one value per channel is followed where narrowing it disturbs no other
+    # op: shrink's own buffers and attributes read once (a layer scale); others must
+    # broadcast over the channels
+    own = an.read_once(node)
     t = get_attr(an.gm, node.target).detach()
     nd = len(out_shape)
     if t.ndim > nd:

@@ -149,7 +149,7 @@ def _rebuild_layer(gm: fx.GraphModule, name: str, plan: Narrowing,
 def _narrow_operands(gm: fx.GraphModule, an: Analysis, node: fx.Node,
                      kout: list[int]) -> None:
     """A per-channel buffer an op combines with its input loses the removed channels."""
-    for a in node.args[1:]:
+    for a in node.args:  # a layer scale may come first: gamma * x
         if isinstance(a, fx.Node) and a.op == "get_attr":
             t = get_attr(gm, a.target)
             info = an.info[node]
