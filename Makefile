@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt torch==2.13.0
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,plots]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,plots,transformers,lightning]"
 	touch $(STAMP)
 
 install: $(STAMP)
