@@ -1,0 +1,156 @@
+"""hwprune.integrations.lightning.PruningCallback: every method under a Lightning Trainer equals
+the plain API, resumes exactly from Lightning's checkpoint, applies the penalty, and refuses
+misuse with one HwpruneError."""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import hwprune as hp
+from hwprune.errors import HwpruneError
+from hwprune.integrations.lifecycle import Finish
+from hwprune.integrations.lightning import PruningCallback
+from integration_cases import (
+    BATCH,
+    EPOCHS,
+    LR,
+    SEED,
+    assert_same_result,
+    case_id,
+    make_mlp,
+    method_cases,
+    plain_fit,
+    task,
+)
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "integrations-lightning.md"
+
+
+class Classifier(pl.LightningModule):
+    """The user's module: the task loss only, an optimizer over all its parameters."""
+
+    def __init__(self, model: nn.Module | None = None, lr: float = LR):
+        super().__init__()
+        torch.manual_seed(SEED)
+        self.model = model if model is not None else make_mlp()
+        self.lr = lr
+
+    def forward(self, x):
+        return self.model(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.model(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+
+
+def loader() -> DataLoader:
+    return DataLoader(TensorDataset(*task()), batch_size=BATCH, shuffle=False)
+
+
+def trainer(tmp_path: Path, epochs: int = EPOCHS, **kwargs) -> pl.Trainer:
+    settings = dict(max_epochs=epochs, accelerator="cpu", devices=1, logger=False,
+                    enable_checkpointing=False, enable_progress_bar=False,
+                    enable_model_summary=False, default_root_dir=tmp_path)
+    return pl.Trainer(**{**settings, **kwargs})
+
+
+def fit(tmp_path: Path, callback: PruningCallback, epochs: int = EPOCHS,
+        module: pl.LightningModule | None = None, ckpt_path: str | None = None, **kwargs):
+    module = module if module is not None else Classifier()
+    t = trainer(tmp_path, epochs, **{"callbacks": [callback], **kwargs})
+    t.fit(module, loader(), ckpt_path=ckpt_path)
+    return module, t
+
+
+@pytest.mark.parametrize("case", method_cases(), ids=case_id)
+def test_every_method_equals_the_plain_api(case, tmp_path):
+    cls, kwargs = case
+    ref_model, ref_pruner = plain_fit(cls, kwargs)
+    callback = PruningCallback(cls, module="model", finish=Finish(finalize=True),
+                               **copy.deepcopy(kwargs))
+    module, t = fit(tmp_path, callback)
+    assert_same_result(module.model, callback.pruner, ref_model, ref_pruner)
+    assert callback.finished.model is module.model
+    logged = t.callback_metrics
+    assert float(logged["hwprune/sparsity"]) == pytest.approx(ref_pruner.sparsity())
+    assert float(logged["hwprune/epochs"]) == EPOCHS
+
+
+def test_resumed_from_a_lightning_checkpoint_equals_an_uninterrupted_fit(tmp_path):
+    kwargs = {"structure": "2:4", "anneal_epochs": 2, "logit_lr": 5.0, "entropy_weight": 0.01}
+    straight = PruningCallback(hp.DPP, module="model", **kwargs)
+    model_a, _ = fit(tmp_path / "a", straight)
+    saver = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1,
+                                         every_n_epochs=1)
+    first = PruningCallback(hp.DPP, module="model", **kwargs)
+    fit(tmp_path / "b", first, epochs=1, enable_checkpointing=True, callbacks=[first, saver])
+    [ckpt] = sorted((tmp_path / "ckpt").glob("*.ckpt"))
+    resumed = PruningCallback(hp.DPP, module="model", **kwargs)
+    model_b, _ = fit(tmp_path / "c", resumed, ckpt_path=str(ckpt))
+    assert resumed.pruner.state_dict()["steps"] == straight.pruner.state_dict()["steps"]
+    for key, value in model_a.state_dict().items():
+        assert torch.equal(value, model_b.state_dict()[key]), key
+    for name, mask in straight.pruner.masks().items():
+        assert torch.equal(mask, resumed.pruner.masks()[name])
+    assert torch.equal(straight.pruner.generator.get_state(), resumed.pruner.generator.get_state())
+
+
+class PenaltyOnly(Classifier):
+    """A task loss that is exactly zero: only the method's penalty moves anything."""
+
+    def training_step(self, batch, batch_idx):
+        return 0.0 * self.model(batch[0]).sum()
+
+
+def test_the_penalty_acts_a_known_answer(tmp_path):
+    # PSP's l1 variant: the penalty alpha_decay * sum|alpha| is its only pull on the alphas, so
+    # plain SGD (no momentum) moves each alpha from 1 by exactly lr * alpha_decay per step
+    callback = PruningCallback(hp.PSP, module="model", structure="channel", variant="l1",
+                               alpha_decay=0.5, alpha_lr=0.01, alpha_momentum=0.0,
+                               threshold=1e-3)
+    fit(tmp_path, callback, module=PenaltyOnly())
+    steps = callback.pruner.steps
+    assert steps == EPOCHS * 4
+    for alpha in callback.pruner.alphas().values():
+        assert torch.allclose(alpha, torch.full_like(alpha, 1.0 - steps * 0.01 * 0.5))
+
+
+def test_a_model_with_nothing_to_prune_is_one_error(tmp_path):
+    class Tiny(Classifier):  # only the output layer, which the default targets leave dense
+        def __init__(self):
+            super().__init__(nn.Sequential(nn.Linear(16, 4)))
+
+    with pytest.raises(HwpruneError, match="selects no weight"):
+        fit(tmp_path, PruningCallback(hp.DPP, module="model", structure="2:4"), module=Tiny())
+
+
+def test_an_optimizer_without_the_methods_groups_is_one_error(tmp_path):
+    # add_param_groups=False: configure_optimizers must use pruner.param_groups; this one
+    # holds PSP's alphas with the model's weight decay instead of the method's
+    callback = PruningCallback(hp.PSP, module="model", structure="channel",
+                               add_param_groups=False, alpha_decay=0.2)
+    with pytest.raises(HwpruneError, match=re.escape("PSP's parameters")):
+        fit(tmp_path, callback)
+
+
+def test_a_method_block_and_a_name_build_the_same_pruner(tmp_path):
+    block = PruningCallback({"name": "dpp", "structure": "2:4", "temperature": [5, 0.5]},
+                            module="model")
+    named = PruningCallback("DPP", module="model", structure="2:4", temperature=(5, 0.5))
+    assert block.choice.cls is named.choice.cls is hp.DPP
+    assert block.choice.kwargs == named.choice.kwargs == {"structure": "2:4",
+                                                          "temperature": (5, 0.5)}
+    with pytest.raises(HwpruneError, match="method.nonsense"):
+        PruningCallback({"name": "DPP", "nonsense": 1})
