@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import hwprune as hp
 from hwprune.errors import HwpruneError
-from hwprune.integrations.lifecycle import Finish
+from hwprune.integrations import Finish
 from hwprune.integrations.lightning import PruningCallback
 from integration_cases import (
     BATCH,

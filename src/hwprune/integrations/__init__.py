@@ -6,5 +6,10 @@
   (docs/integrations-transformers.md; needs ``hwprune[transformers]``).
 
 Importing this package imports neither framework: each submodule imports its own when it is
-imported, and ``import hwprune`` never imports this package. ``lifecycle`` holds what both share.
+imported, and ``import hwprune`` never imports this package. ``lifecycle`` holds what both share
+(``Finish``: what to do when fitting ends).
 """
+
+from .lifecycle import Finish, Finished, MethodChoice
+
+__all__ = ["Finish", "Finished", "MethodChoice"]
