@@ -154,3 +154,31 @@ def test_a_method_block_and_a_name_build_the_same_pruner(tmp_path):
                                                           "temperature": (5, 0.5)}
     with pytest.raises(HwpruneError, match="method.nonsense"):
         PruningCallback({"name": "DPP", "nonsense": 1})
+
+
+class RecordRank(pl.Callback):
+    """Writes what one rank ended with (DDP workers' callbacks are copies)."""
+
+    def __init__(self, pruning: PruningCallback, folder: Path):
+        self.pruning, self.folder = pruning, folder
+
+    def on_fit_end(self, trainer, pl_module):
+        torch.save({"masks": self.pruning.pruner.masks(),
+                    "weights": self.pruning.finished.model.state_dict()},
+                   self.folder / f"rank{trainer.global_rank}.pt")
+
+
+def test_two_ddp_ranks_end_identical(tmp_path):
+    # two CPU processes (gloo): each rank trains on its half of every batch; the pruner is
+    # built on the bare module in setup, DDP averages the method's gradients, and the ranks
+    # end with the same masks and the same finalized weights
+    callback = PruningCallback(hp.DPP, module="model", structure="2:4", logit_lr=5.0,
+                               anneal_epochs=2, finish=Finish(finalize=True))
+    fit(tmp_path, callback, strategy="ddp_spawn", devices=2,
+        callbacks=[callback, RecordRank(callback, tmp_path)])
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    for part in ("masks", "weights"):
+        assert list(ranks[0][part]) == list(ranks[1][part])
+        for key, value in ranks[0][part].items():
+            assert torch.equal(value, ranks[1][part][key]), (part, key)
+    assert sum(int((~m).sum()) for m in ranks[0]["masks"].values()) > 0
