@@ -38,19 +38,33 @@ def task() -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def plain_fit(cls: type, kwargs: dict[str, Any], epochs: int = EPOCHS) -> tuple[nn.Module, Any]:
+def plain_fit(cls: type, kwargs: dict[str, Any], epochs: int = EPOCHS, accumulate: int = 1,
+              penalty_first: bool = False) -> tuple[nn.Module, Any]:
     """The README's loop: the same model (seeded), the same batches in order, SGD over
-    ``pruner.param_groups``; finalized at the end. Returns (model, pruner)."""
+    ``pruner.param_groups``; finalized at the end. Returns (model, pruner).
+
+    With ``accumulate`` > 1, each optimizer step accumulates that many batches, each loss
+    divided by ``accumulate``, and the penalty once, unscaled: after them, or with
+    ``penalty_first`` before them (the order fixes the float sums)."""
     torch.manual_seed(SEED)
     model = make_mlp()
     pruner = cls(model, **copy.deepcopy(kwargs))
     optimizer = torch.optim.SGD(pruner.param_groups(lr=LR, momentum=0.9))
     x, y = task()
+    batches = [(x[i:i + BATCH], y[i:i + BATCH]) for i in range(0, ROWS, BATCH)]
     for _ in range(epochs):
-        for i in range(0, ROWS, BATCH):
-            loss = F.cross_entropy(model(x[i:i + BATCH]), y[i:i + BATCH]) + pruner.penalty()
+        for i in range(0, len(batches), accumulate):
             optimizer.zero_grad()
-            loss.backward()
+            if accumulate == 1:
+                xb, yb = batches[i]
+                (F.cross_entropy(model(xb), yb) + pruner.penalty()).backward()
+            else:
+                if penalty_first:
+                    pruner.penalty().backward()
+                for xb, yb in batches[i:i + accumulate]:
+                    (F.cross_entropy(model(xb), yb) / accumulate).backward()
+                if not penalty_first:
+                    pruner.penalty().backward()
             optimizer.step()
             pruner.step()
         pruner.epoch_end()

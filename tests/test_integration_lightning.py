@@ -182,3 +182,28 @@ def test_two_ddp_ranks_end_identical(tmp_path):
         for key, value in ranks[0][part].items():
             assert torch.equal(value, ranks[1][part][key]), (part, key)
     assert sum(int((~m).sum()) for m in ranks[0]["masks"].values()) > 0
+
+
+def test_gradient_accumulation_adds_the_penalty_once_per_optimizer_step(tmp_path):
+    kwargs = {"block": (1, 4), "unify": 0.25, "zero": 0.25, "rho": 0.05, "admm_interval": 1}
+    ref_model, ref_pruner = plain_fit(hp.ADMM, kwargs, accumulate=2)
+    callback = PruningCallback(hp.ADMM, module="model", finish=Finish(finalize=True), **kwargs)
+    module, _ = fit(tmp_path, callback, accumulate_grad_batches=2)
+    assert callback.pruner.steps == EPOCHS * 2
+    assert_same_result(module.model, callback.pruner, ref_model, ref_pruner)
+
+
+class Scheduled(Classifier):
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+        return [optimizer], [torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.5)]
+
+
+def test_schedulers_built_with_the_optimizer_schedule_the_methods_groups(tmp_path):
+    callback = PruningCallback(hp.DPP, module="model", structure="2:4", logit_lr=5.0)
+    _, t = fit(tmp_path, callback, module=Scheduled())
+    model_group, logits = t.optimizers[0].param_groups
+    assert model_group["lr"] == pytest.approx(LR * 0.5 ** EPOCHS)
+    assert logits["lr"] == pytest.approx(5.0 * 0.5 ** EPOCHS)
+    assert logits["params"] == [layer.parametrization.logits
+                                for layer in callback.pruner.layers.values()]

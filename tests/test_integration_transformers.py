@@ -138,3 +138,12 @@ def test_the_trainers_own_optimizer_without_the_methods_groups_is_one_error(tmp_
     callback = PruningCallback(hp.PSP, module="model", structure="channel", alpha_decay=0.2)
     with pytest.raises(HwpruneError, match=re.escape("callback.create_optimizer(trainer)")):
         train(tmp_path, callback, assist=False)
+
+
+def test_gradient_accumulation_adds_the_penalty_once_per_optimizer_step(tmp_path):
+    kwargs = {"block": (1, 4), "unify": 0.25, "zero": 0.25, "rho": 0.05, "admm_interval": 1}
+    ref_model, ref_pruner = plain_fit(hp.ADMM, kwargs, accumulate=2, penalty_first=True)
+    callback = PruningCallback(hp.ADMM, module="model", finish=Finish(finalize=True), **kwargs)
+    model, _ = train(tmp_path, callback, gradient_accumulation_steps=2)
+    assert callback.pruner.steps == EPOCHS * 2
+    assert_same_result(model.model, callback.pruner, ref_model, ref_pruner)
