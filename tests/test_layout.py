@@ -115,3 +115,10 @@ def test_import_hwprune_does_not_load_the_application_dependencies(heavy):
     code = f"import sys, hwprune; sys.exit(1 if {heavy!r} in sys.modules else 0)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, f"`import hwprune` imported {heavy}: {done.stderr}"
+
+
+def test_the_integrations_package_loads_no_framework():
+    code = ("import sys, hwprune.integrations; found = [m for m in ('lightning', "
+            "'transformers', 'yaml') if m in sys.modules]; sys.exit(','.join(found) or None)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, f"`import hwprune.integrations` imported {done.stderr}"
