@@ -194,16 +194,33 @@ def test_gradient_accumulation_adds_the_penalty_once_per_optimizer_step(tmp_path
 
 
 class Scheduled(Classifier):
+    """A per-step warm-up (a quarter of the LR at first, the whole after 4 steps), then a
+    halving per epoch."""
+
     def configure_optimizers(self):
         optimizer = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
-        return [optimizer], [torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.5)]
+        warmup = torch.optim.lr_scheduler.LinearLR(optimizer, 0.25, total_iters=4)
+        halve = torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.5)
+        return [optimizer], [{"scheduler": warmup, "interval": "step"}, halve]
+
+
+class RecordLR(pl.Callback):
+    def __init__(self):
+        self.lrs = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.lrs.append([g["lr"] for g in trainer.optimizers[0].param_groups])
 
 
 def test_schedulers_built_with_the_optimizer_schedule_the_methods_groups(tmp_path):
     callback = PruningCallback(hp.DPP, module="model", structure="2:4", logit_lr=5.0)
-    _, t = fit(tmp_path, callback, module=Scheduled())
+    lrs = RecordLR()
+    _, t = fit(tmp_path, callback, module=Scheduled(), callbacks=[callback, lrs])
+    # the logits' group follows the warm-up and the halving from its own base, 5.0
+    for model_lr, logits_lr in lrs.lrs:
+        assert logits_lr == pytest.approx(model_lr * 5.0 / LR)
+    assert lrs.lrs[0][1] == pytest.approx(5.0 * 0.25)
     model_group, logits = t.optimizers[0].param_groups
-    assert model_group["lr"] == pytest.approx(LR * 0.5 ** EPOCHS)
     assert logits["lr"] == pytest.approx(5.0 * 0.5 ** EPOCHS)
     assert logits["params"] == [layer.parametrization.logits
                                 for layer in callback.pruner.layers.values()]

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import hwprune as hp
 from hwprune.errors import HwpruneError
@@ -68,10 +68,10 @@ def arguments(tmp_path: Path, epochs: int = EPOCHS, **kwargs) -> TrainingArgumen
     return TrainingArguments(**{**settings, **kwargs})
 
 
-def train(tmp_path, callback, model=None, resume=None, assist=True, **kwargs):
+def train(tmp_path, callback, model=None, resume=None, assist=True, extra=(), **kwargs):
     model = model if model is not None else Wrapped()
     trainer = Trainer(model=model, args=arguments(tmp_path, **kwargs), train_dataset=Rows(),
-                      callbacks=[callback])
+                      callbacks=[callback, *extra])
     if assist:
         callback.create_optimizer(trainer)
     trainer.train(resume_from_checkpoint=resume)
@@ -91,16 +91,31 @@ def test_every_method_equals_the_plain_api(case, tmp_path):
     assert logged[-1]["hwprune/sparsity"] == pytest.approx(ref_pruner.sparsity())
 
 
+class StopAt(TrainerCallback):
+    """An interruption: training stops after step ``step`` (the schedule stays the full one)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        control.should_training_stop = state.global_step >= self.step
+
+
 def test_resumed_from_a_trainer_checkpoint_equals_an_uninterrupted_run(tmp_path):
     kwargs = {"structure": "2:4", "anneal_epochs": 2, "logit_lr": 5.0, "entropy_weight": 0.01}
+    # a warm-up and a linear decay: the LR is mid-schedule where the run resumes
+    schedule = {"lr_scheduler_type": "linear", "warmup_steps": 2}
     straight = PruningCallback(hp.DPP, module="model", **kwargs)
-    model_a, _ = train(tmp_path / "a", straight)
+    model_a, _ = train(tmp_path / "a", straight, **schedule)
     # the interrupted run: checkpoints every 3 steps (mid-epoch), stopped after step 3
     first = PruningCallback(hp.DPP, module="model", **kwargs)
-    train(tmp_path / "b", first, save_strategy="steps", save_steps=3, max_steps=3)
+    train(tmp_path / "b", first, extra=[StopAt(3)], save_strategy="steps", save_steps=3,
+          **schedule)
+    assert first.pruner.steps == 3
     assert (tmp_path / "b" / "checkpoint-3" / PRUNER_FILE).is_file()
     resumed = PruningCallback(hp.DPP, module="model", **kwargs)
-    model_b, _ = train(tmp_path / "b", resumed, resume=str(tmp_path / "b" / "checkpoint-3"))
+    model_b, _ = train(tmp_path / "b", resumed, resume=str(tmp_path / "b" / "checkpoint-3"),
+                       **schedule)
     assert resumed.pruner.steps == straight.pruner.steps == EPOCHS * 4
     for key, value in model_a.state_dict().items():
         assert torch.equal(value, model_b.state_dict()[key]), key

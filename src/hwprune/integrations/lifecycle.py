@@ -70,8 +70,13 @@ class MethodChoice:
 
 # -- the optimizer ---------------------------------------------------------------------------
 def _settings(group: Mapping[str, Any]) -> dict[str, Any]:
-    """A parameter group's hyperparameters (what ``pruner.param_groups(**defaults)`` takes)."""
-    return {k: v for k, v in group.items() if k not in ("params", "initial_lr")}
+    """A parameter group's hyperparameters (what ``pruner.param_groups(**defaults)`` takes),
+    with its base learning rate where an LR scheduler keeps one (``initial_lr``): a scheduler
+    may have changed ``lr`` already (a warm-up starts low; a resumed run is mid-schedule)."""
+    out = {k: v for k, v in group.items() if k not in ("params", "initial_lr")}
+    if "initial_lr" in group:
+        out["lr"] = group["initial_lr"]
+    return out
 
 
 def _method_groups(optimizer: torch.optim.Optimizer, pruner: Pruner) -> list[dict[str, Any]]:
@@ -88,12 +93,18 @@ def add_method_groups(optimizer: torch.optim.Optimizer, pruner: Pruner) -> list[
     optimizer then equals one built over ``pruner.param_groups(**its first group's
     settings)``. Returns the groups it added (call before the optimizer has any state)."""
     added = []
+    first = optimizer.param_groups[0]
+    # a scheduler's factor so far (warm-up): the added groups start at the same point of it
+    factor = first["lr"] / first["initial_lr"] if first.get("initial_lr") else 1.0
     for group in _method_groups(optimizer, pruner):
         ids = {id(p) for p in group["params"]}
         if any({id(p) for p in g["params"]} == ids for g in optimizer.param_groups):
             continue
         for g in optimizer.param_groups:
             g["params"] = [p for p in g["params"] if id(p) not in ids]
+        if "initial_lr" in first:
+            group["initial_lr"] = group["lr"]
+            group["lr"] = group["lr"] * factor
         optimizer.add_param_group(group)
         added.append(optimizer.param_groups[-1])
     return added
@@ -113,7 +124,8 @@ def check_method_groups(optimizer: torch.optim.Optimizer, pruner: Pruner, fix: s
                               f"{method}'s parameter group; {fix}")
         own = {k: v for k, v in group.items() if k != "params" and defaults.get(k) != v}
         for p in params:
-            wrong = {k: holder[id(p)].get(k) for k, v in own.items() if holder[id(p)].get(k) != v}
+            held = _settings(holder[id(p)])
+            wrong = {k: held.get(k) for k, v in own.items() if held.get(k) != v}
             if wrong:
                 raise ConfigError(f"the optimizer holds {method}'s parameters with "
                                   f"{wrong}; the method's group has "
@@ -133,8 +145,7 @@ def extend_schedulers(schedulers: Iterable[Any], optimizer: torch.optim.Optimize
                               "parameter groups added after it was built; build the optimizer "
                               "over pruner.param_groups(...) yourself")
         for group in added:
-            group.setdefault("initial_lr", group["lr"])
-            scheduler.base_lrs.append(group["initial_lr"])
+            scheduler.base_lrs.append(group.setdefault("initial_lr", group["lr"]))
             if isinstance(getattr(scheduler, "lr_lambdas", None), list):
                 scheduler.lr_lambdas.append(scheduler.lr_lambdas[0])
 
