@@ -224,3 +224,24 @@ def test_schedulers_built_with_the_optimizer_schedule_the_methods_groups(tmp_pat
     assert logits["lr"] == pytest.approx(5.0 * 0.5 ** EPOCHS)
     assert logits["params"] == [layer.parametrization.logits
                                 for layer in callback.pruner.layers.values()]
+
+
+def test_finish_shrinks_reports_and_saves(tmp_path):
+    x, _ = task()
+    finish = Finish(finalize=True, shrink=True, report=True, save=tmp_path / "m.hwp",
+                    example_inputs=x[:1])
+    callback = PruningCallback(hp.Magnitude, module="model", structure="channel",
+                               sparsity=0.5, finish=finish)
+    module, _ = fit(tmp_path, callback)
+    small = callback.finished.model
+    assert small.state_dict()["2.weight"].shape == (32, 16)  # half the hidden inputs remain
+    assert torch.allclose(small(x), module.model(x), atol=1e-5)
+    assert callback.finished.report.to_markdown()
+    assert set(hp.load(tmp_path / "m.hwp")) == set(module.model.state_dict())
+
+
+def test_finish_refuses_what_needs_finalize_or_inputs():
+    with pytest.raises(HwpruneError, match="finalize=True"):
+        Finish(save="m.hwp")
+    with pytest.raises(HwpruneError, match="example_inputs"):
+        Finish(finalize=True, shrink=True)

@@ -7,7 +7,7 @@ Nothing here imports a framework; each callback maps its framework's hooks onto 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -198,8 +198,8 @@ class Finish:
             raise ConfigError("shrink and report need example_inputs= (one batch the model "
                               "takes, e.g. x[:1])")
 
-    def __call__(self, pruner: Pruner, is_main: bool,
-                 unwrap: Callable[[nn.Module], nn.Module] = lambda m: m) -> Finished | None:
+    def __call__(self, pruner: Pruner, is_main: bool) -> Finished | None:
+        """Do it to ``pruner``'s model (the bare one); ``is_main``: the rank that writes."""
         if not self.finalize:
             return None
         if pruner.finalized:
@@ -210,7 +210,7 @@ class Finish:
         model = pruner.finalize()
         examples = self.example_inputs
         if self.shrink:
-            model = shrink(unwrap(model), examples)
+            model = shrink(model, examples)
         done = Finished(model)
         if self.report:
             done.report = make_report(model, examples, pruner=pruner)
