@@ -245,3 +245,15 @@ def test_finish_refuses_what_needs_finalize_or_inputs():
         Finish(save="m.hwp")
     with pytest.raises(HwpruneError, match="example_inputs"):
         Finish(finalize=True, shrink=True)
+
+
+class OneCycle(Classifier):
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+        return [optimizer], [torch.optim.lr_scheduler.OneCycleLR(optimizer, 0.1, total_steps=8)]
+
+
+def test_a_scheduler_that_cannot_learn_the_new_groups_is_one_error(tmp_path):
+    callback = PruningCallback(hp.DPP, module="model", structure="2:4", logit_lr=5.0)
+    with pytest.raises(HwpruneError, match="OneCycleLR keeps .*max_lr"):
+        fit(tmp_path, callback, module=OneCycle())

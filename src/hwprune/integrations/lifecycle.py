@@ -132,18 +132,32 @@ def check_method_groups(optimizer: torch.optim.Optimizer, pruner: Pruner, fix: s
                                   f"{ {k: own[k] for k in wrong} }; {fix}")
 
 
+#: a scheduler's per-group lists that ``extend_schedulers`` knows how to extend
+_EXTENDED = ("base_lrs", "_last_lr", "lr_lambdas")
+
+
 def extend_schedulers(schedulers: Iterable[Any], optimizer: torch.optim.Optimizer,
                       added: list[dict[str, Any]]) -> None:
     """Let LR schedulers built before ``add_method_groups`` schedule the added groups too: each
     gets its ``initial_lr`` and a base LR; ``LambdaLR``/``MultiplicativeLR`` repeat their
-    first lambda. Any other scheduler that keeps one entry per group is refused."""
+    first lambda. A scheduler that keeps anything else per group (``CyclicLR``'s
+    ``max_lrs``, ``OneCycleLR``'s keys in each group, ``ReduceLROnPlateau``'s ``min_lrs``) is
+    refused: build the optimizer over ``pruner.param_groups(...)`` for it."""
+    before = len(optimizer.param_groups) - len(added)
+    standard = {"params", "initial_lr", *optimizer.defaults}  # what the optimizer itself keeps
     for scheduler in schedulers:
         if getattr(scheduler, "optimizer", None) is not optimizer or not added:
             continue
-        if not hasattr(scheduler, "base_lrs"):
-            raise ConfigError(f"{type(scheduler).__name__} cannot be told about the method's "
-                              "parameter groups added after it was built; build the optimizer "
-                              "over pruner.param_groups(...) yourself")
+        per_group = [k for k, v in vars(scheduler).items()
+                     if isinstance(v, list) and len(v) == before and k not in _EXTENDED]
+        per_group += sorted(set(optimizer.param_groups[0]) - standard)
+        if not hasattr(scheduler, "base_lrs") or per_group:
+            raise ConfigError(f"{type(scheduler).__name__} keeps "
+                              f"{', '.join(per_group) or 'no base_lrs'} per parameter group "
+                              "and cannot be told about the method's groups added after it was "
+                              "built; allowed: a scheduler such as StepLR, CosineAnnealingLR, "
+                              "LinearLR or LambdaLR, or an optimizer built over "
+                              "callback.pruner.param_groups(...) with add_param_groups=False")
         for group in added:
             scheduler.base_lrs.append(group.setdefault("initial_lr", group["lr"]))
             if isinstance(getattr(scheduler, "lr_lambdas", None), list):
