@@ -17,6 +17,7 @@ LAYER = {
                      "hardware", "distributed"], "core"),
     "methods": "methods", "deploy": "deployment", "storage": "deployment", "report": "reporting",
     **dict.fromkeys(["models", "data", "training"], "zoo"), "app": "application",
+    "integrations": "integrations",
 }
 MAY_IMPORT = {
     "core": {"core"},
@@ -24,11 +25,15 @@ MAY_IMPORT = {
     "deployment": {"core", "deployment"},
     "reporting": {"core", "deployment", "reporting"},
     "zoo": {"core", "methods", "zoo"},
+    # the framework callbacks drive the library as a user's loop does
+    "integrations": {"core", "methods", "deployment", "reporting", "zoo", "integrations"},
 }
 # The one reach sideways: the "map" structure's coupled feature maps are shrink's channel
 # analysis (one union-find over the traced graph, not two), so methods may import
 # hwprune.deploy.shrink and nothing else of deployment.
-ALSO_MAY_IMPORT = {"methods": [("deploy", "shrink")]}
+ALSO_MAY_IMPORT = {"methods": [("deploy", "shrink")],
+                   # a recipe's method block means one thing everywhere: the recipe's reading
+                   "integrations": [("app", "recipe")]}
 
 
 def _modules():
@@ -98,8 +103,22 @@ def test_no_module_imports_private_names_of_another():
     assert offenders == []
 
 
-@pytest.mark.parametrize("heavy", ["yaml", "rich", "matplotlib"])
+def test_nothing_imports_the_integrations():
+    offenders = [f"{_where(path)} imports hwprune.{'.'.join(target)}"
+                 for path, parts in _modules() if parts[0] != "integrations"
+                 for target, _ in _imported(path, parts) if target[:1] == ["integrations"]]
+    assert offenders == []
+
+
+@pytest.mark.parametrize("heavy", ["yaml", "rich", "matplotlib", "lightning", "transformers"])
 def test_import_hwprune_does_not_load_the_application_dependencies(heavy):
     code = f"import sys, hwprune; sys.exit(1 if {heavy!r} in sys.modules else 0)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, f"`import hwprune` imported {heavy}: {done.stderr}"
+
+
+def test_the_integrations_package_loads_no_framework():
+    code = ("import sys, hwprune.integrations; found = [m for m in ('lightning', "
+            "'transformers', 'yaml') if m in sys.modules]; sys.exit(','.join(found) or None)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, f"`import hwprune.integrations` imported {done.stderr}"

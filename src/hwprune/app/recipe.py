@@ -74,7 +74,8 @@ import yaml
 from ..errors import ConfigError
 
 __all__ = ["RecipeError", "load_recipe", "resolve", "apply_overrides", "method_class",
-           "method_kwargs", "shipped_recipes", "find_recipe", "read_recipe_text", "dump"]
+           "resolve_method", "method_kwargs", "shipped_recipes", "find_recipe",
+           "read_recipe_text", "dump"]
 
 
 class RecipeError(ConfigError):
@@ -269,7 +270,9 @@ def _method_params(cls: type) -> dict[str, inspect.Parameter]:
             if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
 
 
-def _resolve_method(given: Any) -> dict[str, Any] | None:
+def resolve_method(given: Any) -> dict[str, Any] | None:
+    """A recipe's ``method`` section checked against the method's signature: a name or a
+    mapping with ``name:`` and parameters; ``None`` stays ``None`` (a dense run)."""
     if given is None:
         return None
     if isinstance(given, str):
@@ -363,7 +366,7 @@ def resolve(raw: Any, name: str | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in _ORDER:
         if key == METHOD_KEY:
-            out[key] = _resolve_method(raw.get(key))
+            out[key] = resolve_method(raw.get(key))
         elif isinstance(SCHEMA[key], dict):
             out[key] = _resolve_section(SCHEMA[key], raw.get(key), key)
         else:

@@ -1,0 +1,87 @@
+"""What the Lightning and transformers callback tests share: one small task, every registered
+method's tiny configuration, and the same training written with the plain API."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hwprune.methods import all_methods
+
+SEED, LR, EPOCHS, BATCH, ROWS, FEATURES, CLASSES = 0, 0.05, 2, 16, 64, 16, 4
+
+
+def method_cases() -> list[tuple[type, dict[str, Any]]]:
+    """(class, arguments) of every registered method's first tiny configuration."""
+    return [(spec.cls, dict(spec.configs[spec.structures[0]])) for spec in all_methods()]
+
+
+def case_id(case: tuple[type, dict[str, Any]]) -> str:
+    return case[0].__name__
+
+
+def make_mlp() -> nn.Module:
+    """Two prunable hidden layers (16 -> 32 -> 32) and a dense output layer."""
+    return nn.Sequential(nn.Linear(FEATURES, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                         nn.Linear(32, CLASSES))
+
+
+def task() -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed synthetic classification task (labels from a random linear teacher)."""
+    g = torch.Generator().manual_seed(123)
+    x = torch.randn(ROWS, FEATURES, generator=g)
+    y = (x @ torch.randn(FEATURES, CLASSES, generator=g)).argmax(1)
+    return x, y
+
+
+def plain_fit(cls: type, kwargs: dict[str, Any], epochs: int = EPOCHS, accumulate: int = 1,
+              penalty_first: bool = False) -> tuple[nn.Module, Any]:
+    """The README's loop: the same model (seeded), the same batches in order, SGD over
+    ``pruner.param_groups``; finalized at the end. Returns (model, pruner).
+
+    With ``accumulate`` > 1, each optimizer step accumulates that many batches, each loss
+    divided by ``accumulate``, and the penalty once, unscaled: after them, or with
+    ``penalty_first`` before them (the order fixes the float sums)."""
+    torch.manual_seed(SEED)
+    model = make_mlp()
+    pruner = cls(model, **copy.deepcopy(kwargs))
+    optimizer = torch.optim.SGD(pruner.param_groups(lr=LR, momentum=0.9))
+    x, y = task()
+    batches = [(x[i:i + BATCH], y[i:i + BATCH]) for i in range(0, ROWS, BATCH)]
+    for _ in range(epochs):
+        for i in range(0, len(batches), accumulate):
+            optimizer.zero_grad()
+            if accumulate == 1:
+                xb, yb = batches[i]
+                (F.cross_entropy(model(xb), yb) + pruner.penalty()).backward()
+            else:
+                if penalty_first:
+                    pruner.penalty().backward()
+                for xb, yb in batches[i:i + accumulate]:
+                    (F.cross_entropy(model(xb), yb) / accumulate).backward()
+                if not penalty_first:
+                    pruner.penalty().backward()
+            optimizer.step()
+            pruner.step()
+        pruner.epoch_end()
+    pruner.finalize()
+    return model, pruner
+
+
+def assert_same_result(model: nn.Module, pruner: Any, ref_model: nn.Module, ref_pruner: Any
+                       ) -> None:
+    """The same masks, finalized weights (bitwise) and report facts."""
+    masks, ref_masks = pruner.masks(), ref_pruner.masks()
+    assert list(masks) == list(ref_masks)
+    for name in masks:
+        assert torch.equal(masks[name], ref_masks[name]), name
+    state, ref_state = model.state_dict(), ref_model.state_dict()
+    assert list(state) == list(ref_state)
+    for key in state:
+        assert torch.equal(state[key], ref_state[key]), key
+    assert (pruner.steps, pruner.epochs) == (ref_pruner.steps, ref_pruner.epochs)
+    assert pruner.layer_extras() == ref_pruner.layer_extras()
