@@ -232,7 +232,8 @@ class DARB(Pruner):
             flip = layer.target.transposed
             w = out_in(layer.effective_weight(), flip)
             rows, cols = im2col_shape(w.shape)
-            ref = out_in(self._reference_mask(name, layer.effective_weight(), sparsity), flip)
+            ref = out_in(self._reference_mask(name, layer.effective_weight(), sparsity)
+                         .reshape(layer.shape), flip)
             nnz = ref.reshape(rows, cols).sum(1)
             sizes = assign_block_sizes(nnz, cols, rows * cols / ratio, self.allowed_sizes[name],
                                        self.m)
