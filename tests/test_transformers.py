@@ -278,3 +278,13 @@ def test_layernorm_over_another_axis_lets_channels_go():
         model[2].weight[:, 1] = 0
     result = hp.shrink(model, torch.randn(5, 3, 10), return_result=True)
     assert result.layers["0"] == ((3, 6), (3, 5))
+
+
+def test_report_counts_conv1d_filters_on_the_out_in_view():
+    torch.manual_seed(0)
+    model = GPT2Model(gpt2_config(1)).eval()
+    pruner = hp.Magnitude(model, "filter", sparsity=0.5, targets="h.0.mlp.c_fc")
+    rows = {r.name: r for r in hp.report(model, tokens(), pruner=pruner).rows}
+    row = rows["h.0.mlp.c_fc.weight"]
+    assert row.module == "Conv1D" and row.kept_filters == 0.5 and row.kept_channels == 1.0
+    assert row.macs_dense == SEQ * HIDDEN * 4 * HIDDEN  # per sample: every token

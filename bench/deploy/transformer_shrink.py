@@ -10,7 +10,7 @@ Reported: parameters and MACs per sample (``FlopCounterMode``, attention matmuls
 and CPU latency of the dense and the shrunk model, timed in turns (``medians_in_turns`` of
 shrink_latency.py), median of ``--repeats``.
 
-    python bench/deploy/transformer_shrink.py [--threads 1] [--repeats 30] [--layers 2]
+    python bench/deploy/transformer_shrink.py [--threads 1] [--repeats 15] [--layers 2]
 
 Writes bench/results/deploy/transformer_shrink.md and .json.
 """
@@ -54,7 +54,7 @@ def params(model: torch.nn.Module) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = arguments(__doc__, None, threads=1, repeats=30)
+    parser = arguments(__doc__, None, threads=1, repeats=15)
     parser.add_argument("--layers", type=int, default=2)
     args = parse(parser, argv)
     rows = []
@@ -65,13 +65,13 @@ def main(argv: list[str] | None = None) -> int:
             warnings.simplefilter("ignore")  # fx cannot trace the model for default targets
             hp.Magnitude(pruned, "head:64", sparsity=0.5, targets=heads).finalize()
             hp.Magnitude(pruned, "filter", sparsity=0.5, targets=ffn).finalize()
-        for batch, seq in ((1, 128), (8, 128)):
+        for batch, seq in ((1, 128), (4, 128)):
             x = torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(1))
             start = time.perf_counter()
             result = hp.shrink(pruned, x, return_result=True)
             shrink_s = time.perf_counter() - start
             shrunk = result.model
-            repeats = args.repeats if batch == 1 else max(args.repeats // 3, 5)
+            repeats = args.repeats if batch == 1 else max(args.repeats // 3, 3)
             t_dense, t_shrunk = medians_in_turns([dense, shrunk], x, repeats)
             m_dense, m_shrunk = macs(dense, x) // batch, macs(shrunk, x) // batch
             rows.append({"model": family, "layers": args.layers, "batch": batch, "seq": seq,
