@@ -14,7 +14,7 @@ from transformers.pytorch_utils import Conv1D
 
 import hwprune as hp
 from hwprune.methods import get_method
-from hwprune.methods.checks import check_finalize, check_masks_obey_structure
+from hwprune.methods.checks import check_finalize, check_masks_obey_structure, train_steps
 from hwprune.structures import Head, KofN, parse_structure, transposed
 from hwprune.targets import resolve_targets
 
@@ -288,3 +288,20 @@ def test_report_counts_conv1d_filters_on_the_out_in_view():
     row = rows["h.0.mlp.c_fc.weight"]
     assert row.module == "Conv1D" and row.kept_filters == 0.5 and row.kept_channels == 1.0
     assert row.macs_dense == SEQ * HIDDEN * 4 * HIDDEN  # per sample: every token
+
+
+@pytest.mark.parametrize(("method", "config"), [
+    ("PSP", {"structure": "head:8", "variant": "fixed", "sparsity": 0.5}),
+    ("ADMM", {"block": "head:8", "unify": 0.0, "zero": 0.5, "admm_interval": 2, "rho": 0.01}),
+])
+def test_learned_methods_prune_heads_that_shrink_removes(method, config):
+    torch.manual_seed(0)
+    body = random_biases(GPT2Model(gpt2_config(1)))
+    model = Embeds(body)
+    pruner = get_method(method).cls(model, targets="body.h.0.attn.c_proj", **config)
+    optimizer = torch.optim.SGD(pruner.param_groups(lr=0.05))
+    train_steps(model, pruner, optimizer, torch.randn(2, SEQ, HIDDEN), 8)
+    pruner.finalize()
+    result = hp.shrink(body, tokens(), return_result=True)
+    assert result.layers == {"h.0.attn (heads)": ((HEADS, HEADS), (2, 2))}
+    _same_function(body, result.model)
