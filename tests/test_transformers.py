@@ -305,3 +305,17 @@ def test_learned_methods_prune_heads_that_shrink_removes(method, config):
     result = hp.shrink(body, tokens(), return_result=True)
     assert result.layers == {"h.0.attn (heads)": ((HEADS, HEADS), (2, 2))}
     _same_function(body, result.model)
+
+
+def test_a_transformer_inside_a_module_of_ones_own_is_shrunk_too():
+    torch.manual_seed(0)
+    body = random_biases(BertModel(bert_config(1)))
+    model = Embeds(body).eval()
+    with torch.no_grad():
+        body.encoder.layer[0].output.dense.weight[:, :16] = 0  # 16 of 64 neurons unread
+    x = torch.randn(2, SEQ, HIDDEN)
+    result = hp.shrink(model, x, return_result=True)
+    assert result.layers == {"body.encoder.layer.0 (neurons)": ((64, 64), (48, 48))}
+    with torch.no_grad():
+        ref, got = model(x), result.model(x)
+    assert float((got - ref).abs().max()) <= 1e-5 * float(ref.abs().max())

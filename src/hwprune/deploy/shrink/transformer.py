@@ -41,9 +41,9 @@ __all__ = ["is_transformer", "shrink_transformer"]
 
 
 def is_transformer(model: nn.Module) -> bool:
-    """Whether ``model`` is a Hugging Face model with attention or feed-forward blocks of a
-    layout ``sites`` knows."""
-    return (type(model).__module__.startswith("transformers.")
+    """Whether ``model`` is, or holds, a Hugging Face model with attention or feed-forward
+    blocks of a layout ``sites`` knows."""
+    return (any(type(m).__module__.startswith("transformers.") for m in model.modules())
             and bool(attention_sites(model) or feed_forward_sites(model)))
 
 
