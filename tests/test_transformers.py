@@ -16,7 +16,7 @@ import hwprune as hp
 from hwprune.methods import get_method
 from hwprune.methods.checks import check_finalize, check_masks_obey_structure, train_steps
 from hwprune.structures import Head, KofN, parse_structure, transposed
-from hwprune.targets import resolve_targets
+from hwprune.targets import LINEAR_LAYOUTS, register_linear_layer, resolve_targets
 
 HIDDEN, HEADS, D = 32, 4, 8
 VOCAB, SEQ = 64, 8
@@ -78,6 +78,31 @@ def test_gpt2_conv1d_layers_are_default_targets_and_transposed():
     c_fc = next(t for t in targets if t.name.endswith("h.0.mlp.c_fc.weight"))
     assert c_fc.out_in_shape == (4 * HIDDEN, HIDDEN)
     assert "lm_head.weight" not in names
+
+
+class InOutLinear(nn.Module):
+    """A linear layer of one's own that stores its weight (in, out), like Conv1D."""
+
+    def __init__(self, n_in: int, n_out: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_in, n_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight
+
+
+def test_a_registered_linear_layer_is_pruned_on_its_out_in_view():
+    register_linear_layer(InOutLinear, transposed=True)
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(InOutLinear(8, 6), nn.ReLU(), InOutLinear(6, 6), nn.Linear(6, 2))
+        pruner = hp.Magnitude(model, "filter", sparsity=0.5, targets=InOutLinear)
+        assert all(layer.target.transposed for layer in pruner.layers.values())
+        pruner.finalize()
+        w = model[0].weight  # (in=8, out=6): a filter is a column here
+        assert int(w.ne(0).any(0).sum()) == 3 and bool(w.ne(0).any(1).all())
+    finally:
+        del LINEAR_LAYOUTS[f"{InOutLinear.__module__}.{InOutLinear.__qualname__}"]
 
 
 @pytest.mark.parametrize("method", ["Magnitude", "DPP"])

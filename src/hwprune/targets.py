@@ -244,7 +244,8 @@ def resolve_targets(model: nn.Module, targets: Spec = None,
     if not candidates:
         raise TargetError(
             f"{type(model).__name__} has no Conv, Linear, RNN or attention layer to prune; "
-            "hwprune prunes the weights of nn.Conv1d/2d/3d, nn.Linear, nn.LSTM/GRU/RNN and "
+            "hwprune prunes the weights of nn.Conv1d/2d/3d, nn.Linear (and the linear-like "
+            "layers of LINEAR_LAYOUTS, such as transformers' Conv1D), nn.LSTM/GRU/RNN and "
             "nn.MultiheadAttention's input projection"
         )
     if targets is None:
