@@ -4,7 +4,10 @@ A LayerNorm normalises over its last ``len(normalized_shape)`` axes. Where the c
 is among them, each output depends on every channel through the mean and the variance, so
 no channel can go, not even one that is exactly zero everywhere: the mean is ``sum / n`` and
 the variance ``sum of squares / n``, and a LayerNorm over ``n - 1`` channels divides by
-``n - 1`` (the statistics of the others change, and with them every output). Such channels
+``n - 1`` (the statistics of the others change, and with them every output). Nor is the
+normalised zero channel zero: it is ``(0 - mean) / std * weight + bias``, which varies. A zero
+channel could go only if nothing reads its output (or its scale is zero) *and* the narrowed
+norm kept dividing by the original ``n``, which ``nn.LayerNorm`` cannot. Such channels
 are kept with that reason, and the output's channels are new classes that stay too. Where the
 channel axis is not normalised (a LayerNorm over the time axis of ``(N, C, T)``), each
 channel is normalised on its own and its class passes through unchanged.
