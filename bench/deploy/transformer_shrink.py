@@ -18,6 +18,7 @@ Writes bench/results/deploy/transformer_shrink.md and .json.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import warnings
@@ -95,7 +96,10 @@ def main(argv: list[str] | None = None) -> int:
              "embeddings. ms: one forward pass of the whole batch; dense and shrunk timed in "
              "turns, medians. Every matmul inside a block (projections, attention scores, "
              "feed-forward) halves; the hidden dimension stays (docs/transformers.md), and "
-             f"BERT's pooler with it. Whole run: {time.perf_counter() - began:.0f} s.", ""]
+             f"BERT's pooler with it. Whole run: {time.perf_counter() - began:.0f} s; load "
+             f"average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (a shared "
+             "machine: under load the latencies, and their ratio, vary from run to run; the "
+             "MACs and parameters do not).", ""]
     write_table(OUT / "transformer_shrink.md", lines,
                 ["model", "batch x seq", "params dense", "params shrunk", "MACs dense",
                  "MACs shrunk", "MAC reduction", "ms dense", "ms shrunk", "speed-up",
