@@ -45,6 +45,8 @@ __all__ = [
     "Block",
     "KofN",
     "FeatureMap",
+    "Head",
+    "transposed",
     "parse_structure",
     "STRUCTURE_NAMES",
 ]
@@ -404,6 +406,88 @@ class FeatureMap(Structure):
         return "map" if self.axis == 0 else f"map@{self.axis}"
 
 
+class Head(Structure):
+    """One attention head of a linear weight ``(out, in)``: ``size`` consecutive input columns
+    (``axis=1``, ``"head:D"``: the head's slice of the output projection that reads the heads)
+    or output rows (``axis=0``, ``"head:D@0"``: its rows of a query/key/value projection).
+    Zero a head's output-projection columns (or its value rows) and shrink removes the head
+    (``hwprune.deploy.transformer``); ``size`` is the head dimension, ``hidden / heads``."""
+
+    name = "head"
+
+    def __init__(self, size: int, axis: int = 1):
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise StructureError(f"a head's size (the head dimension) must be an int >= 1; "
+                                 f"got {size!r}")
+        if axis not in (0, 1):
+            raise StructureError(f"a head's axis is 0 (projection rows) or 1 (output-"
+                                 f"projection columns); got {axis!r}")
+        self.size, self.axis = size, axis
+
+    def validate(self, shape: Shape, layer: str = "weight") -> None:
+        if len(shape) != 2:
+            raise StructureError(f"{layer}: structure {self} needs a linear weight (out, in); "
+                                 f"got shape {tuple(shape)}")
+        if shape[self.axis] % self.size:
+            raise StructureError(
+                f"{layer}: structure {self} needs axis {self.axis} (size {shape[self.axis]}) "
+                f"to be a whole number of heads of {self.size}; allowed head sizes divide "
+                f"{shape[self.axis]}")
+
+    def to_groups(self, w: Tensor) -> Tensor:
+        m = w.movedim(self.axis, 0)  # (heads * size, other)
+        return m.reshape(m.shape[0] // self.size, -1)
+
+    def from_groups(self, g: Tensor, shape: Shape) -> Tensor:
+        return g.reshape(_moved_front(shape, self.axis)).movedim(0, self.axis)
+
+    def line_length(self, shape: Shape) -> int:
+        return shape[self.axis] // self.size
+
+    def __str__(self) -> str:
+        return f"head:{self.size}" + ("" if self.axis == 1 else "@0")
+
+
+class _Transposed:
+    """Mixin of ``transposed``: the structure of an ``(out, in)`` weight applied to one
+    stored ``(in, out)``."""
+
+    def validate(self, shape: Shape, layer: str = "weight") -> None:
+        super().validate(_swapped(shape), layer)
+
+    def to_groups(self, w: Tensor) -> Tensor:
+        return super().to_groups(w.transpose(0, 1))
+
+    def from_groups(self, g: Tensor, shape: Shape) -> Tensor:
+        return super().from_groups(g, _swapped(shape)).transpose(0, 1)
+
+    def line_length(self, shape: Shape) -> int:
+        return super().line_length(_swapped(shape))
+
+
+def _swapped(shape: Shape) -> tuple[int, ...]:
+    s = tuple(shape)
+    return (s[1], s[0], *s[2:]) if len(s) >= 2 else s
+
+
+_TRANSPOSED_CLASSES: dict[type, type] = {}
+
+
+def transposed(structure: Structure) -> Structure:
+    """``structure`` for a weight stored ``(in, out)`` (transformers' ``Conv1D``): groups,
+    runs and validation are those of the ``(out, in)`` weight, so ``"2:4"`` still runs along
+    the input dimension. The result is an instance of a subclass of ``structure``'s class
+    (``isinstance`` checks and attributes such as ``k``/``n`` hold) and prints the same."""
+    cls = type(structure)
+    if isinstance(structure, _Transposed):
+        raise StructureError(f"structure {structure} is already transposed")
+    sub = _TRANSPOSED_CLASSES.setdefault(
+        cls, type(f"Transposed{cls.__name__}", (_Transposed, cls), {}))
+    out = object.__new__(sub)
+    out.__dict__.update({k: v for k, v in structure.__dict__.items() if k != "_group_shapes"})
+    return out
+
+
 _SIMPLE = {
     "element": Element,
     "weight": Element,  # DPP's name for element-level k-of-n
@@ -417,10 +501,12 @@ _SIMPLE = {
 STRUCTURE_NAMES = ("element", "filter", "channel", "kernel", "column", "layer", "map")
 _ALLOWED = (
     "a name (" + ", ".join(STRUCTURE_NAMES) + "), 'k:n' (e.g. '2:4', optionally '2:4@kernel'), "
-    "'block:BHxBW' (e.g. 'block:4x4'), or an object from hwprune.structures"
+    "'block:BHxBW' (e.g. 'block:4x4'), 'head:D' or 'head:D@0' (attention heads of "
+    "dimension D), or an object from hwprune.structures"
 )
 _KN = re.compile(r"^(\d+):(\d+)(?:@(\w+))?$")
 _BLOCK = re.compile(r"^block:(\d+)x(\d+)$")
+_HEAD = re.compile(r"^head:(\d+)(@0)?$")
 
 
 def parse_structure(spec: str | Structure) -> Structure:
@@ -443,4 +529,6 @@ def parse_structure(spec: str | Structure) -> Structure:
         return KofN(k, n, _SIMPLE[base]() if base else None)
     if m := _BLOCK.match(s):
         return Block(int(m[1]), int(m[2]))
+    if m := _HEAD.match(s):
+        return Head(int(m[1]), 0 if m[2] else 1)
     raise StructureError(f"unknown structure {spec!r}; allowed: {_ALLOWED}")

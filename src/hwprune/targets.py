@@ -15,6 +15,12 @@ says why. A method leaves a default target that cannot carry its structure dense
 * module types (``nn.Conv2d`` or a tuple of types);
 * a predicate ``f(name, module) -> bool`` over modules.
 
+Linear-like layers of other libraries are known by name through ``LINEAR_LAYOUTS`` (no import
+of the library needed): transformers' ``Conv1D`` (GPT-2's layers) is a linear layer whose
+weight is stored transposed, ``(in, out)``; ``register_linear_layer`` adds another. A target
+of such a layer has ``transposed=True``, and structures see its weight as ``(out, in)``
+(``structures.transposed``), so ``"2:4"`` runs along its input dimension as on ``nn.Linear``.
+
 A selected Conv/Linear module contributes its ``weight``; an LSTM/GRU/RNN module contributes
 every ``weight_ih_l*`` / ``weight_hh_l*`` matrix; an ``nn.MultiheadAttention`` its input
 projection ``in_proj_weight`` (or ``q/k/v_proj_weight`` when key and value have their own
@@ -33,13 +39,14 @@ import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from torch import fx, nn
+from torch import Tensor, fx, nn
 from torch.nn.utils import parametrize
 
 from .errors import TargetError
 
 __all__ = ["Target", "resolve_targets", "output_layers", "layer_weights", "SkippedLayersWarning",
-           "CONV_TYPES", "LINEAR_TYPES", "RNN_TYPES", "ATTENTION_TYPES", "NORM_TYPES",
+           "LINEAR_LAYOUTS", "register_linear_layer", "is_linear", "weight_transposed",
+           "out_in", "CONV_TYPES", "LINEAR_TYPES", "RNN_TYPES", "ATTENTION_TYPES", "NORM_TYPES",
            "PRUNABLE_TYPES"]
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -48,6 +55,41 @@ RNN_TYPES = (nn.RNNBase,)  # LSTM, GRU, RNN
 ATTENTION_TYPES = (nn.MultiheadAttention,)  # its input projection is a linear weight
 NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 PRUNABLE_TYPES = (*CONV_TYPES, *LINEAR_TYPES, *RNN_TYPES, *ATTENTION_TYPES)
+
+#: linear-like layer types by qualified class name -> whether the weight is stored (in, out)
+LINEAR_LAYOUTS: dict[str, bool] = {"transformers.pytorch_utils.Conv1D": True}
+
+
+def register_linear_layer(cls: type | str, transposed: bool) -> None:
+    """Treat ``cls`` (a type, or its ``module.QualName``) as a linear layer with a ``weight``
+    of shape ``(out, in)``, or ``(in, out)`` with ``transposed=True``."""
+    name = cls if isinstance(cls, str) else f"{cls.__module__}.{cls.__qualname__}"
+    LINEAR_LAYOUTS[name] = bool(transposed)
+
+
+def _layout(module: nn.Module) -> bool | None:
+    """Whether ``module`` is linear-like with a transposed weight; None: not linear-like."""
+    for cls in type(module).__mro__:
+        found = LINEAR_LAYOUTS.get(f"{cls.__module__}.{cls.__qualname__}")
+        if found is not None:
+            return found
+    return None
+
+
+def is_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear`` or a registered linear-like layer (transformers' ``Conv1D``)."""
+    return isinstance(module, LINEAR_TYPES) or _layout(module) is not None
+
+
+def weight_transposed(module: nn.Module) -> bool:
+    """Whether ``module``'s ``weight`` is stored ``(in, out)`` (transformers' ``Conv1D``)."""
+    return bool(_layout(module))
+
+
+def out_in(w: Tensor, transposed: bool) -> Tensor:
+    """``w`` as ``(out, in)``: transposed back where the layer stores it ``(in, out)``
+    (also the way back: the operation is its own inverse)."""
+    return w.transpose(0, 1) if transposed else w
 
 
 @dataclass(frozen=True)
@@ -58,6 +100,17 @@ class Target:
     module_name: str
     module: nn.Module
     param: str  # attribute name on the module: "weight", "weight_ih_l0", ...
+
+    @property
+    def transposed(self) -> bool:
+        """Whether the weight is stored ``(in, out)`` (a ``Conv1D``'s)."""
+        return self.param == "weight" and weight_transposed(self.module)
+
+    @property
+    def out_in_shape(self) -> tuple[int, ...]:
+        """The weight's shape seen as ``(out, in, *kernel)`` (swapped for a ``Conv1D``)."""
+        s = tuple(getattr(self.module, self.param).shape)
+        return (s[1], s[0], *s[2:]) if self.transposed else s
 
 
 class SkippedLayersWarning(UserWarning):
@@ -83,7 +136,7 @@ def layer_weights(module: nn.Module) -> list[str]:
         return [n for n in names if getattr(module, n, None) is not None]
     if isinstance(module, RNN_TYPES):
         return [n for n, _ in module.named_parameters(recurse=False) if n.startswith("weight_")]
-    if isinstance(module, (*CONV_TYPES, *LINEAR_TYPES)):
+    if isinstance(module, CONV_TYPES) or is_linear(module):
         return ["weight"]
     return []
 
@@ -110,7 +163,8 @@ class _LayerTracer(fx.Tracer):
     """Traces down to the prunable layers and the modules without children."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, PRUNABLE_TYPES) or next(m.children(), None) is None
+        return (isinstance(m, PRUNABLE_TYPES) or is_linear(m)
+                or next(m.children(), None) is None)
 
 
 def _graph(model: nn.Module) -> fx.Graph:
@@ -144,9 +198,10 @@ def output_layers(model: nn.Module) -> set[str]:
         m = modules.get(node.target) if node.op == "call_module" else None
         if isinstance(m, ATTENTION_TYPES):
             found.add(f"{node.target}.out_proj")
-        elif isinstance(m, PRUNABLE_TYPES):
+        elif isinstance(m, PRUNABLE_TYPES) or (m is not None and is_linear(m)):
             found.add(node.target)
-        elif m is not None and any(isinstance(s, PRUNABLE_TYPES) for s in m.modules()):
+        elif m is not None and any(isinstance(s, PRUNABLE_TYPES) or is_linear(s)
+                                   for s in m.modules()):
             raise TargetError(f"the output comes through {node.target} ({type(m).__name__}), "
                               "whose layers torch.fx could only trace as a whole")
         else:
@@ -161,15 +216,16 @@ def _default(model: nn.Module, candidates: list[Target]) -> list[Target]:
         outputs = output_layers(model)
         skip |= {t.name for t in candidates if t.module_name in outputs}
     except Exception as e:  # torch.fx raises many types for untraceable code
-        linears = [t for t in candidates if isinstance(t.module, LINEAR_TYPES)]
+        linears = [t for t in candidates if is_linear(t.module)]
         skip |= {t.name for t in linears[-1:]}
         warnings.warn(
             f"hwprune.targets: torch.fx cannot trace {type(model).__name__} ({type(e).__name__}: "
             f"{e}), so the layer that produces its output is not known; the default targets "
             f"leave its last Linear layer ({linears[-1].name if linears else 'none'}) dense "
             "instead. Pass targets= to choose the layers.", stacklevel=3)
-    layers = (*CONV_TYPES, *LINEAR_TYPES, *ATTENTION_TYPES)
-    return [t for t in candidates if isinstance(t.module, layers) and t.name not in skip]
+    layers = (*CONV_TYPES, *ATTENTION_TYPES)
+    return [t for t in candidates
+            if (isinstance(t.module, layers) or is_linear(t.module)) and t.name not in skip]
 
 
 def _matches(pattern: str, t: Target) -> bool:
@@ -188,7 +244,8 @@ def resolve_targets(model: nn.Module, targets: Spec = None,
     if not candidates:
         raise TargetError(
             f"{type(model).__name__} has no Conv, Linear, RNN or attention layer to prune; "
-            "hwprune prunes the weights of nn.Conv1d/2d/3d, nn.Linear, nn.LSTM/GRU/RNN and "
+            "hwprune prunes the weights of nn.Conv1d/2d/3d, nn.Linear (and the linear-like "
+            "layers of LINEAR_LAYOUTS, such as transformers' Conv1D), nn.LSTM/GRU/RNN and "
             "nn.MultiheadAttention's input projection"
         )
     if targets is None:

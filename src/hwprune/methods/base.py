@@ -26,7 +26,7 @@ from torch.nn.utils import parametrize
 
 from .. import distributed
 from ..errors import ConfigError, HwpruneError, LifecycleError, StructureError
-from ..structures import FeatureMap, Structure, parse_structure
+from ..structures import FeatureMap, Structure, parse_structure, transposed
 from ..targets import SkippedLayersWarning, Spec, Target, resolve_targets
 from .registry import get_method
 from .state import check_state
@@ -86,7 +86,9 @@ def _select_layers(pruner: Pruner, targets: Spec, strict: bool) -> None:
             raise StructureError(
                 f"{t.name} is already parametrized (another pruner?); finalize it first")
         try:
-            structure = pruner._layer_structure(shape, t.name)
+            # a Conv1D stores (in, out): the method picks the structure of the (out, in) view
+            structure = pruner._layer_structure(t.out_in_shape, t.name)
+            structure = transposed(structure) if t.transposed else structure
             structure.validate(shape, t.name)
         except StructureError as e:
             skip(t.name, e)

@@ -46,7 +46,7 @@ from ..errors import ConfigError, StructureError
 from ..hardware import ROW_BLOCK_SIZES, block_kept, decoding_cost, im2col_shape
 from ..schedules import Linear, OneShot, Schedule
 from ..structures import Element
-from ..targets import Spec
+from ..targets import Spec, out_in
 from .base import PrunedLayer, Pruner
 from .magnitude import Magnitude
 from .registry import register_method
@@ -177,7 +177,7 @@ class DARB(Pruner):
 
     def _check_layer(self, layer: PrunedLayer) -> None:
         r, m, name = self.ratio, self.m, layer.name
-        rows, cols = im2col_shape(layer.shape)
+        rows, cols = im2col_shape(layer.target.out_in_shape)
         sizes = self._layer_sizes(layer)
         lo = cols / block_kept(cols, sizes[0], m)
         hi = cols / block_kept(cols, sizes[-1], m)
@@ -198,7 +198,7 @@ class DARB(Pruner):
         self.block_sizes[name] = torch.ones(rows, dtype=torch.long)
 
     def _layer_sizes(self, layer: PrunedLayer) -> tuple[int, ...]:
-        _, cols = im2col_shape(layer.shape)
+        _, cols = im2col_shape(layer.target.out_in_shape)
         if self.allowed is None:
             sizes = [b for b in DEFAULT_ALLOWED if b <= cols and (self.m == 1 or b > self.m)]
             if not sizes:
@@ -228,13 +228,17 @@ class DARB(Pruner):
         Ratios below a layer's reachable range give its smallest blocks."""
         ratio = 1.0 / (1.0 - sparsity)
         for name, layer in self.layers.items():
-            w = layer.effective_weight()
-            rows, cols = im2col_shape(layer.shape)
-            nnz = self._reference_mask(name, w, sparsity).reshape(rows, cols).sum(1)
+            # rows are output units, blocks run along the inputs (a Conv1D stores (in, out))
+            flip = layer.target.transposed
+            w = out_in(layer.effective_weight(), flip)
+            rows, cols = im2col_shape(w.shape)
+            ref = out_in(self._reference_mask(name, layer.effective_weight(), sparsity)
+                         .reshape(layer.shape), flip)
+            nnz = ref.reshape(rows, cols).sum(1)
             sizes = assign_block_sizes(nnz, cols, rows * cols / ratio, self.allowed_sizes[name],
                                        self.m)
             self.block_sizes[name] = sizes
-            layer.parametrization.mask.copy_(bmwm_mask(w, sizes, self.m))
+            layer.parametrization.mask.copy_(out_in(bmwm_mask(w, sizes, self.m), flip))
         self.sync()  # masks and block sizes from rank-local weights: rank 0's everywhere
 
     def _reference_mask(self, name: str, w: Tensor, sparsity: float) -> Tensor:
@@ -247,7 +251,8 @@ class DARB(Pruner):
         out = {}
         for name, layer in self.layers.items():
             sizes = self.block_sizes[name]
-            cost = decoding_cost(self._mask(layer), "darb", block_sizes=sizes,
+            cost = decoding_cost(out_in(self._mask(layer), layer.target.transposed), "darb",
+                                 block_sizes=sizes,
                                  allowed=self.allowed_sizes[name])
             out[name] = {"block_sizes": sizes.tolist(),
                          "index_bits_per_kept": cost["index_bits_per_kept"],

@@ -44,7 +44,15 @@ from torch.nn.utils import parametrize
 from ..errors import HwpruneError
 from ..storage import EncodedTensor, FilePlan, plan
 from ..structures import Channel, Filter, Kernel, Structure, parse_structure
-from ..targets import ATTENTION_TYPES, CONV_TYPES, LINEAR_TYPES, RNN_TYPES, layer_weights
+from ..targets import (
+    ATTENTION_TYPES,
+    CONV_TYPES,
+    RNN_TYPES,
+    is_linear,
+    layer_weights,
+    out_in,
+    weight_transposed,
+)
 from .accounting import safe_div, storage_fields, storage_totals
 from .macs import measure_macs
 from .result import LayerRow, Report
@@ -52,7 +60,7 @@ from .result import LayerRow, Report
 __all__ = ["LayerRow", "Report", "report", "report_state_dict", "weights_of"]
 
 #: module types whose weights get a row (RNNBase covers LSTM, GRU and RNN)
-_SUPPORTED = "Conv1d/2d/3d, Linear, LSTM/GRU/RNN, MultiheadAttention"
+_SUPPORTED = "Conv1d/2d/3d, Linear (and transformers' Conv1D), LSTM/GRU/RNN, MultiheadAttention"
 
 
 def _frac(k: int, n: int) -> float:
@@ -87,7 +95,7 @@ def _weights(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
     for mname, m in model.named_modules():
         if id(m) in inside:
             continue
-        if isinstance(m, CONV_TYPES + LINEAR_TYPES):
+        if isinstance(m, CONV_TYPES) or is_linear(m):
             out.append((mname, m, "weight"))
         elif isinstance(m, RNN_TYPES):
             out += [(mname, m, p) for p in m._flat_weights_names if p.startswith("weight")]
@@ -186,7 +194,8 @@ def report(
         _layer_row(row_name, _module_type(m), getattr(m, p).detach(), structure_of[row_name],
                    dense, extras.get(row_name, {}),
                    # a parametrized weight's effective value is not a state-dict tensor
-                   None if parametrize.is_parametrized(m, p) else file.encoded.get(row_name))
+                   None if parametrize.is_parametrized(m, p) else file.encoded.get(row_name),
+                   transposed=p == "weight" and weight_transposed(m))
         for (_, m, p), row_name, dense in zip(weights, names, macs, strict=True)
     ]
     total = _totals(out, file, model.state_dict())
@@ -206,8 +215,12 @@ def report(
 
 
 def _layer_row(name: str, module: str, w: Tensor, structure: str, macs: int | None,
-               extras: dict[str, Any], enc: EncodedTensor | None) -> LayerRow:
-    """One row: kept fractions, MACs (``None``: not measured) and storage of weight ``w``."""
+               extras: dict[str, Any], enc: EncodedTensor | None,
+               transposed: bool = False) -> LayerRow:
+    """One row: kept fractions, MACs (``None``: not measured) and storage of weight ``w``
+    (``transposed``: stored ``(in, out)``, a ``Conv1D``'s; filters and channels are then
+    counted on the ``(out, in)`` view)."""
+    oi = out_in(w, transposed)
     numel, kept = w.numel(), int(torch.count_nonzero(w))
     remaining = None  # exact integer rounding of macs * kept / numel
     if macs is not None:
@@ -219,8 +232,8 @@ def _layer_row(name: str, module: str, w: Tensor, structure: str, macs: int | No
         structure=structure,
         kept_elements=_frac(kept, numel),
         kept_kernels=_kept_groups(Kernel(), w) if w.dim() >= 3 else None,
-        kept_channels=_kept_groups(Channel(), w),
-        kept_filters=_kept_groups(Filter(), w),
+        kept_channels=_kept_groups(Channel(), oi),
+        kept_filters=_kept_groups(Filter(), oi),
         params=numel,
         kept_params=kept,
         macs_dense=macs,

@@ -37,7 +37,9 @@ every tensor; ``channels`` holds the classes and their union-find), ``handlers``
 ``registry`` (what a layer type does to channels and how it is narrowed), ``rewrite`` (the
 graph surgery), ``result``; ``maps`` gives the same analysis' classes as coupled feature maps
 (``feature_maps``: every weight that writes or reads each map), the groups of
-``structure="map"``.
+``structure="map"``. ``norms`` keeps the channels a LayerNorm normalises over; ``transformer``
+and ``sites`` shrink Hugging Face transformers (not traced) by their attention heads and
+feed-forward neurons.
 """
 
 from .handlers import (

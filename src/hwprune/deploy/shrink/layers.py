@@ -28,6 +28,7 @@ from .handlers import (
     PerChannelHandler,
     Rebuilt,
 )
+from .norms import LayerNormHandler
 
 if TYPE_CHECKING:
     from .analysis import Analysis
@@ -345,4 +346,5 @@ BUILTIN_HANDLERS: dict[type, LayerHandler] = {
     **{t: ActivationHandler() for t in _ACTIVATIONS},
     **{t: PoolHandler() for t in _POOLS},
     nn.Flatten: FlattenHandler(),
+    nn.LayerNorm: LayerNormHandler(),
 }

@@ -16,6 +16,7 @@ from .nodes import set_module
 from .registry import registered_types
 from .result import ShrinkError, ShrinkResult
 from .rewrite import describe_kept, fold_constant_operands, rewrite, solve
+from .transformer import is_transformer, shrink_transformer
 
 __all__ = ["shrink"]
 
@@ -43,6 +44,9 @@ def shrink(model: nn.Module, example_inputs: Any, *, atol: float = ATOL, rtol: f
         class when shrinking only narrowed layers, else a ``torch.fx.GraphModule`` (a graph
         rewritten: padding changed, a branch or a concatenated layer gone, a constant folded).
 
+    A Hugging Face transformer (BERT, GPT-2 and their kin) is not traced: its zero attention
+    heads and feed-forward neurons are removed from the modules' layout (``transformer``).
+
     Raises:
         ShrinkError: the model cannot be traced, or the verification fails.
     """
@@ -52,6 +56,9 @@ def shrink(model: nn.Module, example_inputs: Any, *, atol: float = ATOL, rtol: f
         raise ShrinkError("shrink the bare model (ddp.module), not its DistributedDataParallel "
                           "wrapper; the result has new parameters: wrap it in a new "
                           "DistributedDataParallel to train it further")
+    if is_transformer(model):  # heads and neurons from the modules' layout, no trace
+        return shrink_transformer(model, example_inputs, rtol=rtol, atol=atol,
+                                  return_result=return_result)
     args = example_args(example_inputs, ShrinkError)
     work = copy.deepcopy(model).eval()  # the user's model keeps its weights and its mode
     reference = outputs_of(work, args)

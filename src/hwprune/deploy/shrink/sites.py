@@ -1,0 +1,187 @@
+"""Where a transformer's attention heads and feed-forward neurons are: its *sites*.
+
+A Hugging Face transformer is not traced for shrinking (torch.fx cannot trace BERT or GPT-2);
+its layout is read from the modules instead, by duck typing on the attribute names the model
+families share:
+
+* BERT-style attention (BERT, RoBERTa, ...): a module with ``self.query/key/value`` (linear,
+  ``num_attention_heads`` heads of ``attention_head_size``) and ``output.dense`` (the output
+  projection); feed-forward: a layer with ``intermediate.dense`` and ``output.dense``, the
+  activation ``intermediate.intermediate_act_fn``;
+* GPT-2-style attention: a module with ``c_attn`` (query, key and value side by side, a
+  ``Conv1D``), ``c_proj``, ``num_heads``, ``head_dim`` and ``split_size``; feed-forward: a
+  module with ``c_fc``, ``c_proj`` and ``act``.
+
+Every weight is seen as ``(out, in)`` (``targets.out_in``), whatever the layer stores.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ...targets import is_linear, out_in, weight_transposed
+
+__all__ = ["AttentionSite", "FeedForwardSite", "attention_sites", "feed_forward_sites",
+           "linear_weight", "narrow_linear"]
+
+
+def linear_weight(layer: nn.Module) -> Tensor:
+    """A linear-like layer's weight as ``(out, in)``."""
+    return out_in(layer.weight.detach(), weight_transposed(layer))
+
+
+def narrow_linear(layer: nn.Module, keep_out: Tensor | None = None,
+                  keep_in: Tensor | None = None, bias_add: Tensor | None = None) -> nn.Module:
+    """A copy of the linear-like ``layer`` (same class) with the kept output rows and input
+    columns of its ``(out, in)`` weight, ``bias_add`` added to its (kept) bias."""
+    w = linear_weight(layer)
+    kout = keep_out if keep_out is not None else torch.arange(w.shape[0])
+    kin = keep_in if keep_in is not None else torch.arange(w.shape[1])
+    new = copy.deepcopy(layer)
+    t = weight_transposed(layer)
+    new.weight = nn.Parameter(out_in(w[kout][:, kin], t).contiguous().clone())
+    if layer.bias is not None:
+        b = layer.bias.detach() + (bias_add.to(layer.bias.dtype) if bias_add is not None else 0)
+        new.bias = nn.Parameter(b[kout].clone())
+    for attr, n in (("in_features", len(kin)), ("out_features", len(kout)), ("nx", len(kin)),
+                    ("nf", len(kout))):
+        if hasattr(new, attr):
+            setattr(new, attr, n)
+    return new
+
+
+@dataclass
+class AttentionSite:
+    """One self-attention: ``heads`` heads of ``head_dim``; ``qkv()`` the query, key and value
+    weights and biases as ``(heads * head_dim, hidden)`` rows; ``out`` the output projection
+    (reads the heads' columns); ``narrow(keep, bias_add)`` puts the narrowed layers in place."""
+
+    name: str
+    heads: int
+    head_dim: int
+    qkv: Callable[[], list[tuple[Tensor, Tensor | None]]]
+    out: nn.Module
+    narrow: Callable[[Tensor, Tensor], None]
+
+
+@dataclass
+class FeedForwardSite:
+    """One feed-forward block: ``up`` writes the neurons, ``act`` maps each on its own,
+    ``down`` reads them; ``narrow(keep, bias_add)`` puts the narrowed layers in place."""
+
+    name: str
+    up: nn.Module
+    act: nn.Module
+    down: nn.Module
+    narrow: Callable[[Tensor, Tensor], None]
+
+
+def _rows(layer: nn.Module, start: int, stop: int) -> tuple[Tensor, Tensor | None]:
+    w = linear_weight(layer)[start:stop]
+    b = layer.bias.detach()[start:stop] if layer.bias is not None else None
+    return w, b
+
+
+def _bert_attention(name: str, m: nn.Module) -> AttentionSite | None:
+    s = getattr(m, "self", None)
+    dense = getattr(getattr(m, "output", None), "dense", None)
+    if not (s is not None and dense is not None and is_linear(dense)
+            and all(isinstance(getattr(s, p, None), nn.Module) and is_linear(getattr(s, p))
+                    for p in ("query", "key", "value"))
+            and hasattr(s, "num_attention_heads") and hasattr(s, "attention_head_size")):
+        return None
+    heads, d = s.num_attention_heads, s.attention_head_size
+
+    def qkv() -> list[tuple[Tensor, Tensor | None]]:
+        return [_rows(getattr(s, p), 0, heads * d) for p in ("query", "key", "value")]
+
+    def narrow(keep: Tensor, bias_add: Tensor) -> None:
+        rows = _head_rows(keep, d)
+        for p in ("query", "key", "value"):
+            setattr(s, p, narrow_linear(getattr(s, p), keep_out=rows))
+        m.output.dense = narrow_linear(dense, keep_in=rows, bias_add=bias_add)
+        s.num_attention_heads = len(keep)
+        s.all_head_size = len(keep) * d
+
+    return AttentionSite(name, heads, d, qkv, dense, narrow)
+
+
+def _gpt2_attention(name: str, m: nn.Module) -> AttentionSite | None:
+    if not (all(hasattr(m, a) for a in ("c_attn", "c_proj", "num_heads", "head_dim",
+                                        "split_size"))
+            and is_linear(m.c_attn) and is_linear(m.c_proj)
+            and not getattr(m, "is_cross_attention", False)):
+        return None
+    heads, d, split = m.num_heads, m.head_dim, m.split_size
+
+    def qkv() -> list[tuple[Tensor, Tensor | None]]:
+        return [_rows(m.c_attn, i * split, i * split + heads * d) for i in range(3)]
+
+    def narrow(keep: Tensor, bias_add: Tensor) -> None:
+        rows = _head_rows(keep, d)
+        m.c_attn = narrow_linear(m.c_attn, keep_out=torch.cat([rows + i * split
+                                                               for i in range(3)]))
+        m.c_proj = narrow_linear(m.c_proj, keep_in=rows, bias_add=bias_add)
+        m.num_heads = len(keep)
+        m.split_size = len(keep) * d
+        m.embed_dim = len(keep) * d  # read by no forward; kept consistent
+
+    return AttentionSite(name, heads, d, qkv, m.c_proj, narrow)
+
+
+def _bert_feed_forward(name: str, m: nn.Module) -> FeedForwardSite | None:
+    up = getattr(getattr(m, "intermediate", None), "dense", None)
+    down = getattr(getattr(m, "output", None), "dense", None)
+    act = getattr(getattr(m, "intermediate", None), "intermediate_act_fn", None)
+    if not (up is not None and down is not None and isinstance(act, nn.Module)
+            and is_linear(up) and is_linear(down)):
+        return None
+
+    def narrow(keep: Tensor, bias_add: Tensor) -> None:
+        m.intermediate.dense = narrow_linear(up, keep_out=keep)
+        m.output.dense = narrow_linear(down, keep_in=keep, bias_add=bias_add)
+
+    return FeedForwardSite(name, up, act, down, narrow)
+
+
+def _gpt2_feed_forward(name: str, m: nn.Module) -> FeedForwardSite | None:
+    if not (all(hasattr(m, a) for a in ("c_fc", "c_proj", "act")) and is_linear(m.c_fc)
+            and is_linear(m.c_proj) and isinstance(m.act, nn.Module)):
+        return None
+    up, down = m.c_fc, m.c_proj
+
+    def narrow(keep: Tensor, bias_add: Tensor) -> None:
+        m.c_fc = narrow_linear(up, keep_out=keep)
+        m.c_proj = narrow_linear(down, keep_in=keep, bias_add=bias_add)
+
+    return FeedForwardSite(name, up, m.act, down, narrow)
+
+
+def _head_rows(keep: Tensor, d: int) -> Tensor:
+    """The rows (of a projection) of the kept heads, in order."""
+    return (keep[:, None] * d + torch.arange(d)[None, :]).reshape(-1)
+
+
+def attention_sites(model: nn.Module) -> list[AttentionSite]:
+    """Every self-attention of a known layout in ``model``, in module order."""
+    found = []
+    for name, m in model.named_modules():
+        site = _bert_attention(name, m) or _gpt2_attention(name, m)
+        if site is not None:
+            found.append(site)
+    return found
+
+
+def feed_forward_sites(model: nn.Module) -> list[FeedForwardSite]:
+    """Every feed-forward block of a known layout in ``model``, in module order."""
+    found = []
+    for name, m in model.named_modules():
+        site = _bert_feed_forward(name, m) or _gpt2_feed_forward(name, m)
+        if site is not None:
+            found.append(site)
+    return found
