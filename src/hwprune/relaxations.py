@@ -29,8 +29,8 @@ from .parametrize import fake_quantize
 from .structures import KofN
 
 __all__ = ["GumbelTopK", "RELAXATIONS", "KSOFTMAX_MAX_K", "PAIRWISE_MAX_N",
-           "check_relaxation", "resolve_relaxation", "gumbel_noise", "rank_rows",
-           "ksoftmax_st", "sigmoid_st"]
+           "check_relaxation", "resolve_relaxation", "gumbel_noise", "row_layout", "rank_rows",
+           "top_k_rows", "row_entropy", "ksoftmax_st", "sigmoid_st"]
 
 RELAXATIONS = ("ksoftmax", "sigmoid", "auto")
 #: "auto" keeps the paper's k-step softmax up to this many steps per row
@@ -62,35 +62,60 @@ def gumbel_noise(shape: torch.Size, generator: torch.Generator, like: Tensor) ->
     return g.to(like.device)
 
 
-def rank_rows(z: Tensor) -> Tensor:
+def row_layout(x: Tensor) -> tuple[Tensor, int]:
+    """``x`` (rows, n) as the relaxations work on it, and the dimension of its rows' entries:
+    short rows (``n <= PAIRWISE_MAX_N``) transposed to a contiguous (n, rows), so that each
+    reduction over a row is a few elementwise operations over long contiguous vectors (torch's
+    own reductions and softmax over rows of 4 cost many times more); long rows as they are."""
+    if x.shape[1] <= PAIRWISE_MAX_N:
+        return x.t().contiguous(), -2
+    return x, -1
+
+
+def rank_rows(cols: Tensor) -> Tensor:
     """Each entry's rank within its row, 0 for the largest (ties: the lower index first), as
-    uint8, for rows of at most ``PAIRWISE_MAX_N``: n·(n-1)/2 comparisons of whole columns."""
-    n = z.shape[1]
-    cols = z.t()
-    rank = torch.zeros(cols.shape, dtype=torch.uint8, device=z.device)
+    uint8, for short rows given as (n, rows): n·(n-1)/2 comparisons of whole columns."""
+    n = cols.shape[0]
+    rank = torch.zeros(cols.shape, dtype=torch.uint8, device=cols.device)
     for a in range(n):
         for b in range(a + 1, n):
             a_first = cols[a] >= cols[b]
             rank[b] += a_first
             rank[a] += ~a_first
-    return rank.t()
+    return rank
 
 
-def _chosen_order(z: Tensor, k: int) -> Tensor:
-    """Rank of each chosen entry in the order of choice (largest first), ``k`` for the rest."""
-    if z.shape[1] <= PAIRWISE_MAX_N:
-        return rank_rows(z).clamp(max=k)
+def _chosen_order(z: Tensor, dim: int, k: int) -> Tensor:
+    """Rank of each chosen entry in the order of choice (largest first), ``k`` for the rest,
+    in ``z``'s layout."""
+    if dim == -2:
+        return rank_rows(z).clamp_(max=k)
     order = z.topk(k, dim=1).indices
     rank = torch.full(z.shape, k, dtype=torch.long, device=z.device)
     return rank.scatter_(1, order, torch.arange(k, device=z.device).expand_as(order))
 
 
 def top_k_rows(z: Tensor, k: int) -> Tensor:
-    """Bool mask of the ``k`` largest entries of every row (exactly ``k``, also under ties)."""
-    if z.shape[1] <= PAIRWISE_MAX_N:
-        return rank_rows(z) < k
+    """Bool mask (rows, n) of the ``k`` largest entries of every row (exactly ``k``, also
+    under ties)."""
+    cols, dim = row_layout(z)
+    if dim == -2:
+        return (rank_rows(cols) < k).t()
     top = z.topk(k, dim=1, sorted=False).indices
     return torch.zeros(z.shape, dtype=torch.bool, device=z.device).scatter_(1, top, True)
+
+
+def row_entropy(logits: Tensor) -> Tensor:
+    """The entropy (natural log) of ``softmax(logits)`` of every row, differentiable."""
+    x, dim = row_layout(logits)
+    y = x - x.detach().amax(dim, keepdim=True)
+    e = y.exp()
+    total = e.sum(dim)
+    return total.log() - (e * y).sum(dim) / total
+
+
+def _back_to_rows(x: Tensor, dim: int) -> Tensor:
+    return x.t() if dim == -2 else x
 
 
 class _KSoftmaxST(torch.autograd.Function):
@@ -98,14 +123,17 @@ class _KSoftmaxST(torch.autograd.Function):
     successive softmaxes of ``z / tau``, step j over the entries whose rank is >= j."""
 
     @staticmethod
-    def forward(ctx, logits: Tensor, z: Tensor, rank: Tensor, k: int, tau: float) -> Tensor:
+    def forward(ctx, logits: Tensor, z: Tensor, rank: Tensor, dim: int, k: int,
+                tau: float) -> Tensor:
         ctx.save_for_backward(z, rank)
-        ctx.k, ctx.tau = k, tau
-        return (rank < k).to(logits.dtype)
+        ctx.dim, ctx.k, ctx.tau = dim, k, tau
+        return _back_to_rows((rank < k).to(logits.dtype), dim)
 
     @staticmethod
     def backward(ctx, g: Tensor):
         z, rank = ctx.saved_tensors
+        dim = ctx.dim
+        g = _back_to_rows(g, dim).contiguous()  # into z's layout
         scaled = z / ctx.tau
         grad = torch.zeros_like(z)
         chunk = max(1, _CHUNK // max(z.numel(), 1))
@@ -114,10 +142,10 @@ class _KSoftmaxST(torch.autograd.Function):
             x = scaled.masked_fill(rank.unsqueeze(0) < steps, -torch.inf)
             # written out, not torch.softmax: on a busy CPU its thread pool takes milliseconds
             # even for tiny rows, while these elementwise ops stay on one thread there
-            p = (x - x.amax(-1, keepdim=True)).exp_()
-            p /= p.sum(-1, keepdim=True)
-            grad += (p * (g - (p * g).sum(-1, keepdim=True))).sum(0)
-        return grad / ctx.tau, None, None, None, None
+            p = (x - x.amax(dim, keepdim=True)).exp_()
+            p /= p.sum(dim, keepdim=True)
+            grad += (p * (g - (p * g).sum(dim, keepdim=True))).sum(0)
+        return _back_to_rows(grad / ctx.tau, dim), None, None, None, None, None
 
 
 class _SigmoidST(torch.autograd.Function):
@@ -126,34 +154,43 @@ class _SigmoidST(torch.autograd.Function):
     ``grad_i = w_i (g_i - sum_j w_j g_j / sum_j w_j)``, ``w = s (1 - s) / tau``."""
 
     @staticmethod
-    def forward(ctx, logits: Tensor, z: Tensor, hard: Tensor, threshold: Tensor,
+    def forward(ctx, logits: Tensor, z: Tensor, hard: Tensor, threshold: Tensor, dim: int,
                 tau: float) -> Tensor:
         ctx.save_for_backward(z, threshold)
-        ctx.tau = tau
-        return hard.to(logits.dtype)
+        ctx.dim, ctx.tau = dim, tau
+        return _back_to_rows(hard.to(logits.dtype), dim)
 
     @staticmethod
     def backward(ctx, g: Tensor):
         z, threshold = ctx.saved_tensors
+        dim = ctx.dim
+        g = _back_to_rows(g, dim).contiguous()
         s = torch.sigmoid((z - threshold) / ctx.tau)
         w = s.mul_(1.0 - s)  # rows with every w == 0 (k == n) get a zero gradient
-        mean = (w * g).sum(1, keepdim=True) / w.sum(1, keepdim=True).clamp_min(1e-30)
-        return w.mul_(g - mean).div_(ctx.tau), None, None, None, None
+        mean = (w * g).sum(dim, keepdim=True) / w.sum(dim, keepdim=True).clamp_min(1e-30)
+        return _back_to_rows(w.mul_(g - mean).div_(ctx.tau), dim), None, None, None, None, None
 
 
 def ksoftmax_st(logits: Tensor, z: Tensor, k: int, tau: float) -> Tensor:
     """Hard top-k of ``z`` forward, the k-step softmax's gradient into ``logits`` backward."""
-    return _KSoftmaxST.apply(logits, z, _chosen_order(z, k), k, tau)
+    z, dim = row_layout(z)
+    return _KSoftmaxST.apply(logits, z, _chosen_order(z, dim, k), dim, k, tau)
 
 
 def sigmoid_st(logits: Tensor, z: Tensor, k: int, tau: float) -> Tensor:
     """Hard top-k of ``z`` forward, the threshold sigmoid's gradient into ``logits`` backward."""
-    hard = top_k_rows(z, k)
-    inf = torch.tensor(torch.inf, dtype=z.dtype, device=z.device)
-    low = torch.where(hard, z, inf).amin(1, keepdim=True)  # the k-th largest
-    high = torch.where(hard, -inf, z).amax(1, keepdim=True)  # the (k+1)-th; -inf when k == n
-    threshold = torch.where(high > -inf, (low + high) / 2, -inf)
-    return _SigmoidST.apply(logits, z, hard, threshold, tau)
+    z, dim = row_layout(z)
+    if dim == -2:
+        hard = rank_rows(z) < k
+        low = z.masked_fill(~hard, torch.inf).amin(dim, keepdim=True)  # the k-th largest
+    else:
+        top = z.topk(k, dim=1, sorted=False)
+        hard = torch.zeros(z.shape, dtype=torch.bool, device=z.device).scatter_(
+            1, top.indices, True)
+        low = top.values.amin(1, keepdim=True)
+    high = z.masked_fill(hard, -torch.inf).amax(dim, keepdim=True)  # -inf when k == n
+    threshold = torch.where(high > -torch.inf, (low + high) / 2, -torch.inf)
+    return _SigmoidST.apply(logits, z, hard, threshold, dim, tau)
 
 
 _RELAX = {"ksoftmax": ksoftmax_st, "sigmoid": sigmoid_st}

@@ -50,7 +50,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, StructureError
-from ..relaxations import GumbelTopK, check_relaxation
+from ..relaxations import GumbelTopK, check_relaxation, row_entropy
 from ..schedules import Anneal
 from ..structures import Element, Filter, Kernel, KofN, Structure, parse_structure
 from ..targets import Spec
@@ -187,8 +187,7 @@ class DPP(Pruner):
     def _penalty(self) -> Tensor | None:
         if not self.entropy_weight:
             return None
-        total = sum(_entropy(torch.softmax(l.parametrization.logits, 1)).sum()
-                    for l in self.layers.values())
+        total = sum(row_entropy(l.parametrization.logits).sum() for l in self.layers.values())
         return self.entropy_weight * total
 
     def _on_epoch_end(self) -> None:
