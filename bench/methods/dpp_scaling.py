@@ -1,15 +1,15 @@
 """Training-step time and peak memory of every method against a dense step (DPP's scaling).
 
-Two models: the CIFAR ResNet-20 (``hwprune.models``, batch 64 of 32x32 inputs) and an MLP of
+Two models: the CIFAR ResNet-20 (``hwprune.models``, batch 32 of 32x32 inputs) and an MLP of
 three Linear(1024, 1024) layers with ReLUs between (batch 256). One step is forward,
 cross-entropy + ``pruner.penalty()``, backward, SGD (momentum 0.9) and ``pruner.step()``.
 
 * **time**: all variants of a model live in one process; each round times every variant in a
   rotated order (interleaved, so a busy machine slows all alike), ``--steps`` steps each; the
   table gives the median per-step time over ``--repeats`` rounds and its ratio to dense.
-* **memory**: every variant runs in a fresh process (``--memory-of MODEL VARIANT``): build,
-  three steps, then the peak resident set size (``VmHWM``). The table gives the peak, and
-  the peak above an idle process that imported torch and hwprune only (the model's own
+* **memory**: every variant runs in its own child process, forked before any model is built:
+  build, three steps, then the child's peak resident set size (``VmHWM``). The table gives
+  the peak, and the peak above the idle parent (torch and hwprune imported: the model's own
   memory), each as a ratio to dense.
 
     nohup nice -n 10 python bench/methods/dpp_scaling.py \
@@ -19,8 +19,8 @@ cross-entropy + ``pruner.penalty()``, backward, SGD (momentum 0.9) and ``pruner.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -66,8 +66,8 @@ class MLP3(nn.Module):
 
 
 #: name -> (model factory, input shape, number of classes)
-MODELS = {"resnet20": (resnet20, (64, 3, 32, 32), 10),
-          "mlp": (MLP3, (256, 1024), 1024)}
+MODELS = {"mlp": (MLP3, (256, 1024), 1024),
+          "resnet20": (resnet20, (32, 3, 32, 32), 10)}
 
 
 def build(model_name: str, variant: str):
@@ -129,36 +129,39 @@ def peak_rss_mb() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status: the memory column needs Linux")
 
 
-def memory_of(model_name: str | None, variant: str | None) -> dict:
-    """In this (fresh) process: three steps of the variant, then the peak RSS (MB); without a
-    model, the idle peak (torch and hwprune imported)."""
-    out = {"model": model_name, "variant": variant}
-    if model_name is not None:
-        _, pruner, step = build(model_name, variant)
-        for _ in range(3):
-            step()
-        if pruner is not None and isinstance(pruner, hp.DPP):
-            out["relaxations"] = sorted({layer.parametrization.relaxation
-                                         for layer in pruner.layers.values()})
-    out["peak_mb"] = peak_rss_mb()
+def _child_peak(model_name: str, variant: str, pipe) -> None:
+    """In a forked child: three steps of the variant, then its peak RSS (MB) into ``pipe``."""
+    _, pruner, step = build(model_name, variant)
+    for _ in range(3):
+        step()
+    out = {"peak_mb": peak_rss_mb()}
+    if isinstance(pruner, hp.DPP):
+        out["relaxations"] = sorted({layer.parametrization.relaxation
+                                     for layer in pruner.layers.values()})
+    pipe.send(out)
+
+
+def measure_memory(model_name: str, variant: str) -> dict:
+    """The variant's peak memory in a child forked from this process while it is still idle
+    (torch and hwprune imported, no model built): a fork starts from the parent's pages
+    without importing again, and ``VmHWM`` is the child's own."""
+    ctx = multiprocessing.get_context("fork")
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_child_peak, args=(model_name, variant, send))
+    child.start()
+    out = receive.recv()
+    child.join()
     return out
-
-
-def measure_memory(model_name: str | None, variant: str | None, threads: int) -> dict:
-    args = [sys.executable, __file__, "--threads", str(threads), "--memory-of"]
-    args += [model_name, variant] if model_name is not None else ["idle", "idle"]
-    done = subprocess.run(args, capture_output=True, text=True, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def report(results: dict, idle_mb: float, cmd: str) -> list[str]:
     lines = [header("Training-step time and peak memory against dense (DPP's scaling)", cmd,
                     machine()), "",
              f"Median of {results['repeats']} interleaved rounds of {results['steps']} "
-             "step(s) per variant, 1 thread; peak memory of a fresh process per variant "
-             f"(VmHWM; an idle process that imported torch and hwprune peaks at "
-             f"{idle_mb:.0f} MB, and 'own' is the peak above it). Goal: time <= 1.3x and "
-             "memory <= 1.5x of dense.", ""]
+             "step(s) per variant, 1 thread; peak memory of a process per variant "
+             f"(VmHWM of a child forked from the idle parent, which had imported torch and "
+             f"hwprune and peaked at {idle_mb:.0f} MB; 'own' is the peak above that). "
+             "Goal: time <= 1.3x and memory <= 1.5x of dense.", ""]
     for model_name, rows in results["models"].items():
         dense = rows["dense"]
         lines += [f"## {model_name}", ""]
@@ -178,21 +181,17 @@ def report(results: dict, idle_mb: float, cmd: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = arguments(__doc__, out=None, threads=1, repeats=3)
-    parser.add_argument("--out", help="path prefix for .json and .md (required)")
-    parser.add_argument("--steps", type=int, default=2, help="steps per variant and round")
+    parser = arguments(__doc__, out="path prefix for .json and .md", threads=1, repeats=3)
+    parser.add_argument("--steps", type=int, default=1, help="steps per variant and round")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--memory-of", nargs=2, metavar=("MODEL", "VARIANT"),
-                        help="(internal) print the peak memory of one variant and exit")
     args = parse(parser, argv)
-    if args.memory_of:  # the child process
-        model_name, variant = args.memory_of
-        idle = model_name == "idle"
-        print(json.dumps(memory_of(None if idle else model_name, None if idle else variant)))
-        return
-    if not args.out:
-        parser.error("--out is required")
-    idle_mb = measure_memory(None, None, args.threads)["peak_mb"]
+    idle_mb = peak_rss_mb()
+    # memory first, while this process is idle: every child forks from the same state
+    memory = {}
+    for m in args.models:
+        for v in variants_of(m):
+            memory[(m, v)] = measure_memory(m, v)
+            print(json.dumps({"model": m, "variant": v, **memory[(m, v)]}), flush=True)
     results = {"repeats": args.repeats, "steps": args.steps, "idle_peak_mb": idle_mb,
                "models": {}}
     cmd = command(__file__, argv)
@@ -200,10 +199,8 @@ def main(argv: list[str] | None = None) -> None:
         times = time_model(model_name, args.repeats, args.steps)
         rows = {}
         for v, ts in times.items():
-            mem = measure_memory(model_name, v, args.threads)
-            rows[v] = {"step_ms": statistics.median(ts) * 1e3, "step_ms_all":
-                       [t * 1e3 for t in ts], **{k: mem[k] for k in mem
-                                                 if k in ("peak_mb", "relaxations")}}
+            rows[v] = {"step_ms": statistics.median(ts) * 1e3,
+                       "step_ms_all": [t * 1e3 for t in ts], **memory[(model_name, v)]}
             print(json.dumps({"model": model_name, "variant": v, **rows[v]}), flush=True)
         results["models"][model_name] = rows
         write_json(Path(args.out + ".json"), {"command": cmd, "machine": machine(), **results})
