@@ -14,7 +14,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "hwprune"
 # The layers of docs/architecture.md: each top-level module or package, and what it may import.
 LAYER = {
     **dict.fromkeys(["errors", "files", "structures", "targets", "schedules", "parametrize",
-                     "hardware", "distributed"], "core"),
+                     "relaxations", "hardware", "distributed"], "core"),
     "methods": "methods", "deploy": "deployment", "storage": "deployment", "report": "reporting",
     **dict.fromkeys(["models", "data", "training"], "zoo"), "app": "application",
     "integrations": "integrations",

@@ -10,10 +10,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .structures import KofN, Structure
+from .structures import Structure
 
-__all__ = ["Mask", "GroupScale", "TiedScale", "MapScale", "MapGate", "GumbelTopK",
-           "fake_quantize"]
+__all__ = ["Mask", "GroupScale", "TiedScale", "MapScale", "MapGate", "fake_quantize"]
 
 
 class Mask(nn.Module):
@@ -127,61 +126,3 @@ def fake_quantize(w: Tensor, bits: int) -> Tensor:
     q = torch.round(w / scale).clamp(-qmax, qmax) * scale
     return w + (q - w).detach()
 
-
-class GumbelTopK(nn.Module):
-    """DPP's mask: exactly ``k`` of every run of ``n`` groups, from learnable logits.
-
-    ``structure`` is a ``KofN`` whose runs are the mask rows (one logit per group, shape
-    ``(rows, n)``). Training forward: the hard top-k of ``logits + noise_scale * Gumbel``; the
-    gradient comes from k successive softmaxes (each over the entries not yet chosen, at
-    temperature ``tau``) through a straight-through estimator. Eval forward: the top-k of the
-    logits, no noise. ``quantize_bits`` adds per-tensor symmetric fake quantization of the
-    masked weight (DPP's joint quantization).
-    """
-
-    #: k-step relaxations larger than this many elements are summed in chunks of steps
-    _CHUNK = 1 << 22
-
-    def __init__(self, structure: KofN, shape: tuple[int, ...], logits: Tensor,
-                 noise_scale: float, quantize_bits: int | None, generator: torch.Generator):
-        super().__init__()
-        self.structure = structure
-        self.shape = tuple(shape)
-        self.k = structure.k
-        self.logits = nn.Parameter(logits.reshape(-1, structure.n).clone())
-        self.noise_scale = noise_scale
-        self.quantize_bits = quantize_bits
-        self.tau = 1.0  # set by the pruner's temperature schedule
-        object.__setattr__(self, "generator", generator)  # shared with the pruner, not state
-
-    def eval_mask(self) -> Tensor:
-        """The deterministic mask: top-k of the logits, ``(rows, n)`` float."""
-        top = self.logits.detach().topk(self.k, dim=1).indices
-        return torch.zeros_like(self.logits).scatter_(1, top, 1.0)
-
-    def sample_mask(self) -> Tensor:
-        """Hard Gumbel top-k forward, k-step softmax relaxation backward."""
-        d = self.logits
-        # drawn on the generator's device (the CPU), so one generator serves any model device
-        u = torch.rand(d.shape, generator=self.generator, dtype=d.dtype).to(d.device)
-        g = -torch.log((-torch.log(u.clamp_min(1e-20))).clamp_min(1e-20))  # Gumbel(0, 1)
-        z = d + self.noise_scale * g
-        order = z.detach().topk(self.k, dim=1).indices  # chosen entries, best first
-        hard = torch.zeros_like(d).scatter_(1, order, 1.0)
-        # rank[r, i] = the step at which entry i was chosen (k: never); at step j the entries
-        # with rank < j are excluded from the softmax
-        rank = torch.full(d.shape, self.k, dtype=torch.long, device=d.device)
-        rank.scatter_(1, order, torch.arange(self.k, device=d.device).expand_as(order))
-        scaled = z / self.tau
-        soft = torch.zeros_like(d)
-        chunk = max(1, self._CHUNK // max(d.numel(), 1))
-        for j0 in range(0, self.k, chunk):
-            steps = torch.arange(j0, min(j0 + chunk, self.k), device=d.device)[:, None, None]
-            excluded = rank.unsqueeze(0) < steps
-            soft = soft + torch.softmax(scaled.masked_fill(excluded, -torch.inf), -1).sum(0)
-        return hard + soft - soft.detach()
-
-    def forward(self, w: Tensor) -> Tensor:
-        mask = self.sample_mask() if self.training else self.eval_mask()
-        masked = w * self.structure.expand(mask.reshape(-1), self.shape)
-        return fake_quantize(masked, self.quantize_bits) if self.quantize_bits else masked

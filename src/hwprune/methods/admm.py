@@ -86,6 +86,7 @@ class UnifiedBlocks(nn.Module):
                                                    device=w.device))
         self.register_buffer("signs", torch.ones_like(w))
         self.magnitude = nn.Parameter(torch.zeros(groups, dtype=w.dtype, device=w.device))
+        self.fixed = False  # the pattern is fixed (retraining); set by the pruner
 
     def project(self, w: Tensor, fixed: bool = False) -> tuple[Tensor, Tensor, Tensor]:
         """``(projection of w, block states, block magnitudes)``; ``fixed`` keeps ``states``."""
@@ -95,8 +96,10 @@ class UnifiedBlocks(nn.Module):
         return self.structure.from_groups(out, self.shape), states, mags
 
     def forward(self, w: Tensor) -> Tensor:
-        # computed in both phases, so the magnitudes always take part (DDP sees no unused
-        # parameter); during ADMM the pattern is all FREE and this is w
+        # the magnitudes take part in both phases (DDP sees no unused parameter); during ADMM
+        # the pattern is all FREE and the weight is w, without a pass of where/masked_fill
+        if not self.fixed:
+            return w + 0.0 * self.magnitude.sum()
         tied = self.signs * self.structure.expand(self.magnitude, self.shape)
         out = torch.where(self.pattern == UNIFIED, tied, w)
         return out.masked_fill(self.pattern == ZERO, 0.0)
@@ -267,6 +270,8 @@ class ADMM(Pruner):
         self.phase, self.rho = state["phase"], float(state["rho"])
         self.rounds = int(state["rounds"])
         self.history = [dict(h) for h in state.get("history", [])]
+        for layer in self.layers.values():
+            layer.parametrization.fixed = self.phase == "retrain"
 
     # -- ADMM itself ----------------------------------------------------------------------
     @torch.no_grad()
@@ -285,6 +290,7 @@ class ADMM(Pruner):
             p.signs.copy_(signs_of(w))
             p.magnitude.copy_(mags)
             w.copy_(projected)  # the underlying weight agrees with the effective one
+            p.fixed = True
         self.phase = "retrain"
         self.sync(weights=True)  # the projection rewrote the weights themselves
 

@@ -50,7 +50,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, StructureError
-from ..parametrize import GumbelTopK
+from ..relaxations import GumbelTopK, check_relaxation, row_entropy
 from ..schedules import Anneal
 from ..structures import Element, Filter, Kernel, KofN, Structure, parse_structure
 from ..targets import Spec
@@ -84,6 +84,9 @@ class DPP(Pruner):
         logit_init: ``"magnitude"`` or ``"zeros"``.
         seed: seed of the noise generator.
         logit_lr: learning rate of the logits (default: the optimizer default's).
+        relaxation: the gradient's relaxation: ``"ksoftmax"`` (the paper's k successive
+            softmaxes, O(k·n) per row), ``"sigmoid"`` (a threshold sigmoid, O(n)), or
+            ``"auto"`` (per layer: ``"ksoftmax"`` for small k); see ``hwprune.relaxations``.
         targets: which weights; see ``hwprune.targets``.
         strict: refuse (``StructureError``) a default target that cannot carry the
             structure instead of leaving it dense with a ``SkippedLayersWarning``.
@@ -94,7 +97,7 @@ class DPP(Pruner):
                  anneal_epochs: int = 10, noise_scale: float = 0.05,
                  entropy_weight: float = 1e-4, quantize_bits: int | bool | None = None,
                  logit_init: str = "magnitude", seed: int = 0, logit_lr: float | None = None,
-                 targets: Spec = None, strict: bool = False):
+                 targets: Spec = None, strict: bool = False, relaxation: str = "auto"):
         # the structure as given; rows of weight/kernel/filter get their n per layer
         self.row_kind, self._spec = _parse_dpp_structure(structure)
         self.k = k
@@ -107,6 +110,7 @@ class DPP(Pruner):
         self.quantize_bits = quantize_bits  # other values are checked in _check_config
         self.logit_init = logit_init
         self.logit_lr = logit_lr
+        self.relaxation = relaxation
         self.history: list[dict[str, Any]] = []
         self._check_k()
         self.generator = torch.Generator()
@@ -156,6 +160,7 @@ class DPP(Pruner):
                               f"{b!r}")
         if self.logit_init not in _INITS:
             raise ConfigError(f"logit_init must be one of {_INITS}; got {self.logit_init!r}")
+        check_relaxation(self.relaxation)
 
     def _make_parametrization(self, layer: PrunedLayer) -> nn.Module:
         w = getattr(layer.module, layer.param).detach()
@@ -167,7 +172,7 @@ class DPP(Pruner):
             logits = (scores - scores.mean(1, keepdim=True)) / (
                 scores.std(1, keepdim=True, unbiased=False) + 1e-8)
         p = GumbelTopK(s, layer.shape, logits.to(w), self.noise_scale, self.quantize_bits,
-                       self.generator)
+                       self.generator, self.relaxation)
         p.tau = self._anneal.value(0)
         return p
 
@@ -182,8 +187,7 @@ class DPP(Pruner):
     def _penalty(self) -> Tensor | None:
         if not self.entropy_weight:
             return None
-        total = sum(_entropy(torch.softmax(l.parametrization.logits, 1)).sum()
-                    for l in self.layers.values())
+        total = sum(row_entropy(l.parametrization.logits).sum() for l in self.layers.values())
         return self.entropy_weight * total
 
     def _on_epoch_end(self) -> None:
