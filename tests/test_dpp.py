@@ -221,14 +221,20 @@ def test_logit_inits_zeros_by_default_random_with_the_seed_and_magnitude():
 def test_the_logit_gradient_is_rescaled_per_layer_and_logit_lr_still_applies(tiny, x8, normalize):
     pruner = hp.DPP(tiny, "2:4", targets=CONVS, normalize_logit_grad=normalize, logit_lr=0.3)
     assert pruner.param_groups(lr=0.1)[1]["lr"] == 0.3
-    (tiny(x8).square().mean() + pruner.penalty()).backward()
-    for layer in pruner.layers.values():
-        grad = layer.parametrization.logits.grad
-        rms = grad.square().mean().sqrt().item()
-        if normalize:
-            assert rms == pytest.approx(0.1, rel=1e-4)
-        else:
-            assert 0 < rms < 0.05  # the raw straight-through gradient is small
+    noise = pruner.generator.get_state()
+
+    def rms_after_backward():
+        pruner.generator.set_state(noise)  # the same mask sample, so the same raw gradient
+        tiny.zero_grad()
+        (tiny(x8).square().mean() + pruner.penalty()).backward()
+        return [l.parametrization.logits.grad.square().mean().sqrt().item()
+                for l in pruner.layers.values()]
+
+    raw = rms_after_backward()  # the first step: nothing learned yet, the raw gradient
+    assert all(0 < r < 0.05 for r in raw)  # the straight-through gradient is small
+    pruner.step()  # learns the gradient's scale from the step taken
+    scaled = rms_after_backward()
+    assert scaled == (pytest.approx([0.1] * len(raw), rel=1e-4) if normalize else raw)
 
 
 def test_the_runner_anneals_over_the_pruning_phase_unless_the_recipe_says_otherwise():

@@ -61,9 +61,9 @@ def test_a_classifier_keeps_exactly_its_informative_features():
         y = (x[:, informative] @ torch.tensor([2.0, -1.5, 1.0, -2.5]) > 0).float()[:, None]
         torch.manual_seed(seed)
         model = nn.Linear(20, 1)
-        pruner = dpp(model, "weight", 4, seed, 10)
+        pruner = dpp(model, "weight", 4, seed, 20)
         opt = torch.optim.SGD(pruner.param_groups(lr=0.05, momentum=0.9))
-        train(model, pruner, opt, x, y, F.binary_cross_entropy_with_logits, 10, seed=seed)
+        train(model, pruner, opt, x, y, F.binary_cross_entropy_with_logits, 20, seed=seed)
         kept = pruner.masks()["weight"][0].nonzero().flatten().tolist()
         model.eval()
         accuracy = ((model(x) > 0).float() == y).float().mean().item()

@@ -207,6 +207,12 @@ class DPP(Pruner):
             group["lr"] = self.logit_lr
         return [group]
 
+    def _on_step(self) -> None:
+        for name, normalizer in self._grad_normalizers.items():
+            grad = self.layers[name].parametrization.logits.grad
+            if grad is not None:  # the gradient the optimizer just used
+                normalizer.observe(grad)
+
     def _penalty(self) -> Tensor | None:
         # the mean over every row of the model, so the penalty is in [0, entropy_weight]
         # whatever the model's size (a sum over rows grows with it)

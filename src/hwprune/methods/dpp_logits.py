@@ -81,34 +81,51 @@ def noise_for(noise_scale: float | Mapping[str, float] | None, shape: tuple[int,
 
 
 class GradNormalizer:
-    """A gradient hook that rescales one layer's logit gradient to root mean square
-    ``LOGIT_GRAD_RMS`` on average (zero stays zero).
+    """A gradient hook that scales one layer's logit gradient to root mean square
+    ``LOGIT_GRAD_RMS`` on average.
 
     The straight-through gradient of a logit is ``sum(w * dL/dw)`` over its group, whose
-    scale depends on the model and its weights, not on the logits. The hook divides it by a
-    running RMS (an exponential average of its mean square over the layer, bias-corrected,
-    as Adam's second moment but one number per layer): an optimizer step then moves the
-    logits by about the learning rate whatever the model, the directions within the layer
-    are kept, and as the task is learned and the gradient shrinks, so do the steps."""
+    scale depends on the model and its weights, not on the logits. The hook multiplies it by
+    ``scale``: ``LOGIT_GRAD_RMS`` over the running RMS of the gradients of the steps before
+    (an exponential average of the mean square over the layer, bias-corrected: Adam's second
+    moment, one number per layer; 1 until the first step is seen). An optimizer step then
+    moves the logits by about the learning rate whatever the model, the directions within
+    the layer are kept, and as the task is learned and the gradient shrinks, so do the steps.
+
+    The factor is fixed during a step and learned from the gradient the optimizer used
+    (``observe``, after the step), so under DistributedDataParallel, which averages the
+    ranks' gradients after the hook, every rank scales alike and the result is that of one
+    process."""
 
     BETA = 0.999
 
     def __init__(self) -> None:
-        self.mean_square = 0.0
+        # tensors on the gradient's device: reading them back every step would sync a GPU
+        self.mean_square: Tensor | float = 0.0
+        self.scale: Tensor | float = 1.0
         self.calls = 0
 
     def __call__(self, grad: Tensor) -> Tensor:
+        scale = self.scale
+        return grad * (scale.to(grad.dtype) if isinstance(scale, Tensor) else scale)
+
+    def observe(self, grad: Tensor) -> None:
+        """Learn from the (scaled) gradient of the step just taken."""
         self.calls += 1
-        ms = grad.detach().float().pow(2).mean().item()
+        ms = (grad.detach().float() / self.scale).pow(2).mean()
         self.mean_square = self.BETA * self.mean_square + (1 - self.BETA) * ms
-        rms = (self.mean_square / (1 - self.BETA ** self.calls)) ** 0.5
-        return grad if rms == 0 else grad * (LOGIT_GRAD_RMS / rms)
+        rms = (self.mean_square / (1 - self.BETA ** self.calls)).sqrt()
+        # no gradient seen yet (all zero): keep the factor
+        self.scale = torch.where(rms > 0, LOGIT_GRAD_RMS / rms.clamp_min(1e-30),
+                                 torch.as_tensor(self.scale, device=rms.device))
 
     def state_dict(self) -> dict[str, float]:
-        return {"mean_square": self.mean_square, "calls": self.calls}
+        return {"mean_square": float(self.mean_square), "scale": float(self.scale),
+                "calls": self.calls}
 
     def load_state_dict(self, state: dict[str, float]) -> None:
-        self.mean_square, self.calls = float(state["mean_square"]), int(state["calls"])
+        self.mean_square, self.scale = float(state["mean_square"]), float(state["scale"])
+        self.calls = int(state["calls"])
 
 
 def entropy(p: Tensor) -> Tensor:
