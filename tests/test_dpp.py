@@ -1,6 +1,8 @@
 """hp.DPP: exactly k per row in every training pass, sampled masks in training and a fixed
 one in eval, logits that find the useful inputs, joint quantization, exact finalize, errors."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,7 +11,7 @@ from torch import nn
 import hwprune as hp
 from hwprune.errors import ConfigError, StructureError
 
-from conftest import fit_full_batch
+from conftest import TinyNet, fit_full_batch
 
 CONVS = ["conv2", "conv3"]
 GRANULARITIES = [("weight", 0.25), ("weight", 5), ("kernel", 3), ("filter", 0.5),
@@ -149,15 +151,20 @@ def test_metrics_on_known_distributions(tiny):
     assert m["diversity"] == pytest.approx(1.0, abs=1e-4)
 
 
-def test_logits_get_no_weight_decay_and_the_entropy_penalty_is_the_row_entropy_sum(tiny):
+def test_logits_get_no_weight_decay_and_the_penalty_is_the_mean_normalised_row_entropy(tiny):
     pruner = hp.DPP(tiny, "2:4", entropy_weight=0.1, logit_lr=0.3, targets=CONVS)
     groups = pruner.param_groups(lr=0.1, weight_decay=5e-4)
     assert groups[1]["weight_decay"] == 0.0 and groups[1]["lr"] == 0.3
     logits = [layer.parametrization.logits for layer in pruner.layers.values()]
     assert {id(p) for p in groups[1]["params"]} == {id(p) for p in logits}
     p = [torch.softmax(lg, 1) for lg in logits]
-    expected = 0.1 * sum(-(q * q.log()).sum() for q in p)
+    rows = sum(q.shape[0] for q in p)
+    expected = 0.1 * sum(-(q * q.log()).sum() for q in p) / (rows * math.log(4))
     assert torch.isclose(pruner.penalty(), expected)
+    with torch.no_grad():  # uniform rows: the penalty is its weight, whatever the model size
+        for lg in logits:
+            lg.zero_()
+    assert pruner.penalty().item() == pytest.approx(0.1)
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
@@ -175,7 +182,70 @@ def test_logits_get_no_weight_decay_and_the_entropy_penalty_is_the_row_entropy_s
     (dict(structure="2:4", quantize_bits=17), ConfigError, "quantize_bits"),
     (dict(structure="channel"), ConfigError, "DPP structure"),
     (dict(structure="2:4", noise_scale=-0.1), ConfigError, "noise_scale"),
+    (dict(structure="2:4", noise_scale={"conv": -1.0}), ConfigError, "noise_scale"),
+    (dict(structure="2:4", noise_scale={"lstm": 0.1}), ConfigError, "unknown layer kinds"),
+    (dict(structure="2:4", logit_init="ones"), ConfigError, "logit_init"),
+    (dict(structure="2:4", normalize_logit_grad=1), ConfigError, "normalize_logit_grad"),
 ])
 def test_bad_input_is_refused_at_construction(tiny, kwargs, error, match):
     with pytest.raises(error, match=match):
         hp.DPP(tiny, targets=CONVS, **kwargs)
+
+
+def test_noise_scale_defaults_per_layer_kind_and_can_be_set_per_kind():
+    def noise(**kw):
+        pruner = hp.DPP(TinyNet(), "2:4", targets=["conv2", "fc1"], **kw)
+        return {name: layer.parametrization.noise_scale for name, layer in pruner.layers.items()}
+
+    assert noise() == {"conv2.weight": 0.1, "fc1.weight": 1.0}
+    assert noise(noise_scale={"conv": 0.5}) == {"conv2.weight": 0.5, "fc1.weight": 1.0}
+    assert noise(noise_scale=0.2) == {"conv2.weight": 0.2, "fc1.weight": 0.2}
+
+
+def test_logit_inits_zeros_by_default_random_with_the_seed_and_magnitude():
+    def logits(**kw):
+        torch.manual_seed(0)
+        pruner = hp.DPP(TinyNet(), "2:4", targets=["conv3"], **kw)
+        return pruner.layers["conv3.weight"].parametrization.logits.detach()
+
+    assert torch.equal(logits(), torch.zeros_like(logits()))
+    a, b, c = logits(logit_init="random"), logits(logit_init="random"), logits(
+        logit_init="random", seed=1)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert 0.3 < a.std().item() < 0.7
+    m = logits(logit_init="magnitude")  # standardised within each row
+    assert torch.allclose(m.mean(1), torch.zeros(m.shape[0]), atol=1e-5)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_the_logit_gradient_is_rescaled_per_layer_and_logit_lr_still_applies(tiny, x8, normalize):
+    pruner = hp.DPP(tiny, "2:4", targets=CONVS, normalize_logit_grad=normalize, logit_lr=0.3)
+    assert pruner.param_groups(lr=0.1)[1]["lr"] == 0.3
+    noise = pruner.generator.get_state()
+
+    def rms_after_backward():
+        pruner.generator.set_state(noise)  # the same mask sample, so the same raw gradient
+        tiny.zero_grad()
+        (tiny(x8).square().mean() + pruner.penalty()).backward()
+        return [l.parametrization.logits.grad.square().mean().sqrt().item()
+                for l in pruner.layers.values()]
+
+    raw = rms_after_backward()  # the first step: nothing learned yet, the raw gradient
+    assert all(0 < r < 0.05 for r in raw)  # the straight-through gradient is small
+    pruner.step()  # learns the gradient's scale from the step taken
+    scaled = rms_after_backward()
+    assert scaled == (pytest.approx([0.1] * len(raw), rel=1e-4) if normalize else raw)
+
+
+def test_the_runner_anneals_over_the_pruning_phase_unless_the_recipe_says_otherwise():
+    from hwprune.app.build import run_method_kwargs
+    from hwprune.app.recipe import resolve
+
+    def kwargs(method):
+        return run_method_kwargs(resolve({"model": {"name": "x"}, "method": method,
+                                          "train": {"prune_epochs": 7}}))
+
+    assert kwargs({"name": "DPP", "structure": "2:4"})["anneal_epochs"] == 7
+    assert kwargs({"name": "DPP", "structure": "2:4", "anneal_epochs": 3})["anneal_epochs"] == 3
+    assert "anneal_epochs" not in kwargs({"name": "Magnitude", "structure": "2:4",
+                                          "sparsity": 0.5})

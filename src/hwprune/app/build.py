@@ -20,11 +20,12 @@ from torch import Tensor, nn
 from .. import data as hdata
 from .. import models as hmodels
 from ..errors import HwpruneError
+from ..methods import get_method
 from .datasets import Augment, augmentable, dataset_spec
 from .recipe import RecipeError, method_class, method_kwargs
 
 __all__ = ["Data", "Parts", "build", "field_error", "make_optimizer", "make_pruner",
-           "new_model"]
+           "new_model", "run_method_kwargs"]
 
 
 def field_error(field: str, e: Exception) -> RecipeError:
@@ -77,11 +78,24 @@ def build(cfg: dict[str, Any]) -> Parts:
         load_pretrained(model, cfg)
     method = cfg["method"]
     parts = Parts(data, factory, model, method_class(method["name"]) if method else None,
-                  method_kwargs(method) if method else {},
+                  run_method_kwargs(cfg) if method else {},
                   dataset_spec(cfg["data"]["name"]).augment if cfg["data"]["augment"] else None)
     if parts.method_cls is not None:  # every method parameter is checked here, on a copy
         make_pruner(parts, copy.deepcopy(model))
     return parts
+
+
+def run_method_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The method's keyword arguments from the recipe, with the length of the pruning phase
+    passed to a method that declares an ``epochs_arg`` (DPP's temperature anneal spans the
+    whole phase) unless the recipe sets that argument itself."""
+    method = cfg["method"]
+    kwargs = method_kwargs(method)
+    arg = get_method(method["name"]).epochs_arg
+    epochs = cfg["train"]["prune_epochs"]
+    if arg is not None and arg not in kwargs and epochs >= 1:
+        kwargs[arg] = epochs
+    return kwargs
 
 
 def data_root(cfg: dict[str, Any]) -> Path:

@@ -19,15 +19,23 @@ Granularities (``structure``), each a k-of-n constraint over rows of ``n`` group
 ``k`` is an integer, or a fraction in (0, 1) of each layer's row length (rounded, at least 1)
 for the first three; it is implied by ``"k:n"``.
 
-Choices the paper leaves open (all parameters, with these defaults):
+Choices the paper leaves open (all parameters; docs/dpp.md, "Defaults that learn", has the
+measurements behind the defaults):
 
-* Gumbel noise scale ``noise_scale=0.05`` (the reference code used 0.01 to 0.1).
-* Temperature ``temperature=(5.0, 0.5)`` annealed linearly per epoch over
-  ``anneal_epochs=10`` epochs (counted by ``epoch_end()``), then held at its end value.
-* Entropy penalty ``entropy_weight=1e-4`` times the sum over rows of H(softmax(D_row)).
-* Logits initialised from the weights (``logit_init="magnitude"``): each group's norm,
-  standardised within its row, so a pretrained model starts from its magnitude mask;
-  ``"zeros"`` starts from a uniform distribution (the noise then explores).
+* Logits start uniform (``logit_init="zeros"``): the noise then samples every group early on,
+  so every weight gets trained before the logits decide. ``"random"`` (normal, as in the
+  reference code) and ``"magnitude"`` (each group's norm standardised within its row: a
+  pretrained model starts from its magnitude mask) are the alternatives.
+* Gumbel noise scale per layer kind (``noise_scale=None``): 1.0 on linear, 0.1 on conv
+  weights; a number sets all, ``{"linear": .., "conv": ..}`` some.
+* Temperature ``temperature=(5.0, 0.5)`` annealed linearly per epoch over ``anneal_epochs``
+  epochs (counted by ``epoch_end()``), then held at its end value; pass the run's length
+  (the recipe runner passes ``train.prune_epochs``).
+* Entropy penalty ``entropy_weight`` times the *mean* over every row of the model of
+  H(softmax(D_row)) / log n: a value in [0, entropy_weight] on any model size.
+* Each layer's logit gradient is rescaled to a fixed root mean square before the optimizer
+  sees it (``normalize_logit_grad=True``): the straight-through gradient's scale depends on
+  the model, so without it SGD barely moves the logits; ``logit_lr`` still sets their rate.
 * Noise comes from the pruner's own generator (``seed``), so a resumed run repeats exactly.
   Under DistributedDataParallel the generator's state is broadcast from rank 0 when the
   pruner is created (and at every epoch end), so every rank draws the same noise: one mask
@@ -43,32 +51,42 @@ Mask metrics per layer, with ``p_r = softmax(D_r)`` over a row's ``n`` entries a
 
 from __future__ import annotations
 
-import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, StructureError
-from ..relaxations import GumbelTopK, check_relaxation, row_entropy
+from ..relaxations import GumbelTopK, check_relaxation
 from ..schedules import Anneal
 from ..structures import Element, Filter, Kernel, KofN, Structure, parse_structure
 from ..targets import Spec
 from .base import PrunedLayer, Pruner
+from .dpp_logits import (
+    LOGIT_INITS,
+    GradNormalizer,
+    check_noise_scale,
+    initial_logits,
+    mask_metrics,
+    noise_for,
+    normalized_entropy,
+)
 from .registry import register_method
 
 __all__ = ["DPP"]
 
 _ROWS = {"weight": Element, "kernel": Kernel, "filter": Filter}
-_INITS = ("magnitude", "zeros")
 
 
 @register_method(
     configs={"2:4": {"structure": "2:4", "anneal_epochs": 2},
              **{s: {"structure": s, "k": 0.5, "anneal_epochs": 2}
                 for s in ("weight", "kernel", "filter")}},
-    bad_settings=({"noise_scale": -1.0}, {"temperature": (5.0, 0.0)}, {"quantize_bits": 1}),
-    recipe="dpp-digits", doc="dpp.md")
+    bad_settings=({"noise_scale": -1.0}, {"noise_scale": {"lstm": 0.1}},
+                  {"temperature": (5.0, 0.0)}, {"quantize_bits": 1},
+                  {"logit_init": "ones"}, {"normalize_logit_grad": "yes"}),
+    recipe="dpp-digits", doc="dpp.md", epochs_arg="anneal_epochs")
 class DPP(Pruner):
     """Learned k-of-n masks sampled with Gumbel top-k.
 
@@ -77,16 +95,20 @@ class DPP(Pruner):
         structure: ``"weight"``, ``"kernel"``, ``"filter"``, or a k-of-n tile ``"k:n"``.
         k: kept per row (an int, or a fraction of the row length); implied by ``"k:n"``.
         temperature: ``(start, end)`` of the softmax temperature, both > 0.
-        anneal_epochs: epochs over which the temperature goes from start to end.
-        noise_scale: scale of the Gumbel noise in training, >= 0.
-        entropy_weight: weight of the entropy penalty, >= 0.
+        anneal_epochs: epochs over which the temperature goes from start to end (give the
+            length of the run; the recipe runner does).
+        noise_scale: scale of the Gumbel noise in training: None (per layer kind, see
+            ``dpp_logits.DEFAULT_NOISE``), a number >= 0, or ``{"linear"|"conv": number}``.
+        entropy_weight: weight of the entropy penalty (a mean over rows, in [0, 1]), >= 0.
         quantize_bits: None, or 2..16 for joint fake quantization (``True`` means 8).
-        logit_init: ``"magnitude"`` or ``"zeros"``.
-        seed: seed of the noise generator.
+        logit_init: ``"zeros"`` (uniform), ``"random"`` or ``"magnitude"``.
+        seed: seed of the noise generator (and of ``"random"`` logits).
         logit_lr: learning rate of the logits (default: the optimizer default's).
         relaxation: the gradient's relaxation: ``"ksoftmax"`` (the paper's k successive
             softmaxes, O(k·n) per row), ``"sigmoid"`` (a threshold sigmoid, O(n)), or
             ``"auto"`` (per layer: ``"ksoftmax"`` for small k); see ``hwprune.relaxations``.
+        normalize_logit_grad: rescale each layer's logit gradient to a fixed RMS, so the
+            logits move at about their learning rate under SGD as under Adam.
         targets: which weights; see ``hwprune.targets``.
         strict: refuse (``StructureError``) a default target that cannot carry the
             structure instead of leaving it dense with a ``SkippedLayersWarning``.
@@ -94,10 +116,12 @@ class DPP(Pruner):
 
     def __init__(self, model: nn.Module, structure: str | Structure = "2:4",
                  k: int | float | None = None, temperature: tuple[float, float] = (5.0, 0.5),
-                 anneal_epochs: int = 10, noise_scale: float = 0.05,
-                 entropy_weight: float = 1e-4, quantize_bits: int | bool | None = None,
-                 logit_init: str = "magnitude", seed: int = 0, logit_lr: float | None = None,
-                 targets: Spec = None, strict: bool = False, relaxation: str = "auto"):
+                 anneal_epochs: int = 10,
+                 noise_scale: float | Mapping[str, float] | None = None,
+                 entropy_weight: float = 0.25, quantize_bits: int | bool | None = None,
+                 logit_init: str = "zeros", seed: int = 0, logit_lr: float | None = None,
+                 normalize_logit_grad: bool = True, targets: Spec = None,
+                 strict: bool = False, relaxation: str = "auto"):
         # the structure as given; rows of weight/kernel/filter get their n per layer
         self.row_kind, self._spec = _parse_dpp_structure(structure)
         self.k = k
@@ -111,7 +135,9 @@ class DPP(Pruner):
         self.logit_init = logit_init
         self.logit_lr = logit_lr
         self.relaxation = relaxation
+        self.normalize_logit_grad = normalize_logit_grad
         self.history: list[dict[str, Any]] = []
+        self._grad_normalizers: dict[str, GradNormalizer] = {}
         self._check_k()
         self.generator = torch.Generator()
         self.generator.manual_seed(seed)
@@ -150,29 +176,31 @@ class DPP(Pruner):
                 or not all(isinstance(v, (int, float)) and v > 0 for v in t)):
             raise ConfigError(f"temperature must be (start, end) with both > 0; got {t!r}")
         self._anneal = Anneal(float(t[0]), float(t[1]), self.anneal_epochs)
-        for field in ("noise_scale", "entropy_weight"):
-            v = getattr(self, field)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-                raise ConfigError(f"{field} must be a number >= 0; got {v!r}")
+        check_noise_scale(self.noise_scale)
+        v = self.entropy_weight
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+            raise ConfigError(f"entropy_weight must be a number >= 0; got {v!r}")
         b = self.quantize_bits
         if b is not None and (isinstance(b, bool) or not isinstance(b, int) or not 2 <= b <= 16):
             raise ConfigError(f"quantize_bits must be None, True (8) or an int in 2..16; got "
                               f"{b!r}")
-        if self.logit_init not in _INITS:
-            raise ConfigError(f"logit_init must be one of {_INITS}; got {self.logit_init!r}")
+        if self.logit_init not in LOGIT_INITS:
+            raise ConfigError(f"logit_init must be one of {LOGIT_INITS}; got "
+                              f"{self.logit_init!r}")
+        if not isinstance(self.normalize_logit_grad, bool):
+            raise ConfigError(f"normalize_logit_grad must be True or False; got "
+                              f"{self.normalize_logit_grad!r}")
         check_relaxation(self.relaxation)
 
     def _make_parametrization(self, layer: PrunedLayer) -> nn.Module:
         w = getattr(layer.module, layer.param).detach()
-        s = layer.structure
-        if self.logit_init == "zeros":
-            logits = torch.zeros(s.num_groups(layer.shape) // s.n, s.n)
-        else:
-            scores = s.scores(w, "l2").reshape(-1, s.n).float()
-            logits = (scores - scores.mean(1, keepdim=True)) / (
-                scores.std(1, keepdim=True, unbiased=False) + 1e-8)
-        p = GumbelTopK(s, layer.shape, logits.to(w), self.noise_scale, self.quantize_bits,
+        logits = initial_logits(self.logit_init, layer.structure, w, self.generator)
+        p = GumbelTopK(layer.structure, layer.shape, logits.to(w),
+                       noise_for(self.noise_scale, layer.shape), self.quantize_bits,
                        self.generator, self.relaxation)
+        if self.normalize_logit_grad:  # runs on each backward's gradient, before accumulation
+            self._grad_normalizers[layer.name] = GradNormalizer()
+            p.logits.register_hook(self._grad_normalizers[layer.name])
         p.tau = self._anneal.value(0)
         return p
 
@@ -184,11 +212,20 @@ class DPP(Pruner):
             group["lr"] = self.logit_lr
         return [group]
 
+    def _on_step(self) -> None:
+        for name, normalizer in self._grad_normalizers.items():
+            grad = self.layers[name].parametrization.logits.grad
+            if grad is not None:  # the gradient the optimizer just used
+                normalizer.observe(grad)
+
     def _penalty(self) -> Tensor | None:
+        # the mean over every row of the model, so the penalty is in [0, entropy_weight]
+        # whatever the model's size (a sum over rows grows with it)
         if not self.entropy_weight:
             return None
-        total = sum(row_entropy(l.parametrization.logits).sum() for l in self.layers.values())
-        return self.entropy_weight * total
+        logits = [l.parametrization.logits for l in self.layers.values()]
+        total = sum(normalized_entropy(d).sum() for d in logits)
+        return self.entropy_weight * total / sum(d.shape[0] for d in logits)
 
     def _on_epoch_end(self) -> None:
         tau = self._anneal.value(self.epochs)
@@ -209,12 +246,17 @@ class DPP(Pruner):
         return out
 
     def _extra_state(self) -> dict[str, Any]:
-        return {"generator": self.generator.get_state(), "history": list(self.history)}
+        return {"generator": self.generator.get_state(), "history": list(self.history),
+                "grad_normalizers": {name: g.state_dict()
+                                     for name, g in self._grad_normalizers.items()}}
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         if "generator" in state:
             self.generator.set_state(state["generator"])
         self.history = list(state.get("history", []))
+        for name, saved in state.get("grad_normalizers", {}).items():
+            if name in self._grad_normalizers:
+                self._grad_normalizers[name].load_state_dict(saved)
         tau = self._anneal.value(self.epochs)
         for layer in self.layers.values():
             layer.parametrization.tau = tau
@@ -225,23 +267,8 @@ class DPP(Pruner):
         return self._anneal.value(self.epochs)
 
     def _metrics(self) -> dict[str, dict[str, float]]:
-        out = {}
-        with torch.no_grad():
-            for name, layer in self.layers.items():
-                p = torch.softmax(layer.parametrization.logits.float(), 1)
-                log_n = math.log(p.shape[1]) if p.shape[1] > 1 else 1.0
-                row_h = _entropy(p)
-                out[name] = {
-                    "confidence": 1.0 - row_h.mean().item() / log_n,
-                    "diversity": (_entropy(p.mean(0, keepdim=True)).item()
-                                  - row_h.mean().item()) / log_n,
-                }
-        return out
-
-
-def _entropy(p: Tensor) -> Tensor:
-    """Entropy of each row of a probability matrix (natural log)."""
-    return -(p * torch.log(p.clamp_min(1e-12))).sum(-1)
+        return {name: mask_metrics(layer.parametrization.logits)
+                for name, layer in self.layers.items()}
 
 
 def _parse_dpp_structure(structure: str | Structure) -> tuple[str, Structure]:

@@ -46,6 +46,9 @@ class MethodSpec:
         recipe: the shipped recipe that runs the method on bundled data (``None`` for a
             method registered at run time, outside the package).
         doc: its page under ``docs/`` (``None`` likewise).
+        epochs_arg: the constructor argument that takes the length of the pruning run in
+            epochs (DPP: ``anneal_epochs``); the runner fills it with the recipe's
+            ``train.prune_epochs`` where the recipe leaves it out (``None``: none).
     """
 
     cls: type
@@ -55,6 +58,7 @@ class MethodSpec:
     bad_settings: tuple[Mapping[str, Any], ...] = field(default_factory=tuple)
     recipe: str | None = None
     doc: str | None = None
+    epochs_arg: str | None = None
 
     @property
     def structures(self) -> tuple[str, ...]:
@@ -75,8 +79,8 @@ _REGISTRY: dict[str, MethodSpec] = {}  # lower-case name -> spec, in registratio
 def register_method(*, configs: Mapping[str, Mapping[str, Any]],
                     structure_arg: str | None = "structure",
                     bad_settings: tuple[Mapping[str, Any], ...] = (),
-                    recipe: str | None = None, doc: str | None = None
-                    ) -> Callable[[type], type]:
+                    recipe: str | None = None, doc: str | None = None,
+                    epochs_arg: str | None = None) -> Callable[[type], type]:
     """Class decorator: register a ``Pruner`` subclass under its class name (see
     ``MethodSpec`` for the fields). A second method of the same name (in any letter case) is
     an error; ``unregister_method`` frees the name."""
@@ -95,7 +99,7 @@ def register_method(*, configs: Mapping[str, Mapping[str, Any]],
                                     configs={k: dict(v) for k, v in configs.items()},
                                     structure_arg=structure_arg,
                                     bad_settings=tuple(dict(b) for b in bad_settings),
-                                    recipe=recipe, doc=doc)
+                                    recipe=recipe, doc=doc, epochs_arg=epochs_arg)
         return cls
 
     return decorate
