@@ -20,6 +20,7 @@ from hwprune.methods.checks import (
     check_method,
     check_ranks_agree,
     check_resume_exact,
+    method_arguments,
 )
 from hwprune.methods.selection import keep_all_but_lowest
 from hwprune.parametrize import Mask
@@ -73,7 +74,8 @@ def test_every_structure_applies_to_the_residual_model_and_is_the_one_taken(spec
     # the residual model fits every structure, so no (method, structure) goes unchecked
     for label in spec.structures:
         assert _applies(label, TinyResidual), (spec.name, label)
-        pruner = spec.cls(TinyResidual(), **spec.config(label))
+        pruner = spec.cls(TinyResidual(), **method_arguments(spec.cls, spec.config(label),
+                                                              ZOO["residual"][1]))
         assert pruner.structure == parse_structure(label), (spec.name, label)
 
 

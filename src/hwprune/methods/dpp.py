@@ -12,12 +12,21 @@ Granularities (``structure``), each a k-of-n constraint over rows of ``n`` group
 ============  ==============================================  ===========================
 ``"weight"``  k of a neuron's / filter's ``n = C·R·S`` inputs  rows: one per output unit
 ``"kernel"``  k of a filter's ``C`` kernels                    rows: one per filter
-``"filter"``  k of a layer's ``F`` output channels (maps)      rows: one per layer
+``"filter"``  k of a layer's ``F`` output maps                 rows: one per layer
+``"map"``     k of a family's ``n`` coupled feature maps       rows: one per family
 ``"k:n"``     k of every run of ``n`` consecutive inputs       rows: one per run (N:M, 2:4)
 ============  ==============================================  ===========================
 
-``k`` is an integer, or a fraction in (0, 1) of each layer's row length (rounded, at least 1)
-for the first three; it is implied by ``"k:n"``.
+``k`` is an integer, or a fraction in (0, 1) of each row's length (rounded, at least 1)
+for the first four; it is implied by ``"k:n"``.
+
+``"filter"`` and ``"map"`` prune feature maps (``hwprune.methods.dpp_maps``): a row's mask
+is drawn once per forward pass of the model and gates every tensor of its maps, so a pruned
+map is exactly zero downstream. ``"filter"`` gates the layer's filters, its bias and the
+BatchNorm that directly follows it (``hwprune.methods.filter_maps``); ``"map"`` (needs
+``example_inputs``) gates every member of a coupled map (``hwprune.deploy.feature_maps``):
+producer filters, biases and norm entries, and the consumers' input channels, one row per
+family of maps (one layer's outputs, or one residual stream's channels).
 
 Choices the paper leaves open (all parameters, with these defaults):
 
@@ -49,32 +58,43 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..deploy.shrink.maps import FeatureMaps
 from ..errors import ConfigError, StructureError
-from ..parametrize import GumbelTopK
+from ..parametrize import GumbelTopK, MapGate
 from ..schedules import Anneal
-from ..structures import Element, Filter, Kernel, KofN, Structure, parse_structure
+from ..structures import Element, FeatureMap, Filter, Kernel, KofN, Structure, parse_structure
 from ..targets import Spec
 from .base import PrunedLayer, Pruner
+from .dpp_maps import (
+    NewSample,
+    Quantized,
+    SampledFilters,
+    SharedSample,
+    map_logits,
+    map_rows,
+)
+from .maps import MapTargets
 from .registry import register_method
 
 __all__ = ["DPP"]
 
-_ROWS = {"weight": Element, "kernel": Kernel, "filter": Filter}
+_ROWS = {"weight": Element, "kernel": Kernel, "filter": Filter, "map": FeatureMap}
 _INITS = ("magnitude", "zeros")
 
 
 @register_method(
     configs={"2:4": {"structure": "2:4", "anneal_epochs": 2},
              **{s: {"structure": s, "k": 0.5, "anneal_epochs": 2}
-                for s in ("weight", "kernel", "filter")}},
+                for s in ("weight", "kernel", "filter", "map")}},
     bad_settings=({"noise_scale": -1.0}, {"temperature": (5.0, 0.0)}, {"quantize_bits": 1}),
     recipe="dpp-digits", doc="dpp.md")
-class DPP(Pruner):
+class DPP(MapTargets, Pruner):
     """Learned k-of-n masks sampled with Gumbel top-k.
 
     Args:
         model: the model to prune (modified in place).
-        structure: ``"weight"``, ``"kernel"``, ``"filter"``, or a k-of-n tile ``"k:n"``.
+        structure: ``"weight"``, ``"kernel"``, ``"filter"``, ``"map"``, or a k-of-n tile
+            ``"k:n"``.
         k: kept per row (an int, or a fraction of the row length); implied by ``"k:n"``.
         temperature: ``(start, end)`` of the softmax temperature, both > 0.
         anneal_epochs: epochs over which the temperature goes from start to end.
@@ -85,6 +105,8 @@ class DPP(Pruner):
         seed: seed of the noise generator.
         logit_lr: learning rate of the logits (default: the optimizer default's).
         targets: which weights; see ``hwprune.targets``.
+        example_inputs: a tensor or tuple of the model's inputs; needed by ``"map"`` (to
+            trace the model), ignored otherwise.
         strict: refuse (``StructureError``) a default target that cannot carry the
             structure instead of leaving it dense with a ``SkippedLayersWarning``.
     """
@@ -94,7 +116,13 @@ class DPP(Pruner):
                  anneal_epochs: int = 10, noise_scale: float = 0.05,
                  entropy_weight: float = 1e-4, quantize_bits: int | bool | None = None,
                  logit_init: str = "magnitude", seed: int = 0, logit_lr: float | None = None,
-                 targets: Spec = None, strict: bool = False):
+                 targets: Spec = None, example_inputs: Any = None, strict: bool = False):
+        self.example_inputs = example_inputs
+        self.maps: FeatureMaps | None = None
+        #: "map": the sample of every family's row, which every layer's gate reads
+        self.map_sample: SharedSample | None = None
+        #: "map": {row label: (the family's map positions, k)}
+        self.map_families: dict[str, tuple[list[int], int]] = {}
         # the structure as given; rows of weight/kernel/filter get their n per layer
         self.row_kind, self._spec = _parse_dpp_structure(structure)
         self.k = k
@@ -129,6 +157,8 @@ class DPP(Pruner):
             raise ConfigError(f"k must be an int >= 1 or a fraction in (0, 1); got {k!r}")
 
     def _layer_structure(self, shape: tuple[int, ...], name: str) -> Structure:
+        if self.row_kind == "map":
+            return super()._layer_structure(shape, name)
         if isinstance(self._spec, KofN):
             return self._spec
         base = _ROWS[self.row_kind]()
@@ -158,6 +188,8 @@ class DPP(Pruner):
             raise ConfigError(f"logit_init must be one of {_INITS}; got {self.logit_init!r}")
 
     def _make_parametrization(self, layer: PrunedLayer) -> nn.Module:
+        if self.maps is not None:
+            return self._map_gate(layer)
         w = getattr(layer.module, layer.param).detach()
         s = layer.structure
         if self.logit_init == "zeros":
@@ -169,11 +201,43 @@ class DPP(Pruner):
         p = GumbelTopK(s, layer.shape, logits.to(w), self.noise_scale, self.quantize_bits,
                        self.generator)
         p.tau = self._anneal.value(0)
-        return p
+        return SampledFilters(p) if self.row_kind == "filter" else p
+
+    def _map_gate(self, layer: PrunedLayer) -> nn.Module:
+        """"map": the gate of one weight, reading the rows of all families (built with the
+        first layer's gate, which owns them)."""
+        owner = self.map_sample is None
+        if owner:
+            rows = map_rows(self.maps, self.k)
+            logits = map_logits(self.logit_init, self.maps, rows, self.layers)
+            w = getattr(layer.module, layer.param)
+            tops = [GumbelTopK(KofN(k, len(ids)), (len(ids),), logits[label].to(w),
+                               self.noise_scale, None, self.generator)
+                    for label, (ids, k) in rows.items()]
+            for t in tops:
+                t.tau = self._anneal.value(0)
+            self.map_sample = SharedSample(tops, [ids for ids, _ in rows.values()])
+            self.map_families = rows
+        gate = MapGate(self.map_sample, self.maps.index(layer.name, layer.shape), owner)
+        quantized = self.quantize_bits and len(layer.shape) > 1  # weights, not norm entries
+        return Quantized(gate, self.quantize_bits) if quantized else gate
+
+    def _rows(self) -> dict[str, nn.Module]:
+        """{name: the GumbelTopK-like row set}: per layer, or per family of maps."""
+        if self.map_sample is not None:
+            return dict(zip(self.map_families, self.map_sample.rows, strict=True))
+        return {name: layer.parametrization for name, layer in self.layers.items()}
+
+    def _on_attach(self) -> None:
+        samples = [self.map_sample] if self.map_sample is not None else [
+            l.parametrization.sample for l in self.layers.values()
+            if isinstance(l.parametrization, SampledFilters)]
+        if samples:  # one sample per forward pass, read by every tensor of the maps
+            self._add_hook(self.model.register_forward_pre_hook(NewSample(samples)))
 
     # -- the lifecycle hooks --------------------------------------------------------------
     def _method_param_groups(self, defaults: dict[str, Any]) -> list[dict[str, Any]]:
-        group = {**defaults, "params": [l.parametrization.logits for l in self.layers.values()],
+        group = {**defaults, "params": [r.logits for r in self._rows().values()],
                  "weight_decay": 0.0}  # decay would flatten the distributions
         if self.logit_lr is not None:
             group["lr"] = self.logit_lr
@@ -182,22 +246,26 @@ class DPP(Pruner):
     def _penalty(self) -> Tensor | None:
         if not self.entropy_weight:
             return None
-        total = sum(_entropy(torch.softmax(l.parametrization.logits, 1)).sum()
-                    for l in self.layers.values())
+        total = sum(_entropy(torch.softmax(r.logits, 1)).sum() for r in self._rows().values())
         return self.entropy_weight * total
 
     def _on_epoch_end(self) -> None:
         tau = self._anneal.value(self.epochs)
-        for layer in self.layers.values():
-            layer.parametrization.tau = tau
+        for row in self._rows().values():
+            row.tau = tau
         self.history.append({"epoch": self.epochs, "temperature": tau,
                              "layers": self._metrics()})
 
     def _mask(self, layer: PrunedLayer) -> Tensor:
+        if self.maps is not None:
+            keep = self.map_sample.kept().cpu()
+            return self.maps.mask(layer.name, layer.shape, keep).to(layer.original().device)
         p = layer.parametrization
         return layer.structure.expand(p.eval_mask().reshape(-1), layer.shape) > 0.5
 
     def _layer_extras(self) -> dict[str, dict[str, Any]]:
+        if self.maps is not None:
+            return self._map_extras()
         out = self._metrics()
         for name, layer in self.layers.items():
             out[name].update(k=layer.structure.k, n=layer.structure.n,
@@ -212,19 +280,34 @@ class DPP(Pruner):
             self.generator.set_state(state["generator"])
         self.history = list(state.get("history", []))
         tau = self._anneal.value(self.epochs)
-        for layer in self.layers.values():
-            layer.parametrization.tau = tau
+        for row in self._rows().values():
+            row.tau = tau
 
     # -- DPP itself -----------------------------------------------------------------------
     @property
     def tau(self) -> float:
         return self._anneal.value(self.epochs)
 
+    def _map_extras(self) -> dict[str, dict[str, Any]]:
+        """"map": per layer, the rows (families) it has members in, their k and n, and the
+        mean confidence and diversity over them."""
+        metrics, out = self._metrics(), {}
+        for name, layer in self.layers.items():
+            index = self.maps.index(name, layer.shape)
+            mine = set(torch.cat([i[i >= 0] for i in index.values()]).tolist())
+            rows = [r for r, (ids, _) in self.map_families.items() if mine & set(ids)]
+            out[name] = {"rows": rows, "temperature": self.tau,
+                         "k": [self.map_families[r][1] for r in rows],
+                         "n": [len(self.map_families[r][0]) for r in rows]}
+            for fact in ("confidence", "diversity"):
+                out[name][fact] = sum(metrics[r][fact] for r in rows) / len(rows)
+        return out
+
     def _metrics(self) -> dict[str, dict[str, float]]:
         out = {}
         with torch.no_grad():
-            for name, layer in self.layers.items():
-                p = torch.softmax(layer.parametrization.logits.float(), 1)
+            for name, row in self._rows().items():
+                p = torch.softmax(row.logits.float(), 1)
                 log_n = math.log(p.shape[1]) if p.shape[1] > 1 else 1.0
                 row_h = _entropy(p)
                 out[name] = {
@@ -247,5 +330,5 @@ def _parse_dpp_structure(structure: str | Structure) -> tuple[str, Structure]:
     s = parse_structure(structure)
     if isinstance(s, KofN):
         return "k:n", s
-    raise ConfigError(f"DPP structure must be 'weight', 'kernel', 'filter' or a k-of-n tile "
+    raise ConfigError(f"DPP structure must be 'weight', 'kernel', 'filter', 'map' or a k-of-n tile "
                       f"'k:n' (e.g. '2:4'); got {structure!r}")
