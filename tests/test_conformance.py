@@ -82,9 +82,13 @@ def test_every_structure_applies_to_the_residual_model_and_is_the_one_taken(spec
 def test_ranks_agree_under_ddp_for_every_method():
     # one spawned pair for all methods (process start-up dominates); each method's first
     # structure, since what keeps ranks equal (sync of decisions, noise) is per method
-    check_ranks_agree([(f"{spec.name}-{spec.structures[0]}", spec.cls,
-                        spec.config(spec.structures[0]), TinyResidual, ZOO["residual"][1])
-                       for spec in all_methods()])
+    # plus DPP's feature-map rows, whose one sample per forward pass every member reads
+    dpp = get_method("DPP")
+    check_ranks_agree([(f"{spec.name}-{label}", spec.cls, spec.config(label), TinyResidual,
+                        ZOO["residual"][1])
+                       for spec in all_methods()
+                       for label in (spec.structures[0],
+                                     *(("filter", "map") if spec is dpp else ()))])
 
 
 # -- a method of one's own: registered here, nowhere else -----------------------------------------

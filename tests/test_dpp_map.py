@@ -115,3 +115,14 @@ def test_the_report_names_each_layers_rows():
     assert extras["conv1.weight"]["k"] == [4, 3]
     assert 0.0 <= extras["conv1.weight"]["confidence"] <= 1.0
     assert pruner.history[-1]["layers"].keys() == pruner.map_families.keys()
+
+
+@pytest.mark.parametrize("init", ["magnitude", "zeros"])
+def test_logits_start_per_row_from_the_maps_norms_or_uniform(init):
+    pruner = hp.DPP(Residual(), "map", k=0.5, logit_init=init, example_inputs=X)
+    for row in pruner.map_sample.rows:
+        logits = row.logits.detach()
+        if init == "zeros":
+            assert not logits.any()
+        else:  # standardised within the row
+            assert abs(float(logits.mean())) < 1e-5 and abs(float(logits.std(1, False)) - 1) < 1e-3

@@ -49,7 +49,10 @@ def _admm(m):
                    retrain_at=3, targets=["conv1"])
 
 
-METHODS = {"Magnitude": _magnitude, "PSP": _psp, "DPP": _dpp, "ADMM": _admm}
+METHODS = {"Magnitude": _magnitude, "PSP": _psp, "DPP": _dpp, "ADMM": _admm,
+           # k of every run of n consecutive filters: whole filters too
+           "Magnitude-2:4@filter": lambda m: hp.Magnitude(m, "2:4@filter", targets=["conv1"]),
+           "DPP-2:4@filter": lambda m: hp.DPP(m, "2:4@filter", targets=["conv1"])}
 
 
 def _train(model, pruner, steps=4):
@@ -88,7 +91,7 @@ def test_a_pruned_filter_is_a_zero_map_behind_batchnorm(method, mode):
     _train(model, pruner)
     pruned = _pruned_filters(pruner)
     assert int(pruned.sum()) == 4
-    if method == "DPP" and mode == "train":  # a fresh sample: the one this forward drew
+    if method.startswith("DPP") and mode == "train":  # a fresh sample: the one this forward drew
         out = _bn_output(model, "train")
         pruned = pruner.layers["conv1.weight"].parametrization.output_gate() == 0
         assert int(pruned.sum()) == 4

@@ -73,6 +73,7 @@ from .dpp_maps import (
     map_logits,
     map_rows,
 )
+from .filter_maps import prunes_filters
 from .maps import MapTargets
 from .registry import register_method
 
@@ -201,7 +202,8 @@ class DPP(MapTargets, Pruner):
         p = GumbelTopK(s, layer.shape, logits.to(w), self.noise_scale, self.quantize_bits,
                        self.generator)
         p.tau = self._anneal.value(0)
-        return SampledFilters(p) if self.row_kind == "filter" else p
+        # rows of whole filters gate the bias and BatchNorm after them with the same sample
+        return SampledFilters(p) if prunes_filters(layer.structure) else p
 
     def _map_gate(self, layer: PrunedLayer) -> nn.Module:
         """"map": the gate of one weight, reading the rows of all families (built with the

@@ -71,14 +71,15 @@ class SharedSample(nn.Module):
 
 
 class SampledFilters(nn.Module):
-    """DPP's ``"filter"`` parametrization: the layer's ``GumbelTopK`` row over its filters,
-    drawn once per forward pass so that the bias and BatchNorm entries gated with the filters
-    (``output_gate()``, read by ``TiedScale``) see the mask the weight does. Exposes the
-    row's ``logits``, ``tau``, ``structure`` and ``eval_mask()`` like the row itself."""
+    """DPP's ``"filter"`` (or ``"k:n@filter"``) parametrization: the layer's ``GumbelTopK``
+    rows over its filters, drawn once per forward pass so that the bias and BatchNorm entries
+    gated with the filters (``output_gate()``, read by ``TiedScale``) see the mask the weight
+    does. Exposes the rows' ``logits``, ``tau``, ``structure`` and ``eval_mask()`` like the
+    ``GumbelTopK`` itself."""
 
     def __init__(self, topk: nn.Module):
         super().__init__()
-        self.sample = SharedSample([topk], [range(topk.structure.n)])
+        self.sample = SharedSample([topk], [range(topk.logits.numel())])  # one per filter
 
     @property
     def topk(self) -> nn.Module:
@@ -162,6 +163,9 @@ def map_logits(init: str, maps: FeatureMaps, rows: Mapping[str, tuple[list[int],
     parametrized)."""
     if init == "zeros":
         return {label: torch.zeros(1, len(ids)) for label, (ids, _) in rows.items()}
+    if init != "magnitude":
+        raise ConfigError(f"logit_init {init!r} has no meaning for structure 'map'; allowed: "
+                          "'magnitude', 'zeros'")
     weights = {n: getattr(l.module, l.param).detach() for n, l in layers.items()}
     norms = map_scores(maps, layers, "l2", weights)[0].float()
     out = {}
