@@ -20,6 +20,7 @@ from hwprune.methods.checks import (
     check_method,
     check_ranks_agree,
     check_resume_exact,
+    method_arguments,
 )
 from hwprune.methods.selection import keep_all_but_lowest
 from hwprune.parametrize import Mask
@@ -73,16 +74,21 @@ def test_every_structure_applies_to_the_residual_model_and_is_the_one_taken(spec
     # the residual model fits every structure, so no (method, structure) goes unchecked
     for label in spec.structures:
         assert _applies(label, TinyResidual), (spec.name, label)
-        pruner = spec.cls(TinyResidual(), **spec.config(label))
+        pruner = spec.cls(TinyResidual(), **method_arguments(spec.cls, spec.config(label),
+                                                              ZOO["residual"][1]))
         assert pruner.structure == parse_structure(label), (spec.name, label)
 
 
 def test_ranks_agree_under_ddp_for_every_method():
     # one spawned pair for all methods (process start-up dominates); each method's first
     # structure, since what keeps ranks equal (sync of decisions, noise) is per method
-    check_ranks_agree([(f"{spec.name}-{spec.structures[0]}", spec.cls,
-                        spec.config(spec.structures[0]), TinyResidual, ZOO["residual"][1])
-                       for spec in all_methods()])
+    # plus DPP's feature-map rows, whose one sample per forward pass every member reads
+    dpp = get_method("DPP")
+    check_ranks_agree([(f"{spec.name}-{label}", spec.cls, spec.config(label), TinyResidual,
+                        ZOO["residual"][1])
+                       for spec in all_methods()
+                       for label in (spec.structures[0],
+                                     *(("filter", "map") if spec is dpp else ()))])
 
 
 # -- a method of one's own: registered here, nowhere else -----------------------------------------

@@ -26,6 +26,10 @@ class Mask(nn.Module):
         # masked_fill, not w * mask: an inf/nan in a pruned weight must not leak through.
         return w.masked_fill(~self.mask, 0.0)
 
+    def output_gate(self) -> Tensor:
+        """Per output unit (axis 0): whether any of its weights is kept (bool)."""
+        return self.mask.reshape(self.mask.shape[0], -1).any(1)
+
 
 def straight_through_gate(alpha: Tensor, keep: Tensor) -> Tensor:
     """``alpha * keep`` in the forward pass, the gradient of ``alpha`` itself backward."""
@@ -56,23 +60,32 @@ class GroupScale(nn.Module):
     def forward(self, w: Tensor) -> Tensor:
         return w * self.structure.expand(self.effective_alpha(), self.shape)
 
+    def output_gate(self) -> Tensor:
+        """The alphas (one per filter for ``"filter"``; one for ``"layer"``)."""
+        return self.effective_alpha()
+
 
 class TiedScale(nn.Module):
-    """A second tensor (a bias) scaled by another ``GroupScale``'s single alpha, so that a
-    gated module's whole output is ``alpha * f(x)`` (PSP's layer structure)."""
+    """A tensor whose entries follow another parametrization's gate of its output units
+    (``gate.output_gate()``: a bool keep per unit, or a scale per unit or for all), so that
+    a pruned filter takes its bias and the BatchNorm entries after it along (its feature map
+    is then zero), and a gated layer's whole output is ``alpha * f(x)`` (PSP's layer
+    structure). A bool gate zeroes with ``masked_fill`` (an inf/nan does not leak)."""
 
-    def __init__(self, gate: GroupScale):
+    def __init__(self, gate: nn.Module):
         super().__init__()
-        # not a submodule: the gate's alpha must be owned (and optimized, saved) once
+        # not a submodule: the gate's state must be owned (and optimized, saved) once
         object.__setattr__(self, "gate", gate)
 
     def forward(self, b: Tensor) -> Tensor:
-        return b * self.gate.effective_alpha()
+        g = self.gate.output_gate()
+        return b.masked_fill(~g, 0.0) if g.dtype == torch.bool else b * g
 
 
 class MapScale(nn.Module):
     """PSP's alphas of ``structure="map"``: one per feature map, shared by every weight the
-    map has a member in (each weight's ``MapGate`` reads them); ``keep`` as in ``GroupScale``."""
+    map has a member in (each weight's ``MapGate`` reads them); ``keep`` as in ``GroupScale``.
+    (DPP's sampled map masks are another source with ``effective_alpha()``.)"""
 
     def __init__(self, maps: int, like: Tensor):
         super().__init__()
@@ -85,18 +98,19 @@ class MapScale(nn.Module):
 
 class MapGate(nn.Module):
     """A weight whose entries along each axis of ``index`` ({axis: long tensor, per entry the
-    map it belongs to, -1: none}) are multiplied by their map's alpha in ``scale``. The gate
-    of the first weight owns ``scale`` (it is saved and optimized once); the others hold it
-    without registering it."""
+    map it belongs to, -1: none}) are multiplied by their map's value in ``scale`` (a module
+    whose ``effective_alpha()`` gives one value per map: PSP's ``MapScale``, DPP's sampled
+    masks). The gate of the first weight owns ``scale`` (it is saved and optimized once);
+    the others hold it without registering it."""
 
-    def __init__(self, scale: MapScale, index: dict[int, Tensor], owner: bool):
+    def __init__(self, scale: nn.Module, index: dict[int, Tensor], owner: bool):
         super().__init__()
         if owner:
             self.scale = scale
         else:
             object.__setattr__(self, "scale", scale)
         self.axes = tuple(index)
-        device = scale.alpha.device
+        device = next(scale.parameters()).device
         for axis, idx in index.items():
             self.register_buffer(f"index{axis}", idx.to(device), persistent=False)
 

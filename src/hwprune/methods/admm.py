@@ -95,6 +95,11 @@ class UnifiedBlocks(nn.Module):
                                            self.states if fixed else None)
         return self.structure.from_groups(out, self.shape), states, mags
 
+    def output_gate(self) -> Tensor:
+        """Per output unit (axis 0): whether any of its weights is outside the zero blocks
+        (all True during ADMM; with ``"filter"``, False for a pruned filter afterwards)."""
+        return (self.pattern != ZERO).reshape(self.shape[0], -1).any(1)
+
     def forward(self, w: Tensor) -> Tensor:
         # the magnitudes take part in both phases (DDP sees no unused parameter); during ADMM
         # the pattern is all FREE and the weight is w, without a pass of where/masked_fill

@@ -17,7 +17,6 @@ a user can get wrong is checked in ``__init__`` before the model is touched.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,40 +27,12 @@ from .. import distributed
 from ..errors import ConfigError, HwpruneError, LifecycleError, StructureError
 from ..structures import FeatureMap, Structure, parse_structure, transposed
 from ..targets import SkippedLayersWarning, Spec, Target, resolve_targets
+from .filter_maps import attach_ties, bake_ties, checked_ties, filter_ties
+from .layer import PrunedLayer
 from .registry import get_method
 from .state import check_state
 
 __all__ = ["Pruner", "PrunedLayer"]
-
-
-@dataclass
-class PrunedLayer:
-    """One target weight under pruning: where it lives, its structure, its parametrization."""
-
-    target: Target
-    structure: Structure
-    shape: tuple[int, ...]
-    parametrization: nn.Module | None = None
-
-    @property
-    def name(self) -> str:
-        return self.target.name
-
-    @property
-    def module(self) -> nn.Module:
-        return self.target.module
-
-    @property
-    def param(self) -> str:
-        return self.target.param
-
-    def effective_weight(self) -> Tensor:
-        """The weight the layer computes with now (mask, scale, ... applied)."""
-        return getattr(self.module, self.param)
-
-    def original(self) -> nn.Parameter:
-        """The trainable tensor underneath the parametrization."""
-        return self.module.parametrizations[self.param].original
 
 
 def _select_layers(pruner: Pruner, targets: Spec, strict: bool) -> None:
@@ -133,16 +104,23 @@ class Pruner:
         #: default targets that cannot carry the structure: {parameter name: why}
         self.skipped: dict[str, str] = {}
         _select_layers(self, targets, strict)
+        self._filter_ties = filter_ties(model, self.layers, type(self).__name__)
+        #: {layer name: [(module, tensor name)]}: tensors outside the targets that each
+        #: layer's gate also gates (a pruned filter's bias and BatchNorm entries)
+        self.ties = checked_ties({n: self._tied_params(l) for n, l in self.layers.items()})
         self.steps = 0
         self.epochs = 0
         self._final_masks: dict[str, Tensor] | None = None
-        before = {id(layer.module): _parametrized_names(layer.module)
-                  for layer in self.layers.values()}
+        self._hooks: list[Any] = []  # handles of hooks on the model, removed at finalize
+        touched = [layer.module for layer in self.layers.values()]
+        touched += [m for tied in self.ties.values() for m, _ in tied]
+        before = {id(m): _parametrized_names(m) for m in touched}
         try:
             for layer in self.layers.values():
                 layer.parametrization = self._make_parametrization(layer)
                 parametrize.register_parametrization(layer.module, layer.param,
                                                      layer.parametrization)
+            attach_ties(self.ties, self.layers, type(self).__name__)
             self._on_attach()
             self.sync()  # under torch.distributed every rank starts from rank 0's decisions
         except BaseException:
@@ -155,6 +133,12 @@ class Pruner:
     def _prunes_maps(self) -> bool:
         """Whether the method prunes the coupled feature maps of ``structure="map"``."""
         return False
+
+    def _tied_params(self, layer: PrunedLayer) -> list[tuple[nn.Module, str]]:
+        """Tensors outside the targets that ``layer``'s gate (``output_gate()`` of its
+        parametrization) also gates: a pruned filter's bias and the BatchNorm entries after
+        it (``hwprune.methods.filter_maps``)."""
+        return self._filter_ties.get(layer.name, [])
 
     def _targets(self, model: nn.Module, targets: Spec) -> list[Target]:
         """The weights to parametrize (``"map"``: every weight of a map, found from the graph)."""
@@ -264,6 +248,8 @@ class Pruner:
         was_training = self.model.training
         self.model.eval()
         with torch.no_grad():
+            bake_ties(self.ties)  # while the gates they read still exist
+            self._remove_hooks()
             finals = {name: self._final_weight(layer).detach().clone()
                       for name, layer in self.layers.items()}
             self._final_masks = {name: self._mask(layer) for name, layer in self.layers.items()}
@@ -351,13 +337,26 @@ class Pruner:
         self._load_extra_state(state.get("extra", {}))
 
     def _detach(self, before: dict[int, set[str]]) -> None:
-        """Remove the parametrizations this pruner registered (not those already there)."""
+        """Remove the parametrizations and hooks this pruner registered (not those already
+        there)."""
+        self._remove_hooks()
         with torch.no_grad():
-            for layer in self.layers.values():
-                m = layer.module
+            modules = [layer.module for layer in self.layers.values()]
+            modules += [m for tied in self.ties.values() for m, _ in tied]
+            for m in modules:
                 for tensor in _parametrized_names(m) - before[id(m)]:
                     parametrize.remove_parametrizations(m, tensor, leave_parametrized=False)
+            for layer in self.layers.values():
                 layer.parametrization = None
+
+    def _add_hook(self, handle: Any) -> None:
+        """Keep a hook's handle, so that ``finalize()`` (or a failed construction) removes it."""
+        self._hooks.append(handle)
+
+    def _remove_hooks(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
 
     # -- summaries ---------------------------------------------------------------------------
     def sparsity(self) -> float:
@@ -390,8 +389,8 @@ def _no_maps(cls: type) -> str:
         supported = "see its docstring"
     return (f"{cls.__name__} does not prune structure 'map' (coupled feature maps); it "
             f"supports: {supported}. hp.Magnitude(model, 'map', sparsity, "
-            "example_inputs=...) and hp.PSP(model, 'map', example_inputs=...) prune "
-            "feature maps")
+            "example_inputs=...), hp.PSP(model, 'map', example_inputs=...) and "
+            "hp.DPP(model, 'map', k=..., example_inputs=...) prune feature maps")
 
 
 def _parametrized_names(module: nn.Module) -> set[str]:

@@ -11,7 +11,8 @@ the way scikit-learn's ``check_estimator`` checks an estimator.
 ``model_factory()`` (called after ``torch.manual_seed``), trains ``STEPS`` steps of mean
 squared error against random targets (``pruner.penalty()``, ``step()``, ``epoch_end()`` every
 ``EPOCH`` steps) on ``inputs`` plus per-step noise, and raises ``AssertionError`` naming what
-broke. ``check_ranks_agree`` runs configurations under DistributedDataParallel on two CPU
+broke. A ``"map"`` configuration is given ``example_inputs=inputs`` (``method_arguments``).
+``check_ranks_agree`` runs configurations under DistributedDataParallel on two CPU
 processes. tests/test_conformance.py runs them over every registered method and structure.
 """
 
@@ -31,28 +32,40 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from ..deploy.shrink.maps import FeatureMaps
 from ..errors import HwpruneError, LifecycleError, TargetError
-from ..structures import KofN, Structure
+from ..structures import FeatureMap, KofN, Structure
 from .registry import get_method
 
 __all__ = ["STEPS", "EPOCH", "CHECKS", "UNSUPPORTED_CANDIDATES", "check_method",
            "check_trains_and_prunes", "check_masks_obey_structure", "check_finalize",
            "check_resume_exact", "check_rejects_bad_input", "check_ranks_agree",
-           "train_steps", "structure_violations"]
+           "train_steps", "structure_violations", "map_violations", "method_arguments"]
 
 STEPS, EPOCH = 8, 2
 #: structures handed to a method's ``structure_arg`` that it does not list: each must be refused
 UNSUPPORTED_CANDIDATES = ("element", "filter", "channel", "kernel", "column", "layer", "2:4",
-                          "block:2x2")
+                          "block:2x2", "map")
 ModelFactory = Callable[[], nn.Module]
 
 
 # -- shared steps ---------------------------------------------------------------------------------
-def _build(cls: type, config: Mapping[str, Any], model_factory: ModelFactory, seed: int = 0
-           ) -> tuple[nn.Module, Any, torch.optim.Optimizer]:
+def method_arguments(cls: type, config: Mapping[str, Any], inputs: Tensor | None
+                     ) -> dict[str, Any]:
+    """The constructor's keyword arguments for ``config``: a copy, with
+    ``example_inputs=inputs`` where the structure is ``"map"`` (the maps are traced)."""
+    kwargs = copy.deepcopy(dict(config))
+    spec = kwargs.get(get_method(cls).structure_arg)
+    if isinstance(spec, FeatureMap) or (isinstance(spec, str) and spec.strip().lower() == "map"):
+        kwargs.setdefault("example_inputs", inputs)
+    return kwargs
+
+
+def _build(cls: type, config: Mapping[str, Any], model_factory: ModelFactory, inputs: Tensor,
+           seed: int = 0) -> tuple[nn.Module, Any, torch.optim.Optimizer]:
     torch.manual_seed(seed)
     model = model_factory()
-    pruner = cls(model, **copy.deepcopy(dict(config)))
+    pruner = cls(model, **method_arguments(cls, config, inputs))
     optimizer = torch.optim.SGD(pruner.param_groups(lr=0.05, momentum=0.9))
     return model, pruner, optimizer
 
@@ -92,6 +105,22 @@ def structure_violations(structure: Structure, mask: Tensor) -> list[str]:
     return out
 
 
+def map_violations(maps: FeatureMaps, masks: Mapping[str, Tensor]) -> list[str]:
+    """What in ``masks`` ({parameter: bool mask}) breaks the coupled feature maps ``maps``: a
+    map kept in some members and pruned in others. A map counts as kept where any entry of
+    any member is kept; every mask must then be exactly ``maps.mask`` of those flags."""
+    keep = torch.zeros(len(maps.groups), dtype=torch.bool)
+    for i, g in enumerate(maps.groups):
+        keep[i] = any(bool(masks[m.param].cpu().select(m.axis, m.index).any())
+                      for m in g.members if m.param in masks)
+    out = []
+    for name, mask in masks.items():
+        wrong = maps.mask(name, tuple(mask.shape), keep) != mask.cpu()
+        if wrong.any():
+            out.append(f"{name}: {int(wrong.sum())} entries not whole maps")
+    return out
+
+
 def _untouched(model: nn.Module) -> tuple[dict[str, Tensor], list[tuple[str, type]]]:
     return (copy.deepcopy(model.state_dict()),
             [(n, type(m)) for n, m in model.named_modules()])
@@ -103,7 +132,7 @@ def check_trains_and_prunes(cls: type, config: Mapping[str, Any], model_factory:
     """Construct, train: the optimizer sees every parameter once, the penalty is a finite
     scalar, the weights move, something is pruned, and ``masks()`` describe what the layers
     compute with in eval mode (zero where a mask is False)."""
-    model, pruner, optimizer = _build(cls, config, model_factory)
+    model, pruner, optimizer = _build(cls, config, model_factory, inputs)
     ids = [id(p) for g in optimizer.param_groups for p in g["params"]]
     assert len(ids) == len(set(ids)), "param_groups lists a parameter twice"
     assert set(ids) == {id(p) for p in model.parameters() if p.requires_grad}, \
@@ -131,13 +160,18 @@ def check_masks_obey_structure(cls: type, config: Mapping[str, Any],
                                model_factory: ModelFactory, inputs: Tensor) -> None:
     """After training (and after ``finalize()``) every mask obeys its layer's structure
     exactly: whole groups kept or removed, exactly k of every run of n."""
-    model, pruner, optimizer = _build(cls, config, model_factory)
+    model, pruner, optimizer = _build(cls, config, model_factory, inputs)
     train_steps(model, pruner, optimizer, inputs, STEPS)
     structures = {n: layer.structure for n, layer in pruner.layers.items()}
+    maps = getattr(pruner, "maps", None)
     for when, masks in (("trained", pruner.masks()), ("finalized", None)):
         if masks is None:
             pruner.finalize()
             masks = pruner.masks()
+        if isinstance(maps, FeatureMaps):  # a weight may hold members of two maps' families
+            broken = map_violations(maps, masks)
+            assert not broken, f"maps ({when}): {'; '.join(broken)}"
+            continue
         for name, mask in masks.items():
             broken = structure_violations(structures[name], mask)
             assert not broken, f"{name} ({when}, {structures[name]}): {'; '.join(broken)}"
@@ -150,7 +184,7 @@ def check_finalize(cls: type, config: Mapping[str, Any], model_factory: ModelFac
     mode (to 1e-5 of the output scale) and the zeros of ``masks()`` baked in; the training
     verbs raise afterwards."""
     fresh = model_factory()
-    model, pruner, optimizer = _build(cls, config, model_factory)
+    model, pruner, optimizer = _build(cls, config, model_factory, inputs)
     train_steps(model, pruner, optimizer, inputs, STEPS)
     model.eval()
     with torch.no_grad():
@@ -189,18 +223,18 @@ def check_resume_exact(cls: type, config: Mapping[str, Any], model_factory: Mode
     state to a checkpoint, loading it into a newly built run (other seed) and training the
     other half: bitwise-equal weights, method state and masks."""
     half = STEPS // 2
-    model, pruner, optimizer = _build(cls, config, model_factory)
+    model, pruner, optimizer = _build(cls, config, model_factory, inputs)
     train_steps(model, pruner, optimizer, inputs, STEPS)
     straight, straight_masks = copy.deepcopy(model.state_dict()), pruner.masks()
 
-    model, pruner, optimizer = _build(cls, config, model_factory)
+    model, pruner, optimizer = _build(cls, config, model_factory, inputs)
     train_steps(model, pruner, optimizer, inputs, half)
     buffer = io.BytesIO()
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "pruner": pruner.state_dict()}, buffer)
     buffer.seek(0)
     checkpoint = torch.load(buffer, weights_only=True)
-    model, pruner, optimizer = _build(cls, config, model_factory, seed=1)
+    model, pruner, optimizer = _build(cls, config, model_factory, inputs, seed=1)
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     pruner.load_state_dict(checkpoint["pruner"])
@@ -232,7 +266,7 @@ def check_rejects_bad_input(cls: type, config: Mapping[str, Any], model_factory:
         model = model_factory()
         state, modules = _untouched(model)
         try:
-            cls(model, **{**copy.deepcopy(dict(config)), **change})
+            cls(model, **{**method_arguments(cls, config, inputs), **change})
         except error:
             pass
         else:
@@ -295,7 +329,7 @@ def _rank_worker(rank: int, world: int, port: int, root: str, cases: list[Case])
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         for i, (_label, cls, config, model_factory, inputs) in enumerate(cases):
-            model, pruner, optimizer = _build(cls, config, model_factory, seed=rank)
+            model, pruner, optimizer = _build(cls, config, model_factory, inputs, seed=rank)
             ddp = nn.parallel.DistributedDataParallel(model)  # wrapped after the pruner
             train_steps(ddp, pruner, optimizer, inputs + rank, STEPS)
             del ddp

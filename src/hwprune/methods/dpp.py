@@ -12,12 +12,21 @@ Granularities (``structure``), each a k-of-n constraint over rows of ``n`` group
 ============  ==============================================  ===========================
 ``"weight"``  k of a neuron's / filter's ``n = C·R·S`` inputs  rows: one per output unit
 ``"kernel"``  k of a filter's ``C`` kernels                    rows: one per filter
-``"filter"``  k of a layer's ``F`` output channels (maps)      rows: one per layer
+``"filter"``  k of a layer's ``F`` output maps                 rows: one per layer
+``"map"``     k of a family's ``n`` coupled feature maps       rows: one per family
 ``"k:n"``     k of every run of ``n`` consecutive inputs       rows: one per run (N:M, 2:4)
 ============  ==============================================  ===========================
 
-``k`` is an integer, or a fraction in (0, 1) of each layer's row length (rounded, at least 1)
-for the first three; it is implied by ``"k:n"``.
+``k`` is an integer, or a fraction in (0, 1) of each row's length (rounded, at least 1)
+for the first four; it is implied by ``"k:n"``.
+
+``"filter"`` and ``"map"`` prune feature maps (``hwprune.methods.dpp_maps``): a row's mask
+is drawn once per forward pass of the model and gates every tensor of its maps, so a pruned
+map is exactly zero downstream. ``"filter"`` gates the layer's filters, its bias and the
+BatchNorm that directly follows it (``hwprune.methods.filter_maps``); ``"map"`` (needs
+``example_inputs``) gates every member of a coupled map (``hwprune.deploy.feature_maps``):
+producer filters, biases and norm entries, and the consumers' input channels, one row per
+family of maps (one layer's outputs, or one residual stream's channels).
 
 Choices the paper leaves open (all parameters; docs/dpp.md, "Defaults that learn", has the
 measurements behind the defaults):
@@ -57,10 +66,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..deploy.shrink.maps import FeatureMaps
 from ..errors import ConfigError, StructureError
+from ..parametrize import MapGate
 from ..relaxations import GumbelTopK, check_relaxation
 from ..schedules import Anneal
-from ..structures import Element, Filter, Kernel, KofN, Structure, parse_structure
+from ..structures import Element, FeatureMap, Filter, Kernel, KofN, Structure, parse_structure
 from ..targets import Spec
 from .base import PrunedLayer, Pruner
 from .dpp_logits import (
@@ -72,27 +83,38 @@ from .dpp_logits import (
     noise_for,
     normalized_entropy,
 )
+from .dpp_maps import (
+    NewSample,
+    Quantized,
+    SampledFilters,
+    SharedSample,
+    map_logits,
+    map_rows,
+)
+from .filter_maps import prunes_filters
+from .maps import MapTargets
 from .registry import register_method
 
 __all__ = ["DPP"]
 
-_ROWS = {"weight": Element, "kernel": Kernel, "filter": Filter}
+_ROWS = {"weight": Element, "kernel": Kernel, "filter": Filter, "map": FeatureMap}
 
 
 @register_method(
     configs={"2:4": {"structure": "2:4", "anneal_epochs": 2},
              **{s: {"structure": s, "k": 0.5, "anneal_epochs": 2}
-                for s in ("weight", "kernel", "filter")}},
+                for s in ("weight", "kernel", "filter", "map")}},
     bad_settings=({"noise_scale": -1.0}, {"noise_scale": {"lstm": 0.1}},
                   {"temperature": (5.0, 0.0)}, {"quantize_bits": 1},
                   {"logit_init": "ones"}, {"normalize_logit_grad": "yes"}),
     recipe="dpp-digits", doc="dpp.md", epochs_arg="anneal_epochs")
-class DPP(Pruner):
+class DPP(MapTargets, Pruner):
     """Learned k-of-n masks sampled with Gumbel top-k.
 
     Args:
         model: the model to prune (modified in place).
-        structure: ``"weight"``, ``"kernel"``, ``"filter"``, or a k-of-n tile ``"k:n"``.
+        structure: ``"weight"``, ``"kernel"``, ``"filter"``, ``"map"``, or a k-of-n tile
+            ``"k:n"``.
         k: kept per row (an int, or a fraction of the row length); implied by ``"k:n"``.
         temperature: ``(start, end)`` of the softmax temperature, both > 0.
         anneal_epochs: epochs over which the temperature goes from start to end (give the
@@ -110,6 +132,8 @@ class DPP(Pruner):
         normalize_logit_grad: rescale each layer's logit gradient to a fixed RMS, so the
             logits move at about their learning rate under SGD as under Adam.
         targets: which weights; see ``hwprune.targets``.
+        example_inputs: a tensor or tuple of the model's inputs; needed by ``"map"`` (to
+            trace the model), ignored otherwise.
         strict: refuse (``StructureError``) a default target that cannot carry the
             structure instead of leaving it dense with a ``SkippedLayersWarning``.
     """
@@ -121,7 +145,13 @@ class DPP(Pruner):
                  entropy_weight: float = 0.25, quantize_bits: int | bool | None = None,
                  logit_init: str = "zeros", seed: int = 0, logit_lr: float | None = None,
                  normalize_logit_grad: bool = True, targets: Spec = None,
-                 strict: bool = False, relaxation: str = "auto"):
+                 example_inputs: Any = None, strict: bool = False, relaxation: str = "auto"):
+        self.example_inputs = example_inputs
+        self.maps: FeatureMaps | None = None
+        #: "map": the sample of every family's row, which every layer's gate reads
+        self.map_sample: SharedSample | None = None
+        #: "map": {row label: (the family's map positions, k)}
+        self.map_families: dict[str, tuple[list[int], int]] = {}
         # the structure as given; rows of weight/kernel/filter get their n per layer
         self.row_kind, self._spec = _parse_dpp_structure(structure)
         self.k = k
@@ -159,6 +189,8 @@ class DPP(Pruner):
             raise ConfigError(f"k must be an int >= 1 or a fraction in (0, 1); got {k!r}")
 
     def _layer_structure(self, shape: tuple[int, ...], name: str) -> Structure:
+        if self.row_kind == "map":
+            return super()._layer_structure(shape, name)
         if isinstance(self._spec, KofN):
             return self._spec
         base = _ROWS[self.row_kind]()
@@ -193,28 +225,69 @@ class DPP(Pruner):
         check_relaxation(self.relaxation)
 
     def _make_parametrization(self, layer: PrunedLayer) -> nn.Module:
+        if self.maps is not None:
+            return self._map_gate(layer)
         w = getattr(layer.module, layer.param).detach()
         logits = initial_logits(self.logit_init, layer.structure, w, self.generator)
         p = GumbelTopK(layer.structure, layer.shape, logits.to(w),
                        noise_for(self.noise_scale, layer.shape), self.quantize_bits,
                        self.generator, self.relaxation)
-        if self.normalize_logit_grad:  # runs on each backward's gradient, before accumulation
-            self._grad_normalizers[layer.name] = GradNormalizer()
-            p.logits.register_hook(self._grad_normalizers[layer.name])
+        self._normalize_grad(layer.name, p.logits)
         p.tau = self._anneal.value(0)
-        return p
+        # rows of whole filters gate the bias and BatchNorm after them with the same sample
+        return SampledFilters(p) if prunes_filters(layer.structure) else p
+
+    def _normalize_grad(self, row: str, logits: Tensor) -> None:
+        if self.normalize_logit_grad:  # runs on each backward's gradient, before accumulation
+            self._grad_normalizers[row] = GradNormalizer()
+            logits.register_hook(self._grad_normalizers[row])
+
+    def _map_gate(self, layer: PrunedLayer) -> nn.Module:
+        """"map": the gate of one weight, reading the rows of all families (built with the
+        first layer's gate, which owns them)."""
+        owner = self.map_sample is None
+        if owner:
+            rows = map_rows(self.maps, self.k)
+            logits = map_logits(self.logit_init, self.maps, rows, self.layers, self.generator)
+            w = getattr(layer.module, layer.param)
+            noise = noise_for(self.noise_scale, layer.shape)  # the kind of the maps' writer
+            tops = [GumbelTopK(KofN(k, len(ids)), (len(ids),), logits[label].to(w), noise,
+                               None, self.generator, self.relaxation)
+                    for label, (ids, k) in rows.items()]
+            for label, top in zip(rows, tops, strict=True):
+                top.tau = self._anneal.value(0)
+                self._normalize_grad(label, top.logits)
+            self.map_sample = SharedSample(tops, [ids for ids, _ in rows.values()])
+            self.map_families = rows
+        gate = MapGate(self.map_sample, self.maps.index(layer.name, layer.shape), owner)
+        quantized = self.quantize_bits and len(layer.shape) > 1  # weights, not norm entries
+        return Quantized(gate, self.quantize_bits) if quantized else gate
+
+    def _rows(self) -> dict[str, nn.Module]:
+        """{name: the GumbelTopK-like row set}: per layer, or per family of maps."""
+        if self.map_sample is not None:
+            return dict(zip(self.map_families, self.map_sample.rows, strict=True))
+        return {name: layer.parametrization for name, layer in self.layers.items()}
+
+    def _on_attach(self) -> None:
+        samples = [self.map_sample] if self.map_sample is not None else [
+            l.parametrization.sample for l in self.layers.values()
+            if isinstance(l.parametrization, SampledFilters)]
+        if samples:  # one sample per forward pass, read by every tensor of the maps
+            self._add_hook(self.model.register_forward_pre_hook(NewSample(samples)))
 
     # -- the lifecycle hooks --------------------------------------------------------------
     def _method_param_groups(self, defaults: dict[str, Any]) -> list[dict[str, Any]]:
-        group = {**defaults, "params": [l.parametrization.logits for l in self.layers.values()],
+        group = {**defaults, "params": [r.logits for r in self._rows().values()],
                  "weight_decay": 0.0}  # decay would flatten the distributions
         if self.logit_lr is not None:
             group["lr"] = self.logit_lr
         return [group]
 
     def _on_step(self) -> None:
+        rows = self._rows()
         for name, normalizer in self._grad_normalizers.items():
-            grad = self.layers[name].parametrization.logits.grad
+            grad = rows[name].logits.grad
             if grad is not None:  # the gradient the optimizer just used
                 normalizer.observe(grad)
 
@@ -223,22 +296,27 @@ class DPP(Pruner):
         # whatever the model's size (a sum over rows grows with it)
         if not self.entropy_weight:
             return None
-        logits = [l.parametrization.logits for l in self.layers.values()]
-        total = sum(normalized_entropy(d).sum() for d in logits)
-        return self.entropy_weight * total / sum(d.shape[0] for d in logits)
+        rows = self._rows().values()
+        total = sum(normalized_entropy(r.logits).sum() for r in rows)
+        return self.entropy_weight * total / sum(r.logits.shape[0] for r in rows)
 
     def _on_epoch_end(self) -> None:
         tau = self._anneal.value(self.epochs)
-        for layer in self.layers.values():
-            layer.parametrization.tau = tau
+        for row in self._rows().values():
+            row.tau = tau
         self.history.append({"epoch": self.epochs, "temperature": tau,
                              "layers": self._metrics()})
 
     def _mask(self, layer: PrunedLayer) -> Tensor:
+        if self.maps is not None:
+            keep = self.map_sample.kept().cpu()
+            return self.maps.mask(layer.name, layer.shape, keep).to(layer.original().device)
         p = layer.parametrization
         return layer.structure.expand(p.eval_mask().reshape(-1), layer.shape) > 0.5
 
     def _layer_extras(self) -> dict[str, dict[str, Any]]:
+        if self.maps is not None:
+            return self._map_extras()
         out = self._metrics()
         for name, layer in self.layers.items():
             out[name].update(k=layer.structure.k, n=layer.structure.n,
@@ -258,17 +336,31 @@ class DPP(Pruner):
             if name in self._grad_normalizers:
                 self._grad_normalizers[name].load_state_dict(saved)
         tau = self._anneal.value(self.epochs)
-        for layer in self.layers.values():
-            layer.parametrization.tau = tau
+        for row in self._rows().values():
+            row.tau = tau
 
     # -- DPP itself -----------------------------------------------------------------------
     @property
     def tau(self) -> float:
         return self._anneal.value(self.epochs)
 
+    def _map_extras(self) -> dict[str, dict[str, Any]]:
+        """"map": per layer, the rows (families) it has members in, their k and n, and the
+        mean confidence and diversity over them."""
+        metrics, out = self._metrics(), {}
+        for name, layer in self.layers.items():
+            index = self.maps.index(name, layer.shape)
+            mine = set(torch.cat([i[i >= 0] for i in index.values()]).tolist())
+            rows = [r for r, (ids, _) in self.map_families.items() if mine & set(ids)]
+            out[name] = {"rows": rows, "temperature": self.tau,
+                         "k": [self.map_families[r][1] for r in rows],
+                         "n": [len(self.map_families[r][0]) for r in rows]}
+            for fact in ("confidence", "diversity"):
+                out[name][fact] = sum(metrics[r][fact] for r in rows) / len(rows)
+        return out
+
     def _metrics(self) -> dict[str, dict[str, float]]:
-        return {name: mask_metrics(layer.parametrization.logits)
-                for name, layer in self.layers.items()}
+        return {name: mask_metrics(row.logits) for name, row in self._rows().items()}
 
 
 def _parse_dpp_structure(structure: str | Structure) -> tuple[str, Structure]:
@@ -278,5 +370,5 @@ def _parse_dpp_structure(structure: str | Structure) -> tuple[str, Structure]:
     s = parse_structure(structure)
     if isinstance(s, KofN):
         return "k:n", s
-    raise ConfigError(f"DPP structure must be 'weight', 'kernel', 'filter' or a k-of-n tile "
+    raise ConfigError(f"DPP structure must be 'weight', 'kernel', 'filter', 'map' or a k-of-n tile "
                       f"'k:n' (e.g. '2:4'); got {structure!r}")

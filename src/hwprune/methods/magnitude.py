@@ -19,6 +19,9 @@ Choices, documented because users compare against them:
   distributed ranks identical.
 * k-of-n patterns are pruned one-shot (the pattern is exact at every step; there is nothing to
   ramp); a ``schedule`` other than ``OneShot`` is refused for them.
+* A structure of whole filters (``"filter"``, ``"k:n@filter"``) masks the layer's bias and
+  the BatchNorm directly after it with the filters (``hwprune.methods.filter_maps``), so a
+  removed filter's map is exactly zero and ``hp.shrink`` removes it.
 * ``structure="map"`` prunes coupled feature maps (``hwprune.deploy.feature_maps``, traced on
   ``example_inputs``): a map's score is the norm over all its members (the filters, biases
   and BatchNorm entries that write it, the input channels that read it), and a removed map
@@ -58,7 +61,7 @@ def _gradual(structure: str) -> dict:
 
 @register_method(
     configs={**{s: _gradual(s) for s in ("element", "filter", "channel", "kernel", "column",
-                                         "layer", "block:2x2")},
+                                         "layer", "block:2x2", "map")},
              "2:4": {"structure": "2:4"}},
     bad_settings=({"sparsity": 1.0}, {"scope": "everywhere"}, {"norm": "l3"}),
     recipe="magnitude-digits", doc="magnitude.md")

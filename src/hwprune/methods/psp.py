@@ -43,10 +43,16 @@ Choices the paper leaves open, made explicit (all parameters):
   the network and can make BatchNorm statistics degenerate), except with
   ``structure="layer"``, where removing the whole layer is the point.
 
-A caveat users should know: a scale on a conv's *filters* (or on the whole layer) that is
-directly followed by BatchNorm is cancelled by the normalisation in training mode, so the
-task gives it no gradient and decay alone drives all of them down together. Scales on input
-channels and im2col columns (the paper's main structures) do not have that problem.
+* ``structure="filter"`` prunes the layer's maps: a filter's alpha also scales the layer's
+  bias and the scale and shift of the BatchNorm directly after it
+  (``hwprune.methods.filter_maps``), so the map is ``alpha * BN(conv(x))``: the
+  normalisation does not cancel the alpha, and an alpha that is off makes the map exactly
+  zero, which ``hp.shrink`` removes.
+
+A caveat users should know: a scale on a whole layer (``"layer"``) that is directly followed
+by BatchNorm is cancelled by the normalisation in training mode, so the task gives it no
+gradient and decay alone drives all of them down together; gate the BatchNorm itself
+(``targets="...bn2"``) instead.
 """
 
 from __future__ import annotations
@@ -55,11 +61,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
 from ..deploy.shrink.maps import FeatureMaps
 from ..errors import ConfigError
-from ..parametrize import GroupScale, MapGate, MapScale, TiedScale
+from ..parametrize import GroupScale, MapGate, MapScale
 from ..schedules import OneShot, Schedule
 from ..structures import KofN, Layer, Structure
 from ..targets import Spec
@@ -80,7 +85,7 @@ _FAST = {"alpha_decay": 0.2, "alpha_lr": 0.5, "threshold": 0.6}
 
 @register_method(
     configs={**{s: {"structure": s, **_FAST} for s in ("channel", "column", "filter", "kernel",
-                                                      "element", "block:2x2")},
+                                                      "element", "block:2x2", "map")},
              "layer": {"structure": "layer", "variant": "fixed", "sparsity": 0.5}},
     bad_settings=({"threshold": -0.5}, {"alpha_decay": -1.0}, {"variant": "l0"}),
     recipe="psp-digits", doc="psp.md")
@@ -178,25 +183,12 @@ class PSP(MapTargets, Pruner):
             return MapGate(self.map_scale, self.maps.index(layer.name, layer.shape), owner)
         return GroupScale(layer.structure, layer.shape, getattr(layer.module, layer.param))
 
-    def _gated_biases(self) -> list[PrunedLayer]:
-        """Layers whose bias the layer structure scales along with the weight."""
+    def _tied_params(self, layer: PrunedLayer) -> list[tuple[nn.Module, str]]:
+        # the layer structure scales a module's bias along with its weight
         if not isinstance(self.structure, Layer):
-            return []
-        return [l for l in self.layers.values()
-                if l.param == "weight" and getattr(l.module, "bias", None) is not None]
-
-    def _on_attach(self) -> None:
-        for layer in self._gated_biases():
-            parametrize.register_parametrization(layer.module, "bias",
-                                                 TiedScale(layer.parametrization))
-
-    def finalize(self) -> nn.Module:
-        self._check_live("finalize")
-        with torch.no_grad():  # bake the gated biases while the alphas still exist
-            for layer in self._gated_biases():
-                parametrize.remove_parametrizations(layer.module, "bias",
-                                                    leave_parametrized=True)
-        return super().finalize()
+            return super()._tied_params(layer)
+        has_bias = layer.param == "weight" and getattr(layer.module, "bias", None) is not None
+        return [(layer.module, "bias")] if has_bias else []
 
     # -- the lifecycle hooks --------------------------------------------------------------
     def _method_param_groups(self, defaults: dict[str, Any]) -> list[dict[str, Any]]:
