@@ -85,8 +85,8 @@ _THRESHOLD_MODES = ("absolute", "relative")
 DEFAULT_THRESHOLD = {"relative": 0.05, "absolute": 0.01}
 
 
-# strong decay on fast alphas: groups fall under the threshold within a few steps
-_FAST = {"alpha_decay": 0.2, "alpha_lr": 0.5, "threshold": 0.6}
+# strong decay on fast alphas: groups fall under the absolute threshold within a few steps
+_FAST = {"alpha_decay": 0.2, "alpha_lr": 0.5, "threshold": 0.6, "threshold_mode": "absolute"}
 
 
 @register_method(
