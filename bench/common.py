@@ -23,8 +23,8 @@ import torch
 
 from hwprune.app.machine import cpu_name, machine
 
-__all__ = ["ROOT", "RESULTS", "ResultLog", "arguments", "command", "cpu_name", "header",
-           "machine", "parse", "table", "write_json", "write_lines", "write_table"]
+__all__ = ["ROOT", "RESULTS", "ResultLog", "arguments", "command", "cpu_name", "group_sparsity",
+           "header", "machine", "parse", "table", "write_json", "write_lines", "write_table"]
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository
 RESULTS = Path(__file__).resolve().parent / "results"  # results/<topic>/...
@@ -116,3 +116,13 @@ def write_table(path: Path, lines: list[str], columns: list[str], align: str,
 
 def write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def group_sparsity(pruner: Any) -> float:
+    """Fraction of a pruner's targeted groups (columns, channels, ...) that are entirely zero."""
+    removed = total = 0
+    for name, mask in pruner.masks().items():
+        kept = pruner.layers[name].structure.to_groups(mask.float()).amax(1) > 0
+        removed += int((~kept).sum())
+        total += kept.numel()
+    return removed / total

@@ -28,7 +28,8 @@ from conftest import TinyNet
 
 METHODS = {
     "magnitude": lambda m: hp.Magnitude(m, "channel", 0.5, schedule=Cubic(0, 8, every=2)),
-    "psp": lambda m: hp.PSP(m, "channel", alpha_decay=0.05, alpha_lr=0.5, threshold=0.5),
+    "psp": lambda m: hp.PSP(m, "channel", alpha_decay=0.05, alpha_lr=0.5, threshold=0.5,
+                            threshold_mode="absolute"),
     "dpp": lambda m: hp.DPP(m, "2:4", anneal_epochs=3, entropy_weight=1e-3),
     "admm": lambda m: hp.ADMM(m, block=(1, 4), unify=0.25, zero=0.25, rho=0.05,
                               admm_interval=3, retrain_at=8),

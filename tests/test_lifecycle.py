@@ -148,9 +148,11 @@ def _train(model, pruner, opt, steps, seed_base=100):
 METHODS = {
     "magnitude-gradual": lambda m: hp.Magnitude(m, "channel", 0.75, schedule=Cubic(0, 20, every=4)),
     # strong decay and a high threshold, so that 30 steps on random data prune something
-    "psp-decay": lambda m: hp.PSP(m, "channel", alpha_decay=0.05, alpha_lr=0.5, threshold=0.5),
+    "psp-decay": lambda m: hp.PSP(m, "channel", alpha_decay=0.05, alpha_lr=0.5, threshold=0.5,
+                                  threshold_mode="absolute"),
     "psp-layer-gates": lambda m: hp.PSP(m, "layer", alpha_decay=0.05, alpha_lr=0.5,
-                                        threshold=0.5, targets=["conv3", "bn2", "fc1"]),
+                                        threshold=0.5, threshold_mode="absolute",
+                                        targets=["conv3", "bn2", "fc1"]),
     # sampled masks: resuming must restore the noise generator too
     "dpp-2:4-quantized": lambda m: hp.DPP(m, "2:4", quantize_bits=8, anneal_epochs=3),
     # gradual: masks and per-row block sizes are recomputed at steps 0, 4, ..., 20

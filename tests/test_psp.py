@@ -48,9 +48,11 @@ def _regression_problem(seed=0):
 
 @pytest.mark.parametrize("variant", ["decay", "l1"])
 def test_alpha_regulariser_drives_unused_channels_to_zero(variant):
+    # no normalisation here, so the alphas' absolute size means something: the paper's rule
     x, y, model = _regression_problem()
     pruner = hp.PSP(model, "channel", alpha_decay=0.05 if variant == "decay" else 0.005,
-                    threshold=1e-2, variant=variant, threshold_start=200)
+                    threshold=1e-2, variant=variant, threshold_start=200,
+                    threshold_mode="absolute")
     opt = torch.optim.SGD(pruner.param_groups(lr=0.05, momentum=0.9))
     fit_full_batch(model, pruner, opt, x, y, 1500)
     alpha = pruner.alphas()["0.weight"].abs()
@@ -131,7 +133,7 @@ def test_thresholding_starts_when_asked(tiny):
 
 
 def test_a_layer_keeps_its_best_group_and_stays_finite(tiny, x8):
-    pruner = hp.PSP(tiny, "channel", targets=["conv3"])
+    pruner = hp.PSP(tiny, "channel", targets=["conv3"], threshold_mode="absolute")
     with torch.no_grad():
         pruner.alphas(live=True)["conv3.weight"].copy_(torch.linspace(1e-3, 5e-3, 16))
     pruner.step()
@@ -142,10 +144,15 @@ def test_a_layer_keeps_its_best_group_and_stays_finite(tiny, x8):
 
 
 def test_layer_structure_can_remove_a_whole_layer(tiny):
-    pruner = hp.PSP(tiny, "layer", targets=["conv3"])
+    # one alpha per layer: the relative rule compares the gates of all the layers
+    pruner = hp.PSP(tiny, "layer", targets=["conv2", "conv3"])
     _set_alpha(pruner, "conv3.weight", 0, 1e-3)
     pruner.step()
     assert not pruner.masks()["conv3.weight"].any()
+    assert pruner.masks()["conv2.weight"].all()
+    _set_alpha(pruner, "conv2.weight", 0, 0.1)  # both shrank: conv3 is still under 5 % of conv2
+    pruner.step()
+    assert pruner.masks()["conv2.weight"].all() and not pruner.masks()["conv3.weight"].any()
 
 
 @pytest.mark.parametrize("structure", ["channel", "column", "filter", "kernel", "layer"])
@@ -269,6 +276,20 @@ def test_norm_layers_are_targets_only_for_psp_layer_gates(tiny):
         hp.Magnitude(tiny, "layer", 0.5, targets="bn2")
     assert [t for t in hp.PSP(TinyNet(), "layer").layers] == ["conv2.weight", "conv3.weight",
                                                                "fc1.weight"]
+
+
+def test_the_default_threshold_is_relative(tiny):
+    pruner = hp.PSP(tiny, "filter", targets=["conv3"])
+    assert (pruner.threshold_mode, pruner.threshold) == ("relative", 0.05)
+    assert hp.PSP(TinyNet(), "filter", threshold_mode="absolute").threshold == 0.01
+    with torch.no_grad():  # decay shrank the layer 100x: nothing is off until one falls behind
+        pruner.alphas(live=True)["conv3.weight"].fill_(1e-2)
+    pruner.step()
+    assert pruner.masks()["conv3.weight"].all()
+    _set_alpha(pruner, "conv3.weight", 5, 1e-4)
+    pruner.step()
+    kept = pruner.masks()["conv3.weight"].flatten(1).any(1)
+    assert kept.tolist() == [True] * 5 + [False] + [True] * 10
 
 
 def test_relative_threshold_is_scale_free(tiny):

@@ -20,7 +20,8 @@ X = torch.randn(4, 3, 8, 8)
 
 
 MODELS = {"residual": Residual, "concat": Dense}
-FAST = {"alpha_decay": 0.1, "alpha_lr": 0.5, "alpha_momentum": 0.0, "threshold": 0.7}
+FAST = {"alpha_decay": 0.1, "alpha_lr": 0.5, "alpha_momentum": 0.0, "threshold": 0.7,
+        "threshold_mode": "absolute"}
 
 
 def _train(pruner, steps=6, seed=0):

@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: the shar
 import torch
 from torch import nn
 
-from common import ResultLog, arguments, command, header, parse, write_table
+from common import ResultLog, arguments, command, group_sparsity, header, parse, write_table
 from hwprune.app.recipe import method_class, method_kwargs, resolve
 from hwprune.app.runner import Run
 from hwprune.data import augment_cifar, data_dir, load_cifar10
@@ -115,16 +115,6 @@ def make_pruner(model: nn.Module, section: dict):
     return method_class(section["name"])(model, **method_kwargs(section))
 
 
-def structure_sparsity(pruner) -> float:
-    """Fraction of the targeted groups (columns / channels) that are entirely zero."""
-    removed = total = 0
-    for name, mask in pruner.masks().items():
-        kept = pruner.layers[name].structure.to_groups(mask.float()).amax(1) > 0
-        removed += int((~kept).sum())
-        total += kept.numel()
-    return removed / total
-
-
 def save_alphas(out: Path, pruner, variant: str, structure: str, knob: float) -> None:
     """The alpha distribution PSP's decay produced (the gap below/above the threshold)."""
     alpha_histograms(pruner.layer_extras(),
@@ -166,7 +156,7 @@ def runner_point(task: Task, variant: str, structure: str, knob: float, seed: in
     if variant.startswith("decay") and seed == task.seeds[0]:
         save_alphas(out, run.pruner, variant, structure, knob)
     return {"task": task.name, "structure": structure, "variant": variant, "knob": knob,
-            "seed": seed, "sparsity": structure_sparsity(run.pruner) if method else 0.0,
+            "seed": seed, "sparsity": group_sparsity(run.pruner) if method else 0.0,
             "accuracy": summary["accuracy"], "steps": summary["steps"],
             "seconds": round(summary["seconds"], 1)}
 
@@ -198,7 +188,7 @@ def loop_point(task, model0, train, test, variant, structure, knob, seed,
                     on_step=sched.step if per_step else None)
         if not per_step:
             sched.step()
-    sparsity = structure_sparsity(pruner)
+    sparsity = group_sparsity(pruner)
     if out is not None and variant.startswith("decay") and seed == task.seeds[0]:
         save_alphas(out, pruner, variant, structure, knob)
     pruner.finalize()

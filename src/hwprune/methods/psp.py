@@ -18,11 +18,18 @@ The L1-norm magnitude baseline of the paper is ``hp.Magnitude(..., norm="l1")``.
 
 Choices the paper leaves open, made explicit (all parameters):
 
-* ``threshold`` (ε) defaults to ``1e-2``: a group is off while ``|α| < ε``
-  (``threshold_mode="absolute"``, the paper's rule) or while ``|α| < ε · max |α|`` of its
-  layer (``"relative"``). The relative rule is scale-free: where BatchNorm follows, the task
-  does not care about a layer's overall scale, decay shrinks all its alphas together, and an
-  absolute threshold then cuts whichever groups happen to be a little smaller.
+* ``threshold_mode`` defaults to ``"relative"`` and ``threshold`` (ε) to ``0.05`` there
+  (``0.01`` with ``"absolute"``): a group
+  is off while ``|α| < ε · max |α|`` of its layer (of its family of maps, for ``"map"``; of
+  all the gated layers, for ``"layer"``, where each layer has one alpha).
+  ``threshold_mode="absolute"`` (``|α| < ε``, the paper's rule) is kept for models without
+  normalisation. Why relative by default: where BatchNorm follows a layer, scaling all its
+  alphas together does not change the loss, so the task gradient has no component along
+  the layer's alpha vector and weight decay only shrinks that vector (by about
+  ``exp(-lr · λ · steps / (1 − momentum))``), the same factor for every group. An absolute
+  ε then measures how long training ran, not which groups matter: it cuts nothing for a
+  long time, then every group of a layer within a few steps. The relative rule reads only
+  the alphas' sizes relative to each other, which is all the task can set.
 * Off groups may come back (``revive=True``, the paper's "dynamic" pruning): the forward pass
   uses 0 for them, but α still receives the straight-through gradient ``Σ ∂E/∂q · w`` and is
   re-tested after every step. ``revive=False`` makes pruning permanent.
@@ -52,7 +59,9 @@ Choices the paper leaves open, made explicit (all parameters):
 A caveat users should know: a scale on a whole layer (``"layer"``) that is directly followed
 by BatchNorm is cancelled by the normalisation in training mode, so the task gives it no
 gradient and decay alone drives all of them down together; gate the BatchNorm itself
-(``targets="...bn2"``) instead.
+(``targets="...bn2"``) instead. Scales on input channels and im2col columns (the paper's main
+structures) each get a task gradient, but their common scale (a layer's alphas all multiplied
+by one factor) is cancelled the same way, which is why the default threshold is relative.
 """
 
 from __future__ import annotations
@@ -77,10 +86,12 @@ __all__ = ["PSP"]
 
 _VARIANTS = ("decay", "l1", "fixed")
 _THRESHOLD_MODES = ("absolute", "relative")
+#: ε per threshold mode: relative, of the layer's largest |alpha|; absolute, of |alpha|
+DEFAULT_THRESHOLD = {"relative": 0.05, "absolute": 0.01}
 
 
-# strong decay on fast alphas: groups fall under the threshold within a few steps
-_FAST = {"alpha_decay": 0.2, "alpha_lr": 0.5, "threshold": 0.6}
+# strong decay on fast alphas: groups fall under the absolute threshold within a few steps
+_FAST = {"alpha_decay": 0.2, "alpha_lr": 0.5, "threshold": 0.6, "threshold_mode": "absolute"}
 
 
 @register_method(
@@ -99,15 +110,17 @@ class PSP(MapTargets, Pruner):
             (use DPP).
         alpha_decay: the sparsity knob: weight decay (``"decay"``, ``"fixed"``) or L1
             coefficient (``"l1"``) on the alphas; >= 0.
-        threshold: ε; groups with ``|α| < ε`` are off (``"decay"``, ``"l1"``); > 0.
+        threshold: ε; groups with ``|α| < ε`` times the layer's largest ``|α|`` (or, with
+            ``threshold_mode="absolute"``, ``|α| < ε``) are off (``"decay"``, ``"l1"``); > 0;
+            default 0.05 (relative) or 0.01 (absolute).
         variant: ``"decay"``, ``"l1"`` or ``"fixed"``.
         sparsity: fraction of groups off per layer, only for ``variant="fixed"``.
         schedule: for ``"fixed"``, how ``sparsity`` ramps up (``hwprune.schedules``; default:
             the full sparsity from the start, re-ranked after every step).
         revive: whether off groups may come back (see the module docstring).
         threshold_start: the step from which thresholding (or ranking) applies.
-        threshold_mode: ``"absolute"`` (|α| < ε) or ``"relative"`` (|α| < ε · the layer's
-            max |α|).
+        threshold_mode: ``"relative"`` (|α| < ε · the layer's max |α|; scale-free, see the
+            module docstring) or ``"absolute"`` (|α| < ε).
         alpha_lr, alpha_momentum: optimizer settings of the alpha group; default: the same as
             the weights' (as in the paper).
         targets: which weights; see ``hwprune.targets``.
@@ -118,10 +131,11 @@ class PSP(MapTargets, Pruner):
     """
 
     def __init__(self, model: nn.Module, structure: str | Structure = "channel",
-                 alpha_decay: float = 1e-3, threshold: float = 1e-2, variant: str = "decay",
+                 alpha_decay: float = 1e-3, threshold: float | None = None,
+                 variant: str = "decay",
                  sparsity: float | None = None, schedule: Schedule | None = None,
                  revive: bool = True, threshold_start: int = 0,
-                 threshold_mode: str = "absolute",
+                 threshold_mode: str = "relative",
                  alpha_lr: float | None = None, alpha_momentum: float | None = None,
                  targets: Spec = None, example_inputs: Any = None, strict: bool = False):
         self.example_inputs = example_inputs
@@ -144,6 +158,8 @@ class PSP(MapTargets, Pruner):
         if self.threshold_mode not in _THRESHOLD_MODES:
             raise ConfigError(f"threshold_mode must be one of {_THRESHOLD_MODES}; got "
                               f"{self.threshold_mode!r}")
+        if self.threshold is None:
+            self.threshold = DEFAULT_THRESHOLD[self.threshold_mode]
         if self.variant not in _VARIANTS:
             raise ConfigError(f"variant must be one of {_VARIANTS}; got {self.variant!r}")
         if isinstance(self.structure, KofN):
@@ -232,8 +248,11 @@ class PSP(MapTargets, Pruner):
                          "alpha_abs_median": magnitude.median().item(),
                          "alpha_abs_max": magnitude.max().item(),
                          "alpha": alpha.cpu().tolist()}
-            if self.variant != "fixed":
+            if self.variant != "fixed" and self.threshold_mode == "absolute":
                 out[name]["threshold"] = self.threshold
+            elif self.variant != "fixed" and self.maps is None and not isinstance(
+                    self.structure, Layer):  # the layer's own cut
+                out[name]["threshold"] = self.threshold * magnitude.max().item()
         return out
 
     def _layer_alphas(self, layer: PrunedLayer) -> tuple[Tensor, Tensor]:
@@ -261,13 +280,19 @@ class PSP(MapTargets, Pruner):
         if self.maps is not None:
             self._update_map_keep()
             return
+        # "layer": one alpha per layer, so the relative rule compares the layers' gates
+        gates = 1.0
+        if isinstance(self.structure, Layer) and self.threshold_mode == "relative":
+            gates = max(float(l.parametrization.alpha.abs().max()) for l in self.layers.values())
         for layer in self.layers.values():
             p = layer.parametrization
             magnitude = p.alpha.abs()
             if self.variant == "fixed":
                 keep = self._rank_keep(layer, magnitude)
             else:
-                scale = magnitude.max() if self.threshold_mode == "relative" else 1.0
+                scale = 1.0
+                if self.threshold_mode == "relative":
+                    scale = gates if isinstance(layer.structure, Layer) else magnitude.max()
                 keep = magnitude >= self.threshold * scale
                 if not isinstance(layer.structure, Layer) and not keep.any():
                     keep[int(magnitude.argmax())] = True  # a layer keeps its best group
