@@ -195,9 +195,10 @@ def write_results(out: Path, records: list[dict], cmd: str, threads: int, steps:
                      _ratio(r, "param_reduction"),
                      f"{r['rel_diff']:.1e}" if "rel_diff" in r else "n/a",
                      r.get("seconds", "-")] for r in peers])
-    missing = [m for m in MODELS if m not in {r["model"] for r in records}]
+    finished = {r["model"] for r in peers if r["row"].startswith("Torch-Pruning")}
+    missing = [m for m in MODELS if m not in finished]
     if missing:
-        lines += ["", f"Not run yet: {', '.join(missing)} (the run resumes where it stopped)."]
+        lines += ["", f"Not finished: {', '.join(missing)} (the run resumes where it stopped)."]
     write_lines(out.with_suffix(".md"), lines)
     write_json(out.with_suffix(".json"), records)
 
