@@ -6,10 +6,13 @@ residual block (``layer*.conv2``: its zero input channels let ``shrink`` remove 
 filters of ``conv1`` too) of the pretrained akamaster CIFAR ResNet-20/56, and on ``conv2``/``conv3``
 of the digits SmallCNN (random init: latency does not depend on the values). No fine-tuning:
 only time is measured here. The dense, shrunk, and shrunk + BatchNorm-folded forward passes
-alternate within one loop (so load from other processes hits them alike); the median over the
-repeats is reported.
+alternate within one loop (so load from other processes hits them alike), in PyTorch eager and
+in onnxruntime (the dense and the folded model exported with ``hp.export_model(...,
+format="onnx")``, per batch size); the median over the repeats is reported. Needs onnxruntime
+(the zoo venv, ``make zoo``, or ``pip install "hwprune[onnx,onnxruntime]"``) and the
+pretrained ResNets in the data folder::
 
-    python bench/deploy/shrink_latency.py [--threads 1] [--repeats 30]
+    HWPRUNE_DATA_DIR=... python bench/deploy/shrink_latency.py [--threads 1] [--repeats 30]
 
 Writes bench/results/deploy/shrink_latency.jsonl (resumable) and .md.
 """
@@ -18,9 +21,8 @@ from __future__ import annotations
 
 import copy
 import platform
-import statistics
 import sys
-import time
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: the shared helpers
@@ -30,6 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import hwprune as hp
 from common import RESULTS, ResultLog, arguments, command, header, machine, parse, write_table
+from deploy.latency import eager, medians_in_turns, onnxruntime_call
 from hwprune.data import data_dir
 from hwprune.models import SmallCNN, load_pretrained
 
@@ -41,21 +44,6 @@ def macs(model: torch.nn.Module, x: torch.Tensor) -> int:
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(x)
     return counter.get_total_flops() // 2
-
-
-def medians_in_turns(models: list, x: torch.Tensor, repeats: int) -> list[float]:
-    """Median seconds per forward of each model, the models measured in turns."""
-    times: list[list[float]] = [[] for _ in models]
-    with torch.inference_mode():
-        for _ in range(3):
-            for m in models:
-                m(x)
-        for _ in range(repeats):
-            for m, t in zip(models, times, strict=True):
-                start = time.perf_counter()
-                m(x)
-                t.append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
 
 
 def load(name: str) -> tuple[torch.nn.Module, tuple, object]:
@@ -75,14 +63,16 @@ def build(name: str, sparsity: float) -> tuple[torch.nn.Module, torch.nn.Module,
     return dense, hp.shrink(pruned.eval(), torch.randn(2, *shape)), shape
 
 
-def run(name: str, sparsity: float, batch: int, repeats: int) -> dict:
+def run(name: str, sparsity: float, batch: int, repeats: int, folder: str) -> dict:
     dense, small, shape = build(name, sparsity)
     folded = hp.fold_batchnorm(small, torch.randn(2, *shape))
     x = torch.randn(batch, *shape)
     with torch.no_grad():
         diff = float((dense(x) - small(x)).abs().max()) if sparsity == 0 else None
     md, ms = macs(dense, x[:1]), macs(small, x[:1])
-    td, ts, tf = medians_in_turns([dense, small, folded], x, repeats)
+    calls = [eager(m, x) for m in (dense, small, folded)]
+    calls += [onnxruntime_call(m, x, folder) for m in (dense, folded)]
+    td, ts, tf, od, of = medians_in_turns(calls, repeats)
     ideal, measured = md / ms, td / ts
     return {"model": name, "sparsity": sparsity, "batch": batch, "repeats": repeats,
             "params_dense": sum(p.numel() for p in dense.parameters()),
@@ -92,6 +82,9 @@ def run(name: str, sparsity: float, batch: int, repeats: int) -> dict:
             "speedup": round(measured, 3), "speedup_over_ideal": round(measured / ideal, 3),
             "ms_folded": round(tf * 1e3, 3), "speedup_folded": round(td / tf, 3),
             "speedup_folded_over_ideal": round(td / tf / ideal, 3),
+            "ort_ms_dense": round(od * 1e3, 3), "ort_ms_folded": round(of * 1e3, 3),
+            "ort_speedup_folded": round(od / of, 3),
+            "ort_folded_over_eager_folded": round(of / tf, 3),
             "max_abs_diff_unpruned": diff, "threads": torch.get_num_threads()}
 
 
@@ -102,17 +95,23 @@ def write_markdown(records: list[dict], cmd: str) -> None:
                     "`hp.shrink`, and the shrunk model with its BatchNorms folded "
                     "(`hp.fold_batchnorm`); the three forward passes run in turns in one loop; "
                     "median of the repeats. MACs measured with `FlopCounterMode` (batch 1). "
-                    "`/ ideal` = measured speed-up divided by the MAC reduction.", inline=True),
+                    "`/ ideal` = measured speed-up divided by the MAC reduction. `ORT`: the "
+                    "dense and the shrunk + folded model exported to ONNX (`hp.export_model`) "
+                    "in onnxruntime (as many threads), timed in the same loop; `ORT / eager`: "
+                    "the folded model's onnxruntime time over its eager time.", inline=True),
              ""]
     rows = [[r["model"], f"{r['sparsity']:.2f}", r["batch"], f"{r['params_dense']:,}",
              f"{r['params_shrunk']:,}", f"{r['mac_reduction']:.2f}x", f"{r['ms_dense']:.2f}",
              f"{r['ms_shrunk']:.2f}", f"{r['speedup']:.2f}x", f"{r['speedup_over_ideal']:.2f}",
              f"{r['ms_folded']:.2f}", f"{r['speedup_folded']:.2f}x",
-             f"{r['speedup_folded_over_ideal']:.2f}"] for r in records]
+             f"{r['speedup_folded_over_ideal']:.2f}", f"{r['ort_ms_dense']:.2f}",
+             f"{r['ort_ms_folded']:.2f}", f"{r['ort_speedup_folded']:.2f}x",
+             f"{r['ort_folded_over_eager_folded']:.2f}"] for r in records]
     write_table(OUT / "shrink_latency.md", lines,
         ["model", "channel sparsity", "batch", "params dense", "params shrunk", "MAC reduction",
          "ms dense", "ms shrunk", "speed-up", "/ ideal", "ms shrunk + folded", "speed-up",
-         "/ ideal"], "lrrrrrrrrrrrr", rows)
+         "/ ideal", "ORT ms dense", "ORT ms folded", "ORT speed-up", "ORT / eager"],
+        "lrrrrrrrrrrrrrrrr", rows)
 
 
 def main() -> None:
@@ -123,13 +122,14 @@ def main() -> None:
     args = parse(ap, None)
     log = ResultLog(OUT / "shrink_latency.jsonl",
                     key=lambda r: (r["model"], r["sparsity"], r["batch"]))
-    for name in args.models:
-        for sparsity in args.sparsities:
-            for batch in args.batches:
-                if not log.done(name, sparsity, batch):
-                    # big batches of the deep model: fewer repeats keep the run short
-                    reps = args.repeats if batch == 1 else max(5, args.repeats // 3)
-                    log.add(run(name, sparsity, batch, reps))
+    with tempfile.TemporaryDirectory() as folder:
+        for name in args.models:
+            for sparsity in args.sparsities:
+                for batch in args.batches:
+                    if not log.done(name, sparsity, batch):
+                        # big batches of the deep model: fewer repeats keep the run short
+                        reps = args.repeats if batch == 1 else max(5, args.repeats // 3)
+                        log.add(run(name, sparsity, batch, reps, folder))
     write_markdown(log.records, command(__file__))
     print(platform.processor() or platform.machine())
 

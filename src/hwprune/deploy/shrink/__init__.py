@@ -33,7 +33,8 @@ tolerance raises ``ShrinkError`` instead of returning a wrong model. The input m
 modified.
 
 The modules: ``pipeline`` (``shrink`` itself), ``analysis`` and ``ops`` (the channel classes of
-every tensor; ``channels`` holds the classes and their union-find), ``handlers``, ``layers`` and
+every tensor; ``channels`` holds the classes and their union-find; ``shuffle``: channel
+shuffles and chunks), ``handlers``, ``layers`` and
 ``registry`` (what a layer type does to channels and how it is narrowed), ``rewrite`` (the
 graph surgery), ``result``; ``maps`` gives the same analysis' classes as coupled feature maps
 (``feature_maps``: every weight that writes or reads each map), the groups of

@@ -45,6 +45,9 @@ class Analysis:
         self.info: dict[fx.Node, ChannelInfo | None] = {}
         # node -> the op, not followed, that left it without channel info
         self.stopped: dict[fx.Node, str] = {}
+        # node -> its channel info, decided ahead by a rule that looked past the node before
+        # (the pieces of a chunk, the end of a channel shuffle)
+        self.resolved: dict[fx.Node, ChannelInfo | None] = {}
         gets = Counter(n.target for n in gm.graph.nodes if n.op == "get_attr")
         self.read_once_targets = {t for t, c in gets.items() if c == 1}
         calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
@@ -130,6 +133,8 @@ class Analysis:
 
     # -- the walk ---------------------------------------------------------------------------
     def _visit(self, node: fx.Node) -> ChannelInfo | None:
+        if node in self.resolved:
+            return self.resolved.pop(node)
         if node.op in ("placeholder", "get_attr"):
             return None
         if node.op == "output":

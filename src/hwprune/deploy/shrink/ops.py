@@ -6,7 +6,9 @@ classes; concatenation places its inputs' classes side by side; channel padding 
 shortcut) gives the padded channels classes of their own. A permute moves the channel axis; a
 multiply by a per-channel parameter (layer scale) or by a per-channel gate of the same channels
 (squeeze-excitation) keeps the classes; a call that is the identity in eval mode (stochastic
-depth) passes them through. Anything else is ``unsupported``: the channels it touches stay.
+depth) passes them through; channel shuffles and ``chunk`` are ``shuffle``'s rules; reading a
+size (``x.shape``, ``x.size()``) and arithmetic on sizes touch no channel. Anything else is
+``unsupported``: the channels it touches stay.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx
 
+from . import shuffle
 from .channels import ChannelInfo
 from .nodes import get_attr, nodes_in, shape_of, where
 
@@ -51,6 +54,8 @@ def _arg(node: fx.Node, i: int, name: str, default: Any) -> Any:
 def function_call(an: Analysis, node: fx.Node) -> ChannelInfo | None:
     fn, args, kwargs = node.target, node.args, node.kwargs
     x, info = an.input_of(node)
+    if _on_scalars(node) or (fn is getattr and args[1:2] in (("shape",), ("ndim",))):
+        return None  # sizes and arithmetic on them (x.shape[1] // groups): no channels
     if fn in _UNARY_FUNCTIONS:
         kw = {k: v for k, v in kwargs.items() if k not in ("inplace", "training")}
         return unary(info, lambda t: t if fn in _DROPOUT else fn(t, *args[1:], **kw))
@@ -74,6 +79,11 @@ def function_call(an: Analysis, node: fx.Node) -> ChannelInfo | None:
         return _getitem(an, node, info, args[1])
     if fn is torch.permute:
         return _permute(an, node, info, _arg(node, 1, "dims", None))
+    if fn is torch.chunk and info is not None and shuffle.chunk(
+            an, node, info, _arg(node, 1, "chunks", None), _arg(node, 2, "dim", 0)):
+        return None  # the pieces have their classes
+    if fn is torch.reshape and info is not None and shuffle.channel_shuffle(an, node, x, info):
+        return None  # the grid of a channel shuffle: its end has the classes
     if info is not None and is_eval_identity(node, lambda t: fn(t, *args[1:], **kwargs)):
         return ChannelInfo(info.dim, info.slots, info.const)
     an.unsupported(node, f"{getattr(fn, '__name__', fn)}")
@@ -96,6 +106,11 @@ def method_call(an: Analysis, node: fx.Node) -> ChannelInfo | None:
         shape, rest = shape_of(node), node.args[1:]
         if len(rest) == 2 and rest[1] == -1 and len(shape) == 2 and shape_of(x)[0] == shape[0]:
             return flatten(an, node, x, info, 1, -1)
+        if shuffle.channel_shuffle(an, node, x, info):
+            return None  # the grid of a channel shuffle: its end has the classes
+    if m == "chunk" and info is not None and shuffle.chunk(
+            an, node, info, _arg(node, 1, "chunks", None), _arg(node, 2, "dim", 0)):
+        return None  # the pieces have their classes
     if m == "permute":
         dims = node.args[1] if len(node.args) == 2 else node.args[1:]
         return _permute(an, node, info, node.kwargs.get("dims", dims))
@@ -109,6 +124,12 @@ def method_call(an: Analysis, node: fx.Node) -> ChannelInfo | None:
             return ChannelInfo(info.dim, info.slots, info.const)
     an.unsupported(node, f"method .{m}()")
     return None
+
+
+def _on_scalars(node: fx.Node) -> bool:
+    """Whether ``node`` neither reads nor gives a tensor (Python arithmetic on sizes)."""
+    return "tensor_meta" not in node.meta and not any(
+        "tensor_meta" in n.meta for n in nodes_in((node.args, node.kwargs)))
 
 
 def unary(info: ChannelInfo | None, fn: Callable[[Tensor], Tensor]) -> ChannelInfo | None:

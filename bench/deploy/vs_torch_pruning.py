@@ -1,0 +1,137 @@
+"""hwprune against Torch-Pruning on ResNet-56 (option B) at 50 %: MACs, parameters and CPU
+latency in PyTorch eager and in onnxruntime.
+
+hwprune: ``Magnitude("map", 0.5)`` one-shot, ``finalize()``, ``hp.shrink``, then
+``hp.fold_batchnorm``. Torch-Pruning: ``MagnitudePruner`` at ``pruning_ratio=0.5`` (L1
+importance, the classifier ignored), then the same ``hp.fold_batchnorm`` so that both
+deployable models are folded alike (Torch-Pruning's own model, unfolded, is timed too). Random
+initialisation (option B has no pretrained weights here; latency does not depend on the
+values, and neither does the MAC count). MACs per sample by hwprune's counter for every
+model. Every model of one batch size is timed in turns in one loop (eager and onnxruntime
+sessions alike; ``bench/deploy/latency.py``); the median of the repeats. onnxruntime runs the
+file ``hp.export_model(..., format="onnx")`` wrote and checked, exported per batch size.
+
+Needs Torch-Pruning and onnxruntime (the zoo venv, ``make zoo``)::
+
+    .venv-zoo/bin/python bench/deploy/vs_torch_pruning.py [--repeats 30] [--threads 1]
+
+Writes bench/results/deploy/vs_torch_pruning.md and .json.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: the shared helpers
+
+import torch
+
+import hwprune as hp
+from common import RESULTS, arguments, command, header, machine, parse, write_json, write_table
+from deploy.latency import eager, medians_in_turns, onnxruntime_call
+from hwprune.models import resnet_cifar
+from zoo.peer import macs, params, torch_pruning
+
+OUT = RESULTS / "deploy"
+SHAPE = (3, 32, 32)
+
+
+def build(ratio: float) -> dict[str, torch.nn.Module]:
+    """The models compared, by name."""
+    torch.manual_seed(0)
+    dense = resnet_cifar(56, shortcut="B").eval()
+    x = torch.randn(2, *SHAPE)
+    start = time.perf_counter()
+    pruned = hp.Magnitude(copy.deepcopy(dense), "map", ratio, example_inputs=x[:1]).finalize()
+    small = hp.shrink(pruned, x)
+    print(f"hwprune prune + shrink: {time.perf_counter() - start:.2f} s", flush=True)
+    peer, seconds = torch_pruning(copy.deepcopy(dense), x[:1], ratio)
+    print(f"Torch-Pruning: {seconds:.2f} s", flush=True)
+    return {"dense": dense, "hwprune": hp.fold_batchnorm(small, x),
+            "Torch-Pruning": peer.eval(), "Torch-Pruning folded": hp.fold_batchnorm(peer, x)}
+
+
+def measure(models: dict[str, torch.nn.Module], batch: int, repeats: int,
+            folder: str) -> list[dict]:
+    x = torch.randn(batch, *SHAPE)
+    x1 = x[:1]
+    names = list(models)
+    calls = [eager(models[n], x) for n in names]
+    calls += [onnxruntime_call(models[n], x, folder) for n in names]
+    seconds = medians_in_turns(calls, repeats)
+    dense_macs, dense_params = macs(models["dense"], x1), params(models["dense"])
+    rows = []
+    for i, name in enumerate(names):
+        m = macs(models[name], x1)
+        eager_ms, ort_ms = seconds[i] * 1e3, seconds[len(names) + i] * 1e3
+        rows.append({"model": name, "batch": batch, "repeats": repeats, "macs": m,
+                     "mac_reduction": round(dense_macs / m, 3), "params": params(models[name]),
+                     "param_reduction": round(dense_params / params(models[name]), 3),
+                     "eager_ms": round(eager_ms, 3), "ort_ms": round(ort_ms, 3),
+                     "eager_speedup": round(seconds[0] / seconds[i], 3),
+                     "ort_speedup": round(seconds[len(names)] / seconds[len(names) + i], 3),
+                     "ort_over_eager": round(ort_ms / eager_ms, 3),
+                     "class": type(models[name]).__name__})
+    return rows
+
+
+def _summary(rows: list[dict]) -> str:
+    """hwprune's MAC reduction and times against Torch-Pruning's folded model, per batch."""
+    by = {(r["model"], r["batch"]): r for r in rows}
+    parts = []
+    for batch in sorted({r["batch"] for r in rows}):
+        h, t = by[("hwprune", batch)], by[("Torch-Pruning folded", batch)]
+        parts.append(f"batch {batch}: eager {h['eager_ms'] / t['eager_ms']:.2f}, "
+                     f"onnxruntime {h['ort_ms'] / t['ort_ms']:.2f}")
+    h = next(r for r in rows if r["model"] == "hwprune")
+    t = next(r for r in rows if r["model"] == "Torch-Pruning")
+    return (f"MAC reduction: hwprune {h['mac_reduction']:.2f}x, Torch-Pruning "
+            f"{t['mac_reduction']:.2f}x. hwprune's time over Torch-Pruning's folded model's "
+            f"(below 1: hwprune faster): {'; '.join(parts)}.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = arguments(__doc__, None, threads=1, repeats=30)
+    parser.add_argument("--ratio", type=float, default=0.5)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
+    args = parse(parser, argv)
+    models = build(args.ratio)
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for batch in args.batches:
+            # batch 64 of the dense model takes far longer: fewer repeats keep the run short
+            reps = args.repeats if batch == 1 else max(5, args.repeats // 3)
+            rows += measure(models, batch, reps, folder)
+            print(rows[-4:], flush=True)
+    lines = [header("hwprune against Torch-Pruning: ResNet-56 (option B)",
+                    command(__file__, argv), f"{machine()} (shared with other jobs), "
+                    f"`torch.set_num_threads({args.threads})`, onnxruntime with as many "
+                    "threads", inline=True), "",
+             f"Random initialisation, one-shot at {args.ratio:.0%}. `hwprune`: "
+             f"`Magnitude(\"map\", {args.ratio})`, `finalize()`, `hp.shrink`, "
+             "`hp.fold_batchnorm`. `Torch-Pruning`: `MagnitudePruner(pruning_ratio="
+             f"{args.ratio})` (L1, classifier ignored); `folded`: then `hp.fold_batchnorm`. "
+             "MACs per sample (hwprune's counter for every model). Latency: every model of "
+             "one batch size in eager and in onnxruntime, timed in turns in one loop, median "
+             "of the repeats; `speed-up` is over the dense model in the same runtime; `ORT / "
+             "eager`: onnxruntime's time over eager's for the same model.", ""]
+    lines += [_summary(rows), ""]
+    write_table(OUT / "vs_torch_pruning.md", lines,
+                ["model", "class", "batch", "MACs", "MAC reduction", "params",
+                 "param reduction", "eager ms", "eager speed-up", "ORT ms", "ORT speed-up",
+                 "ORT / eager"], "llrrrrrrrrrr",
+                [[r["model"], r["class"], r["batch"], f"{r['macs']:,}",
+                  f"{r['mac_reduction']:.2f}x", f"{r['params']:,}",
+                  f"{r['param_reduction']:.2f}x", f"{r['eager_ms']:.2f}",
+                  f"{r['eager_speedup']:.2f}x", f"{r['ort_ms']:.2f}",
+                  f"{r['ort_speedup']:.2f}x", f"{r['ort_over_eager']:.2f}"] for r in rows])
+    write_json(OUT / "vs_torch_pruning.json", rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
