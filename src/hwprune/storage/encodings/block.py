@@ -10,6 +10,7 @@ from ..bits import from_raw_bits, unpack_bits
 from .base import (
     EncodedTensor,
     Encoding,
+    Size,
     TensorView,
     matrix_of,
     stored_array,
@@ -36,6 +37,7 @@ class BlockEncoding(Encoding):
     """bh x bw tiles of the im2col matrix: one bit per tile + the kept tiles stored dense."""
 
     name, simplicity = "block", 3
+    cost = 1
 
     def encode_view(self, view: TensorView, bh: int = 4, bw: int = 4) -> EncodedTensor:
         self.require_sparse_ok(view)
@@ -64,6 +66,23 @@ class BlockEncoding(Encoding):
         if not view.sparse_ok():
             return []
         return tile_candidates(view, BLOCK_SIZES, hints.get("block"))
+
+    def sizes(self, view: TensorView, params: dict) -> Size:
+        self.require_sparse_ok(view)
+        bh, bw = params.get("bh", 4), params.get("bw", 4)
+        rows, cols = check_tile(view, bh, bw)
+        kept = tiles(view.nz, rows, cols, bh, bw).any(axis=1)
+        values = real_elements(kept, rows, cols, bh, bw)
+        view.memo[("block", bh, bw)] = values
+        return Size({"values": values}, -(-kept.size // 8))
+
+    def lower_bound(self, view: TensorView, params: dict) -> int:
+        """A tiling whose tiles are unions of a finer one's (bh' | bh, bw' | bw) keeps at least
+        the elements the finer one keeps."""
+        bh, bw = params.get("bh", 4), params.get("bw", 4)
+        finer = [v for key, v in view.memo.items() if isinstance(key, tuple)
+                 and key[0] == "block" and bh % key[1] == 0 and bw % key[2] == 0]
+        return max(finer, default=0) * view.itemsize
 
     def min_index_bits(self, enc: EncodedTensor) -> float | None:
         rows, cols = matrix_of(enc)

@@ -12,6 +12,7 @@ from .base import ZERO_SIGNS, EncodedTensor, TensorView
 from .chooser import Hints, choose_view
 from .quantized import QVALUES, dequantize_values
 from .registry import ENCODINGS
+from .valuecoding import VCODED, decode_values
 
 __all__ = ["summarize", "stored_bytes"]
 
@@ -21,7 +22,8 @@ def _summary(enc: EncodedTensor, view: TensorView) -> dict[str, Any]:
     size = torch.empty((), dtype=enc.dtype).element_size()
     kept = int((view.nz & ~view.negzero).sum())
     # the pattern's minimum does not depend on how the values are coded
-    base = dequantize_values(enc) if enc.meta.get(QVALUES) is not None else enc
+    base = decode_values(enc, numel) if enc.meta.get(VCODED) is not None else enc
+    base = dequantize_values(base) if base.meta.get(QVALUES) is not None else base
     min_bits = ENCODINGS[enc.encoding].min_index_bits(base)
     if min_bits is not None and enc.meta.get(ZERO_SIGNS):
         min_bits += int(((view.bits == 0) | view.negzero).sum())

@@ -39,6 +39,7 @@ class Unified(Encoding):
     bit per element); free (dense)."""
 
     name, simplicity = "unified", 6
+    needs_zeros, cost = False, 2
 
     def encode_view(self, view: TensorView, bh: int = 1, bw: int = 4) -> EncodedTensor:
         self.require_sparse_ok(view)
@@ -92,6 +93,19 @@ class Unified(Encoding):
         if not view.sparse_ok() or not view.dtype.is_floating_point:
             return []
         return tile_candidates(view, UNIFIED_SIZES, hints.get("unified"))
+
+    def lower_bound(self, view: TensorView, params: dict) -> int:
+        """Along rows (bh = 1) a unified block of m weights saves m - 1 values, each one a
+        neighbour (in flat order) of equal nonzero magnitude: at most that many are saved."""
+        if params.get("bh", 1) != 1:
+            return 0
+        if "equal neighbours" not in view.memo:
+            mag = view.bits & ~view.bits.dtype.type(1 << (8 * view.itemsize - 1))
+            view.memo["equal neighbours"] = int(np.count_nonzero((mag[1:] == mag[:-1])
+                                                                 & (mag[1:] != 0)))
+        tiles = view.numel // params.get("bw", 4)
+        return ((int(np.count_nonzero(view.nz)) - view.memo["equal neighbours"]) * view.itemsize
+                + tiles // 4)
 
     def min_index_bits(self, enc: EncodedTensor) -> float | None:
         """log2 of the multinomial of the three states + the sign bits (incompressible)."""
