@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from hwprune.storage import StorageError, choose, container, decode, encode, load, save
 from hwprune.storage.bits import pack_radix, radix_group, raw_bits, unpack_radix
 from hwprune.storage.encodings.valuecoding import VCODED, code_values, decode_values
-from hwprune.storage.golomb import gaps_of, golomb_bits, golomb_decode, golomb_encode
+from hwprune.storage.golomb import golomb_bits, golomb_decode, golomb_encode
 
 SETTINGS = settings(max_examples=60, deadline=None)
 

@@ -151,8 +151,8 @@ def real_encodings() -> dict[str, tuple[dict, dict]]:
         if name == "dense coded":  # its values as Huffman-coded byte planes
             enc = code_values(enc)
             assert "vcoded" in enc.meta
-        rec = record("w", enc.encoding, str(enc.dtype).removeprefix("torch."), enc.shape, enc.payload,
-                     enc.index, **enc.meta)
+        rec = record("w", enc.encoding, str(enc.dtype).removeprefix("torch."), enc.shape,
+                     enc.payload, enc.index, **enc.meta)
         out[name] = (rec, {f"w/{k}": a for k, a in {**enc.payload, **enc.index}.items()})
     return out
 

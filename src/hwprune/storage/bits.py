@@ -88,6 +88,7 @@ def from_raw_bits(bits: np.ndarray, dtype: torch.dtype, shape: tuple[int, ...]) 
     return t.reshape(shape)
 
 
+@lru_cache(maxsize=1024)
 def uint_for(max_value: int) -> np.dtype:
     """The smallest unsigned dtype (uint8/16/32/64) that holds ``max_value``."""
     for dt in (np.uint8, np.uint16, np.uint32, np.uint64):

@@ -107,16 +107,18 @@ __all__ = ["save", "load", "plan", "pack", "FilePlan", "file_layout", "FORMAT", 
 
 
 def save(obj: nn.Module | Mapping[str, Tensor], path: str | os.PathLike,
-         compress: str | None = None, hints: Mapping[str, Hints] | None = None) -> int:
+         compress: str | None = None, hints: Mapping[str, Hints] | None = None,
+         code_values: bool = True) -> int:
     """Write ``obj`` (a module's ``state_dict()`` or a dict of tensors) to ``path``.
 
-    Each tensor takes ``choose(t, hints.get(name))``, its smallest exact encoding.
+    Each tensor takes ``choose(t, hints.get(name), code_values)``, its smallest exact
+    encoding (``code_values``: its values as Huffman-coded byte planes where that is smaller).
     ``compress`` (``None``, ``"zlib"``, ``"lzma"``) wraps the file in the compressed layout.
     Returns the number of bytes written.
     """
     if compress is not None and compress not in CODECS:
         raise StorageError(f"compress must be None, 'zlib' or 'lzma'; got {compress!r}")
-    data = plan(obj, hints).data
+    data = plan(obj, hints, code_values).data
     if compress is not None:
         data = _wrap(data, compress)
     write_atomic(Path(path), data)
@@ -144,14 +146,14 @@ class FilePlan:
 
 
 def plan(obj: nn.Module | Mapping[str, Tensor],
-         hints: Mapping[str, Hints] | None = None) -> FilePlan:
+         hints: Mapping[str, Hints] | None = None, code_values: bool = True) -> FilePlan:
     """Encode ``obj`` as ``save`` would (same choices, same bytes) and say how the file's
     bytes divide between the container header and the tensors' data."""
     state = _state(obj)
     hints = hints or {}
     records, arrays, encoded = [], {}, {}
     for name, t in state.items():
-        encoded[name] = choose(t, hints.get(name))
+        encoded[name] = choose(t, hints.get(name), code_values)
         records.append(_record(name, encoded[name], arrays))
     data = pack(records, arrays)
     data_bytes = sum(e.total_bytes for e in encoded.values())

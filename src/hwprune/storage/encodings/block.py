@@ -71,7 +71,7 @@ class BlockEncoding(Encoding):
         self.require_sparse_ok(view)
         bh, bw = params.get("bh", 4), params.get("bw", 4)
         rows, cols = check_tile(view, bh, bw)
-        kept = tiles(view.nz, rows, cols, bh, bw).any(axis=1)
+        kept = kept_grid(view, bh, bw)
         values = real_elements(kept, rows, cols, bh, bw)
         view.memo[("block", bh, bw)] = values
         return Size({"values": values}, -(-kept.size // 8))
@@ -89,3 +89,34 @@ class BlockEncoding(Encoding):
         count = -(-rows // enc.meta["bh"]) * -(-cols // enc.meta["bw"])
         kept = int(np.unpackbits(enc.index["tiles"], count=count).sum())
         return block_min_bits(count, kept)
+
+
+def kept_grid(view: TensorView, bh: int, bw: int) -> np.ndarray:
+    """Which bh x bw tiles of the matrix hold a nonzero (flat, tile order). Power-of-two sizes
+    come from halvings of one padded mask, shared by every size the chooser tries (each halving
+    reads half the previous one); other sizes tile the mask directly."""
+    rows, cols = view.matrix
+    if bh & (bh - 1) or bw & (bw - 1):
+        return tiles(view.nz, rows, cols, bh, bw).any(axis=1)
+    tr, tc = -(-rows // bh), -(-cols // bw)
+    memo = view.memo
+    if "block masks" not in memo:
+        # pad to the largest power of two each size may take (sizes never exceed the matrix)
+        ph, pw = (1 << min(4, rows.bit_length() - 1)), (1 << min(4, cols.bit_length() - 1))
+        padded = np.zeros((-(-rows // ph) * ph, -(-cols // pw) * pw), bool)
+        padded[:rows, :cols] = view.nz.reshape(rows, cols)
+        memo["block masks"] = {(1, 1): padded}
+    masks = memo["block masks"]
+
+    def reduced(h: int, w: int) -> np.ndarray:
+        if (h, w) not in masks:  # OR of the two halves: strided views, no reduction loop
+            if h > 1:
+                m = reduced(h // 2, w)
+                masks[(h, w)] = m[0::2] | m[1::2]
+            else:
+                m = reduced(1, w // 2)
+                masks[(h, w)] = m[:, 0::2] | m[:, 1::2]
+        return masks[(h, w)]
+
+    grid = reduced(bh, bw)
+    return np.ascontiguousarray(grid[:tr, :tc]).reshape(-1)
