@@ -12,7 +12,7 @@ from ...errors import HwpruneError
 from ...structures import Block, Element, KofN, Structure, parse_structure
 from ..errors import StorageError
 from .base import EncodedTensor, TensorView, add_zero_signs
-from .quantized import QVALUES, find_scale, quantize_values
+from .quantized import find_scale, quantize_values
 from .registry import ENCODINGS
 from .valuecoding import code_values as code_value_planes
 
@@ -148,6 +148,6 @@ def choose_view(view: TensorView, hints: Hints, code_values: bool = True) -> Enc
     if enc.total_bytes != best.total:  # the closed forms are the definition of the sizes
         raise StorageError(f"{best.encoding}: encoded {enc.total_bytes} bytes, its size formula "
                            f"says {best.total}")
-    if code_values and QVALUES not in enc.meta:
+    if code_values:
         enc = code_value_planes(enc)
     return enc

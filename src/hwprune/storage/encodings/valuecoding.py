@@ -1,10 +1,10 @@
 """Lossless coding of stored values: byte planes, each entropy-coded where that saves bytes.
 
 A trained float32 weight's top byte (sign and 7 exponent bits) takes a handful of values, its
-low mantissa bytes are close to uniform. So each payload array of raw values (2, 4 or 8 bytes
-per element) is split into its byte planes (plane j = byte j of every value, little-endian),
-and each plane is stored either as it is or as a raw deflate stream with Huffman coding only
-(``zlib``, standard library: order-0 entropy coding, fast both ways), whichever is smaller.
+low mantissa bytes are close to uniform. So each payload array (raw values of 1, 2, 4 or 8
+bytes, or the packed codes of quantized values) is split into its byte planes (plane j = byte j
+of every value, little-endian), and each plane is stored either as it is or as a raw deflate
+stream with Huffman coding only (``zlib``, standard library: order-0 entropy coding, fast both ways), whichever is smaller.
 Planes that do not gain on a sample are not compressed at all, so the uniform ones cost a
 copy. The stored bytes decode to exactly the same bits: the values are never rounded.
 
@@ -19,7 +19,6 @@ from dataclasses import replace
 
 import numpy as np
 
-from ..bits import element_size
 from ..errors import StorageError
 from .base import EncodedTensor, stored_array
 
@@ -51,8 +50,7 @@ def code_values(enc: EncodedTensor) -> EncodedTensor:
     smaller (``enc`` itself where nothing gains)."""
     payload, info = dict(enc.payload), {}
     for name, arr in enc.payload.items():
-        if arr.ndim != 1 or arr.dtype.kind != "u" or arr.dtype.itemsize < 2 \
-                or arr.size < MIN_CODED:
+        if arr.ndim != 1 or arr.dtype.kind != "u" or arr.size < MIN_CODED:
             continue
         planes = arr.view(np.uint8).reshape(-1, arr.dtype.itemsize).T
         parts, lengths = [], []
@@ -71,21 +69,23 @@ def code_values(enc: EncodedTensor) -> EncodedTensor:
 
 
 def decode_values(enc: EncodedTensor, limit: int) -> EncodedTensor:
-    """The inverse of ``code_values``: payload arrays of raw values again. ``limit`` bounds
-    each array's element count (the tensor's elements) before anything is inflated."""
+    """The inverse of ``code_values``: payload arrays of raw values again, one plane per byte
+    of their elements (each encoding then checks them as it checks uncoded arrays). ``limit``
+    bounds each array's element count before anything is inflated."""
     info = enc.meta.get(VCODED)
     if not isinstance(info, dict):
         raise StorageError(f"{enc.encoding}: stored value coding {str(info)[:80]} is not a dict")
-    width = element_size(enc.dtype)
     payload = dict(enc.payload)
     for name, entry in info.items():
         if not (isinstance(entry, list) and len(entry) == 2 and _is_int(entry[0])
                 and 0 <= entry[0] <= limit and isinstance(entry[1], list)
-                and len(entry[1]) == width and all(_is_int(n) and n >= -1 for n in entry[1])):
+                and len(entry[1]) in (1, 2, 4, 8)
+                and all(_is_int(n) and n >= -1 for n in entry[1])):
             raise StorageError(f"{enc.encoding}: stored value coding of {name[:40]!r} "
-                               f"({str(entry)[:80]}) is not [count <= {limit}, {width} plane "
-                               "lengths]")
+                               f"({str(entry)[:80]}) is not [count <= {limit}, 1, 2, 4 or 8 "
+                               "plane lengths]")
         count, lengths = entry
+        width = len(lengths)
         data = stored_array(enc.payload, f"{name}_planes", enc)
         sizes = [count if n == -1 else n for n in lengths]
         if data.dtype != np.uint8 or data.ndim != 1 or data.size != sum(sizes):
