@@ -6,7 +6,8 @@ bytes, or the packed codes of quantized values) is split into its byte planes (p
 of every value, little-endian), and each plane is stored either as it is or as a raw deflate
 stream with Huffman coding only (``zlib``, standard library: order-0 entropy coding, fast
 both ways), whichever is smaller. Planes that do not gain on a sample are not compressed at
-all, so the uniform ones cost a copy. The stored bytes decode to exactly the same bits: the values are never rounded.
+all, so the uniform ones cost a copy. The stored bytes decode to exactly the same bits: the
+values are never rounded.
 
 Meta: ``meta["vcoded"] = {array: [count, [len of plane 0, ...]]}`` (-1: the plane is stored
 raw, ``count`` bytes); the payload array ``<array>_planes`` holds the planes back to back.
