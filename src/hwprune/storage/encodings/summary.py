@@ -47,7 +47,7 @@ def summarize(enc: EncodedTensor, t: Tensor) -> dict[str, Any]:
     return _summary(enc, TensorView.of(t))
 
 
-def stored_bytes(t: Tensor, hints: Hints = None) -> dict[str, Any]:
+def stored_bytes(t: Tensor, hints: Hints = None, code_values: bool = True) -> dict[str, Any]:
     """What storing ``t`` costs, as the report prints it.
 
     Keys: ``encoding``, ``params`` (k, n, bh, bw, ...), ``payload_bytes``, ``index_bytes``,
@@ -58,7 +58,8 @@ def stored_bytes(t: Tensor, hints: Hints = None) -> dict[str, Any]:
     kept tiles) for blocks, state multinomial + sign bits for unified, plus one bit per zero
     with zero signs; 0 for dense and quantized, which have no index; ``hwprune.hardware``
     holds these formulas) and ``bits_per_kept_weight`` (8·total_bytes / kept; None when
-    nothing is kept).
+    nothing is kept). ``code_values=False``: the encoding without coded value planes (the
+    byte formulas of the encodings' table).
     """
     view = TensorView.of(t)
-    return _summary(choose_view(view, hints), view)
+    return _summary(choose_view(view, hints, code_values), view)
