@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 
 import hwprune as hp
 from hwprune.storage import StorageError, container, encode
+from hwprune.storage.encodings.valuecoding import code_values
 from hwprune.storage.fileformat import (
     CODECS,
     COMPRESSED_HEADER,
@@ -139,12 +140,19 @@ def real_encodings() -> dict[str, tuple[dict, dict]]:
     cases = {"dense": (w, {}), "bitmask": (keep(w > 1), {}), "csr": (keep(w > 2), {}),
              "kofn": (keep(mask24), {"k": 1, "n": 2}), "block": (keep(blocks), {"bh": 4, "bw": 4}),
              "rowblock": (rowblock, {}), "unified": (unified, {"bh": 1, "bw": 4}),
-             "quantized": (q, {})}
+             # gaps of the zeros (most weights kept): a larger shape needs more zeros' gaps
+             # (gaps of nonzeros would describe the larger tensor validly: max_bytes bounds it)
+             "quantized": (q, {}), "gaps": (keep(w > -1), {}),
+             "kofn coded": (keep(mask24), {"k": 1, "n": 2, "positions": "coded"}),
+             "dense coded": (w, {})}
     out = {}
     for name, (t, params) in cases.items():
-        enc = encode(t, name, **params)
-        rec = record("w", name, str(enc.dtype).removeprefix("torch."), enc.shape, enc.payload,
-                     enc.index, **enc.meta)
+        enc = encode(t, name.split()[0], **params)
+        if name == "dense coded":  # its values as Huffman-coded byte planes
+            enc = code_values(enc)
+            assert "vcoded" in enc.meta
+        rec = record("w", enc.encoding, str(enc.dtype).removeprefix("torch."), enc.shape,
+                     enc.payload, enc.index, **enc.meta)
         out[name] = (rec, {f"w/{k}": a for k, a in {**enc.payload, **enc.index}.items()})
     return out
 
@@ -255,7 +263,8 @@ def test_shapes_beyond_their_data_or_max_bytes_are_refused_before_allocating(hos
 
 
 @pytest.mark.parametrize("encoding", ["dense", "bitmask", "csr", "kofn", "block", "rowblock",
-                                      "unified", "quantized"])
+                                      "unified", "quantized", "gaps", "kofn coded",
+                                      "dense coded"])
 def test_every_encoding_checks_its_arrays_against_the_shape(hostile, encoding):
     assert hostile[f"{encoding}, as stored"][1]["result"] == "loaded"
     assert _clean(hostile[f"{encoding}, rows x 65536"][1])
@@ -437,13 +446,20 @@ def test_random_documents_in_a_valid_container_are_refused_cleanly(bounded_memor
 
 
 NAMES = ("values", "mask", "indptr", "indices", "positions", "tiles", "states", "signs",
-         "magnitudes", "codes", "scale", "sizes", "positions8", "zero_signs", "values_codes")
+         "magnitudes", "codes", "scale", "sizes", "positions8", "zero_signs", "values_codes",
+         "values_planes")
+#: coded value planes: [count, [plane lengths]] per array, any of them wrong
+VCODED = st.dictionaries(st.sampled_from(["values", "magnitudes"]), st.tuples(
+    st.integers(-1, 1 << 40), st.lists(st.integers(-2, 64), max_size=9)).map(
+        lambda t: [t[0], t[1]]), max_size=2)
 META = st.dictionaries(
-    st.sampled_from(["k", "n", "bh", "bw", "positions", "qmax", "zero_signs", "qvalues"]),
-    st.integers(-2, 70) | st.sampled_from(["rank", "index", True])
+    st.sampled_from(["k", "n", "bh", "bw", "positions", "qmax", "zero_signs", "qvalues", "m",
+                     "zeros", "vcoded"]),
+    st.integers(-2, 70) | st.sampled_from(["rank", "index", "coded", True, False])
     | st.fixed_dictionaries({"qmax": st.integers(0, 130),
                              "counts": st.dictionaries(st.sampled_from(NAMES[:2]),
-                                                       st.integers(-1, 40))}),
+                                                       st.integers(-1, 40))})
+    | VCODED,
     max_size=4)
 #: each encoding's arrays (payload, index) and parameters, so that most random records reach
 #: the decoders' checks rather than stop at a missing array
@@ -453,7 +469,9 @@ TEMPLATES = {"dense": (["values"], [], ()), "bitmask": (["values"], ["mask"], ()
              "block": (["values"], ["tiles"], ("bh", "bw")),
              "rowblock": (["values"], ["sizes", "positions1", "positions8"], ()),
              "unified": (["magnitudes", "values"], ["states", "signs"], ("bh", "bw")),
-             "quantized": (["codes", "scale"], [], ("qmax",)), "zip": ([], [], ())}
+             "quantized": (["codes", "scale"], [], ("qmax",)),
+             "gaps": (["values"], ["positions"], ("m", "zeros")),
+             "dense coded": (["values_planes"], [], ("vcoded",)), "zip": ([], [], ())}
 
 
 @st.composite
@@ -463,7 +481,11 @@ def random_record(draw):
     if draw(st.integers(0, 4)) == 0:
         payload = draw(st.lists(st.sampled_from(NAMES), max_size=2, unique=True))
         index = draw(st.lists(st.sampled_from(NAMES), max_size=3, unique=True))
-    meta = {k: draw(st.integers(0, 9) | st.sampled_from(["rank", "index"])) for k in params}
+    meta = {k: draw(VCODED if k == "vcoded" else st.booleans() if k == "zeros" else
+                    st.integers(0, 9) | st.sampled_from(["rank", "index", "coded"]))
+            for k in params}
+    if encoding == "dense coded":
+        encoding = "dense"
     meta.update(draw(META))
     return {"encoding": encoding, "meta": meta, "payload": payload, "index": index,
             "dtype": draw(st.sampled_from(["float32", "float16", "bfloat16", "int8", "bool",

@@ -71,7 +71,7 @@ SCHEMES = ("csr", "block", "bmwm", "darb")
 #: rowblock row a b_r:1 one; block and unified tiles select a bw-wide slice of the row per tile.
 #: Encodings not listed (dense, quantized) store every element in place.
 ENCODING_SCHEMES = {"bitmask": "csr", "csr": "csr", "kofn": "bmwm", "rowblock": "bmwm",
-                    "block": "block", "unified": "block"}
+                    "block": "block", "unified": "block", "gaps": "csr"}
 
 
 # -- index-bit arithmetic ------------------------------------------------------------------

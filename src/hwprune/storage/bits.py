@@ -29,6 +29,9 @@ __all__ = [
     "unpack_bits",
     "subset_rank",
     "subset_unrank",
+    "radix_group",
+    "pack_radix",
+    "unpack_radix",
 ]
 
 _SIGNED = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -49,6 +52,7 @@ def dtype_from_name(name: str) -> torch.dtype:
     return dtype
 
 
+@lru_cache(maxsize=64)
 def element_size(dtype: torch.dtype) -> int:
     """Bytes per element of ``dtype`` (``StorageError`` for a dtype no tensor can hold)."""
     try:
@@ -84,6 +88,7 @@ def from_raw_bits(bits: np.ndarray, dtype: torch.dtype, shape: tuple[int, ...]) 
     return t.reshape(shape)
 
 
+@lru_cache(maxsize=1024)
 def uint_for(max_value: int) -> np.dtype:
     """The smallest unsigned dtype (uint8/16/32/64) that holds ``max_value``."""
     for dt in (np.uint8, np.uint16, np.uint32, np.uint64):
@@ -136,6 +141,57 @@ def unpack_bits(packed: np.ndarray, count: int) -> np.ndarray:
         raise StorageError(f"packed array has {packed.size} bytes of {packed.dtype}; {count} "
                            f"bits need {-(-count // 8)} uint8")
     return np.unpackbits(packed, count=count).view(bool)
+
+
+@lru_cache(maxsize=256)
+def radix_group(radix: int) -> tuple[int, int]:
+    """(g, width): how many digits of base ``radix`` ``pack_radix`` joins into one number,
+    and that number's bits, ceil(log2(radix^g)). g (at most 64 digits, radix^g < 2^64) is the
+    one with the fewest bits per digit, the smallest on a tie: within a few tenths of a
+    percent of log2(radix) per digit for the radixes k-of-n ranks take."""
+    if not 2 <= radix < 1 << 32:
+        raise StorageError(f"radix must be in [2, 2^32); got {radix}")
+    best = (1, (radix - 1).bit_length())
+    g = 1
+    while g < 64 and radix ** (g + 1) < 1 << 64:
+        g += 1
+        width = (radix ** g - 1).bit_length()
+        if width * best[0] < best[1] * g:
+            best = (g, width)
+    return best
+
+
+def pack_radix(digits: np.ndarray, radix: int) -> np.ndarray:
+    """Digits in [0, radix) packed g at a time (``radix_group``) as base-``radix`` numbers of
+    ``width`` bits each (the last group padded with zero digits): about log2(radix) bits per
+    digit, where one fixed-width field per digit takes ceil(log2(radix))."""
+    g, width = radix_group(radix)
+    d = digits.astype(np.uint64).reshape(-1)
+    padded = np.zeros(-(-d.size // g) * g, np.uint64)
+    padded[: d.size] = d
+    groups = padded.reshape(-1, g)
+    acc = np.zeros(groups.shape[0], np.uint64)
+    for j in range(g):  # Horner: radix^g < 2^64, so nothing overflows
+        acc = acc * np.uint64(radix) + groups[:, j]
+    return pack_uint(acc, width)
+
+
+def unpack_radix(packed: np.ndarray, radix: int, count: int) -> np.ndarray:
+    """Inverse of ``pack_radix``: ``count`` digits (uint64); ``StorageError`` where a group is
+    not below radix^g or padding digits are not zero."""
+    g, width = radix_group(radix)
+    groups = -(-count // g)
+    acc = unpack_uint(packed, width, groups)
+    if groups and int(acc.max()) >= radix ** g:
+        raise StorageError(f"a packed group is out of range for {g} digits of base {radix}")
+    out = np.zeros((groups, g), np.uint64)
+    for j in range(g - 1, -1, -1):
+        out[:, j] = acc % np.uint64(radix)
+        acc //= np.uint64(radix)
+    out = out.reshape(-1)
+    if out[count:].any():
+        raise StorageError("the padding digits of a packed group are not zero")
+    return out[:count]
 
 
 @lru_cache(maxsize=64)

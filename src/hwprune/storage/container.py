@@ -14,7 +14,7 @@ bytes          content
 [0, 8)         ``H``: u64 little-endian, length of the JSON header (safetensors)
 [8, 8+H)       the JSON header: the two arrays' entries (dtype U8, shape, offsets) and
                ``"__metadata__"``, whose one key ``"hwprune"`` holds the JSON
-               ``{"format":"hwprune.storage","version":2}``; safetensors pads the header with
+               ``{"format":"hwprune.storage","version":3}``; safetensors pads the header with
                spaces to a multiple of 8 bytes
 then           ``hwprune.doc``: the document, compact JSON compressed with zlib: ``sha256``
                (see ``_digest``), ``tensors`` (one record per tensor in state-dict order:
@@ -107,16 +107,18 @@ __all__ = ["save", "load", "plan", "pack", "FilePlan", "file_layout", "FORMAT", 
 
 
 def save(obj: nn.Module | Mapping[str, Tensor], path: str | os.PathLike,
-         compress: str | None = None, hints: Mapping[str, Hints] | None = None) -> int:
+         compress: str | None = None, hints: Mapping[str, Hints] | None = None,
+         code_values: bool = True) -> int:
     """Write ``obj`` (a module's ``state_dict()`` or a dict of tensors) to ``path``.
 
-    Each tensor takes ``choose(t, hints.get(name))``, its smallest exact encoding.
+    Each tensor takes ``choose(t, hints.get(name), code_values)``, its smallest exact
+    encoding (``code_values``: its values as Huffman-coded byte planes where that is smaller).
     ``compress`` (``None``, ``"zlib"``, ``"lzma"``) wraps the file in the compressed layout.
     Returns the number of bytes written.
     """
     if compress is not None and compress not in CODECS:
         raise StorageError(f"compress must be None, 'zlib' or 'lzma'; got {compress!r}")
-    data = plan(obj, hints).data
+    data = plan(obj, hints, code_values).data
     if compress is not None:
         data = _wrap(data, compress)
     write_atomic(Path(path), data)
@@ -144,24 +146,28 @@ class FilePlan:
 
 
 def plan(obj: nn.Module | Mapping[str, Tensor],
-         hints: Mapping[str, Hints] | None = None) -> FilePlan:
+         hints: Mapping[str, Hints] | None = None, code_values: bool = True) -> FilePlan:
     """Encode ``obj`` as ``save`` would (same choices, same bytes) and say how the file's
     bytes divide between the container header and the tensors' data."""
     state = _state(obj)
     hints = hints or {}
     records, arrays, encoded = [], {}, {}
     for name, t in state.items():
-        encoded[name] = choose(t, hints.get(name))
+        encoded[name] = choose(t, hints.get(name), code_values)
         records.append(_record(name, encoded[name], arrays))
     data = pack(records, arrays)
     data_bytes = sum(e.total_bytes for e in encoded.values())
     return FilePlan(encoded, data, len(data) - data_bytes, data_bytes)
 
 
-def pack(records: list[dict[str, Any]], arrays: Mapping[str, np.ndarray]) -> bytes:
-    """The version 2 file of tensor ``records`` (as ``plan`` makes them) and their ``arrays``
-    (1-D, by key ``"<name>/<array>"``, in the order of the data), checksummed."""
-    doc = {"sha256": _digest(records, arrays, VERSION), "tensors": records,
+def pack(records: list[dict[str, Any]], arrays: Mapping[str, np.ndarray],
+         version: int = VERSION) -> bytes:
+    """The file of tensor ``records`` (as ``plan`` makes them) and their ``arrays`` (1-D, by
+    key ``"<name>/<array>"``, in the order of the data), checksummed. ``version`` 2 writes
+    the same layout as an older hwprune did (for records of the encodings it knew)."""
+    if version not in (2, VERSION):
+        raise StorageError(f"pack writes versions 2 and {VERSION}; got {version!r}")
+    doc = {"sha256": _digest(records, arrays, version), "tensors": records,
            "arrays": [[key, a.dtype.str, int(a.size)] for key, a in arrays.items()]}
     blob = np.concatenate([a.view(np.uint8) for a in arrays.values()] or [np.zeros(0, np.uint8)])
     packed = {DOC_KEY: np.frombuffer(zlib.compress(_json(doc).encode(), 9), np.uint8),
@@ -169,7 +175,7 @@ def pack(records: list[dict[str, Any]], arrays: Mapping[str, np.ndarray]) -> byt
     # one metadata key: safetensors writes a multi-key metadata map in no fixed order, and the
     # same model should give the same bytes
     return safetensors.numpy.save(
-        packed, metadata={META_KEY: _json({"format": FORMAT, "version": VERSION})})
+        packed, metadata={META_KEY: _json({"format": FORMAT, "version": version})})
 
 
 def load(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES) -> dict[str, Tensor]:
@@ -235,7 +241,7 @@ def file_layout(path: str | os.PathLike) -> dict[str, Any]:
     except StorageError as err:
         raise StorageError(f"{path}: {err}") from err
     data_bytes = header.data_end
-    if header.version == 2:
+    if header.version >= 2:
         start, end = header.entries[DATA_KEY]["data_offsets"]
         data_bytes = end - start
     return {"compressed": False, "header_bytes": len(data) - data_bytes,

@@ -19,10 +19,12 @@ __all__ = [
 ]
 
 FORMAT = "hwprune.storage"
-#: the version ``save`` writes; ``load`` also reads version 1 (one safetensors entry per array)
-VERSION = 2
-READABLE_VERSIONS = (1, 2)
-#: version 2's two arrays: the zlib-compressed JSON document, and every array back to back
+#: the version ``save`` writes. ``load`` also reads version 1 (one safetensors entry per array)
+#: and 2 (the layout of 3, without the Golomb-coded gaps, coded k-of-n ranks and coded value
+#: planes that version 3 added: an older hwprune refuses a version 3 file by its version)
+VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
+#: version 2 and 3's two arrays: the zlib-compressed JSON document, and every array back to back
 DOC_KEY, DATA_KEY = "hwprune.doc", "hwprune.data"
 #: the array dtypes a file may declare (numpy's ``dtype.str``, little-endian)
 ARRAY_DTYPES = {np.dtype(t).str: np.dtype(t) for t in

@@ -186,9 +186,9 @@ def parse_header(data: bytes) -> Header:
         )
     if version == 1 and not isinstance(meta.get("tensors"), list):
         raise StorageError("not an intact hwprune file: the tensors record is not a list")
-    if version == 2 and set(entries) != {DOC_KEY, DATA_KEY}:
-        raise StorageError(f"a version 2 file holds the arrays {DOC_KEY!r} and {DATA_KEY!r} "
-                           f"only; found {sorted(entries)[:8]}")
+    if version >= 2 and set(entries) != {DOC_KEY, DATA_KEY}:
+        raise StorageError(f"a version {version} file holds the arrays {DOC_KEY!r} and "
+                           f"{DATA_KEY!r} only; found {sorted(entries)[:8]}")
     for key, entry in entries.items():
         offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
         if not (isinstance(offsets, list) and len(offsets) == 2

@@ -1,7 +1,8 @@
 """Exact per-tensor encodings, the chooser, and the byte count the report calls "stored".
 
-One module per encoding family (``dense``, ``irregular``: bitmask and CSR, ``kofn``,
-``block``, ``rowblock``, ``unified``, ``quantized``) on a shared ``base``; ``registry`` names
+One module per encoding family (``dense``, ``irregular``: bitmask and CSR, ``gaps``: Golomb-
+coded positions, ``kofn``, ``block``, ``rowblock``, ``unified``, ``quantized``) on a shared
+``base``, and ``valuecoding`` (Huffman-coded byte planes of the stored values); ``registry`` names
 them all, ``chooser`` picks the smallest, ``summary`` is the report's per-tensor record. The
 index widths and minimums come from ``hwprune.hardware``.
 
@@ -30,9 +31,11 @@ encoding     payload bytes                                  index bytes
 dense        N·e                                            0
 bitmask      z·e                                            ceil8(N)
 csr          z·e                                            (rows+1)·w(z) + z·w(cols-1)
+gaps         z·e                                            ceil8(Golomb bits of the gaps)
 kofn         runs·k·e  (runs = N / n)                       ceil8(runs·ceil(log2 C(n,k)))
-                                                            ["rank"] or ceil8(runs·k·ceil(log2
-                                                            n)) ["index"]
+                                                            ["rank"], ceil8(runs·k·ceil(log2
+                                                            n)) ["index"] or ceil8(ceil(runs/g)
+                                                            ·ceil(g·log2 C(n,k))) ["coded"]
 block        e·(real elements of kept tiles)                ceil8(tiles)
 rowblock     e·Σ_r ceil(cols / b_r)                         ceil8(3·rows) + Σ_b ceil8(blocks of
                                                             size b · ceil(log2 b))
@@ -69,9 +72,11 @@ quantized    ceil8(N·ceil(log2(2q+1))) + e  [codes, scale]  0
   k-of-n positions + codes of the kept weights only this way, where ``quantized`` stores a
   code for every weight.
 
-``choose`` tries every applicable encoding (k-of-n for n in 2, 4, 8, 16 with k the largest
+``choose`` considers every applicable encoding (k-of-n for n in 2, 4, 8, 16 with k the largest
 count of nonzeros in a run; blocks bxb, 1xb, bx1 for b in 2, 4, 8, 16; unified 1 x b; plus the
-sizes a hint names) and keeps the smallest total, ties to the simpler one.
+sizes a hint names) by its exact size in closed form (``Encoding.sizes``), keeps the smallest
+total, ties to the simpler one, encodes only that one, and (by default) codes its values
+(``valuecoding``).
 ``stored_bytes`` is the per-tensor line the report prints; the container stores exactly these
 arrays, so a file's data section is the sum of the tensors' ``total_bytes``.
 """
@@ -80,6 +85,7 @@ from .base import ZERO_SIGNS, EncodedTensor, Encoding, TensorView
 from .block import BLOCK_SIZES, BlockEncoding
 from .chooser import Hints, choose, encodings_for
 from .dense import Dense
+from .gaps import Gaps
 from .irregular import CSR, Bitmask
 from .kofn import KOFN_N, KofNEncoding
 from .quantized import QUANT_MAX, QVALUES, Quantized
@@ -103,6 +109,7 @@ __all__ = [
     "Dense",
     "Bitmask",
     "CSR",
+    "Gaps",
     "KofNEncoding",
     "BlockEncoding",
     "RowBlock",

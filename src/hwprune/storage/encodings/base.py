@@ -7,7 +7,7 @@ import inspect
 import math
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ __all__ = [
     "stored_values",
     "zero_bits",
     "matrix_of",
+    "Size",
 ]
 
 
@@ -72,6 +73,8 @@ class TensorView:
     bits: np.ndarray
     nz: np.ndarray
     finite: bool
+    #: what one size computation leaves for another's bound (block: kept elements per tile)
+    memo: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def of(cls, t: Tensor) -> TensorView:
@@ -83,7 +86,7 @@ class TensorView:
         t = t.detach().cpu()
         bits = raw_bits(t)
         nz = bits != 0 if bits.ndim == 1 else (bits != 0).any(axis=1)
-        return cls(t.dtype, tuple(t.shape), bits, nz, _all_finite(t))
+        return cls(t.dtype, tuple(t.shape), bits, nz, _all_finite(t, bits))
 
     @property
     def numel(self) -> int:
@@ -118,9 +121,17 @@ class TensorView:
         return EncodedTensor(name, self.dtype, self.shape, payload, index, meta)
 
 
-def _all_finite(t: Tensor) -> bool:
+#: the exponent bits of the common float dtypes: all set means inf or NaN
+_EXPONENTS = {torch.float16: 0x7C00, torch.bfloat16: 0x7F80, torch.float32: 0x7F800000,
+              torch.float64: 0x7FF0000000000000}
+
+
+def _all_finite(t: Tensor, bits: np.ndarray) -> bool:
     if not (t.is_floating_point() or t.is_complex()) or t.numel() == 0:
         return True
+    if t.dtype in _EXPONENTS:  # on the raw bits: one vectorised pass, no float conversion
+        mask = bits.dtype.type(_EXPONENTS[t.dtype])
+        return not bool(np.any((bits & mask) == mask))
     if t.element_size() == 1:  # float8 kinds: isfinite is not implemented for all of them
         t = t.float()
     return bool(torch.isfinite(t).all())
@@ -166,12 +177,32 @@ def matrix_of(enc: EncodedTensor) -> tuple[int, int]:
 
 
 # -- the encoding interface ----------------------------------------------------------------
+class Size(NamedTuple):
+    """What ``encode_view(view, **params)`` would store, computed without encoding it:
+    ``values``, the element count of each payload array of raw values (what a quantized-values
+    or value-coded variant recodes); ``index``, the index bytes; ``other``, payload bytes that
+    are not raw values (codes, a scale)."""
+
+    values: dict[str, int]
+    index: int
+    other: int = 0
+
+    def total(self, itemsize: int) -> int:
+        return sum(self.values.values()) * itemsize + self.other + self.index
+
+
 class Encoding:
     """One encoding: ``encode(t, **params)``, ``decode(enc)``, and what the chooser tries."""
 
     name: ClassVar[str]
     #: lower is simpler; the chooser breaks ties towards simpler encodings
     simplicity: ClassVar[int]
+    #: whether the encoding can only win on a tensor with zeros (the chooser skips it on one
+    #: without: its payload alone would be the dense size)
+    needs_zeros: ClassVar[bool] = True
+    #: how much computing its size costs: 0 one pass, 1 a pass per parameter set, 2 more;
+    #: the chooser tries cheaper ones first, so the bounds of the others have a best to beat
+    cost: ClassVar[int] = 0
 
     def encode(self, t: Tensor, zero_signs: bool = False, **params: Any) -> EncodedTensor:
         """Encode ``t``; ``StorageError`` if it cannot take this encoding (with these params).
@@ -205,9 +236,17 @@ class Encoding:
         """Information-theoretic minimum of the index for this pattern (None: undefined)."""
         return None
 
-    def min_payload(self, view: TensorView, params: dict) -> int:
-        """A cheap lower bound on the payload of ``params``, so the chooser can skip it."""
+    def lower_bound(self, view: TensorView, params: dict) -> int:
+        """Bytes ``encode_view(view, **params)`` takes at least, from one cheap pass: the
+        chooser skips the exact size where this already loses."""
         return 0
+
+    def sizes(self, view: TensorView, params: dict) -> Size:
+        """The ``Size`` of ``encode_view(view, **params)`` (``StorageError`` where it does not
+        apply). Encodings with a closed form override this; the default encodes, for those
+        whose pattern analysis is the encoding itself."""
+        enc = self.encode_view(view, **params)
+        return Size({k: int(a.size) for k, a in enc.payload.items()}, enc.index_bytes)
 
     def require_sparse_ok(self, view: TensorView) -> None:
         """``StorageError`` unless non-dense encodings apply to ``view``."""

@@ -10,6 +10,7 @@ from ..bits import from_raw_bits, unpack_bits
 from .base import (
     EncodedTensor,
     Encoding,
+    Size,
     TensorView,
     matrix_of,
     stored_array,
@@ -36,6 +37,7 @@ class BlockEncoding(Encoding):
     """bh x bw tiles of the im2col matrix: one bit per tile + the kept tiles stored dense."""
 
     name, simplicity = "block", 3
+    cost = 1
 
     def encode_view(self, view: TensorView, bh: int = 4, bw: int = 4) -> EncodedTensor:
         self.require_sparse_ok(view)
@@ -65,8 +67,56 @@ class BlockEncoding(Encoding):
             return []
         return tile_candidates(view, BLOCK_SIZES, hints.get("block"))
 
+    def sizes(self, view: TensorView, params: dict) -> Size:
+        self.require_sparse_ok(view)
+        bh, bw = params.get("bh", 4), params.get("bw", 4)
+        rows, cols = check_tile(view, bh, bw)
+        kept = kept_grid(view, bh, bw)
+        values = real_elements(kept, rows, cols, bh, bw)
+        view.memo[("block", bh, bw)] = values
+        return Size({"values": values}, -(-kept.size // 8))
+
+    def lower_bound(self, view: TensorView, params: dict) -> int:
+        """A tiling whose tiles are unions of a finer one's (bh' | bh, bw' | bw) keeps at least
+        the elements the finer one keeps."""
+        bh, bw = params.get("bh", 4), params.get("bw", 4)
+        finer = [v for key, v in view.memo.items() if isinstance(key, tuple)
+                 and key[0] == "block" and bh % key[1] == 0 and bw % key[2] == 0]
+        return max(finer, default=0) * view.itemsize
+
     def min_index_bits(self, enc: EncodedTensor) -> float | None:
         rows, cols = matrix_of(enc)
         count = -(-rows // enc.meta["bh"]) * -(-cols // enc.meta["bw"])
         kept = int(np.unpackbits(enc.index["tiles"], count=count).sum())
         return block_min_bits(count, kept)
+
+
+def kept_grid(view: TensorView, bh: int, bw: int) -> np.ndarray:
+    """Which bh x bw tiles of the matrix hold a nonzero (flat, tile order). Power-of-two sizes
+    come from halvings of one padded mask, shared by every size the chooser tries (each halving
+    reads half the previous one); other sizes tile the mask directly."""
+    rows, cols = view.matrix
+    if bh & (bh - 1) or bw & (bw - 1):
+        return tiles(view.nz, rows, cols, bh, bw).any(axis=1)
+    tr, tc = -(-rows // bh), -(-cols // bw)
+    memo = view.memo
+    if "block masks" not in memo:
+        # pad to the largest power of two each size may take (sizes never exceed the matrix)
+        ph, pw = (1 << min(4, rows.bit_length() - 1)), (1 << min(4, cols.bit_length() - 1))
+        padded = np.zeros((-(-rows // ph) * ph, -(-cols // pw) * pw), bool)
+        padded[:rows, :cols] = view.nz.reshape(rows, cols)
+        memo["block masks"] = {(1, 1): padded}
+    masks = memo["block masks"]
+
+    def reduced(h: int, w: int) -> np.ndarray:
+        if (h, w) not in masks:  # OR of the two halves: strided views, no reduction loop
+            if h > 1:
+                m = reduced(h // 2, w)
+                masks[(h, w)] = m[0::2] | m[1::2]
+            else:
+                m = reduced(1, w // 2)
+                masks[(h, w)] = m[:, 0::2] | m[:, 1::2]
+        return masks[(h, w)]
+
+    grid = reduced(bh, bw)
+    return np.ascontiguousarray(grid[:tr, :tc]).reshape(-1)

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 
+import numpy as np
 from torch import Tensor
 
 from ...errors import HwpruneError
 from ...structures import Block, Element, KofN, Structure, parse_structure
 from ..errors import StorageError
-from .base import ZERO_SIGNS, EncodedTensor, TensorView, add_zero_signs
-from .quantized import QVALUES, find_scale, quantize_values
+from .base import EncodedTensor, TensorView, add_zero_signs
+from .quantized import find_scale, quantize_values
 from .registry import ENCODINGS
+from .valuecoding import code_values as code_value_planes
 
-__all__ = ["Hints", "encodings_for", "choose", "choose_view", "normalize_hints"]
+__all__ = ["Hints", "Candidate", "encodings_for", "choose", "choose_view", "normalize_hints"]
 
 #: ``None``, a structure (``"2:4"``, ``"block:4x4"``, a ``Structure``), or explicit sizes:
 #: ``{"kofn": (k, n), "block": (bh, bw), "unified": (bh, bw)}``
@@ -48,52 +50,104 @@ def normalize_hints(hints: Hints) -> dict[str, tuple[int, int]]:
 
 
 def encodings_for(t: Tensor, hints: Hints = None) -> list[EncodedTensor]:
-    """Every applicable encoding of ``t`` (dense first, then simpler before more complex)."""
-    return _encodings_for(TensorView.of(t), hints)
-
-
-def _encodings_for(view: TensorView, hints: Hints, prune: bool = False) -> list[EncodedTensor]:
-    """All applicable encodings; with ``prune``, skip those whose payload alone is already
-    larger than the smallest total found so far (they cannot win)."""
-    sizes = normalize_hints(hints)
-    out: list[EncodedTensor] = []
-    best = math.inf
-    # a tensor with -0.0 is tried as it is and as +0.0 with a sign bit per zero
-    variants = [(view, False)] + ([(view.canonical(), True)] if view.negzero.any() else [])
-    # quantized weights: every sparse encoding is also tried with its values as codes
-    scales = {signs: find_scale(base) for base, signs in variants}
-    for enc in sorted(ENCODINGS.values(), key=lambda e: e.simplicity):
-        for base, signs in variants:
-            if signs and enc.name == "dense":
-                continue
-            found = scales[signs] if enc.name not in ("dense", "quantized") else None
-            for params in enc.candidates(base, sizes):
-                # codes can undercut the payload bound, so it only prunes unquantized tries
-                if prune and found is None and enc.min_payload(base, params) > best:
-                    continue
-                try:
-                    e = enc.encode_view(base, **params)
-                except StorageError:
-                    continue
-                tries = [e] + ([q] if found and (q := quantize_values(e, found)) else [])
-                for t in tries:
-                    out.append(add_zero_signs(t, view) if signs else t)
-                    best = min(best, out[-1].total_bytes)
+    """Every applicable encoding of ``t`` (dense first, then simpler before more complex),
+    each actually encoded (``choose`` computes their sizes instead and encodes one)."""
+    view = TensorView.of(t)
+    out = []
+    for c in _candidates(view, hints, shortcut=False):
+        try:
+            out.append(_build(view, c))
+        except StorageError:
+            continue
     return out
 
 
-def _simplicity(enc: EncodedTensor) -> tuple[int, bool, bool, bool]:
-    return (ENCODINGS[enc.encoding].simplicity, bool(enc.meta.get(ZERO_SIGNS)),
-            QVALUES in enc.meta, enc.meta.get("positions") == "rank")
+@dataclass(frozen=True)
+class Candidate:
+    """One way to store a tensor, with its exact size computed without encoding it."""
+
+    encoding: str
+    params: dict
+    signs: bool  # the zero-signs variant
+    qvalues: bool  # payload as quantized codes
+    total: int
+    rank: tuple  # tie-break: simpler first
+
+    def key(self) -> tuple:
+        return (self.total, self.rank)
 
 
-def choose(t: Tensor, hints: Hints = None) -> EncodedTensor:
+def _candidates(view: TensorView, hints: Hints, shortcut: bool = True) -> list[Candidate]:
+    """Every applicable (encoding, parameters, variant) with its exact total bytes; with
+    ``shortcut``, not those that cannot win (sparse encodings of a tensor without zeros)."""
+    sizes = normalize_hints(hints)
+    # a tensor with -0.0 is tried as it is and as +0.0 with a sign bit per zero
+    variants = [(view, False)] + ([(view.canonical(), True)] if view.negzero.any() else [])
+    scales = {signs: find_scale(base) for base, signs in variants}
+    out: list[Candidate] = []
+    best: Candidate | None = None
+    # the cheap closed forms first, so that the bounds of the costly ones have a best to beat
+    for enc in sorted(ENCODINGS.values(), key=lambda e: (e.cost, e.simplicity)):
+        for base, signs in variants:
+            if signs and enc.name == "dense":
+                continue
+            if shortcut and enc.needs_zeros and base.nz.all():
+                continue  # no zeros: the payload alone would be the dense size
+            signs_bytes = -(-int(np.count_nonzero(~base.nz)) // 8) if signs else 0
+            found = scales[signs] if enc.name not in ("dense", "quantized") else None
+            for params in enc.candidates(base, sizes):
+                # a bound at the best total loses the tie too where this one is less simple
+                if shortcut and best is not None and (
+                        enc.lower_bound(base, params), enc.simplicity) > (best.total,
+                                                                          best.rank[0]):
+                    continue
+                try:
+                    size = enc.sizes(base, params)
+                except StorageError:
+                    continue
+                mode = params.get("positions")
+                rank = (enc.simplicity, signs, False, mode == "rank", mode == "coded")
+                out.append(Candidate(enc.name, params, signs, False,
+                                     size.total(base.itemsize) + signs_bytes, rank))
+                best = out[-1] if best is None else min(best, out[-1], key=Candidate.key)
+                if found is not None and size.values:
+                    width = (2 * found[0]).bit_length()
+                    coded = sum(-(-n * width // 8) for n in size.values.values())
+                    out.append(Candidate(enc.name, params, signs, True,
+                                         coded + base.itemsize + size.other + size.index
+                                         + signs_bytes, rank[:2] + (True,) + rank[3:]))
+                    best = min(out[-2], out[-1], best, key=Candidate.key)
+    return out
+
+
+def _build(view: TensorView, c: Candidate) -> EncodedTensor:
+    """Encode candidate ``c`` of ``view``."""
+    base = view.canonical() if c.signs else view
+    enc = ENCODINGS[c.encoding].encode_view(base, **c.params)
+    if c.qvalues:
+        found = find_scale(base)
+        coded = quantize_values(enc, found) if found is not None else None
+        if coded is None:
+            raise StorageError(f"{c.encoding}: the values are not quantized")
+        enc = coded
+    return add_zero_signs(enc, view) if c.signs else enc
+
+
+def choose(t: Tensor, hints: Hints = None, code_values: bool = True) -> EncodedTensor:
     """The smallest exact encoding of ``t`` by total bytes (payload + index); ties go to the
-    simpler encoding (dense < bitmask < csr < block < kofn < rowblock < unified < quantized)."""
-    return choose_view(TensorView.of(t), hints)
+    simpler encoding (dense < bitmask < csr < block < kofn < rowblock < unified < quantized
+    < gaps). Sizes come from closed forms; only the winner is encoded. ``code_values``: store
+    its values as coded byte planes where that is smaller (``valuecoding``)."""
+    return choose_view(TensorView.of(t), hints, code_values)
 
 
-def choose_view(view: TensorView, hints: Hints) -> EncodedTensor:
+def choose_view(view: TensorView, hints: Hints, code_values: bool = True) -> EncodedTensor:
     """``choose`` of a tensor already analysed."""
-    candidates = _encodings_for(view, hints, prune=True)
-    return min(candidates, key=lambda e: (e.total_bytes, _simplicity(e)))
+    best = min(_candidates(view, hints), key=Candidate.key)
+    enc = _build(view, best)
+    if enc.total_bytes != best.total:  # the closed forms are the definition of the sizes
+        raise StorageError(f"{best.encoding}: encoded {enc.total_bytes} bytes, its size formula "
+                           f"says {best.total}")
+    if code_values:
+        enc = code_value_planes(enc)
+    return enc

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..bits import from_raw_bits
-from .base import EncodedTensor, Encoding, TensorView, stored_array
+from .base import EncodedTensor, Encoding, Size, TensorView, stored_array
 
 __all__ = ["Dense"]
 
@@ -14,6 +14,7 @@ class Dense(Encoding):
     """Every element's raw bits, in order. Always applicable; the reference for the others."""
 
     name, simplicity = "dense", 0
+    needs_zeros = False
 
     def encode_view(self, view: TensorView) -> EncodedTensor:
         return view.encoded(self.name, {"values": view.bits.reshape(-1)}, {})
@@ -23,6 +24,9 @@ class Dense(Encoding):
 
     def candidates(self, view: TensorView, hints: dict[str, tuple[int, int]]) -> list[dict]:
         return [{}]
+
+    def sizes(self, view: TensorView, params: dict) -> Size:
+        return Size({"values": view.numel}, 0)
 
     def min_index_bits(self, enc: EncodedTensor) -> float | None:
         return 0.0

@@ -13,6 +13,7 @@ from ..errors import StorageError
 from .base import (
     EncodedTensor,
     Encoding,
+    Size,
     TensorView,
     matrix_of,
     stored_array,
@@ -39,6 +40,10 @@ class Bitmask(Encoding):
         out = zero_bits(enc)
         out[mask] = values
         return from_raw_bits(out, enc.dtype, enc.shape)
+
+    def sizes(self, view: TensorView, params: dict) -> Size:
+        self.require_sparse_ok(view)
+        return Size({"values": int(np.count_nonzero(view.nz))}, -(-view.numel // 8))
 
     def min_index_bits(self, enc: EncodedTensor) -> float | None:
         return irregular_min_bits(math.prod(enc.shape), enc.payload["values"].size)
@@ -73,6 +78,13 @@ class CSR(Encoding):
         out = zero_bits(enc)
         out[np.repeat(np.arange(rows), counts) * cols + indices] = values
         return from_raw_bits(out, enc.dtype, enc.shape)
+
+    def sizes(self, view: TensorView, params: dict) -> Size:
+        self.require_sparse_ok(view)
+        rows, cols = view.matrix
+        nnz = int(np.count_nonzero(view.nz))
+        index = (rows + 1) * uint_for(nnz).itemsize + nnz * uint_for(max(cols - 1, 0)).itemsize
+        return Size({"values": nnz}, index)
 
     def min_index_bits(self, enc: EncodedTensor) -> float | None:
         return irregular_min_bits(math.prod(enc.shape), enc.payload["values"].size)

@@ -8,11 +8,21 @@ import numpy as np
 from torch import Tensor
 
 from ...hardware import ceil_log2, kofn_min_bits, kofn_rank_bits
-from ..bits import from_raw_bits, pack_uint, subset_rank, subset_unrank, unpack_uint
+from ..bits import (
+    from_raw_bits,
+    pack_radix,
+    pack_uint,
+    radix_group,
+    subset_rank,
+    subset_unrank,
+    unpack_radix,
+    unpack_uint,
+)
 from ..errors import StorageError
 from .base import (
     EncodedTensor,
     Encoding,
+    Size,
     TensorView,
     stored_array,
     stored_param,
@@ -31,7 +41,8 @@ class KofNEncoding(Encoding):
     run) or as k indices of ceil(log2 n) bits (``positions="index"``)."""
 
     name, simplicity = "kofn", 4
-    POSITIONS = ("index", "rank")
+    cost = 1
+    POSITIONS = ("index", "rank", "coded")
 
     @staticmethod
     def _runs(bits: np.ndarray, shape: tuple[int, ...], n: int) -> np.ndarray:
@@ -63,6 +74,8 @@ class KofNEncoding(Encoding):
         values = np.take_along_axis(self._runs(view.bits, view.shape, n), pos, axis=1)
         if positions == "rank":
             code = pack_uint(subset_rank(pos, n), kofn_rank_bits(n, k))
+        elif positions == "coded":
+            code = pack_radix(subset_rank(pos, n), math.comb(n, k))
         else:
             code = pack_uint(pos.reshape(-1), ceil_log2(n))
         return view.encoded(self.name, {"values": values.reshape(-1)}, {"positions": code},
@@ -78,6 +91,8 @@ class KofNEncoding(Encoding):
         if mode == "rank":
             ranks = unpack_uint(code, kofn_rank_bits(n, k), runs)
             pos = subset_unrank(ranks, n, k)
+        elif mode == "coded":
+            pos = subset_unrank(unpack_radix(code, math.comb(n, k), runs), n, k)
         elif mode == "index":
             pos = unpack_uint(code, ceil_log2(n), runs * k).astype(np.int64).reshape(runs, k)
             if (pos >= n).any():
@@ -103,8 +118,17 @@ class KofNEncoding(Encoding):
                     out += [{"k": max(most, 1), "n": n, "positions": p} for p in self.POSITIONS]
         return out
 
-    def min_payload(self, view: TensorView, params: dict) -> int:
-        return view.numel // params["n"] * params["k"] * view.itemsize
+    def sizes(self, view: TensorView, params: dict) -> Size:
+        k, n, mode = params["k"], params["n"], params.get("positions", "rank")
+        runs = view.numel // n
+        if mode == "rank":
+            bits = runs * kofn_rank_bits(n, k)
+        elif mode == "coded":
+            g, width = radix_group(math.comb(n, k))
+            bits = -(-runs // g) * width
+        else:
+            bits = runs * k * ceil_log2(n)
+        return Size({"values": runs * k}, -(-bits // 8))
 
     def min_index_bits(self, enc: EncodedTensor) -> float | None:
         k, n = enc.meta["k"], enc.meta["n"]

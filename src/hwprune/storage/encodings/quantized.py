@@ -12,7 +12,15 @@ from torch import Tensor
 
 from ..bits import from_raw_bits, pack_uint, raw_bits, unpack_uint
 from ..errors import StorageError
-from .base import EncodedTensor, Encoding, TensorView, stored_array, stored_param, stored_values
+from .base import (
+    EncodedTensor,
+    Encoding,
+    Size,
+    TensorView,
+    stored_array,
+    stored_param,
+    stored_values,
+)
 
 __all__ = ["Quantized", "QUANT_MAX", "QVALUES", "find_scale", "quantize_values",
            "dequantize_values"]
@@ -28,6 +36,7 @@ class Quantized(Encoding):
     codes offset by q, packed in ceil(log2(2q+1)) bits, + the scale in the tensor's dtype."""
 
     name, simplicity = "quantized", 7
+    needs_zeros, cost = False, 2
 
     def encode_view(self, view: TensorView) -> EncodedTensor:
         self.require_sparse_ok(view)
@@ -64,12 +73,22 @@ class Quantized(Encoding):
     def candidates(self, view: TensorView, hints: dict[str, tuple[int, int]]) -> list[dict]:
         return [{}] if view.sparse_ok() and view.dtype in QUANT_DTYPES else []
 
+    def sizes(self, view: TensorView, params: dict) -> Size:
+        return Size({}, 0, self.encode_view(view, **params).nbytes)  # codes: not raw values
+
     def min_index_bits(self, enc: EncodedTensor) -> float | None:
         return 0.0  # no index: every element has its code, zeros included
 
 
 def find_scale(view: TensorView) -> tuple[int, Tensor] | None:
-    """The smallest q (and a scale in the dtype) with every value == code.to(dtype) * scale."""
+    """The smallest q (and a scale in the dtype) with every value == code.to(dtype) * scale
+    (found once per analysed tensor)."""
+    if "scale" not in view.memo:
+        view.memo["scale"] = _find_scale(view)
+    return view.memo["scale"]
+
+
+def _find_scale(view: TensorView) -> tuple[int, Tensor] | None:
     if view.dtype not in QUANT_DTYPES or not view.sparse_ok():
         return None
     limit = 2 * QUANT_MAX + 1
@@ -79,11 +98,13 @@ def find_scale(view: TensorView) -> tuple[int, Tensor] | None:
     sign = uniq.dtype.type(1 << (8 * uniq.dtype.itemsize - 1))
     if uniq.size > limit or (uniq == sign).any():  # too many values, or a -0.0
         return None
-    vals = from_raw_bits(uniq, view.dtype, (uniq.size,))
-    top = float(vals.double().abs().max())
-    if top == 0.0:
+    as64 = _float64(uniq, view.dtype)
+    top = float(np.abs(as64).max())
+    possible = _possible_q(as64, top, view.dtype) if top else None
+    if possible is None or not possible.any():
         return None
-    q = torch.arange(1, QUANT_MAX + 1, dtype=torch.float64)
+    vals = from_raw_bits(uniq, view.dtype, (uniq.size,))
+    q = torch.arange(1, QUANT_MAX + 1, dtype=torch.float64)[torch.from_numpy(possible)]
     base = raw_bits((top / q).to(view.dtype)).astype(np.int64)
     # the scale a quantizer used may sit an ulp or two from top / q after rounding
     near = (base[:, None] + np.arange(-2, 3)[None, :]).reshape(-1)
@@ -101,6 +122,28 @@ def find_scale(view: TensorView) -> tuple[int, Tensor] | None:
             i = int(good[0])
             return int(qs[i]), scales[i].clone()
     return None
+
+
+def _float64(bits: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+    """The values of raw ``bits`` of a float ``dtype`` as float64, in numpy alone."""
+    if dtype == torch.bfloat16:  # the top half of a float32
+        return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32).astype(np.float64)
+    return bits.view({2: np.float16, 4: np.float32, 8: np.float64}[bits.itemsize]).astype(
+        np.float64)
+
+
+def _possible_q(vals: np.ndarray, top: float, dtype: torch.dtype) -> np.ndarray:
+    """Which q in 1..QUANT_MAX can pass the exact test, from float64 arithmetic alone: if
+    v == fl(c * s) with |c| <= q and s within a few ulps of top / q, then v / (top / q) is
+    within q * 4 * eps of the integer c. A necessary condition that rules out ordinary weights
+    in one vectorised step (all q pass where values are subnormal: no relative bound there)."""
+    q = np.arange(1, QUANT_MAX + 1, dtype=np.float64)
+    info = torch.finfo(dtype)
+    if top / QUANT_MAX < info.tiny * 1024:
+        return np.ones(q.size, bool)
+    codes = vals[None, :] / (top / q)[:, None]
+    tolerance = q[:, None] * 4 * info.eps + 1e-9
+    return (np.abs(codes - np.rint(codes)) <= tolerance).all(axis=1)
 
 
 def _scale_fits(vals: Tensor, bits: np.ndarray, scales: Tensor, qs: Tensor) -> Tensor:

@@ -3,6 +3,7 @@ quantized-values variants undone on the way back)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from typing import Any
 
@@ -12,18 +13,20 @@ from ..errors import StorageError
 from .base import ZERO_SIGNS, EncodedTensor, Encoding, restore_zero_signs
 from .block import BlockEncoding
 from .dense import Dense
+from .gaps import Gaps
 from .irregular import CSR, Bitmask
 from .kofn import KofNEncoding
 from .quantized import QVALUES, Quantized, dequantize_values
 from .rowblock import RowBlock
 from .unified import Unified
+from .valuecoding import VCODED, decode_values
 
 __all__ = ["ENCODINGS", "encode", "decode"]
 
 ENCODINGS: dict[str, Encoding] = {
     e.name: e
     for e in (Dense(), Bitmask(), CSR(), BlockEncoding(), KofNEncoding(), RowBlock(), Unified(),
-              Quantized())
+              Quantized(), Gaps())
 }
 
 
@@ -53,6 +56,8 @@ def decode(enc: EncodedTensor) -> Tensor:
 
 
 def _decode_base(enc: EncodedTensor) -> Tensor:
+    if enc.meta.get(VCODED) is not None:
+        enc = decode_values(enc, math.prod(enc.shape))
     if enc.meta.get(QVALUES) is not None:
         enc = dequantize_values(enc)
     return ENCODINGS[enc.encoding].decode(enc)

@@ -11,6 +11,7 @@ from ..errors import StorageError
 from .base import (
     EncodedTensor,
     Encoding,
+    Size,
     TensorView,
     matrix_of,
     stored_array,
@@ -33,6 +34,7 @@ class RowBlock(Encoding):
     largest size that fits."""
 
     name, simplicity = "rowblock", 5
+    cost = 2
 
     def encode_view(self, view: TensorView) -> EncodedTensor:
         self.require_sparse_ok(view)
@@ -84,6 +86,26 @@ class RowBlock(Encoding):
 
     def candidates(self, view: TensorView, hints: dict[str, tuple[int, int]]) -> list[dict]:
         return [{}] if view.sparse_ok() and view.matrix[1] >= 2 else []
+
+    def lower_bound(self, view: TensorView, params: dict) -> int:
+        """A row with two nonzeros in one aligned pair takes size 1 (cols values); any other
+        row at least ceil(cols / 64) values."""
+        rows, cols = view.matrix
+        nz = view.nz.reshape(rows, cols)
+        pairs = nz[:, : cols // 2 * 2].reshape(rows, -1, 2).all(axis=2).any(axis=1)
+        values = int(pairs.sum()) * cols + int((~pairs).sum()) * -(-cols // 64)
+        return values * view.itemsize
+
+    def sizes(self, view: TensorView, params: dict) -> Size:
+        self.require_sparse_ok(view)
+        rows, cols = view.matrix
+        sizes = row_block_sizes(view.nz.reshape(rows, cols))
+        values, index = 0, -(-rows * _SIZE_BITS // 8)
+        for b, count in zip(*np.unique(sizes, return_counts=True), strict=True):
+            blocks = int(count) * -(-cols // int(b))
+            values += blocks
+            index += -(-blocks * ceil_log2(int(b)) // 8)
+        return Size({"values": values}, index)
 
     def min_index_bits(self, enc: EncodedTensor) -> float | None:
         """Per block log2 of its real width (where its weight can be), + log2 7 per row."""

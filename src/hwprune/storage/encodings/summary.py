@@ -12,6 +12,7 @@ from .base import ZERO_SIGNS, EncodedTensor, TensorView
 from .chooser import Hints, choose_view
 from .quantized import QVALUES, dequantize_values
 from .registry import ENCODINGS
+from .valuecoding import VCODED, decode_values
 
 __all__ = ["summarize", "stored_bytes"]
 
@@ -21,7 +22,8 @@ def _summary(enc: EncodedTensor, view: TensorView) -> dict[str, Any]:
     size = torch.empty((), dtype=enc.dtype).element_size()
     kept = int((view.nz & ~view.negzero).sum())
     # the pattern's minimum does not depend on how the values are coded
-    base = dequantize_values(enc) if enc.meta.get(QVALUES) is not None else enc
+    base = decode_values(enc, numel) if enc.meta.get(VCODED) is not None else enc
+    base = dequantize_values(base) if base.meta.get(QVALUES) is not None else base
     min_bits = ENCODINGS[enc.encoding].min_index_bits(base)
     if min_bits is not None and enc.meta.get(ZERO_SIGNS):
         min_bits += int(((view.bits == 0) | view.negzero).sum())
@@ -45,7 +47,7 @@ def summarize(enc: EncodedTensor, t: Tensor) -> dict[str, Any]:
     return _summary(enc, TensorView.of(t))
 
 
-def stored_bytes(t: Tensor, hints: Hints = None) -> dict[str, Any]:
+def stored_bytes(t: Tensor, hints: Hints = None, code_values: bool = True) -> dict[str, Any]:
     """What storing ``t`` costs, as the report prints it.
 
     Keys: ``encoding``, ``params`` (k, n, bh, bw, ...), ``payload_bytes``, ``index_bytes``,
@@ -56,7 +58,8 @@ def stored_bytes(t: Tensor, hints: Hints = None) -> dict[str, Any]:
     kept tiles) for blocks, state multinomial + sign bits for unified, plus one bit per zero
     with zero signs; 0 for dense and quantized, which have no index; ``hwprune.hardware``
     holds these formulas) and ``bits_per_kept_weight`` (8·total_bytes / kept; None when
-    nothing is kept).
+    nothing is kept). ``code_values=False``: the encoding without coded value planes (the
+    byte formulas of the encodings' table).
     """
     view = TensorView.of(t)
-    return _summary(choose_view(view, hints), view)
+    return _summary(choose_view(view, hints, code_values), view)

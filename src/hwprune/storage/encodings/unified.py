@@ -17,6 +17,7 @@ from .base import (
     stored_param,
     stored_values,
 )
+from .block import kept_grid
 from .tiling import (
     check_tile,
     real_elements,
@@ -39,6 +40,7 @@ class Unified(Encoding):
     bit per element); free (dense)."""
 
     name, simplicity = "unified", 6
+    needs_zeros, cost = False, 2
 
     def encode_view(self, view: TensorView, bh: int = 1, bw: int = 4) -> EncodedTensor:
         self.require_sparse_ok(view)
@@ -92,6 +94,25 @@ class Unified(Encoding):
         if not view.sparse_ok() or not view.dtype.is_floating_point:
             return []
         return tile_candidates(view, UNIFIED_SIZES, hints.get("unified"))
+
+    def lower_bound(self, view: TensorView, params: dict) -> int:
+        """Every block with a nonzero stores its real elements (free), or one magnitude
+        (unified): along rows (bh = 1) a unified block of m weights saves m - 1 values, each
+        one a neighbour (in flat order) of equal nonzero magnitude, so at most that many are
+        saved against the elements of the nonzero blocks."""
+        bh, bw = params.get("bh", 1), params.get("bw", 4)
+        if bh != 1:
+            return 0
+        rows, cols = check_tile(view, bh, bw)
+        nonzero = int(np.count_nonzero(view.nz))
+        kept = nonzero if nonzero == view.numel else real_elements(kept_grid(view, bh, bw),
+                                                                    rows, cols, bh, bw)
+        if "equal neighbours" not in view.memo:
+            mag = view.bits & ~view.bits.dtype.type(1 << (8 * view.itemsize - 1))
+            view.memo["equal neighbours"] = int(np.count_nonzero((mag[1:] == mag[:-1])
+                                                                 & (mag[1:] != 0)))
+        tiles = view.numel // bw
+        return (kept - view.memo["equal neighbours"]) * view.itemsize + tiles // 4
 
     def min_index_bits(self, enc: EncodedTensor) -> float | None:
         """log2 of the multinomial of the three states + the sign bits (incompressible)."""

@@ -1,0 +1,122 @@
+"""Lossless coding of stored values: byte planes, each entropy-coded where that saves bytes.
+
+A trained float32 weight's top byte (sign and 7 exponent bits) takes a handful of values, its
+low mantissa bytes are close to uniform. So each payload array (raw values of 1, 2, 4 or 8
+bytes, or the packed codes of quantized values) is split into its byte planes (plane j = byte j
+of every value, little-endian), and each plane is stored either as it is or as a raw deflate
+stream with Huffman coding only (``zlib``, standard library: order-0 entropy coding, fast
+both ways), whichever is smaller. Planes that do not gain on a sample are not compressed at
+all, so the uniform ones cost a copy. The stored bytes decode to exactly the same bits: the
+values are never rounded.
+
+Meta: ``meta["vcoded"] = {array: [count, [len of plane 0, ...]]}`` (-1: the plane is stored
+raw, ``count`` bytes); the payload array ``<array>_planes`` holds the planes back to back.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import replace
+
+import numpy as np
+
+from ..errors import StorageError
+from .base import EncodedTensor, stored_array
+
+__all__ = ["VCODED", "code_values", "decode_values", "MIN_CODED"]
+
+VCODED = "vcoded"
+#: arrays of fewer values are stored as they are (a few bytes could be saved, not worth it)
+MIN_CODED = 256
+#: a plane is compressed only if its first ``_SAMPLE`` bytes shrink below ``_GAIN`` of their size
+_SAMPLE = 1 << 16
+_GAIN = 0.97
+
+
+def _deflate(data: bytes) -> bytes:
+    c = zlib.compressobj(9, zlib.DEFLATED, -15, 9, zlib.Z_HUFFMAN_ONLY)
+    return c.compress(data) + c.flush()
+
+
+def _code_plane(plane: np.ndarray) -> bytes | None:
+    """The Huffman-coded plane, or ``None`` where storing it raw is as small."""
+    if plane.size > _SAMPLE and len(_deflate(plane[:_SAMPLE].tobytes())) > _GAIN * _SAMPLE:
+        return None
+    coded = _deflate(plane.tobytes())
+    return coded if len(coded) < plane.size else None
+
+
+def code_values(enc: EncodedTensor) -> EncodedTensor:
+    """``enc`` with each payload array of raw values stored as coded byte planes where that is
+    smaller (``enc`` itself where nothing gains)."""
+    payload, info = dict(enc.payload), {}
+    for name, arr in enc.payload.items():
+        if arr.ndim != 1 or arr.dtype.kind != "u" or arr.size < MIN_CODED:
+            continue
+        planes = arr.view(np.uint8).reshape(-1, arr.dtype.itemsize).T
+        parts, lengths = [], []
+        for plane in planes:
+            plane = np.ascontiguousarray(plane)
+            coded = _code_plane(plane)
+            parts.append(plane if coded is None else np.frombuffer(coded, np.uint8))
+            lengths.append(-1 if coded is None else len(coded))
+        if sum(p.size for p in parts) < arr.nbytes:
+            del payload[name]
+            payload[f"{name}_planes"] = np.concatenate(parts)
+            info[name] = [int(arr.size), lengths]
+    if not info:
+        return enc
+    return replace(enc, payload=payload, meta={**enc.meta, VCODED: info})
+
+
+def decode_values(enc: EncodedTensor, limit: int) -> EncodedTensor:
+    """The inverse of ``code_values``: payload arrays of raw values again, one plane per byte
+    of their elements (each encoding then checks them as it checks uncoded arrays). ``limit``
+    bounds each array's element count before anything is inflated."""
+    info = enc.meta.get(VCODED)
+    if not isinstance(info, dict):
+        raise StorageError(f"{enc.encoding}: stored value coding {str(info)[:80]} is not a dict")
+    payload = dict(enc.payload)
+    for name, entry in info.items():
+        if not (isinstance(entry, list) and len(entry) == 2 and _is_int(entry[0])
+                and 0 <= entry[0] <= limit and isinstance(entry[1], list)
+                and len(entry[1]) in (1, 2, 4, 8)
+                and all(_is_int(n) and n >= -1 for n in entry[1])):
+            raise StorageError(f"{enc.encoding}: stored value coding of {name[:40]!r} "
+                               f"({str(entry)[:80]}) is not [count <= {limit}, 1, 2, 4 or 8 "
+                               "plane lengths]")
+        count, lengths = entry
+        width = len(lengths)
+        data = stored_array(enc.payload, f"{name}_planes", enc)
+        sizes = [count if n == -1 else n for n in lengths]
+        if data.dtype != np.uint8 or data.ndim != 1 or data.size != sum(sizes):
+            raise StorageError(f"{enc.encoding}: the planes of {name[:40]!r} take {data.size} "
+                               f"bytes; their lengths say {sum(sizes)}")
+        out = np.empty((width, count), np.uint8)
+        start = 0
+        for j, (n, size) in enumerate(zip(lengths, sizes, strict=True)):
+            part = data[start: start + size]
+            out[j] = part if n == -1 else _inflate(part, count, enc.encoding)
+            start += size
+        del payload[f"{name}_planes"]
+        payload[name] = np.ascontiguousarray(out.T).reshape(-1).view(f"<u{width}")
+    return replace(enc, payload=payload, meta={k: v for k, v in enc.meta.items() if k != VCODED})
+
+
+def _inflate(part: np.ndarray, count: int, what: str) -> np.ndarray:
+    """A plane of exactly ``count`` bytes from its deflate stream (never inflating more)."""
+    d = zlib.decompressobj(-15)
+    try:
+        raw = d.decompress(part.tobytes(), count)
+        # the stream's end may not have been read yet: one more byte of room must give nothing
+        more = b"" if d.eof else d.decompress(d.unconsumed_tail, 1)
+        exact = len(raw) == count and not more and d.eof and not d.unused_data
+    except zlib.error as err:
+        raise StorageError(f"{what}: a coded value plane does not inflate ({err})") from err
+    if not exact:
+        raise StorageError(f"{what}: a coded value plane does not inflate to {count} bytes")
+    return np.frombuffer(raw, np.uint8)
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
