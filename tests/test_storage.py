@@ -455,7 +455,7 @@ def _real_pruned(structure: str, out: int, cin: int, kernel: int, sparsity: floa
         pruner = hp.ADMM(model, block=(1, 4), unify=0.5, zero=sparsity / 2, targets=["1"])
         pruner.hard_project()
     elif structure == "quantized":  # DPP's joint 8-bit quantization baked in
-        pruner = hp.DPP(model, "2:4", quantize_bits=8, targets=["1"])
+        pruner = hp.DPP(model, "2:4", quantize_bits=8, logit_init="magnitude", targets=["1"])
     elif structure == "darb":  # per-row block-max masks
         pruner = hp.DARB(model, ratio=1 / (1 - sparsity) if sparsity < 0.75 else 4.0,
                          targets=["1"])
