@@ -22,7 +22,9 @@ Where each verb of the lifecycle runs (transformers 5.x events):
   gradient of ``pruner.penalty()`` is added; the task's micro-batches then accumulate onto it,
   before the Trainer clips. fp16 with a gradient scaler is refused (the penalty would miss the
   scale); bf16 needs none;
-- ``on_step_end``: ``pruner.step()``; ``on_epoch_end``: ``pruner.epoch_end()`` and the pruner's
+- ``on_optimizer_step`` (after the optimizer's step, before the Trainer zeroes the gradients,
+  which a method may read, as DPP's gradient normaliser does): ``pruner.step()``;
+  ``on_epoch_end``: ``pruner.epoch_end()`` and the pruner's
   facts appended to ``state.log_history``;
 - ``on_save``: the pruner's state is written into the checkpoint folder (``hwprune-pruner.pt``)
   and read back in ``on_train_begin`` of a resumed ``train(resume_from_checkpoint=...)``;
@@ -127,7 +129,7 @@ class PruningCallback(transformers.TrainerCallback):
         if penalty.requires_grad:  # methods without a penalty give a constant zero
             penalty.backward()
 
-    def on_step_end(self, args, state, control, **kwargs):
+    def on_optimizer_step(self, args, state, control, **kwargs):
         self.pruner.step()
 
     def on_epoch_end(self, args, state, control, **kwargs):

@@ -113,6 +113,8 @@ class GradNormalizer:
     def observe(self, grad: Tensor) -> None:
         """Learn from the (scaled) gradient of the step just taken."""
         self.calls += 1
+        self.mean_square, self.scale = (_on(v, grad.device) for v in (self.mean_square,
+                                                                       self.scale))
         ms = (grad.detach().float() / self.scale).pow(2).mean()
         self.mean_square = self.BETA * self.mean_square + (1 - self.BETA) * ms
         rms = (self.mean_square / (1 - self.BETA ** self.calls)).sqrt()
@@ -120,13 +122,23 @@ class GradNormalizer:
         self.scale = torch.where(rms > 0, LOGIT_GRAD_RMS / rms.clamp_min(1e-30),
                                  torch.as_tensor(self.scale, device=rms.device))
 
-    def state_dict(self) -> dict[str, float]:
-        return {"mean_square": float(self.mean_square), "scale": float(self.scale),
+    def state_dict(self) -> dict[str, Tensor | float | int]:
+        # the float32 tensors themselves: a Python float would make the resumed run's
+        # arithmetic double precision, and the logits would differ in the last bits
+        return {"mean_square": _copy(self.mean_square), "scale": _copy(self.scale),
                 "calls": self.calls}
 
-    def load_state_dict(self, state: dict[str, float]) -> None:
-        self.mean_square, self.scale = float(state["mean_square"]), float(state["scale"])
+    def load_state_dict(self, state: dict[str, Tensor | float | int]) -> None:
+        self.mean_square, self.scale = _copy(state["mean_square"]), _copy(state["scale"])
         self.calls = int(state["calls"])
+
+
+def _copy(v: Tensor | float) -> Tensor | float:
+    return v.detach().clone() if isinstance(v, Tensor) else float(v)
+
+
+def _on(v: Tensor | float, device: torch.device) -> Tensor | float:
+    return v.to(device) if isinstance(v, Tensor) else v
 
 
 def entropy(p: Tensor) -> Tensor:
