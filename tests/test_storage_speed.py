@@ -8,6 +8,9 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -74,7 +77,7 @@ def monkeypatch_module():
 @SETTINGS
 @given(seed=st.integers(0, 1000), sparsity=st.sampled_from([0.0, 0.5, 0.9, 1.0]),
        sizes=st.lists(st.integers(1, 600), min_size=1, max_size=4))
-def test_plan_in_threads_writes_the_bytes_of_one_thread(seed, sparsity, sizes,
+def test_plan_in_threads_and_choosing_twins_once_writes_the_plain_bytes(seed, sparsity, sizes,
                                                         monkeypatch_module):
     gen = torch.Generator().manual_seed(seed)
     state = {}
@@ -83,12 +86,26 @@ def test_plan_in_threads_writes_the_bytes_of_one_thread(seed, sparsity, sizes,
         t[torch.rand(n, 7, generator=gen) < sparsity] = 0
         state[f"w{i}"] = t
     state["count"] = torch.tensor(seed)
+    # identical small tensors (chosen once per file) and a -0.0 twin that must not share
+    state["ones_a"], state["ones_b"] = torch.ones(16), torch.ones(16)
+    state["zeros"], state["negzeros"] = torch.zeros(16), -torch.zeros(16)
+    state["w0_copy"] = state["w0"].clone()
     monkeypatch_module.setattr(container, "PARALLEL_NUMEL", 1 << 62)
+    monkeypatch_module.setattr(container, "SAME_CHOICE_NUMEL", -1)
     serial = container.plan(state)
     monkeypatch_module.setattr(container, "PARALLEL_NUMEL", 1)
-    threaded = container.plan(state)
-    assert threaded.data == serial.data
-    assert list(threaded.encoded) == list(state)
+    monkeypatch_module.setattr(container, "SAME_CHOICE_NUMEL", 1 << 12)
+    fast = container.plan(state)
+    assert fast.data == serial.data
+    assert list(fast.encoded) == list(state)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "m.hwp"
+        path.write_bytes(fast.data)
+        back = container.load(path)
+    assert list(back) == list(state)
+    for k, v in state.items():
+        assert back[k].dtype == v.dtype and torch.equal(
+            back[k].reshape(-1).view(torch.uint8), v.reshape(-1).view(torch.uint8))
 
 
 class _Attention(nn.Module):
