@@ -169,3 +169,14 @@ def test_macs_on_meta_count_a_live_pruner_and_leave_the_model_as_it_was():
                for k, v in before.items())
     rep = hp.report(model, torch.randn(1, 3, 32, 32), pruner=pruner)
     assert rep.total["model_macs"] == 40_551_424 or rep.total["model_macs"] > 0
+
+
+def test_a_model_with_forward_hooks_is_counted_by_the_real_pass():
+    """A hook (a pruner's statistics) must never be handed meta tensors."""
+    torch.manual_seed(0)
+    model = resnet20()
+    seen = []
+    model.linear.register_forward_hook(lambda m, a, out: seen.append(out.device.type))
+    rep = hp.report(model, torch.randn(1, 3, 32, 32))
+    assert seen and set(seen) == {"cpu"}
+    assert rep.total["model_macs"] > 0

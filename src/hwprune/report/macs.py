@@ -115,6 +115,10 @@ def forward_on_meta(model: nn.Module, args: tuple[Any, ...],
     counts, with no arithmetic done. ``None`` where the model cannot run on meta (an op that
     reads values, a tensor made on another device inside ``forward``); what the hooks saw is
     then forgotten."""
+    ours = {h.id for h in shapes.handles}
+    if any(m._forward_hooks or any(k not in ours for k in m._forward_pre_hooks)
+           for m in model.modules()):
+        return None  # a hook (a pruner's statistics) would see meta tensors: count for real
     state = {k: v.to("meta") for k, v in (*model.named_parameters(remove_duplicate=False),
                                           *model.named_buffers(remove_duplicate=False))}
     meta_args = tuple(a.to("meta") if isinstance(a, Tensor) else a for a in args)
