@@ -26,13 +26,14 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 from torch.nn.utils import parametrize
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..errors import HwpruneError
 from ..targets import ATTENTION_TYPES, RNN_TYPES
 
-__all__ = ["measure_macs", "batch_size_of", "Weight"]
+__all__ = ["measure_macs", "forward_on_meta", "batch_size_of", "Weight"]
 
 #: (module name, module, parameter name) of one prunable weight
 Weight = tuple[str, nn.Module, str]
@@ -108,9 +109,34 @@ class _Shapes:
             h.remove()
 
 
+def forward_on_meta(model: nn.Module, args: tuple[Any, ...],
+                    shapes: _Shapes) -> FlopCounterMode | None:
+    """The counted forward pass on ``meta`` tensors: the same ops and shapes, so the same
+    counts, with no arithmetic done. ``None`` where the model cannot run on meta (an op that
+    reads values, a tensor made on another device inside ``forward``); what the hooks saw is
+    then forgotten."""
+    ours = {h.id for h in shapes.handles}
+    if any(m._forward_hooks or any(k not in ours for k in m._forward_pre_hooks)
+           for m in model.modules()):
+        return None  # a hook (a pruner's statistics) would see meta tensors: count for real
+    state = {k: v.to("meta") for k, v in (*model.named_parameters(remove_duplicate=False),
+                                          *model.named_buffers(remove_duplicate=False))}
+    meta_args = tuple(a.to("meta") if isinstance(a, Tensor) else a for a in args)
+    counter = FlopCounterMode(display=False)
+    try:
+        with torch.no_grad(), counter:
+            functional_call(model, state, meta_args, tie_weights=False)
+    except Exception:  # any failure: the real pass below counts (and reports its error)
+        shapes.rnn_steps.clear()
+        shapes.attention.clear()
+        return None
+    return counter
+
+
 def _forward(model: nn.Module, inputs: Any, shapes: _Shapes) -> FlopCounterMode:
     """One forward pass of ``inputs`` (eval mode, no_grad, fused attention paths off) under a
-    flop counter; the model's modes and the fast-path setting are restored afterwards."""
+    flop counter, on meta tensors where the model allows it (``forward_on_meta``), else on the real
+    ones; the model's modes and the fast-path setting are restored afterwards."""
     args = _args(inputs)
     modes = [(m, m.training) for m in model.modules()]
     fast = torch.backends.mha.get_fastpath_enabled()
@@ -118,6 +144,9 @@ def _forward(model: nn.Module, inputs: Any, shapes: _Shapes) -> FlopCounterMode:
     counter = FlopCounterMode(display=False)
     try:
         torch.backends.mha.set_fastpath_enabled(False)
+        meta = forward_on_meta(model, args, shapes)
+        if meta is not None:
+            return meta
         with torch.no_grad(), counter:
             model(*args)
     except HwpruneError:

@@ -67,12 +67,14 @@ import math
 import os
 import zlib
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import safetensors.numpy
+import torch
 from torch import Tensor, nn
 
 from ..files import write_atomic
@@ -151,13 +153,56 @@ def plan(obj: nn.Module | Mapping[str, Tensor],
     bytes divide between the container header and the tensors' data."""
     state = _state(obj)
     hints = hints or {}
-    records, arrays, encoded = [], {}, {}
-    for name, t in state.items():
-        encoded[name] = choose(t, hints.get(name), code_values)
+    encoded = _choose_all(state, hints, code_values)
+    records, arrays = [], {}
+    for name in state:
         records.append(_record(name, encoded[name], arrays))
     data = pack(records, arrays)
     data_bytes = sum(e.total_bytes for e in encoded.values())
     return FilePlan(encoded, data, len(data) - data_bytes, data_bytes)
+
+
+#: tensors of at least this many elements are encoded in threads (numpy and zlib release the
+#: GIL on them); smaller ones are mostly Python and stay in the calling thread
+PARALLEL_NUMEL = 1 << 20
+#: tensors up to this many elements are compared by their bits before they are encoded
+SAME_CHOICE_NUMEL = 1 << 12
+
+
+def _choose_all(state: Mapping[str, Tensor], hints: Mapping[str, Hints],
+                code_values: bool) -> dict[str, EncodedTensor]:
+    """``choose`` of every tensor, by name; the large ones in a thread pool. Each choice
+    depends on its tensor alone, so the result is the same as one after the other."""
+    large = [n for n, t in state.items() if isinstance(t, Tensor) and t.numel() >= PARALLEL_NUMEL]
+    out: dict[str, EncodedTensor] = {}
+    # small tensors with the same bits and hints (BatchNorm's ones and zeros at
+    # initialisation, tied copies) have the same choice: made once
+    seen: dict[tuple, EncodedTensor] = {}
+    with ThreadPoolExecutor(max_workers=max(1, min(len(large), os.cpu_count() or 1))) as pool:
+        futures = {n: pool.submit(choose, state[n], hints.get(n), code_values) for n in large}
+        for name, t in state.items():
+            if name in futures:
+                continue
+            key = _same_choice_key(t, hints.get(name))
+            if key is None or key not in seen:
+                out[name] = choose(t, hints.get(name), code_values)
+                if key is not None:
+                    seen[key] = out[name]
+            else:
+                out[name] = seen[key]
+        for name, future in futures.items():
+            out[name] = future.result()
+    return {name: out[name] for name in state}
+
+
+def _same_choice_key(t: Any, hint: Hints) -> tuple | None:
+    """What ``choose`` of a small strided CPU tensor depends on (dtype, shape, bits, hint);
+    ``None`` where the tensor is not one to compare this way."""
+    if (not isinstance(t, Tensor) or t.numel() > SAME_CHOICE_NUMEL or t.layout != torch.strided
+            or t.device.type != "cpu" or not isinstance(hint, (type(None), str))):
+        return None
+    flat = t.detach().contiguous().reshape(-1)
+    return (t.dtype, tuple(t.shape), hint, flat.view(torch.uint8).numpy().tobytes())
 
 
 def pack(records: list[dict[str, Any]], arrays: Mapping[str, np.ndarray],

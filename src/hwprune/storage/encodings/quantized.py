@@ -92,7 +92,10 @@ def _find_scale(view: TensorView) -> tuple[int, Tensor] | None:
     if view.dtype not in QUANT_DTYPES or not view.sparse_ok():
         return None
     limit = 2 * QUANT_MAX + 1
-    if np.unique(view.bits[:4096]).size > limit:  # cheap early exit for ordinary weights
+    # cheap early exits for ordinary weights: too many distinct values in a prefix
+    if view.numel > limit and np.unique(view.bits[:2 * limit]).size > limit:
+        return None
+    if np.unique(view.bits[:4096]).size > limit:
         return None
     uniq = np.unique(view.bits)
     sign = uniq.dtype.type(1 << (8 * uniq.dtype.itemsize - 1))

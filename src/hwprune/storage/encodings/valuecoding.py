@@ -15,7 +15,9 @@ raw, ``count`` bytes); the payload array ``<array>_planes`` holds the planes bac
 
 from __future__ import annotations
 
+import os
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import numpy as np
@@ -23,7 +25,8 @@ import numpy as np
 from ..errors import StorageError
 from .base import EncodedTensor, stored_array
 
-__all__ = ["VCODED", "code_values", "decode_values", "MIN_CODED"]
+__all__ = ["VCODED", "code_values", "decode_values", "MIN_CODED", "THREADED_BYTES", "split_planes",
+           "join_planes"]
 
 VCODED = "vcoded"
 #: arrays of fewer values are stored as they are (a few bytes could be saved, not worth it)
@@ -31,19 +34,40 @@ MIN_CODED = 256
 #: a plane is compressed only if its first ``_SAMPLE`` bytes shrink below ``_GAIN`` of their size
 _SAMPLE = 1 << 16
 _GAIN = 0.97
+#: planes of at least this many bytes are (de)compressed in threads: zlib releases the GIL
+THREADED_BYTES = 1 << 20
 
 
-def _deflate(data: bytes) -> bytes:
+def _deflate(data: bytes | np.ndarray) -> bytes:
     c = zlib.compressobj(9, zlib.DEFLATED, -15, 9, zlib.Z_HUFFMAN_ONLY)
-    return c.compress(data) + c.flush()
+    return c.compress(data) + c.flush()  # any contiguous buffer: no copy
 
 
 def _code_plane(plane: np.ndarray) -> bytes | None:
     """The Huffman-coded plane, or ``None`` where storing it raw is as small."""
-    if plane.size > _SAMPLE and len(_deflate(plane[:_SAMPLE].tobytes())) > _GAIN * _SAMPLE:
+    if plane.size > _SAMPLE and len(_deflate(plane[:_SAMPLE])) > _GAIN * _SAMPLE:
         return None
-    coded = _deflate(plane.tobytes())
+    coded = _deflate(plane)
     return coded if len(coded) < plane.size else None
+
+
+def split_planes(arr: np.ndarray) -> np.ndarray:
+    """``(width, count)`` bytes: row j is byte j (little-endian) of every value of ``arr``."""
+    return np.ascontiguousarray(arr.view(np.uint8).reshape(-1, arr.dtype.itemsize).T)
+
+
+def join_planes(planes: np.ndarray) -> np.ndarray:
+    """The inverse of ``split_planes``: the values (``<u{width}``) from their byte planes."""
+    width = planes.shape[0]
+    return np.ascontiguousarray(planes.T).reshape(-1).view(f"<u{width}")
+
+
+def _map(fn, items: list, big: bool) -> list:
+    """``[fn(x) for x in items]``, in threads where the items are big enough to gain."""
+    if not big or len(items) < 2:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(max_workers=min(len(items), os.cpu_count() or 1)) as pool:
+        return list(pool.map(fn, items))
 
 
 def code_values(enc: EncodedTensor) -> EncodedTensor:
@@ -53,13 +77,11 @@ def code_values(enc: EncodedTensor) -> EncodedTensor:
     for name, arr in enc.payload.items():
         if arr.ndim != 1 or arr.dtype.kind != "u" or arr.size < MIN_CODED:
             continue
-        planes = arr.view(np.uint8).reshape(-1, arr.dtype.itemsize).T
-        parts, lengths = [], []
-        for plane in planes:
-            plane = np.ascontiguousarray(plane)
-            coded = _code_plane(plane)
-            parts.append(plane if coded is None else np.frombuffer(coded, np.uint8))
-            lengths.append(-1 if coded is None else len(coded))
+        planes = split_planes(arr)
+        coded = _map(_code_plane, list(planes), arr.size >= THREADED_BYTES)
+        parts = [p if c is None else np.frombuffer(c, np.uint8)
+                 for p, c in zip(planes, coded, strict=True)]
+        lengths = [-1 if c is None else len(c) for c in coded]
         if sum(p.size for p in parts) < arr.nbytes:
             del payload[name]
             payload[f"{name}_planes"] = np.concatenate(parts)
@@ -92,14 +114,18 @@ def decode_values(enc: EncodedTensor, limit: int) -> EncodedTensor:
         if data.dtype != np.uint8 or data.ndim != 1 or data.size != sum(sizes):
             raise StorageError(f"{enc.encoding}: the planes of {name[:40]!r} take {data.size} "
                                f"bytes; their lengths say {sum(sizes)}")
-        out = np.empty((width, count), np.uint8)
-        start = 0
-        for j, (n, size) in enumerate(zip(lengths, sizes, strict=True)):
-            part = data[start: start + size]
-            out[j] = part if n == -1 else _inflate(part, count, enc.encoding)
-            start += size
+        ends = np.cumsum(sizes).tolist()
+        parts = [(data[end - size: end], n) for end, size, n in zip(ends, sizes, lengths,
+                                                                     strict=True)]
+
+        def plane(item: tuple[np.ndarray, int], count: int = count) -> np.ndarray:
+            part, n = item
+            return part if n == -1 else _inflate(part, count, enc.encoding)
+
+        out = np.stack(_map(plane, parts, count >= THREADED_BYTES)) if count else np.zeros(
+            (width, 0), np.uint8)
         del payload[f"{name}_planes"]
-        payload[name] = np.ascontiguousarray(out.T).reshape(-1).view(f"<u{width}")
+        payload[name] = join_planes(out)
     return replace(enc, payload=payload, meta={k: v for k, v in enc.meta.items() if k != VCODED})
 
 
@@ -107,7 +133,7 @@ def _inflate(part: np.ndarray, count: int, what: str) -> np.ndarray:
     """A plane of exactly ``count`` bytes from its deflate stream (never inflating more)."""
     d = zlib.decompressobj(-15)
     try:
-        raw = d.decompress(part.tobytes(), count)
+        raw = d.decompress(part, count)
         # the stream's end may not have been read yet: one more byte of room must give nothing
         more = b"" if d.eof else d.decompress(d.unconsumed_tail, 1)
         exact = len(raw) == count and not more and d.eof and not d.unused_data

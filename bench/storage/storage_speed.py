@@ -1,0 +1,148 @@
+"""hp.save / hp.load / hp.report speed against torch.save / torch.load and issue 18's goals.
+
+Models (random initialisation, ``torch.manual_seed(0)``, nothing downloaded): ResNet-56 from
+``hwprune.models`` dense, pruned 90 % by element magnitude and 2:4 (``hp.Magnitude``,
+finalized), and a stack of ``nn.Linear`` layers (five 4096x4096 and one 4096x512, biases
+included: 86 M parameters, ViT-B/16's size). Each repeat runs torch.save, hp.save, torch.load
+and hp.load of the same state dict back to back (interleaved, so load on a shared machine hits
+both alike); the table gives the median of the repeats and the ratio of the medians.
+``hp.report(model, example)`` is timed warm (one call first: it imports the FLOP counter).
+
+Goals (issue 18): hp.save and hp.load within 3x torch.save / torch.load; hp.report under
+0.5 s on ResNet-56 and under 10 s on the 86 M model.
+
+    python bench/storage/storage_speed.py [--repeats 5] [--no-large]
+
+Writes bench/results/storage/storage_speed.md and .json.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: the shared helpers
+
+import torch
+
+import hwprune as hp
+from common import (
+    RESULTS,
+    arguments,
+    command,
+    header,
+    machine,
+    parse,
+    table,
+    write_json,
+    write_lines,
+)
+from hwprune.models import resnet56
+
+OUT = RESULTS / "storage" / "storage_speed"
+GOALS = {"save_ratio": 3.0, "load_ratio": 3.0}
+REPORT_GOAL_S = {"ResNet-56": 0.5, "86 M": 10.0}
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def speed_case(label: str, model: torch.nn.Module, example: torch.Tensor, repeats: int,
+               report_goal: float) -> dict:
+    state = model.state_dict()
+    times: dict[str, list[float]] = {k: [] for k in ("torch_save", "hp_save", "torch_load",
+                                                     "hp_load")}
+    with tempfile.TemporaryDirectory() as tmp:
+        pt, hwp = Path(tmp) / "m.pt", Path(tmp) / "m.hwp"
+        for _ in range(repeats):
+            times["torch_save"].append(_timed(lambda: torch.save(state, pt)))
+            times["hp_save"].append(_timed(lambda: hp.save(state, hwp)))
+            times["torch_load"].append(_timed(lambda: torch.load(pt, weights_only=True)))
+            times["hp_load"].append(_timed(lambda: hp.load(hwp)))
+        sizes = (pt.stat().st_size, hwp.stat().st_size)
+        back = hp.load(hwp)
+    exact = list(back) == list(state) and all(
+        torch.equal(back[k].view(torch.uint8) if v.dtype.is_floating_point else back[k],
+                    v.view(torch.uint8) if v.dtype.is_floating_point else v)
+        for k, v in state.items())
+    hp.report(model, example)  # warm
+    report_s = [_timed(lambda: hp.report(model, example)) for _ in range(max(1, repeats // 2))]
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"case": label, "params": sum(t.numel() for t in state.values()), "repeats": repeats,
+            **{f"{k}_s": v for k, v in med.items()},
+            "save_ratio": med["hp_save"] / med["torch_save"],
+            "load_ratio": med["hp_load"] / med["torch_load"],
+            "report_s": statistics.median(report_s), "report_goal_s": report_goal,
+            "torch_file": sizes[0], "hp_file": sizes[1], "round_trip_exact": exact,
+            "all_times_s": times}
+
+
+def linear_stack() -> torch.nn.Module:
+    """Five 4096x4096 layers and a 4096x512 head: 86 M parameters with biases."""
+    layers = [torch.nn.Linear(4096, 4096) for _ in range(5)] + [torch.nn.Linear(4096, 512)]
+    return torch.nn.Sequential(*layers).eval()
+
+
+def _pruned(structure: str, amount: float | None) -> torch.nn.Module:
+    model = resnet56()
+    hp.Magnitude(model, structure, amount).finalize()
+    return model.eval()
+
+
+def write_summary(rows: list[dict], cmd: str) -> None:
+    def ok(value: float, goal: float) -> str:
+        return "yes" if value <= goal else "**no**"
+
+    body = [[r["case"], f"{r['params']:,}", f"{r['torch_save_s'] * 1e3:,.1f}",
+             f"{r['hp_save_s'] * 1e3:,.1f}", f"{r['save_ratio']:.2f}x",
+             ok(r["save_ratio"], GOALS["save_ratio"]), f"{r['torch_load_s'] * 1e3:,.1f}",
+             f"{r['hp_load_s'] * 1e3:,.1f}", f"{r['load_ratio']:.2f}x",
+             ok(r["load_ratio"], GOALS["load_ratio"]), f"{r['report_s']:.2f}",
+             f"< {r['report_goal_s']:g}", ok(r["report_s"], r["report_goal_s"]),
+             f"{r['torch_file']:,}", f"{r['hp_file']:,}", "yes" if r["round_trip_exact"]
+             else "**no**"] for r in rows]
+    lines = [header("hp.save / hp.load / hp.report speed against torch.save / torch.load", cmd,
+                    f"{machine()} (as hwprune.app.machine.machine() reads it)."), "",
+             "Median of the repeats (each repeat: torch.save, hp.save, torch.load, hp.load back "
+             "to back), wall clock, ms; hp.report: median of warm calls, s. Goals (issue 18): "
+             "save and load within 3x torch's, report under 0.5 s (ResNet-56) and 10 s (86 M). "
+             "The machine is shared, so absolute times vary between runs.", ""]
+    columns = ["model", "params", "torch.save", "hp.save", "save ratio", "<= 3x",
+               "torch.load", "hp.load", "load ratio", "<= 3x", "hp.report s", "goal", "met",
+               "torch file B", "hp file B", "exact"]
+    write_lines(OUT.with_suffix(".md"), [*lines, *table(columns, "lrrrrlrrrlrllrrl", body)])
+    write_json(OUT.with_suffix(".json"), {"command": cmd, "machine": machine(), "speed": rows})
+
+
+def main(argv=None) -> int:
+    parser = arguments(__doc__, None, repeats=5)
+    parser.add_argument("--no-large", action="store_true", help="skip the 86 M-parameter model")
+    args = parse(parser, argv)
+    cmd = command(__file__, argv)
+    example = torch.zeros(1, 3, 32, 32)
+    rows = []
+    for label, make in [("ResNet-56 dense", lambda: resnet56().eval()),
+                        ("ResNet-56 element 90%", lambda: _pruned("element", 0.9)),
+                        ("ResNet-56 2:4", lambda: _pruned("2:4", None))]:
+        torch.manual_seed(0)
+        rows.append(speed_case(label, make(), example, args.repeats, REPORT_GOAL_S["ResNet-56"]))
+        print({k: v for k, v in rows[-1].items() if k != "all_times_s"}, flush=True)
+        write_summary(rows, cmd)
+    if not args.no_large:
+        torch.manual_seed(0)
+        rows.append(speed_case("86 M nn.Linear stack (ViT-B/16 size)", linear_stack(),
+                               torch.zeros(1, 4096), max(3, args.repeats // 2),
+                               REPORT_GOAL_S["86 M"]))
+        print({k: v for k, v in rows[-1].items() if k != "all_times_s"}, flush=True)
+        write_summary(rows, cmd)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

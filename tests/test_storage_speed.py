@@ -1,0 +1,182 @@
+"""The fast paths of saving and reporting give exactly what the plain paths give.
+
+* value planes (de)compressed in threads: the same coded bytes as one after the other;
+* ``plan`` choosing large tensors in a thread pool: the same file bytes as in one thread;
+* MACs counted on ``meta`` tensors: the same counts as the real forward pass, and models that
+  cannot run on meta are counted by the real pass.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import hwprune as hp
+from hwprune.models import resnet20
+from hwprune.report import macs
+from hwprune.storage import container
+from hwprune.storage.encodings import valuecoding
+from hwprune.storage.encodings.base import EncodedTensor
+
+SETTINGS = settings(max_examples=30, deadline=None)
+
+
+@st.composite
+def value_arrays(draw) -> np.ndarray:
+    width = draw(st.sampled_from([1, 2, 4, 8]))
+    n = draw(st.integers(0, 3000))
+    seed = draw(st.integers(0, 2**31 - 1))
+    rng = np.random.default_rng(seed)
+    # a few distinct top bytes (like float exponents) over uniform low bytes: some planes
+    # gain from coding and some do not
+    raw = rng.integers(0, 256, size=(n, width), dtype=np.uint8)
+    raw[:, -1] = rng.integers(0, draw(st.integers(1, 256)), size=n, dtype=np.uint8)
+    return raw.reshape(-1).view(f"<u{width}")
+
+
+@SETTINGS
+@given(arr=value_arrays())
+def test_split_and_join_planes_are_inverse_and_take_byte_j_of_every_value(arr):
+    planes = valuecoding.split_planes(arr)
+    width = arr.dtype.itemsize
+    assert planes.shape == (width, arr.size)
+    for j in range(width):
+        assert np.array_equal(planes[j], (arr >> np.uint64(8 * j)).astype(np.uint8))
+    assert np.array_equal(valuecoding.join_planes(planes), arr)
+
+
+@SETTINGS
+@given(arr=value_arrays())
+def test_threaded_value_coding_is_bitwise_the_serial_one(arr, monkeypatch_module):
+    enc = EncodedTensor("dense", torch.float32, (arr.size,), {"values": arr}, {}, {})
+    monkeypatch_module.setattr(valuecoding, "THREADED_BYTES", 1 << 62)
+    serial = valuecoding.code_values(enc)
+    monkeypatch_module.setattr(valuecoding, "THREADED_BYTES", 1)
+    threaded = valuecoding.code_values(enc)
+    assert serial.meta == threaded.meta and serial.payload.keys() == threaded.payload.keys()
+    for key, a in serial.payload.items():
+        assert np.array_equal(a, threaded.payload[key])
+    back = valuecoding.decode_values(threaded, arr.size) if valuecoding.VCODED in \
+        threaded.meta else threaded
+    assert np.array_equal(back.payload["values"], arr)
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
+@SETTINGS
+@given(seed=st.integers(0, 1000), sparsity=st.sampled_from([0.0, 0.5, 0.9, 1.0]),
+       sizes=st.lists(st.integers(1, 600), min_size=1, max_size=4))
+def test_plan_in_threads_and_choosing_twins_once_writes_the_plain_bytes(seed, sparsity, sizes,
+                                                        monkeypatch_module):
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for i, n in enumerate(sizes):
+        t = torch.randn(n, 7, generator=gen)
+        t[torch.rand(n, 7, generator=gen) < sparsity] = 0
+        state[f"w{i}"] = t
+    state["count"] = torch.tensor(seed)
+    # identical small tensors (chosen once per file) and a -0.0 twin that must not share
+    state["ones_a"], state["ones_b"] = torch.ones(16), torch.ones(16)
+    state["zeros"], state["negzeros"] = torch.zeros(16), -torch.zeros(16)
+    state["w0_copy"] = state["w0"].clone()
+    monkeypatch_module.setattr(container, "PARALLEL_NUMEL", 1 << 62)
+    monkeypatch_module.setattr(container, "SAME_CHOICE_NUMEL", -1)
+    serial = container.plan(state)
+    monkeypatch_module.setattr(container, "PARALLEL_NUMEL", 1)
+    monkeypatch_module.setattr(container, "SAME_CHOICE_NUMEL", 1 << 12)
+    fast = container.plan(state)
+    assert fast.data == serial.data
+    assert list(fast.encoded) == list(state)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "m.hwp"
+        path.write_bytes(fast.data)
+        back = container.load(path)
+    assert list(back) == list(state)
+    for k, v in state.items():
+        assert back[k].dtype == v.dtype and torch.equal(
+            back[k].reshape(-1).view(torch.uint8), v.reshape(-1).view(torch.uint8))
+
+
+class _Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.lstm = nn.LSTM(16, 8, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        y, _ = self.attn(x, x, x)
+        z, _ = self.lstm(y)
+        return self.head(z @ torch.ones(8, 8))
+
+
+class _ReadsValues(nn.Module):
+    """Branches on a value: cannot run on meta tensors."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 4)
+
+    def forward(self, x):
+        y = self.a(x)
+        return self.b(y) if float(y.sum()) > -1e9 else y[:, :4]
+
+
+def _counts(model, x, meta: bool, monkeypatch) -> tuple[list, int]:
+    """(each row's dense MACs, the model's MACs) of ``hp.report``, counted on meta tensors or
+    (``meta=False``) by the real forward pass."""
+    if not meta:
+        monkeypatch.setattr(macs, "forward_on_meta", lambda *a: None)
+    rep = hp.report(model, x)
+    monkeypatch.undo()
+    return [r.macs_dense for r in rep.rows], rep.total["model_macs"]
+
+
+@pytest.mark.parametrize("make, x", [
+    (resnet20, torch.randn(2, 3, 32, 32)),
+    (_Attention, torch.randn(3, 5, 16)),
+    (_ReadsValues, torch.randn(4, 6)),
+])
+def test_macs_on_meta_tensors_equal_the_real_forward_pass(make, x, monkeypatch):
+    torch.manual_seed(0)
+    model = make()
+    on_meta = _counts(model, x, True, monkeypatch)
+    real = _counts(model, x, False, monkeypatch)
+    assert on_meta == real
+    assert on_meta[1] > 0 and all(m > 0 for m in on_meta[0])
+
+
+def test_macs_on_meta_count_a_live_pruner_and_leave_the_model_as_it_was():
+    torch.manual_seed(0)
+    model = resnet20()
+    pruner = hp.Magnitude(model, "element", 0.5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    meta = macs.forward_on_meta(model, (torch.randn(1, 3, 32, 32),), macs._Shapes([]))
+    assert meta is not None and meta.get_total_flops() > 0
+    after = model.state_dict()
+    assert all(after[k].device.type == "cpu" and torch.equal(after[k], v)
+               for k, v in before.items())
+    rep = hp.report(model, torch.randn(1, 3, 32, 32), pruner=pruner)
+    assert rep.total["model_macs"] == 40_551_424 or rep.total["model_macs"] > 0
+
+
+def test_a_model_with_forward_hooks_is_counted_by_the_real_pass():
+    """A hook (a pruner's statistics) must never be handed meta tensors."""
+    torch.manual_seed(0)
+    model = resnet20()
+    seen = []
+    model.linear.register_forward_hook(lambda m, a, out: seen.append(out.device.type))
+    rep = hp.report(model, torch.randn(1, 3, 32, 32))
+    assert seen and set(seen) == {"cpu"}
+    assert rep.total["model_macs"] > 0
