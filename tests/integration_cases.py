@@ -85,3 +85,19 @@ def assert_same_result(model: nn.Module, pruner: Any, ref_model: nn.Module, ref_
         assert torch.equal(state[key], ref_state[key]), key
     assert (pruner.steps, pruner.epochs) == (ref_pruner.steps, ref_pruner.epochs)
     assert pruner.layer_extras() == ref_pruner.layer_extras()
+
+
+#: PSP's l1 variant with plain SGD on the alphas: with a task loss of exactly zero, the
+#: penalty alpha_decay * sum|alpha| is their only pull, so each moves from 1 by exactly
+#: alpha_lr * alpha_decay per step
+PENALTY_ONLY = {"structure": "channel", "variant": "l1", "alpha_decay": 0.5, "alpha_lr": 0.01,
+                "alpha_momentum": 0.0, "threshold": 1e-3}
+
+
+def assert_penalty_alone_moved_alphas(pruner: Any) -> None:
+    """The known answer of ``PENALTY_ONLY`` after ``EPOCHS`` epochs of 4 steps."""
+    steps = pruner.steps
+    assert steps == EPOCHS * 4
+    expected = 1.0 - steps * PENALTY_ONLY["alpha_lr"] * PENALTY_ONLY["alpha_decay"]
+    for alpha in pruner.alphas().values():
+        assert torch.allclose(alpha, torch.full_like(alpha, expected))

@@ -22,7 +22,9 @@ from integration_cases import (
     BATCH,
     EPOCHS,
     LR,
+    PENALTY_ONLY,
     SEED,
+    assert_penalty_alone_moved_alphas,
     assert_same_result,
     case_id,
     make_mlp,
@@ -130,15 +132,9 @@ class PenaltyOnly(Wrapped):
 
 
 def test_the_penalty_acts_a_known_answer(tmp_path):
-    # as for Lightning: PSP's l1 penalty alone moves each alpha by lr * alpha_decay per step
-    callback = PruningCallback(hp.PSP, module="model", structure="channel", variant="l1",
-                               alpha_decay=0.5, alpha_lr=0.01, alpha_momentum=0.0,
-                               threshold=1e-3)
+    callback = PruningCallback(hp.PSP, module="model", **PENALTY_ONLY)
     train(tmp_path, callback, model=PenaltyOnly())
-    steps = callback.pruner.steps
-    assert steps == EPOCHS * 4
-    for alpha in callback.pruner.alphas().values():
-        assert torch.allclose(alpha, torch.full_like(alpha, 1.0 - steps * 0.01 * 0.5))
+    assert_penalty_alone_moved_alphas(callback.pruner)
 
 
 def test_a_model_with_nothing_to_prune_is_one_error(tmp_path):

@@ -169,19 +169,19 @@ def _head_rows(keep: Tensor, d: int) -> Tensor:
 
 def attention_sites(model: nn.Module) -> list[AttentionSite]:
     """Every self-attention of a known layout in ``model``, in module order."""
-    found = []
-    for name, m in model.named_modules():
-        site = _bert_attention(name, m) or _gpt2_attention(name, m)
-        if site is not None:
-            found.append(site)
-    return found
+    return _sites(model, (_bert_attention, _gpt2_attention))
 
 
 def feed_forward_sites(model: nn.Module) -> list[FeedForwardSite]:
     """Every feed-forward block of a known layout in ``model``, in module order."""
+    return _sites(model, (_bert_feed_forward, _gpt2_feed_forward))
+
+
+def _sites(model: nn.Module, readers) -> list:
+    """What the first reader that knows a module's layout makes of it, for every module."""
     found = []
     for name, m in model.named_modules():
-        site = _bert_feed_forward(name, m) or _gpt2_feed_forward(name, m)
+        site = next((s for s in (read(name, m) for read in readers) if s is not None), None)
         if site is not None:
             found.append(site)
     return found
