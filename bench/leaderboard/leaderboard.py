@@ -2,56 +2,87 @@
 
 Each row is an ordinary ``hwprune run`` (the runner, the recipe schema and the report are
 the CLI's own), started from the pretrained checkpoint and given the same training budget:
-``--epochs`` epochs over the same ``--train-subset`` images (batch 128, SGD, cosine learning
+``--epochs`` epochs over the same ``--train-subset`` images (batch 64, SGD, cosine learning
 rate, augmentation), split into a pruning and a fine-tuning phase where the method has one.
 Every result is finalized, shrunk (entirely zero channels removed), saved with ``hp.save``
 (the stored bytes of the conv and linear weights include the index overhead) and timed at
 batch 1 on this CPU against the dense model in the same run. Targets: every conv but the
-first (and, for Magnitude/DARB, nothing else: the classifier stays dense).
+first (the classifier stays dense).
 
-    python bench/leaderboard/leaderboard.py --out bench/results/leaderboard/leaderboard
+Rows come in pairs: each learned or hardware-aware method next to magnitude pruning with the
+same pattern, so the second table reads "learned minus magnitude" at equal pattern and budget.
 
-Each row's own command (``hwprune run ... --set ...``) is written next to it, so a single row
-can be reproduced without this script.
+Every row runs as its own process (``hwprune run RECIPE --out FOLDER``, the command printed
+under the table), so several copies of this script can share the queue: each claims a row
+before running it, and finished rows are kept (rerunning resumes the queue)::
+
+    python bench/leaderboard/leaderboard.py --out bench/results/leaderboard/leaderboard &
+    python bench/leaderboard/leaderboard.py --out bench/results/leaderboard/leaderboard &
+    python bench/leaderboard/leaderboard.py --out ... --seed 1 --only dpp-1of8 magnitude-1of8
+
+``--table-only`` rewrites the tables and the plot from the finished rows.
 """
 
 from __future__ import annotations
 
+import os
+import statistics
+import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: the shared helpers
 
-from common import arguments, command, header, machine, parse, write_json
+from common import arguments, command, header, parse, write_json
 from hwprune.app.compare import compare_markdown, compare_plot, load_runs
 from hwprune.app.recipe import dump, resolve
-from hwprune.app.runner import Run
 from hwprune.errors import HwpruneError
 
 PRETRAINED = "weights/cifar10-resnet20-akamaster.th"
 CONVS = "layer*"  # the stem conv and the classifier stay dense for every method
 
-#: (row name, method section, fraction of the epochs spent in the pruning phase)
-ENTRIES: list[tuple[str, dict, float]] = [
-    ("magnitude-element-4x", {"name": "Magnitude", "structure": "element", "sparsity": 0.75,
-                              "targets": CONVS}, 0.0),
-    ("magnitude-element-8x", {"name": "Magnitude", "structure": "element", "sparsity": 0.875,
-                              "targets": CONVS}, 0.0),
-    ("magnitude-channel-50", {"name": "Magnitude", "structure": "channel", "sparsity": 0.5,
-                              "targets": CONVS}, 0.0),
-    ("psp-channel-50", {"name": "PSP", "structure": "channel", "variant": "fixed",
-                        "sparsity": 0.5, "targets": CONVS}, 0.5),
-    ("dpp-1of4", {"name": "DPP", "structure": "1:4", "logit_lr": 20.0, "anneal_epochs": 2,
-                  "targets": CONVS}, 1.0),
-    ("dpp-1of8", {"name": "DPP", "structure": "1:8", "logit_lr": 20.0, "anneal_epochs": 2,
-                  "targets": CONVS}, 1.0),
+
+def _magnitude(structure: str, sparsity: float | None = None) -> dict:
+    method = {"name": "Magnitude", "structure": structure, "targets": CONVS}
+    if sparsity is not None:
+        method["sparsity"] = sparsity
+    return method
+
+
+#: (row name, method section, fraction of the epochs spent in the pruning phase, the
+#: magnitude row with the same pattern or None). In queue order: the high-compression pairs
+#: first. The learned rows use each method's defaults except where a comment says why.
+ENTRIES: list[tuple[str, dict, float, str | None]] = [
+    ("magnitude-1of8", _magnitude("1:8"), 0.0, None),
+    ("dpp-1of8", {"name": "DPP", "structure": "1:8", "targets": CONVS}, 0.75, "magnitude-1of8"),
+    # a pretrained model's own magnitudes as DPP's starting logits, against the default start
+    ("dpp-1of8-magnitude-init", {"name": "DPP", "structure": "1:8", "logit_init": "magnitude",
+                                 "targets": CONVS}, 0.75, "magnitude-1of8"),
+    ("magnitude-element-8x", _magnitude("element", 0.875), 0.0, None),
+    ("darb-8x", {"name": "DARB", "ratio": 8.0, "targets": CONVS}, 0.0, "magnitude-element-8x"),
+    ("magnitude-block-4x", _magnitude("block:1x4", 0.75), 0.0, None),
     ("admm-zero-4x", {"name": "ADMM", "block": [1, 4], "unify": 0.0, "zero": 0.75,
-                      "admm_interval": 20, "targets": CONVS}, 0.5),
+                      "admm_interval": 20, "targets": CONVS}, 0.5, "magnitude-block-4x"),
+    ("magnitude-1of4", _magnitude("1:4"), 0.0, None),
+    ("dpp-1of4", {"name": "DPP", "structure": "1:4", "targets": CONVS}, 0.75, "magnitude-1of4"),
+    ("magnitude-channel-75", _magnitude("channel", 0.75), 0.0, None),
+    # PSP at a fixed sparsity (the decay variant prunes nothing at this budget: psp.md)
+    ("psp-channel-75", {"name": "PSP", "structure": "channel", "variant": "fixed",
+                        "sparsity": 0.75, "rank_by": "scaled", "targets": CONVS}, 0.5,
+     "magnitude-channel-75"),
+    ("magnitude-map-50", _magnitude("map", 0.5), 0.0, None),
+    ("dpp-map-50", {"name": "DPP", "structure": "map", "k": 0.5, "targets": CONVS}, 0.75,
+     "magnitude-map-50"),
+    ("magnitude-element-4x", _magnitude("element", 0.75), 0.0, None),
+    ("darb-4x", {"name": "DARB", "ratio": 4.0, "targets": CONVS}, 0.0, "magnitude-element-4x"),
+    ("magnitude-channel-50", _magnitude("channel", 0.5), 0.0, None),
+    ("psp-channel-50", {"name": "PSP", "structure": "channel", "variant": "fixed",
+                        "sparsity": 0.5, "rank_by": "scaled", "targets": CONVS}, 0.5,
+     "magnitude-channel-50"),
     ("admm-unify-zero", {"name": "ADMM", "block": [1, 4], "unify": 0.5, "zero": 0.25,
-                         "admm_interval": 20, "targets": CONVS}, 0.5),
-    ("darb-4x", {"name": "DARB", "ratio": 4.0, "targets": CONVS}, 0.0),
-    ("darb-8x", {"name": "DARB", "ratio": 8.0, "targets": CONVS}, 0.0),
+                         "admm_interval": 20, "targets": CONVS}, 0.5, None),
 ]
+BASELINE = {name: base for name, _, _, base in ENTRIES}
 
 
 def recipe(name: str, method: dict, prune_share: float, args) -> dict:
@@ -64,55 +95,132 @@ def recipe(name: str, method: dict, prune_share: float, args) -> dict:
         "method": method,
         "optimizer": {"lr": args.lr, "finetune_lr": args.lr},
         "train": {"prune_epochs": prune, "finetune_epochs": args.epochs - prune,
-                  "batch_size": 128},
+                  "batch_size": args.batch_size},
         "end": {"shrink": True, "plots": False},
     }, name=name)
+
+
+def row_folder(runs: Path, name: str, seed: int) -> Path:
+    return runs / (name if seed == 0 else f"{name}-s{seed}")
+
+
+def claim(folder: Path) -> bool:
+    """True if this process may run ``folder``'s row: nobody finished or holds it (a claim
+    whose process is gone is taken over)."""
+    if (folder / "summary.json").exists():
+        return False
+    folder.mkdir(parents=True, exist_ok=True)
+    mark = folder / "claimed-by"
+    try:
+        fd = os.open(mark, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            os.kill(int(mark.read_text() or 0), 0)
+            return False  # alive: another copy runs it
+        except (ProcessLookupError, ValueError):
+            mark.unlink(missing_ok=True)
+            return claim(folder)
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    return True
+
+
+def finished(runs: Path) -> list[Path]:
+    """Every finished row folder under ``runs``, in queue order, seeds in order."""
+    out = []
+    for name, *_ in ENTRIES:
+        for folder in sorted(runs.glob(f"{name}*"), key=lambda p: p.name):
+            if folder.name == name or folder.name.removeprefix(name + "-s").isdigit():
+                if (folder / "summary.json").exists():
+                    out.append(folder)
+    return out
+
+
+def versus_magnitude(rows: list[dict]) -> str:
+    """Learned minus magnitude accuracy at equal pattern, mean over the seeds run."""
+    acc: dict[str, list[float]] = {}
+    for r in rows:
+        acc.setdefault(r["name"], []).append(100 * r["accuracy"])
+    lines = ["| row | magnitude row | accuracy % (seeds) | magnitude % (seeds) | difference |",
+             "| --- | --- | ---: | ---: | ---: |"]
+    for name, base in BASELINE.items():
+        if base is None or name not in acc or base not in acc:
+            continue
+        a, b = acc[name], acc[base]
+        cells = [f"{statistics.mean(a):.2f} ({', '.join(f'{x:.2f}' for x in a)})",
+                 f"{statistics.mean(b):.2f} ({', '.join(f'{x:.2f}' for x in b)})",
+                 f"{statistics.mean(a) - statistics.mean(b):+.2f}"]
+        lines.append(f"| {name} | {base} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_tables(out: Path, runs: Path, args, argv) -> None:
+    folders = finished(runs)
+    if not folders:
+        return
+    rows = load_runs(folders)
+    head = header(
+        "Leaderboard: every method on pretrained CIFAR-10 ResNet-20", command(__file__, argv),
+        f"{rows[0].get('machine', '?')}, 1 torch thread per row, two rows at a time. "
+        f"Budget, equal for all: {args.epochs} epochs over {args.train_subset} training images "
+        f"(batch {args.batch_size}, SGD lr {args.lr}, momentum 0.9, cosine, augmentation), "
+        "from the pretrained checkpoint; the pruning phase's share of the epochs is in each "
+        f"recipe; test: {args.test_subset or 'the 10,000'} CIFAR-10 test images. Every conv "
+        "but the stem is pruned. Stored bytes: the conv and linear weights of the finalized, "
+        "shrunk model as `hp.save` stores them, index included (the whole file is "
+        "`file_bytes` in the JSON); latency: batch 1, median, against the dense model timed "
+        "in the same run (two rows ran at once: compare latencies only within a row). A row "
+        "named `-sN` is the same recipe with seed N. Each row's command is listed below the "
+        f"table (the recipes are in `{out.name}_recipes/`).\n\n")
+    versus = ("\n## Learned against magnitude at equal pattern and budget\n\n"
+              "Accuracy of each method's row minus the magnitude row with the same pattern "
+              "(mean over the seeds run; each seed's value in brackets).\n\n"
+              + versus_magnitude(rows))
+    out.with_suffix(".md").write_text(head + compare_markdown(rows) + versus)
+    write_json(out.with_suffix(".json"), rows)
+    try:
+        compare_plot(rows, out.with_suffix(".png"))
+    except HwpruneError as e:  # matplotlib missing: the table stands
+        print(f"plot skipped: {e}")
 
 
 def main(argv=None) -> int:
     parser = arguments(__doc__, "path prefix for the .md/.json/.png", data_dir=True)
     parser.add_argument("--runs", default="bench/out/leaderboard",
                         help="where the run folders go (not committed)")
-    parser.add_argument("--train-subset", type=int, default=10_000)
+    parser.add_argument("--train-subset", type=int, default=12_500)
     parser.add_argument("--test-subset", type=int, default=None, help="smoke runs only")
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", nargs="+", help="run only these rows")
+    parser.add_argument("--table-only", action="store_true",
+                        help="only rewrite the tables from the finished rows")
     args = parse(parser, argv)
     out, runs = Path(args.out), Path(args.runs)
-    done = []
-    for name, method, share in ENTRIES:
+    unknown = set(args.only or ()) - set(BASELINE)
+    if unknown:
+        parser.error(f"unknown rows {sorted(unknown)}; allowed: {list(BASELINE)}")
+    for name, method, share, _ in ([] if args.table_only else ENTRIES):
         if args.only and name not in args.only:
             continue
-        cfg = recipe(name, method, share, args)
-        folder = runs / name
-        recipe_file = out.parent / f"{out.name}_recipes" / f"{name}.yaml"  # committed
+        folder = row_folder(runs, name, args.seed)
+        if not claim(folder):
+            continue
+        cfg = recipe(folder.name, method, share, args)
+        recipe_file = out.parent / f"{out.name}_recipes" / f"{folder.name}.yaml"  # committed
         recipe_file.parent.mkdir(parents=True, exist_ok=True)
         recipe_file.write_text(dump(cfg))
-        row_command = f"hwprune run {recipe_file} --out {folder}"
-        if not (folder / "summary.json").exists():  # finished rows are kept: resumable
-            Run(cfg).execute(folder, force=True, command=row_command)
-        done.append(folder)
-        rows = load_runs(done)
-        head = header(
-            "Leaderboard: every method on pretrained CIFAR-10 ResNet-20", command(__file__, argv),
-            f"{machine()} (shared with other jobs: latencies are only compared within a row). "
-            f"Budget, equal for all: {args.epochs} epochs over {args.train_subset} training "
-            f"images (batch 128, SGD lr {args.lr}, momentum 0.9, cosine, augmentation), from "
-            f"the pretrained checkpoint; test: {args.test_subset or 'the 10,000'} CIFAR-10 test "
-            "images. Every conv but the stem is pruned. Stored bytes: the conv and linear "
-            "weights of the finalized, shrunk model as `hp.save` stores them, index included "
-            "(the whole file, with BatchNorm, biases and header, is `file_bytes` in the JSON); "
-            "latency: batch 1, median, against the dense model timed in the same run. Each "
-            "row's command is listed below the table "
-            f"(the recipes are in `{out.name}_recipes/`).\n\n")
-        out.with_suffix(".md").write_text(head + compare_markdown(rows))
-        write_json(out.with_suffix(".json"), rows)
-        try:
-            compare_plot(rows, out.with_suffix(".png"))
-        except HwpruneError as e:  # matplotlib missing: the table stands
-            print(f"plot skipped: {e}")
+        resume = ["--resume"] if (folder / "checkpoint.pt").exists() else ["--force"]
+        row_command = ["hwprune", "run", str(recipe_file), "--out", str(folder)]
+        print(" ".join(row_command), flush=True)
+        done = subprocess.run([sys.executable, "-m", "hwprune", *row_command[1:], *resume])
+        (folder / "claimed-by").unlink(missing_ok=True)
+        if done.returncode:
+            print(f"{folder.name}: exit {done.returncode}", flush=True)
+        write_tables(out, runs, args, argv)
+    write_tables(out, runs, args, argv)
     return 0
 
 

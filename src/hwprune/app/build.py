@@ -203,9 +203,14 @@ def load_pretrained(model: nn.Module, cfg: dict[str, Any]) -> None:
 
 
 def make_pruner(parts: Parts, model: nn.Module) -> Any:
-    """The recipe's method on ``model``; its own errors name the method."""
+    """The recipe's method on ``model``; its own errors name the method. A method that
+    traces the model (``structure: map``) gets one test input as ``example_inputs``: a
+    recipe cannot hold a tensor."""
+    kwargs = dict(parts.method_kwargs)
+    if "example_inputs" in inspect.signature(parts.method_cls).parameters:
+        kwargs.setdefault("example_inputs", parts.example)
     try:
-        return parts.method_cls(model, **parts.method_kwargs)
+        return parts.method_cls(model, **kwargs)
     except (HwpruneError, TypeError) as e:
         raise field_error(f"method ({parts.method_cls.__name__})", e) from None
 

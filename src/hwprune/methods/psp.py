@@ -86,6 +86,7 @@ __all__ = ["PSP"]
 
 _VARIANTS = ("decay", "l1", "fixed")
 _THRESHOLD_MODES = ("absolute", "relative")
+_RANK_BY = ("alpha", "scaled")
 #: ε per threshold mode: relative, of the layer's largest |alpha|; absolute, of |alpha|
 DEFAULT_THRESHOLD = {"relative": 0.05, "absolute": 0.01}
 
@@ -115,6 +116,10 @@ class PSP(MapTargets, Pruner):
             default 0.05 (relative) or 0.01 (absolute).
         variant: ``"decay"``, ``"l1"`` or ``"fixed"``.
         sparsity: fraction of groups off per layer, only for ``variant="fixed"``.
+        rank_by: what ``"fixed"`` ranks: ``"alpha"`` (``|α|``, the paper's rule) or
+            ``"scaled"`` (``|α| · ‖W_i‖₂``, the size of the group the layer computes with;
+            at the start it is L2 magnitude pruning, so a pretrained model's own weights
+            choose until the alphas have learned).
         schedule: for ``"fixed"``, how ``sparsity`` ramps up (``hwprune.schedules``; default:
             the full sparsity from the start, re-ranked after every step).
         revive: whether off groups may come back (see the module docstring).
@@ -135,7 +140,7 @@ class PSP(MapTargets, Pruner):
                  variant: str = "decay",
                  sparsity: float | None = None, schedule: Schedule | None = None,
                  revive: bool = True, threshold_start: int = 0,
-                 threshold_mode: str = "relative",
+                 threshold_mode: str = "relative", rank_by: str = "alpha",
                  alpha_lr: float | None = None, alpha_momentum: float | None = None,
                  targets: Spec = None, example_inputs: Any = None, strict: bool = False):
         self.example_inputs = example_inputs
@@ -149,6 +154,7 @@ class PSP(MapTargets, Pruner):
         self.revive = revive
         self.threshold_start = threshold_start
         self.threshold_mode = threshold_mode
+        self.rank_by = rank_by
         self.alpha_lr = alpha_lr
         self.alpha_momentum = alpha_momentum
         super().__init__(model, structure, targets, strict)
@@ -162,6 +168,11 @@ class PSP(MapTargets, Pruner):
             self.threshold = DEFAULT_THRESHOLD[self.threshold_mode]
         if self.variant not in _VARIANTS:
             raise ConfigError(f"variant must be one of {_VARIANTS}; got {self.variant!r}")
+        if self.rank_by not in _RANK_BY:
+            raise ConfigError(f"rank_by must be one of {_RANK_BY}; got {self.rank_by!r}")
+        if self.rank_by != "alpha" and self.variant != "fixed":
+            raise ConfigError(f"rank_by={self.rank_by!r} applies only to variant='fixed' (the "
+                              "other variants threshold |alpha|)")
         if isinstance(self.structure, KofN):
             raise ConfigError(f"PSP learns which groups survive, it cannot keep a fixed "
                               f"{self.structure} pattern; use hp.DPP or hp.Magnitude for k:n")
@@ -308,6 +319,8 @@ class PSP(MapTargets, Pruner):
         # ties (all alphas start at 1) go to the group with the larger weight norm: rank in
         # the order of descending norm, where the selection keeps the lower index
         norms = layer.structure.scores(layer.original().detach(), "l2")
+        if self.rank_by == "scaled":
+            magnitude = magnitude * norms.to(magnitude)
         by_norm = torch.sort(norms, descending=True, stable=True).indices
         keep = torch.empty_like(magnitude, dtype=torch.bool)
         keep[by_norm] = keep_all_but_lowest(magnitude[by_norm], sparsity, min_keep)
@@ -324,6 +337,8 @@ class PSP(MapTargets, Pruner):
             sparsity = self.schedule.sparsity(t, self.final_sparsity)
             weights = {n: l.original() for n, l in self.layers.items()}
             norms = map_scores(self.maps, self.layers, "l2", weights)[0]
+            if self.rank_by == "scaled":
+                magnitude = magnitude * norms.to(magnitude)
         for ids in self.maps.families().values():
             ids = torch.tensor(ids)
             m = magnitude[ids]
