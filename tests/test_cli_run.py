@@ -21,7 +21,7 @@ import hwprune as hp
 from hwprune.app.cli import main
 from hwprune.app.recipe import load_recipe
 from hwprune.app.runner import Interrupted, Run
-from hwprune.methods import all_methods
+from hwprune.methods import all_methods, get_method
 from hwprune.schedules import Schedule
 
 
@@ -222,6 +222,22 @@ def test_a_killed_subprocess_resumes_to_the_same_result(tmp_path):
     _run(cfg, tmp_path / "straight").execute(tmp_path / "straight")
     assert metrics(out) == metrics(tmp_path / "straight")
     assert same_model(out, tmp_path / "straight")
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if "map" in get_method(m).structures])
+def test_a_feature_map_recipe_gets_example_inputs_and_shrinks_whole_maps(tmp_path, method):
+    # "map" traces the model: the runner hands the method one test input (a recipe cannot)
+    recipe = tiny(method)
+    recipe["method"] = {"name": method,
+                        **{k: _recipe_value(v) for k, v in
+                           get_method(method).config("map").items()}}
+    recipe["end"] = {"latency": False, "shrink": True}
+    out = tmp_path / "out"
+    assert main(["run", write(tmp_path, recipe), "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["structure"] == "map" and summary["sparsity"] > 0.0
+    # whole maps are gone: the shrunk model computes fewer MACs than the dense one
+    assert summary["model_macs"] < summary["dense_model_macs"]
 
 
 # -- output folders -----------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """hp.PSP: the alpha gradient, decay finds the known answer, the variants, finalize is exact,
 it runs on the CIFAR ResNets (option A and B) and a DenseNet, bad input is refused."""
 
+import copy
 import math
 
 import pytest
@@ -106,6 +107,30 @@ def test_fixed_variant_breaks_alpha_ties_by_weight_norm(tiny):
     norms = pruner.layers["conv3.weight"].original().detach().flatten(1).norm(dim=1)
     kept = pruner.masks()["conv3.weight"].flatten(1).any(1)
     assert norms[kept].min() > norms[~kept].max()
+
+
+def test_fixed_variant_ranked_by_scaled_alpha_weighs_alpha_by_the_group_norm(tiny):
+    fresh = copy.deepcopy(tiny)
+    pruner = hp.PSP(tiny, "filter", variant="fixed", sparsity=0.5, rank_by="scaled",
+                    targets=["conv3"])
+    layer = pruner.layers["conv3.weight"]
+    norms = layer.original().detach().flatten(1).norm(dim=1)
+    # alphas that favour the small-norm filters, but not by enough to outweigh the norms
+    alpha = 1.0 + 1e-3 * (norms.max() - norms) / (norms.max() - norms.min())
+    with torch.no_grad():
+        pruner.alphas(live=True)["conv3.weight"].copy_(alpha)
+    pruner.step()
+    kept = pruner.masks()["conv3.weight"].flatten(1).any(1)
+    assert kept.sum() == norms.numel() // 2
+    q = alpha * norms  # the filters' size in the layer's product alpha * W
+    assert q[kept].min() > q[~kept].max()
+    # the paper's rule ranks by |alpha| alone and keeps the opposite half
+    plain = hp.PSP(fresh, "filter", variant="fixed", sparsity=0.5,
+                   targets=["conv3"])
+    with torch.no_grad():
+        plain.alphas(live=True)["conv3.weight"].copy_(alpha)
+    plain.step()
+    assert not (plain.masks()["conv3.weight"].flatten(1).any(1) & kept).any()
 
 
 def _set_alpha(pruner, name, index, value):
@@ -226,6 +251,8 @@ def test_variants_run_on_the_cifar_zoo(arch, structure, variant):
     (dict(structure="2:4"), ConfigError, "DPP"),
     (dict(structure="column", targets=["fc1"]), StructureError, "fc1.weight"),
     (dict(threshold_start=-1), ConfigError, "threshold_start"),
+    (dict(variant="fixed", sparsity=0.5, rank_by="norm"), ConfigError, "rank_by must be"),
+    (dict(rank_by="scaled"), ConfigError, "only to variant='fixed'"),
 ])
 def test_bad_input_is_refused_at_construction(tiny, kwargs, error, match):
     kwargs.setdefault("structure", "channel")
