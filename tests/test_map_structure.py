@@ -85,7 +85,7 @@ class FlatHead(nn.Module):
 
 
 class Grouped(nn.Module):
-    """A grouped conv (groups=2): its input and output maps are kept; conv2's maps are free."""
+    """A grouped conv (groups=2): a map is one channel of each group (a stripe)."""
 
     def __init__(self):
         super().__init__()
@@ -156,11 +156,20 @@ def test_a_flattened_map_is_its_run_of_linear_columns():
     assert cols == set(range(2 * 16, 3 * 16))
 
 
-def test_a_grouped_conv_keeps_its_maps_with_the_reason():
+def test_a_grouped_conv_makes_one_map_of_the_same_channel_in_every_group():
     maps = feature_maps(Grouped(), X8)
-    assert _by_family(maps) == {("conv2.bias", "conv2.weight", "fc.weight"): 6}
-    grouped = [e for e in maps.excluded if "grouped conv" in e.reason]
-    assert len(grouped) == 16 and len(maps.excluded) == 16 + 4
+    first = ("bn0.bias", "bn0.weight", "conv0.weight", "g.weight")
+    second = ("bn1.bias", "bn1.weight", "conv2.weight", "g.weight")
+    # 8 channels in 2 groups of 4: 4 stripes before and 4 after the grouped conv
+    assert _by_family(maps) == {first: 4, second: 4,
+                                ("conv2.bias", "conv2.weight", "fc.weight"): 6}
+    # channel 1 and 5 (the second of each group) are one map, read by column 1 of g's weight
+    assert _members(maps, ("conv0", 1)) == {
+        ("conv0.weight", 0, 1, True), ("conv0.weight", 0, 5, True),
+        ("bn0.weight", 0, 1, True), ("bn0.weight", 0, 5, True),
+        ("bn0.bias", 0, 1, True), ("bn0.bias", 0, 5, True), ("g.weight", 1, 1, False)}
+    assert ("g.weight", 0, 6, True) in _members(maps, ("g", 2))
+    assert len(maps.excluded) == 4  # only the logits
 
 
 def _shrunk(factory, x, **kw):

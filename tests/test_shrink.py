@@ -309,3 +309,32 @@ def test_property_channel_counts(zero, batch, padding):
     assert small.get_submodule("0").out_channels == max(1, 12 - sum(zero))
     assert small.get_submodule("3").in_channels == max(1, 12 - sum(zero))
     assert _max_diff(model, small, torch.randn(2, 2, 6, 6)) < 1e-4
+
+
+@settings(max_examples=12, deadline=None)
+@given(st.sampled_from([2, 3, 4]), st.data())
+def test_property_grouped_conv_loses_whole_stripes(groups, data):
+    """A grouped conv's input channel goes when it is zero in every group (a stripe), and so
+    does an output channel whose filter is zero in every group; a zero in one group only
+    stays; the groups stay equal and the function unchanged."""
+    per = 12 // groups
+    zero = data.draw(st.lists(st.booleans(), min_size=per, max_size=per).filter(
+        lambda z: not all(z)))
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(2, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU(),
+                          nn.Conv2d(12, 12, 3, padding=1, groups=groups), nn.BatchNorm2d(12),
+                          nn.ReLU(), nn.Conv2d(12, 4, 1))
+    _randomize_bn(model)
+    with torch.no_grad():
+        model[3].weight[:, torch.tensor(zero)] = 0
+        partial = zero.index(False)
+        model[3].weight[:12 // groups, partial] = 0  # the first group's rows only
+        model[3].weight[0] = 0  # filter 0 of the first group only: it stays
+        model[3].weight[1::per] = 0  # filter 1 of every group: a constant stripe, folded
+    small = shrink(model, torch.randn(1, 2, 6, 6))
+    g = small.get_submodule("3")
+    assert g.groups == groups
+    assert g.in_channels == groups * (per - sum(zero))
+    assert small.get_submodule("0").out_channels == g.in_channels
+    assert g.out_channels == 12 - groups and small.get_submodule("6").in_channels == 12 - groups
+    assert _max_diff(model, small, torch.randn(2, 2, 6, 6)) < 1e-4

@@ -3,7 +3,8 @@ projections, activations, dropout, pooling and flatten.
 
 Conv and linear layers start new channel classes and take a removed input channel's constant
 into their bias where that is exact; a depthwise conv ties each output to its input channel;
-other grouped convs keep their channels. LSTM/GRU/RNN lose input features (hidden units stay).
+other grouped convs remove the same channels from every group. LSTM/GRU/RNN lose input
+features (hidden units stay).
 """
 
 from __future__ import annotations
@@ -117,7 +118,9 @@ def _all_or(keep: list[int] | None, n: int) -> list[int]:
 
 class ConvHandler(MixingHandler):
     """Conv1d/2d/3d. A depthwise conv (groups == in_channels) passes its input's classes to
-    its outputs; other grouped convs keep their channels."""
+    its outputs. Another grouped conv must keep its groups equal: input channel ``p`` of every
+    group is one class (a stripe across the groups), and so is output channel ``q`` of every
+    group, so a removal takes the same channel out of each group."""
 
     def weight(self, layer: nn.Module) -> Tensor:
         return layer.weight
@@ -126,7 +129,12 @@ class ConvHandler(MixingHandler):
         return affine_constants(layer.weight.detach(), layer.bias, in_const, _padded(layer))
 
     def fold_refusal(self, call: LayerCall, value: float) -> str | None:
-        if value == 0 or not _padded(call.layer):
+        if value == 0:
+            return None
+        if _grouped(call.layer):
+            return (f"its constant enters {call.name}, a grouped conv (groups="
+                    f"{call.layer.groups}), whose handler does not fold constants into a bias")
+        if not _padded(call.layer):
             return None
         return (f"its constant enters {call.name}, a zero-padded conv: folding it into the "
                 "bias would be wrong at the borders")
@@ -141,6 +149,8 @@ class ConvHandler(MixingHandler):
             info, stopped = None, an.stopped[call.node]
         if conv.groups == conv.in_channels and info is not None:
             return self._depthwise(conv, info, an)
+        if _grouped(conv) and (info is not None or stopped is None):
+            return self._grouped(call, an)
         if conv.groups == conv.in_channels and stopped is not None:
             # a depthwise conv would pass its input's classes on: the cause is upstream
             reason = f"{stopped}: the channels {call.name} reads from it are kept"
@@ -154,6 +164,28 @@ class ConvHandler(MixingHandler):
         out = an.fresh(1, conv.out_channels, torch.where(zero, bias, unknown(conv.out_channels)))
         for s in out.slots:
             an.classes.pin(s, reason)
+        return out
+
+    def _grouped(self, call: LayerCall, an: Analysis) -> ChannelInfo:
+        conv, info, g = call.layer, call.info, call.layer.groups
+        w = conv.weight.detach()
+        per_in, per_out = conv.in_channels // g, conv.out_channels // g
+        if info is not None:
+            for p in range(conv.in_channels):  # the stripe: the same channel of every group
+                an.classes.union(info.slots[p % per_in], info.slots[p])
+
+            def column(ps: list[int]) -> Tensor:  # input p reaches its own group's outputs
+                rows = slice(ps[0] // per_in * per_out, (ps[0] // per_in + 1) * per_out)
+                return w[rows, ps[0] % per_in]
+
+            an.read(call.node, call.x, column, lambda v: self.fold_refusal(call, v))
+        # an all-zero filter outputs its bias; any other output varies
+        zero = ~w.reshape(conv.out_channels, -1).ne(0).any(1)
+        bias = conv.bias.detach().double() if conv.bias is not None else torch.zeros(
+            conv.out_channels, dtype=torch.float64)
+        out = an.fresh(1, conv.out_channels, torch.where(zero, bias, unknown(conv.out_channels)))
+        for q in range(conv.out_channels):
+            an.classes.union(out.slots[q % per_out], out.slots[q])
         return out
 
     def _depthwise(self, conv: nn.Module, info: ChannelInfo, an: Analysis) -> ChannelInfo:
@@ -179,10 +211,11 @@ class ConvHandler(MixingHandler):
         conv, kin = plan.layer, plan.keep_in
         w = conv.weight.detach()
         depthwise = conv.groups > 1 and kin is not None and conv.groups == conv.in_channels
-        kin = kin if conv.groups == 1 or depthwise else None
         kin_l, kout_l = _all_or(kin, conv.in_channels), _all_or(plan.keep_out, conv.out_channels)
         if len(kin_l) == conv.in_channels and len(kout_l) == conv.out_channels:
             return None
+        if _grouped(conv):
+            return _rebuild_grouped(conv, kin_l, kout_l)
         fold = None if depthwise else fold_constants(
             plan.input, kin, lambda p: w[:, p].reshape(w.shape[0], -1).sum(1), w.shape[0])
         new = type(conv)(len(kin_l), len(kout_l), conv.kernel_size, stride=conv.stride,
@@ -194,6 +227,26 @@ class ConvHandler(MixingHandler):
         folded = set_bias(new, conv.bias, fold, kout_l)
         return Rebuilt(new, (conv.in_channels, conv.out_channels), (len(kin_l), len(kout_l)),
                        bool(folded))
+
+
+def _grouped(conv: nn.Module) -> bool:
+    """A grouped conv that is not depthwise."""
+    return 1 < conv.groups < conv.in_channels
+
+
+def _rebuild_grouped(conv: nn.Module, kin: list[int], kout: list[int]) -> Rebuilt:
+    # the analysis made every removal a stripe: each group keeps the same channels
+    g, w = conv.groups, conv.weight.detach()
+    local_in = [p for p in kin if p < conv.in_channels // g]
+    if len(kin) != g * len(local_in) or len(kout) % g:
+        raise AssertionError(f"{conv}: uneven removal across groups")  # a bug, not an input
+    new = type(conv)(len(kin), len(kout), conv.kernel_size, stride=conv.stride,
+                     padding=conv.padding, dilation=conv.dilation, groups=g,
+                     bias=conv.bias is not None, padding_mode=conv.padding_mode,
+                     dtype=w.dtype, device=w.device)
+    new.weight.data.copy_(w[kout][:, local_in])
+    set_bias(new, conv.bias, None, kout)
+    return Rebuilt(new, (conv.in_channels, conv.out_channels), (len(kin), len(kout)), False)
 
 
 class LinearHandler(MixingHandler):

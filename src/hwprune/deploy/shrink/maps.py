@@ -3,15 +3,16 @@
 ``feature_maps(model, example_inputs)`` runs shrink's channel analysis over the traced graph
 in its structural mode (what the graph allows, whatever the weights hold). A channel class is
 one feature map: residual additions merge their operands' classes, concatenation places its
-inputs' classes side by side, depthwise convs tie each output to its input, flatten turns a
-channel into its run of features. Each map becomes a ``MapGroup`` listing its members: the
+inputs' classes side by side, depthwise convs tie each output to its input, other grouped
+convs make one map of the same channel in every group, flatten turns a channel into its run
+of features. Each map becomes a ``MapGroup`` listing its members: the
 producers' filters and biases and the BatchNorm entries that write it (``writes=True``), the
 consumers' input channels that read it. Zeroing every member zeroes the map everywhere it is
 used, so ``shrink`` removes it whole.
 
 A map that cannot be removed is an ``ExcludedMap`` with the analysis' reason: it reaches the
 model's output (the logits), is used by an op or a layer shrink does not model, or by a
-grouped conv, or by a module called more than once. The network's inputs are not maps (no
+module called more than once. The network's inputs are not maps (no
 layer writes them).
 """
 
@@ -171,9 +172,11 @@ def _members(gm: fx.GraphModule, an: Analysis) -> dict[int, list[MapMember]]:
     modules = dict(gm.named_modules())
     out: dict[int, list[MapMember]] = defaultdict(list)
 
-    def add(info: ChannelInfo | None, param: str, axis: int, writes: bool) -> None:
+    def add(info: ChannelInfo | None, param: str, axis: int, writes: bool,
+            per_group: int | None = None) -> None:
         for p, s in enumerate(info.slots if info is not None else ()):
-            out[an.classes.find(s)].append(MapMember(param, axis, p, writes))
+            index = p if per_group is None else p % per_group
+            out[an.classes.find(s)].append(MapMember(param, axis, index, writes))
 
     for node in gm.graph.nodes:
         if node.op != "call_module":
@@ -190,14 +193,18 @@ def _members(gm: fx.GraphModule, an: Analysis) -> dict[int, list[MapMember]]:
             return f"{node.target}.{n}"
 
         if isinstance(handler, (ConvHandler, LinearHandler)):
+            per_in = None  # a grouped conv's weight holds the input channels of one group
             if isinstance(layer, nn.Conv1d | nn.Conv2d | nn.Conv3d) and layer.groups > 1:
-                if layer.groups != layer.in_channels or inp is None:
-                    continue  # the analysis pinned a grouped conv's channels
-                inp = None  # depthwise: its input and output are the same maps
+                if layer.groups == layer.in_channels:
+                    if inp is None:
+                        continue  # the analysis pinned it
+                    inp = None  # depthwise: its input and output are the same maps
+                else:
+                    per_in = layer.in_channels // layer.groups
             add(outp, full("weight"), 0, True)
             if "bias" in names:
                 add(outp, full("bias"), 0, True)
-            add(inp, full("weight"), 1, False)
+            add(inp, full("weight"), 1, False, per_in)
         elif isinstance(handler, BatchNormHandler):
             for n in ("weight", "bias"):
                 if n in names:
