@@ -238,6 +238,11 @@ def test_a_feature_map_recipe_gets_example_inputs_and_shrinks_whole_maps(tmp_pat
     assert summary["structure"] == "map" and summary["sparsity"] > 0.0
     # whole maps are gone: the shrunk model computes fewer MACs than the dense one
     assert summary["model_macs"] < summary["dense_model_macs"]
+    # and the ratios are against the dense model, not the shrunk one's own weights
+    assert summary["params"] < summary["dense_params"]
+    assert summary["pruning_ratio"] == pytest.approx(
+        summary["dense_params"] / summary["kept_params"])
+    assert summary["pruning_ratio"] > summary["params"] / summary["kept_params"]
 
 
 # -- output folders -----------------------------------------------------------------------------

@@ -50,6 +50,7 @@ def finish(loop: TrainingLoop, out: Path, info: dict[str, Any], console: Console
         "epochs": plan.total_epochs, "steps": plan.total_epochs * plan.steps_per_epoch(),
     }
     if end["report"]:
+        from ..report.accounting import safe_div
         from ..report.measure import report
 
         rep = report(deployable, example, baseline=dense, pruner=pruner, name=cfg["name"])
@@ -57,6 +58,12 @@ def finish(loop: TrainingLoop, out: Path, info: dict[str, Any], console: Console
         rep.to_json(out / "report.json")
         summary.update({k: rep.total[k] for k in SUMMARY_TOTALS})
         summary["dense_model_macs"] = rep.baseline["model_macs"]
+        # the ratios are against the dense model: a shrunk model's own totals count only the
+        # weights shrink left, so its own ratio reads about 1 however much was removed
+        summary["dense_params"] = rep.baseline["params"]
+        summary["pruning_ratio"] = rep.baseline["param_ratio"]
+        summary["compression_ratio"] = safe_div(rep.baseline["dense_bytes"],
+                                                rep.total["stored_bytes"])
     if end["save"]:
         from ..storage import save
 
