@@ -55,7 +55,9 @@ def _magnitude(structure: str, sparsity: float | None = None) -> dict:
 ENTRIES: list[tuple[str, dict, float, str | None]] = [
     ("magnitude-1of8", _magnitude("1:8"), 0.0, None),
     ("dpp-1of8", {"name": "DPP", "structure": "1:8", "targets": CONVS}, 0.75, "magnitude-1of8"),
-    # a pretrained model's own magnitudes as DPP's starting logits, against the default start
+    # a pretrained model's own magnitudes as DPP's starting logits, against the default
+    # (uniform) start, which loses the pretrained function at this budget: the 1:4 and map
+    # rows start from the magnitudes only
     ("dpp-1of8-magnitude-init", {"name": "DPP", "structure": "1:8", "logit_init": "magnitude",
                                  "targets": CONVS}, 0.75, "magnitude-1of8"),
     ("magnitude-element-8x", _magnitude("element", 0.875), 0.0, None),
@@ -64,14 +66,16 @@ ENTRIES: list[tuple[str, dict, float, str | None]] = [
     ("admm-zero-4x", {"name": "ADMM", "block": [1, 4], "unify": 0.0, "zero": 0.75,
                       "admm_interval": 20, "targets": CONVS}, 0.5, "magnitude-block-4x"),
     ("magnitude-1of4", _magnitude("1:4"), 0.0, None),
-    ("dpp-1of4", {"name": "DPP", "structure": "1:4", "targets": CONVS}, 0.75, "magnitude-1of4"),
+    ("dpp-1of4-magnitude-init", {"name": "DPP", "structure": "1:4", "logit_init": "magnitude",
+                                 "targets": CONVS}, 0.75, "magnitude-1of4"),
     ("magnitude-channel-75", _magnitude("channel", 0.75), 0.0, None),
     # PSP at a fixed sparsity (the decay variant prunes nothing at this budget: psp.md)
     ("psp-channel-75", {"name": "PSP", "structure": "channel", "variant": "fixed",
                         "sparsity": 0.75, "rank_by": "scaled", "targets": CONVS}, 0.5,
      "magnitude-channel-75"),
     ("magnitude-map-50", _magnitude("map", 0.5), 0.0, None),
-    ("dpp-map-50", {"name": "DPP", "structure": "map", "k": 0.5, "targets": CONVS}, 0.75,
+    ("dpp-map-50-magnitude-init", {"name": "DPP", "structure": "map", "k": 0.5,
+                                   "logit_init": "magnitude", "targets": CONVS}, 0.75,
      "magnitude-map-50"),
     ("magnitude-element-4x", _magnitude("element", 0.75), 0.0, None),
     ("darb-4x", {"name": "DARB", "ratio": 4.0, "targets": CONVS}, 0.0, "magnitude-element-4x"),
