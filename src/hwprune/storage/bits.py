@@ -212,7 +212,10 @@ def subset_rank(positions: np.ndarray, n: int) -> np.ndarray:
     if k == 0:
         return np.zeros(runs, np.uint64)
     table = _comb_table(n, k)
-    return table[np.arange(k)[None, :], positions].sum(axis=1, dtype=np.uint64)
+    rank = table[0][positions[:, 0]]  # column by column: k gathers, no 2-D fancy index
+    for i in range(1, k):
+        rank = rank + table[i][positions[:, i]]
+    return rank
 
 
 def subset_unrank(ranks: np.ndarray, n: int, k: int) -> np.ndarray:

@@ -79,7 +79,7 @@ from torch import Tensor, nn
 
 from ..files import write_atomic
 from .bits import dtype_from_name, dtype_name
-from .encodings import EncodedTensor, Hints, choose, decode
+from .encodings import EncodedTensor, Hints, choose, decode, saved_encodings
 from .errors import StorageError
 from .fileformat import (
     CODECS,
@@ -179,13 +179,13 @@ def _choose_all(state: Mapping[str, Tensor], hints: Mapping[str, Hints],
     # initialisation, tied copies) have the same choice: made once
     seen: dict[tuple, EncodedTensor] = {}
     with ThreadPoolExecutor(max_workers=max(1, min(len(large), os.cpu_count() or 1))) as pool:
-        futures = {n: pool.submit(choose, state[n], hints.get(n), code_values) for n in large}
+        futures = {n: pool.submit(_choose, state[n], hints.get(n), code_values) for n in large}
         for name, t in state.items():
             if name in futures:
                 continue
             key = _same_choice_key(t, hints.get(name))
             if key is None or key not in seen:
-                out[name] = choose(t, hints.get(name), code_values)
+                out[name] = _choose(t, hints.get(name), code_values)
                 if key is not None:
                     seen[key] = out[name]
             else:
@@ -193,6 +193,11 @@ def _choose_all(state: Mapping[str, Tensor], hints: Mapping[str, Hints],
         for name, future in futures.items():
             out[name] = future.result()
     return {name: out[name] for name in state}
+
+
+def _choose(t: Tensor, hint: Hints, code_values: bool) -> EncodedTensor:
+    """``choose`` among the encodings ``save`` tries on ``t`` (``saved_encodings``)."""
+    return choose(t, hint, code_values, saved_encodings(tuple(t.shape), hint))
 
 
 def _same_choice_key(t: Any, hint: Hints) -> tuple | None:

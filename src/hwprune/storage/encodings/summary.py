@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .base import ZERO_SIGNS, EncodedTensor, TensorView
-from .chooser import Hints, choose_view
+from .chooser import Hints, choose_view, saved_encodings
 from .quantized import QVALUES, dequantize_values
 from .registry import ENCODINGS
 from .valuecoding import VCODED, decode_values
@@ -62,4 +62,5 @@ def stored_bytes(t: Tensor, hints: Hints = None, code_values: bool = True) -> di
     byte formulas of the encodings' table).
     """
     view = TensorView.of(t)
-    return _summary(choose_view(view, hints, code_values), view)
+    return _summary(choose_view(view, hints, code_values, saved_encodings(view.shape, hints)),
+                    view)
