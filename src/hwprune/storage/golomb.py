@@ -43,10 +43,11 @@ def golomb_bits(gaps: np.ndarray, m: int) -> int:
     if gaps.size == 0:
         return 0
     b, u = _split(m)
-    unary = int((gaps // m).sum()) + gaps.size
     if b == 0:
-        return unary
-    long_ones = int(((gaps % m) >= u).sum())
+        return int(gaps.sum()) + gaps.size
+    q, r = np.divmod(gaps, m)
+    unary = int(q.sum()) + gaps.size
+    long_ones = gaps.size if u == 0 else int(np.count_nonzero(r >= u))
     return unary + gaps.size * (b - 1) + long_ones
 
 
