@@ -333,8 +333,9 @@ def _digest(tensors: list, arrays: Mapping[str, np.ndarray], version: int) -> st
     dtype, shape, bytes; sorted by key), each part length-prefixed so parts cannot shift."""
     h = hashlib.sha256()
 
-    def part(b: bytes) -> None:
-        h.update(len(b).to_bytes(8, "little"))
+    def part(b: bytes | np.ndarray) -> None:  # an array: its bytes, read in place
+        h.update(len(b).to_bytes(8, "little") if isinstance(b, bytes) else
+                 int(b.nbytes).to_bytes(8, "little"))
         h.update(b)
 
     for text in (FORMAT, str(version), _json(tensors)):
@@ -343,7 +344,7 @@ def _digest(tensors: list, arrays: Mapping[str, np.ndarray], version: int) -> st
         a = np.ascontiguousarray(arrays[key])
         part(key.encode())
         part(f"{a.dtype.str}{a.shape}".encode())
-        part(a.tobytes())
+        part(a.reshape(-1).view(np.uint8))
     return h.hexdigest()
 
 
