@@ -1,6 +1,10 @@
 """The fast paths of saving and reporting give exactly what the plain paths give.
 
 * value planes (de)compressed in threads: the same coded bytes as one after the other;
+* the chooser's shortcuts (k-of-n run counts from halvings, the gaps lower bound) give the
+  direct counts and never skip a candidate that could win; small vectors are saved dense or
+  as a bitmask, and ``stored_bytes`` counts what the file holds; analysed tensors are read
+  in place and never written; value planes are coded only where their entropy gains;
 * ``plan`` choosing large tensors in a thread pool: the same file bytes as in one thread;
 * MACs counted on ``meta`` tensors: the same counts as the real forward pass, and models that
   cannot run on meta are counted by the real pass.
@@ -21,9 +25,12 @@ from torch import nn
 import hwprune as hp
 from hwprune.models import resnet20
 from hwprune.report import macs
-from hwprune.storage import container
-from hwprune.storage.encodings import valuecoding
-from hwprune.storage.encodings.base import EncodedTensor
+from hwprune.storage import StorageError, choose, container, load, save, stored_bytes
+from hwprune.storage.encodings import Gaps, KofNEncoding, saved_encodings, valuecoding
+from hwprune.storage.encodings.base import EncodedTensor, TensorView
+from hwprune.storage.encodings.kofn import run_counts
+from hwprune.storage.encodings.valuecoding import MIN_CODED
+from hwprune.storage.golomb import golomb_bits
 
 SETTINGS = settings(max_examples=30, deadline=None)
 
@@ -180,3 +187,91 @@ def test_a_model_with_forward_hooks_is_counted_by_the_real_pass():
     rep = hp.report(model, torch.randn(1, 3, 32, 32))
     assert seen and set(seen) == {"cpu"}
     assert rep.total["model_macs"] > 0
+
+
+# -- the chooser's shortcuts: the same choice as trying every candidate -----------------------
+@SETTINGS
+@given(shape=st.sampled_from([(4, 48), (2, 24, 3), (6, 96, 1, 2), (3, 30)]),
+       density=st.floats(0, 1), seed=st.integers(0, 10_000))
+def test_kofn_run_counts_from_halvings_are_the_direct_counts(shape, density, seed):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randn(shape, generator=g)
+    t[torch.rand(shape, generator=g) > density] = 0
+    view = TensorView.of(t)
+    for n in (1, 2, 3, 4, 6, 8, 12, 16, 24):
+        if shape[1] % n:
+            continue
+        direct = KofNEncoding._runs(view.nz, view.shape, n).sum(axis=1)
+        assert np.array_equal(run_counts(view, n), direct), n
+
+
+@SETTINGS
+@given(numel=st.integers(1, 3000), density=st.floats(0, 1), seed=st.integers(0, 10_000),
+       clustered=st.booleans())
+def test_gaps_lower_bound_never_exceeds_the_size_of_any_parameter(numel, density, seed,
+                                                                  clustered):
+    rng = np.random.default_rng(seed)
+    keep = rng.random(numel) < density
+    if clustered:  # one run of nonzeros (or of zeros): where m = 1 is best
+        keep = np.arange(numel) < int(density * numel)
+    t = torch.from_numpy(np.where(keep, rng.standard_normal(numel), 0).astype(np.float32))
+    view = TensorView.of(t)
+    gaps, _ = Gaps._coded(view)
+    bound = Gaps().lower_bound(view, {})
+    values = int(np.count_nonzero(view.nz)) * 4
+    for m in range(1, 70):
+        assert bound <= values + -(-golomb_bits(gaps, m) // 8), m
+    assert bound <= Gaps().sizes(view, {}).total(4)
+
+
+def test_small_vectors_are_saved_dense_or_bitmask_and_counted_as_saved(tmp_path):
+    biases = {"b_dense": torch.randn(64), "b_sparse": torch.zeros(200),
+              "count": torch.tensor(7), "w": torch.zeros(16, 16)}
+    biases["b_sparse"][::50] = 1.5
+    biases["w"][0, :3] = 2.0
+    path = tmp_path / "m.hwp"
+    save(biases, path)
+    encoded = container.plan(biases).encoded
+    assert encoded["b_dense"].encoding == "dense" and encoded["count"].encoding == "dense"
+    assert encoded["b_sparse"].encoding == "bitmask"
+    assert encoded["w"].encoding not in ("dense", "bitmask")  # 2-D: every encoding tried
+    assert saved_encodings((200,), None) == ("dense", "bitmask")
+    assert saved_encodings((200,), "2:4") is None and saved_encodings((16, 16), None) is None
+    assert saved_encodings((MIN_CODED,), None) is None  # value coding applies from there
+    for name, t in biases.items():
+        assert stored_bytes(t)["total_bytes"] == encoded[name].total_bytes
+    back = load(path)
+    for name, t in biases.items():
+        assert torch.equal(back[name].view(-1).view(torch.uint8), t.view(-1).view(torch.uint8))
+    # the full chooser on the same vector may pick another encoding; only= restricts it
+    only = choose(biases["b_sparse"], only=("dense", "bitmask"))
+    assert only.encoding == "bitmask"
+    with pytest.raises(StorageError, match="dense"):
+        choose(biases["b_sparse"], only=("bitmask",))
+
+
+def test_analysed_tensors_are_read_in_place_and_never_written(tmp_path):
+    t = torch.randn(32, 16)
+    t[t.abs() < 0.5] = -0.0  # the zero-signs variant rewrites the zeros: in a copy
+    before = t.clone()
+    view = TensorView.of(t)
+    assert np.shares_memory(view.bits, t.numpy()) and not view.bits.flags.writeable
+    save({"w": t}, tmp_path / "m.hwp")
+    assert torch.equal(t.view(torch.int32), before.view(torch.int32))
+
+
+def test_planes_are_coded_only_where_the_sampled_entropy_gains():
+    rng = np.random.default_rng(0)
+    uniform = rng.integers(0, 256, 100_000, dtype=np.uint8)
+    skewed = rng.choice(np.arange(8, dtype=np.uint8), 100_000, p=[.5, .2, .1, .1, .05, .03,
+                                                                  .01, .01])
+    assert not valuecoding.worth_coding(uniform)
+    assert valuecoding.worth_coding(skewed)
+    assert valuecoding.worth_coding(np.zeros(10, np.uint8))
+    arr = (skewed.astype(np.uint32) << np.uint32(24)) | rng.integers(0, 1 << 24, 100_000,
+                                                                      dtype=np.uint32)
+    enc = EncodedTensor("dense", torch.float32, (arr.size,), {"values": arr}, {}, {})
+    coded = valuecoding.code_values(enc)
+    lengths = coded.meta[valuecoding.VCODED]["values"][1]
+    assert lengths[:3] == [-1, -1, -1] and 0 < lengths[3] < arr.size // 2
+    assert np.array_equal(valuecoding.decode_values(coded, arr.size).payload["values"], arr)
