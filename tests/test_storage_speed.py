@@ -275,3 +275,19 @@ def test_planes_are_coded_only_where_the_sampled_entropy_gains():
     lengths = coded.meta[valuecoding.VCODED]["values"][1]
     assert lengths[:3] == [-1, -1, -1] and 0 < lengths[3] < arr.size // 2
     assert np.array_equal(valuecoding.decode_values(coded, arr.size).payload["values"], arr)
+
+
+def test_report_rows_run_on_one_torch_thread_and_the_count_is_restored():
+    from hwprune.report.measure import one_torch_thread
+
+    before = torch.get_num_threads()
+    with one_torch_thread():
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError), one_torch_thread():
+        raise RuntimeError("a row failed")
+    assert torch.get_num_threads() == before
+    torch.manual_seed(0)
+    model = resnet20()
+    rep = hp.report(model, torch.randn(1, 3, 32, 32))
+    assert torch.get_num_threads() == before and rep.rows and rep.total["file_bytes"] > 0
