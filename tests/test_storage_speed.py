@@ -291,3 +291,38 @@ def test_report_rows_run_on_one_torch_thread_and_the_count_is_restored():
     model = resnet20()
     rep = hp.report(model, torch.randn(1, 3, 32, 32))
     assert torch.get_num_threads() == before and rep.rows and rep.total["file_bytes"] > 0
+
+
+def _safetensors_pack(records, arrays, version):
+    """``container.pack`` as it was written with safetensors' own serializer (the reference:
+    the joined file must be byte for byte what safetensors writes)."""
+    import json
+    import zlib
+
+    import safetensors.numpy
+
+    doc = {"sha256": container._digest(records, arrays, version), "tensors": records,
+           "arrays": [[key, a.dtype.str, int(a.size)] for key, a in arrays.items()]}
+    blob = np.concatenate([a.view(np.uint8) for a in arrays.values()] or [np.zeros(0, np.uint8)])
+    packed = {container.DOC_KEY: np.frombuffer(zlib.compress(container._json(doc).encode(), 9),
+                                               np.uint8), container.DATA_KEY: blob}
+    meta = json.dumps({"format": container.FORMAT, "version": version}, separators=(",", ":"),
+                      sort_keys=True)
+    return safetensors.numpy.save(packed, metadata={container.META_KEY: meta})
+
+
+@SETTINGS
+@given(seed=st.integers(0, 1000), sparsity=st.sampled_from([0.0, 0.5, 0.95, 1.0]),
+       sizes=st.lists(st.integers(0, 300), min_size=0, max_size=4),
+       version=st.sampled_from([2, container.VERSION]))
+def test_the_joined_file_is_byte_for_byte_what_safetensors_writes(seed, sparsity, sizes, version):
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for i, n in enumerate(sizes):
+        t = torch.randn(n, 5, generator=gen)
+        t[torch.rand(n, 5, generator=gen) < sparsity] = 0
+        state[f"w{i}"] = t
+    records, arrays = [], {}
+    for name, t in state.items():
+        records.append(container._record(name, choose(t), arrays))
+    assert container.pack(records, arrays, version) == _safetensors_pack(records, arrays, version)
