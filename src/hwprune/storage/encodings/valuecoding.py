@@ -27,7 +27,7 @@ from ..errors import StorageError
 from .base import EncodedTensor, stored_array
 
 __all__ = ["VCODED", "code_values", "decode_values", "MIN_CODED", "THREADED_BYTES", "split_planes",
-           "join_planes", "worth_coding"]
+           "join_planes", "worth_coding", "byte_columns"]
 
 VCODED = "vcoded"
 #: arrays of fewer values are stored as they are (a few bytes could be saved, not worth it)
@@ -54,17 +54,23 @@ def worth_coding(plane: np.ndarray) -> bool:
     return float(-(p * np.log2(p)).sum()) < 8 * _GAIN
 
 
-def _code_plane(plane: np.ndarray) -> bytes | None:
-    """The Huffman-coded plane, or ``None`` where storing it raw is as small (or nearly)."""
-    if not worth_coding(plane):
+def _code_plane(column: np.ndarray) -> bytes | None:
+    """The Huffman-coded plane (``column``: a strided view of it), or ``None`` where storing it
+    raw is as small (or nearly)."""
+    if not worth_coding(column):
         return None
-    coded = _deflate(plane)
-    return coded if len(coded) < plane.size else None
+    coded = _deflate(np.ascontiguousarray(column))
+    return coded if len(coded) < column.size else None
+
+
+def byte_columns(arr: np.ndarray) -> np.ndarray:
+    """``(count, width)`` view of ``arr``'s bytes: column j is plane j (no copy)."""
+    return arr.view(np.uint8).reshape(-1, arr.dtype.itemsize)
 
 
 def split_planes(arr: np.ndarray) -> np.ndarray:
     """``(width, count)`` bytes: row j is byte j (little-endian) of every value of ``arr``."""
-    return np.ascontiguousarray(arr.view(np.uint8).reshape(-1, arr.dtype.itemsize).T)
+    return np.ascontiguousarray(byte_columns(arr).T)
 
 
 def join_planes(planes: np.ndarray) -> np.ndarray:
@@ -88,14 +94,18 @@ def code_values(enc: EncodedTensor) -> EncodedTensor:
     for name, arr in enc.payload.items():
         if arr.ndim != 1 or arr.dtype.kind != "u" or arr.size < MIN_CODED:
             continue
-        planes = split_planes(arr)
-        coded = _map(_code_plane, list(planes), arr.size >= THREADED_BYTES)
-        parts = [p if c is None else np.frombuffer(c, np.uint8)
-                 for p, c in zip(planes, coded, strict=True)]
+        columns = byte_columns(arr)
+        coded = _map(_code_plane, list(columns.T), arr.size >= THREADED_BYTES)
         lengths = [-1 if c is None else len(c) for c in coded]
-        if sum(p.size for p in parts) < arr.nbytes:
+        sizes = [arr.size if c is None else len(c) for c in coded]
+        if sum(sizes) < arr.nbytes:
+            # each plane copied once, straight from the values' bytes or the coded stream
+            out, at = np.empty(sum(sizes), np.uint8), 0
+            for j, (c, n) in enumerate(zip(coded, sizes, strict=True)):
+                out[at: at + n] = columns[:, j] if c is None else np.frombuffer(c, np.uint8)
+                at += n
             del payload[name]
-            payload[f"{name}_planes"] = np.concatenate(parts)
+            payload[f"{name}_planes"] = out
             info[name] = [int(arr.size), lengths]
     if not info:
         return enc
