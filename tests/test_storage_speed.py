@@ -326,3 +326,26 @@ def test_the_joined_file_is_byte_for_byte_what_safetensors_writes(seed, sparsity
     for name, t in state.items():
         records.append(container._record(name, choose(t), arrays))
     assert container.pack(records, arrays, version) == _safetensors_pack(records, arrays, version)
+
+
+@pytest.mark.parametrize("make", [
+    lambda m: hp.DPP(m, "2:4", quantize_bits=8),
+    lambda m: hp.Magnitude(m, "element", 0.9),
+    lambda m: hp.Magnitude(m, "2:4", None),
+    lambda m: hp.Magnitude(m, "block:4x4", 0.75),
+    lambda m: hp.DARB(m, ratio=8.0),
+])
+def test_the_chooser_with_its_lower_bounds_picks_the_smallest_of_every_candidate(make):
+    """The bounds skip sizes, never a winner: quantized values (DPP's 8-bit codes) included,
+    which the raw-value bounds do not count."""
+    from hwprune.storage.encodings.chooser import Candidate, _candidates
+
+    torch.manual_seed(0)
+    model = resnet20()
+    pruner = make(model)
+    pruner.finalize()
+    rep = hp.report(model, torch.zeros(1, 3, 32, 32), pruner=pruner)
+    for name, hint in rep.hints().items():
+        t = model.state_dict()[name]
+        every = min(_candidates(TensorView.of(t), hint, shortcut=False), key=Candidate.key)
+        assert choose(t, hint, code_values=False).total_bytes == every.total, name

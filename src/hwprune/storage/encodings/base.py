@@ -245,7 +245,8 @@ class Encoding:
 
     def lower_bound(self, view: TensorView, params: dict) -> int:
         """Bytes ``encode_view(view, **params)`` takes at least, from one cheap pass: the
-        chooser skips the exact size where this already loses."""
+        chooser skips the exact size where this already loses (not where the values could
+        be stored as quantized codes: the bound counts them at full width)."""
         return 0
 
     def sizes(self, view: TensorView, params: dict) -> Size:

@@ -105,8 +105,9 @@ def _candidates(view: TensorView, hints: Hints, shortcut: bool = True,
             found = None if only is not None or enc.name in ("dense", "quantized") else (
                 find_scale(base))
             for params in enc.candidates(base, sizes):
-                # a bound at the best total loses the tie too where this one is less simple
-                if shortcut and best is not None and (
+                # a bound at the best total loses the tie too where this one is less simple.
+                # The bounds count raw values: not used where the values could be codes
+                if shortcut and found is None and best is not None and (
                         enc.lower_bound(base, params), enc.simplicity) > (best.total,
                                                                           best.rank[0]):
                     continue
