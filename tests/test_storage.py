@@ -32,7 +32,7 @@ from hwprune.storage import (
 )
 from hwprune.storage import container as container_mod
 from hwprune.storage.bits import pack_uint, subset_rank, subset_unrank, unpack_uint
-from hwprune.storage.encodings import ENCODINGS, saved_encodings
+from hwprune.storage.encodings import ENCODINGS, TensorView, saved_encodings
 from hwprune.storage.encodings.tiling import tiles
 from hwprune.structures import Block, KofN
 
@@ -772,7 +772,7 @@ def _write_version_1(sd, path):
     records, arrays = [], {}
     for name, t in sd.items():
         # the encodings save chooses (small vectors: dense or bitmask)
-        only = saved_encodings(tuple(t.shape), None)
+        only = saved_encodings(TensorView.of(t), None)
         records.append(container_mod._record(name, choose(t, only=only), arrays))
     doc = {"format": container_mod.FORMAT, "version": 1,
            "sha256": container_mod._digest(records, arrays, 1), "tensors": records}

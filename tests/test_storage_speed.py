@@ -226,18 +226,26 @@ def test_gaps_lower_bound_never_exceeds_the_size_of_any_parameter(numel, density
 
 def test_small_vectors_are_saved_dense_or_bitmask_and_counted_as_saved(tmp_path):
     biases = {"b_dense": torch.randn(64), "b_sparse": torch.zeros(200),
-              "count": torch.tensor(7), "w": torch.zeros(16, 16)}
+              "w": torch.zeros(16, 16), "ones": torch.ones(64), "zeros": torch.zeros(32),
+              "count": torch.tensor(7)}
     biases["b_sparse"][::50] = 1.5
     biases["w"][0, :3] = 2.0
     path = tmp_path / "m.hwp"
     save(biases, path)
     encoded = container.plan(biases).encoded
-    assert encoded["b_dense"].encoding == "dense" and encoded["count"].encoding == "dense"
+    assert encoded["b_dense"].encoding == "dense"
     assert encoded["b_sparse"].encoding == "bitmask"
     assert encoded["w"].encoding not in ("dense", "bitmask")  # 2-D: every encoding tried
-    assert saved_encodings((200,), None) == ("dense", "bitmask")
-    assert saved_encodings((200,), "2:4") is None and saved_encodings((16, 16), None) is None
-    assert saved_encodings((MIN_CODED,), None) is None  # value coding applies from there
+    # constant vectors (BatchNorm at initialisation) try every encoding: a few bytes each
+    assert encoded["ones"].total_bytes < 32 and encoded["zeros"].total_bytes == 0  # dense: 256, 128
+    assert encoded["count"].total_bytes <= 8
+    sparse = TensorView.of(biases["b_sparse"])
+    assert saved_encodings(sparse, None) == ("dense", "bitmask")
+    assert saved_encodings(sparse, "2:4") is None
+    assert saved_encodings(TensorView.of(biases["w"]), None) is None
+    assert saved_encodings(TensorView.of(biases["ones"]), None) is None
+    # value coding applies from MIN_CODED elements: the full chooser there
+    assert saved_encodings(TensorView.of(torch.randn(MIN_CODED)), None) is None
     for name, t in biases.items():
         assert stored_bytes(t)["total_bytes"] == encoded[name].total_bytes
     back = load(path)

@@ -79,7 +79,8 @@ from torch import Tensor, nn
 
 from ..files import write_atomic
 from .bits import dtype_from_name, dtype_name
-from .encodings import EncodedTensor, Hints, choose, decode, saved_encodings
+from .encodings import EncodedTensor, Hints, TensorView, decode, saved_encodings
+from .encodings.chooser import choose_view
 from .errors import StorageError
 from .fileformat import (
     CODECS,
@@ -197,7 +198,8 @@ def _choose_all(state: Mapping[str, Tensor], hints: Mapping[str, Hints],
 
 def _choose(t: Tensor, hint: Hints, code_values: bool) -> EncodedTensor:
     """``choose`` among the encodings ``save`` tries on ``t`` (``saved_encodings``)."""
-    return choose(t, hint, code_values, saved_encodings(tuple(t.shape), hint))
+    view = TensorView.of(t)
+    return choose_view(view, hint, code_values, saved_encodings(view, hint))
 
 
 def _same_choice_key(t: Any, hint: Hints) -> tuple | None:

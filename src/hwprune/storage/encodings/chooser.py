@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -148,17 +147,20 @@ def _build(view: TensorView, c: Candidate) -> EncodedTensor:
 
 
 #: vectors (0-D and 1-D tensors: biases, BatchNorm's parameters and statistics) of fewer
-#: elements, without a hint, are saved dense or as a bitmask, whichever is smaller: other
-#: encodings could save a few bytes at most on them, and trying them all costs more time than
-#: the rest of such a tensor's saving
+#: elements, without a hint and not constant, are saved dense or as a bitmask, whichever is
+#: smaller: other encodings could save a few bytes at most on them, and trying them all costs
+#: more time than the rest of such a tensor's saving. A constant one (BatchNorm's ones and
+#: zeros at initialisation) tries every encoding: unified or gaps store it in a few bytes
 SMALL_VECTOR_NUMEL = MIN_CODED
 SMALL_VECTOR_ENCODINGS = ("dense", "bitmask")
 
 
-def saved_encodings(shape: tuple[int, ...], hint: Hints) -> tuple[str, ...] | None:
-    """The encodings ``save`` (and ``stored_bytes``) try on a tensor of ``shape`` with
-    ``hint`` (``None``: every one): ``SMALL_VECTOR_ENCODINGS`` for a small vector."""
-    if len(shape) <= 1 and math.prod(shape) < SMALL_VECTOR_NUMEL and hint is None:
+def saved_encodings(view: TensorView, hint: Hints) -> tuple[str, ...] | None:
+    """The encodings ``save`` (and ``stored_bytes``) try on the analysed tensor ``view`` with
+    ``hint`` (``None``: every one): ``SMALL_VECTOR_ENCODINGS`` for a small vector that is not
+    constant."""
+    if (len(view.shape) <= 1 and view.numel < SMALL_VECTOR_NUMEL and hint is None
+            and not (view.bits == view.bits[:1]).all()):
         return SMALL_VECTOR_ENCODINGS
     return None
 

@@ -64,5 +64,4 @@ def stored_bytes(t: Tensor, hints: Hints = None, code_values: bool = True) -> di
     byte formulas of the encodings' table).
     """
     view = TensorView.of(t)
-    return _summary(choose_view(view, hints, code_values, saved_encodings(view.shape, hints)),
-                    view)
+    return _summary(choose_view(view, hints, code_values, saved_encodings(view, hints)), view)
