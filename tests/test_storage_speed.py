@@ -30,7 +30,7 @@ from hwprune.storage.encodings import Gaps, KofNEncoding, saved_encodings, value
 from hwprune.storage.encodings.base import EncodedTensor, TensorView
 from hwprune.storage.encodings.kofn import run_counts
 from hwprune.storage.encodings.valuecoding import MIN_CODED
-from hwprune.storage.golomb import golomb_bits
+from hwprune.storage.golomb import best_parameter, golomb_bits, tried_parameters
 
 SETTINGS = settings(max_examples=30, deadline=None)
 
@@ -357,3 +357,18 @@ def test_the_chooser_with_its_lower_bounds_picks_the_smallest_of_every_candidate
         t = model.state_dict()[name]
         every = min(_candidates(TensorView.of(t), hint, shortcut=False), key=Candidate.key)
         assert choose(t, hint, code_values=False).total_bytes == every.total, name
+
+
+@SETTINGS
+@given(gaps=st.lists(st.integers(0, 400), min_size=1, max_size=500),
+       spread=st.integers(1, 10_000))
+def test_golomb_parameter_from_the_gap_histogram_is_the_one_from_every_count(gaps, spread):
+    g = np.asarray(gaps, np.int64)
+    numel = int(g.sum()) + g.size + spread  # any tensor size the gaps fit in
+    tried = tried_parameters(g.size, numel)
+    expected = min(tried, key=lambda m: golomb_bits(g, m))
+    assert best_parameter(g, numel) == expected
+    # the histogram path (short gaps) and the direct path (a long gap) on the same counts
+    assert best_parameter(np.append(g, 10 * g.size + 1000), numel + 10**6) == min(
+        tried_parameters(g.size + 1, numel + 10**6),
+        key=lambda m: golomb_bits(np.append(g, 10 * g.size + 1000), m))
