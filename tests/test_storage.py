@@ -32,7 +32,7 @@ from hwprune.storage import (
 )
 from hwprune.storage import container as container_mod
 from hwprune.storage.bits import pack_uint, subset_rank, subset_unrank, unpack_uint
-from hwprune.storage.encodings import ENCODINGS
+from hwprune.storage.encodings import ENCODINGS, TensorView, saved_encodings
 from hwprune.storage.encodings.tiling import tiles
 from hwprune.structures import Block, KofN
 
@@ -771,7 +771,9 @@ def _write_version_1(sd, path):
     whole document in the metadata."""
     records, arrays = [], {}
     for name, t in sd.items():
-        records.append(container_mod._record(name, choose(t), arrays))
+        # the encodings save chooses (small vectors: dense or bitmask)
+        only = saved_encodings(TensorView.of(t), None)
+        records.append(container_mod._record(name, choose(t, only=only), arrays))
     doc = {"format": container_mod.FORMAT, "version": 1,
            "sha256": container_mod._digest(records, arrays, 1), "tensors": records}
     path.write_bytes(safetensors.numpy.save(
@@ -800,7 +802,7 @@ def test_version_1_files_still_load_bitwise(tmp_path):
 
 
 def test_a_version_2_file_with_a_lying_array_list_is_refused(tmp_path):
-    sd = {"w": torch.arange(6, dtype=torch.float32)}
+    sd = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3)}  # 2-D: every encoding tried
     path = tmp_path / "m.hwp"
     save(sd, path)
     data = path.read_bytes()

@@ -1,6 +1,10 @@
 """The fast paths of saving and reporting give exactly what the plain paths give.
 
 * value planes (de)compressed in threads: the same coded bytes as one after the other;
+* the chooser's shortcuts (k-of-n run counts from halvings, the gaps lower bound) give the
+  direct counts and never skip a candidate that could win; small vectors are saved dense or
+  as a bitmask, and ``stored_bytes`` counts what the file holds; analysed tensors are read
+  in place and never written; value planes are coded only where their entropy gains;
 * ``plan`` choosing large tensors in a thread pool: the same file bytes as in one thread;
 * MACs counted on ``meta`` tensors: the same counts as the real forward pass, and models that
   cannot run on meta are counted by the real pass.
@@ -21,9 +25,12 @@ from torch import nn
 import hwprune as hp
 from hwprune.models import resnet20
 from hwprune.report import macs
-from hwprune.storage import container
-from hwprune.storage.encodings import valuecoding
-from hwprune.storage.encodings.base import EncodedTensor
+from hwprune.storage import StorageError, choose, container, load, save, stored_bytes
+from hwprune.storage.encodings import Gaps, KofNEncoding, saved_encodings, valuecoding
+from hwprune.storage.encodings.base import EncodedTensor, TensorView
+from hwprune.storage.encodings.kofn import run_counts
+from hwprune.storage.encodings.valuecoding import MIN_CODED
+from hwprune.storage.golomb import best_parameter, golomb_bits, tried_parameters
 
 SETTINGS = settings(max_examples=30, deadline=None)
 
@@ -180,3 +187,188 @@ def test_a_model_with_forward_hooks_is_counted_by_the_real_pass():
     rep = hp.report(model, torch.randn(1, 3, 32, 32))
     assert seen and set(seen) == {"cpu"}
     assert rep.total["model_macs"] > 0
+
+
+# -- the chooser's shortcuts: the same choice as trying every candidate -----------------------
+@SETTINGS
+@given(shape=st.sampled_from([(4, 48), (2, 24, 3), (6, 96, 1, 2), (3, 30)]),
+       density=st.floats(0, 1), seed=st.integers(0, 10_000))
+def test_kofn_run_counts_from_halvings_are_the_direct_counts(shape, density, seed):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randn(shape, generator=g)
+    t[torch.rand(shape, generator=g) > density] = 0
+    view = TensorView.of(t)
+    for n in (1, 2, 3, 4, 6, 8, 12, 16, 24):
+        if shape[1] % n:
+            continue
+        direct = KofNEncoding._runs(view.nz, view.shape, n).sum(axis=1)
+        assert np.array_equal(run_counts(view, n), direct), n
+
+
+@SETTINGS
+@given(numel=st.integers(1, 3000), density=st.floats(0, 1), seed=st.integers(0, 10_000),
+       clustered=st.booleans())
+def test_gaps_lower_bound_never_exceeds_the_size_of_any_parameter(numel, density, seed,
+                                                                  clustered):
+    rng = np.random.default_rng(seed)
+    keep = rng.random(numel) < density
+    if clustered:  # one run of nonzeros (or of zeros): where m = 1 is best
+        keep = np.arange(numel) < int(density * numel)
+    t = torch.from_numpy(np.where(keep, rng.standard_normal(numel), 0).astype(np.float32))
+    view = TensorView.of(t)
+    gaps, _ = Gaps._coded(view)
+    bound = Gaps().lower_bound(view, {})
+    values = int(np.count_nonzero(view.nz)) * 4
+    for m in range(1, 70):
+        assert bound <= values + -(-golomb_bits(gaps, m) // 8), m
+    assert bound <= Gaps().sizes(view, {}).total(4)
+
+
+def test_small_vectors_are_saved_dense_or_bitmask_and_counted_as_saved(tmp_path):
+    biases = {"b_dense": torch.randn(64), "b_sparse": torch.zeros(200),
+              "w": torch.zeros(16, 16), "ones": torch.ones(64), "zeros": torch.zeros(32),
+              "count": torch.tensor(7)}
+    biases["b_sparse"][::50] = 1.5
+    biases["w"][0, :3] = 2.0
+    path = tmp_path / "m.hwp"
+    save(biases, path)
+    encoded = container.plan(biases).encoded
+    assert encoded["b_dense"].encoding == "dense"
+    assert encoded["b_sparse"].encoding == "bitmask"
+    assert encoded["w"].encoding not in ("dense", "bitmask")  # 2-D: every encoding tried
+    # constant vectors (BatchNorm at initialisation) try every encoding: a few bytes each
+    assert encoded["ones"].total_bytes < 32 and encoded["zeros"].total_bytes == 0  # dense: 256, 128
+    assert encoded["count"].total_bytes <= 8
+    sparse = TensorView.of(biases["b_sparse"])
+    assert saved_encodings(sparse, None) == ("dense", "bitmask")
+    assert saved_encodings(sparse, "2:4") is None
+    assert saved_encodings(TensorView.of(biases["w"]), None) is None
+    assert saved_encodings(TensorView.of(biases["ones"]), None) is None
+    # value coding applies from MIN_CODED elements: the full chooser there
+    assert saved_encodings(TensorView.of(torch.randn(MIN_CODED)), None) is None
+    for name, t in biases.items():
+        assert stored_bytes(t)["total_bytes"] == encoded[name].total_bytes
+    back = load(path)
+    for name, t in biases.items():
+        assert torch.equal(back[name].view(-1).view(torch.uint8), t.view(-1).view(torch.uint8))
+    # the full chooser on the same vector may pick another encoding; only= restricts it
+    only = choose(biases["b_sparse"], only=("dense", "bitmask"))
+    assert only.encoding == "bitmask"
+    with pytest.raises(StorageError, match="dense"):
+        choose(biases["b_sparse"], only=("bitmask",))
+
+
+def test_analysed_tensors_are_read_in_place_and_never_written(tmp_path):
+    t = torch.randn(32, 16)
+    t[t.abs() < 0.5] = -0.0  # the zero-signs variant rewrites the zeros: in a copy
+    before = t.clone()
+    view = TensorView.of(t)
+    assert np.shares_memory(view.bits, t.numpy()) and not view.bits.flags.writeable
+    save({"w": t}, tmp_path / "m.hwp")
+    assert torch.equal(t.view(torch.int32), before.view(torch.int32))
+
+
+def test_planes_are_coded_only_where_the_sampled_entropy_gains():
+    rng = np.random.default_rng(0)
+    uniform = rng.integers(0, 256, 100_000, dtype=np.uint8)
+    skewed = rng.choice(np.arange(8, dtype=np.uint8), 100_000, p=[.5, .2, .1, .1, .05, .03,
+                                                                  .01, .01])
+    assert not valuecoding.worth_coding(uniform)
+    assert valuecoding.worth_coding(skewed)
+    assert valuecoding.worth_coding(np.zeros(10, np.uint8))
+    arr = (skewed.astype(np.uint32) << np.uint32(24)) | rng.integers(0, 1 << 24, 100_000,
+                                                                      dtype=np.uint32)
+    enc = EncodedTensor("dense", torch.float32, (arr.size,), {"values": arr}, {}, {})
+    coded = valuecoding.code_values(enc)
+    lengths = coded.meta[valuecoding.VCODED]["values"][1]
+    assert lengths[:3] == [-1, -1, -1] and 0 < lengths[3] < arr.size // 2
+    assert np.array_equal(valuecoding.decode_values(coded, arr.size).payload["values"], arr)
+
+
+def test_report_rows_run_on_one_torch_thread_and_the_count_is_restored():
+    from hwprune.report.measure import one_torch_thread
+
+    before = torch.get_num_threads()
+    with one_torch_thread():
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError), one_torch_thread():
+        raise RuntimeError("a row failed")
+    assert torch.get_num_threads() == before
+    torch.manual_seed(0)
+    model = resnet20()
+    rep = hp.report(model, torch.randn(1, 3, 32, 32))
+    assert torch.get_num_threads() == before and rep.rows and rep.total["file_bytes"] > 0
+
+
+def _safetensors_pack(records, arrays, version):
+    """``container.pack`` as it was written with safetensors' own serializer (the reference:
+    the joined file must be byte for byte what safetensors writes)."""
+    import json
+    import zlib
+
+    import safetensors.numpy
+
+    doc = {"sha256": container._digest(records, arrays, version), "tensors": records,
+           "arrays": [[key, a.dtype.str, int(a.size)] for key, a in arrays.items()]}
+    blob = np.concatenate([a.view(np.uint8) for a in arrays.values()] or [np.zeros(0, np.uint8)])
+    packed = {container.DOC_KEY: np.frombuffer(zlib.compress(container._json(doc).encode(), 9),
+                                               np.uint8), container.DATA_KEY: blob}
+    meta = json.dumps({"format": container.FORMAT, "version": version}, separators=(",", ":"),
+                      sort_keys=True)
+    return safetensors.numpy.save(packed, metadata={container.META_KEY: meta})
+
+
+@SETTINGS
+@given(seed=st.integers(0, 1000), sparsity=st.sampled_from([0.0, 0.5, 0.95, 1.0]),
+       sizes=st.lists(st.integers(0, 300), min_size=0, max_size=4),
+       version=st.sampled_from([2, container.VERSION]))
+def test_the_joined_file_is_byte_for_byte_what_safetensors_writes(seed, sparsity, sizes, version):
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for i, n in enumerate(sizes):
+        t = torch.randn(n, 5, generator=gen)
+        t[torch.rand(n, 5, generator=gen) < sparsity] = 0
+        state[f"w{i}"] = t
+    records, arrays = [], {}
+    for name, t in state.items():
+        records.append(container._record(name, choose(t), arrays))
+    assert container.pack(records, arrays, version) == _safetensors_pack(records, arrays, version)
+
+
+@pytest.mark.parametrize("make", [
+    lambda m: hp.DPP(m, "2:4", quantize_bits=8),
+    lambda m: hp.Magnitude(m, "element", 0.9),
+    lambda m: hp.Magnitude(m, "2:4", None),
+    lambda m: hp.Magnitude(m, "block:4x4", 0.75),
+    lambda m: hp.DARB(m, ratio=8.0),
+])
+def test_the_chooser_with_its_lower_bounds_picks_the_smallest_of_every_candidate(make):
+    """The bounds skip sizes, never a winner: quantized values (DPP's 8-bit codes) included,
+    which the raw-value bounds do not count."""
+    from hwprune.storage.encodings.chooser import Candidate, _candidates
+
+    torch.manual_seed(0)
+    model = resnet20()
+    pruner = make(model)
+    pruner.finalize()
+    rep = hp.report(model, torch.zeros(1, 3, 32, 32), pruner=pruner)
+    for name, hint in rep.hints().items():
+        t = model.state_dict()[name]
+        every = min(_candidates(TensorView.of(t), hint, shortcut=False), key=Candidate.key)
+        assert choose(t, hint, code_values=False).total_bytes == every.total, name
+
+
+@SETTINGS
+@given(gaps=st.lists(st.integers(0, 400), min_size=1, max_size=500),
+       spread=st.integers(1, 10_000))
+def test_golomb_parameter_from_the_gap_histogram_is_the_one_from_every_count(gaps, spread):
+    g = np.asarray(gaps, np.int64)
+    numel = int(g.sum()) + g.size + spread  # any tensor size the gaps fit in
+    tried = tried_parameters(g.size, numel)
+    expected = min(tried, key=lambda m: golomb_bits(g, m))
+    assert best_parameter(g, numel) == expected
+    # the histogram path (short gaps) and the direct path (a long gap) on the same counts
+    assert best_parameter(np.append(g, 10 * g.size + 1000), numel + 10**6) == min(
+        tried_parameters(g.size + 1, numel + 10**6),
+        key=lambda m: golomb_bits(np.append(g, 10 * g.size + 1000), m))

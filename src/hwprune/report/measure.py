@@ -34,7 +34,8 @@ This module measures (MACs, kept fractions, parameters); ``accounting`` counts t
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -72,6 +73,20 @@ def _kept_groups(structure: Structure, w: Tensor) -> float:
     """Fraction of ``structure``'s groups of ``w`` with any nonzero weight."""
     alive = (structure.to_groups(w) != 0).any(dim=1)
     return _frac(int(alive.sum()), alive.numel())
+
+
+@contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """torch's intra-op threads set to one for a block of many small reductions (a row's kept
+    fractions and selection counts): each parallel reduction waits for every thread, and on a
+    machine whose other cores are busy that wait, not the arithmetic, is what takes the time.
+    The previous count is restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _module_type(m: nn.Module) -> str:
@@ -190,14 +205,15 @@ def report(
     # the file hwprune.save(model, hints=hints) writes; rows that are state-dict tensors reuse
     # its encodings (a parametrized weight's effective value is not one)
     file = plan(model, hints)
-    out = [
-        _layer_row(row_name, _module_type(m), getattr(m, p).detach(), structure_of[row_name],
-                   dense, extras.get(row_name, {}),
-                   # a parametrized weight's effective value is not a state-dict tensor
-                   None if parametrize.is_parametrized(m, p) else file.encoded.get(row_name),
-                   transposed=p == "weight" and weight_transposed(m))
-        for (_, m, p), row_name, dense in zip(weights, names, macs, strict=True)
-    ]
+    with one_torch_thread():
+        out = [
+            _layer_row(row_name, _module_type(m), getattr(m, p).detach(), structure_of[row_name],
+                       dense, extras.get(row_name, {}),
+                       # a parametrized weight's effective value is not a state-dict tensor
+                       None if parametrize.is_parametrized(m, p) else file.encoded.get(row_name),
+                       transposed=p == "weight" and weight_transposed(m))
+            for (_, m, p), row_name, dense in zip(weights, names, macs, strict=True)
+        ]
     total = _totals(out, file, model.state_dict())
     macs_dense, macs_remaining = total["macs_dense"], total["macs_remaining"]
     total.update({
@@ -279,9 +295,10 @@ def report_state_dict(state: Mapping[str, Tensor], name: str = "state dict",
                            f"its tensors: {list(state)[:8]}")
     structure_of = _structure_for(structures, names)
     file = plan(dict(state), {n: s for n, s in structure_of.items() if s != "-"})
-    rows = [_layer_row(n, "Linear" if state[n].dim() == 2 else f"Conv{state[n].dim() - 2}d",
-                       state[n].detach(), structure_of[n], None, {}, file.encoded[n])
-            for n in names]
+    with one_torch_thread():
+        rows = [_layer_row(n, "Linear" if state[n].dim() == 2 else f"Conv{state[n].dim() - 2}d",
+                           state[n].detach(), structure_of[n], None, {}, file.encoded[n])
+                for n in names]
     total = _totals(rows, file, state)
     total.update({"model_macs": None, "model_macs_remaining": None,
                   "model_params": sum(t.numel() for t in state.values()

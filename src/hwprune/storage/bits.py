@@ -61,17 +61,23 @@ def element_size(dtype: torch.dtype) -> int:
         raise StorageError(f"dtype {dtype} cannot be stored: {err}") from err
 
 
-def raw_bits(t: Tensor) -> np.ndarray:
+def raw_bits(t: Tensor, copy: bool = True) -> np.ndarray:
     """The flattened raw bits of ``t``: one unsigned int per element of the same width.
 
     Element sizes other than 1, 2, 4, 8 bytes (complex128) come back as ``uint8`` rows of the
-    element's bytes; only the dense encoding accepts those.
+    element's bytes; only the dense encoding accepts those. ``copy=False``: a read-only view
+    of ``t``'s memory where it is a contiguous CPU tensor (no copy of a large tensor).
     """
     t = t.detach().cpu().contiguous().reshape(-1)
     size = t.element_size()
     if size in _SIGNED:
-        return t.view(_SIGNED[size]).numpy().view(_UNSIGNED[size]).copy()
-    return t.view(torch.uint8).numpy().reshape(-1, size).copy()
+        bits = t.view(_SIGNED[size]).numpy().view(_UNSIGNED[size])
+    else:
+        bits = t.view(torch.uint8).numpy().reshape(-1, size)
+    if copy:
+        return bits.copy()
+    bits.flags.writeable = False
+    return bits
 
 
 def from_raw_bits(bits: np.ndarray, dtype: torch.dtype, shape: tuple[int, ...]) -> Tensor:
@@ -212,7 +218,10 @@ def subset_rank(positions: np.ndarray, n: int) -> np.ndarray:
     if k == 0:
         return np.zeros(runs, np.uint64)
     table = _comb_table(n, k)
-    return table[np.arange(k)[None, :], positions].sum(axis=1, dtype=np.uint64)
+    rank = table[0][positions[:, 0]]  # column by column: k gathers, no 2-D fancy index
+    for i in range(1, k):
+        rank = rank + table[i][positions[:, i]]
+    return rank
 
 
 def subset_unrank(ranks: np.ndarray, n: int, k: int) -> np.ndarray:

@@ -79,7 +79,8 @@ from torch import Tensor, nn
 
 from ..files import write_atomic
 from .bits import dtype_from_name, dtype_name
-from .encodings import EncodedTensor, Hints, choose, decode
+from .encodings import EncodedTensor, Hints, TensorView, decode, saved_encodings
+from .encodings.chooser import choose_view
 from .errors import StorageError
 from .fileformat import (
     CODECS,
@@ -179,13 +180,13 @@ def _choose_all(state: Mapping[str, Tensor], hints: Mapping[str, Hints],
     # initialisation, tied copies) have the same choice: made once
     seen: dict[tuple, EncodedTensor] = {}
     with ThreadPoolExecutor(max_workers=max(1, min(len(large), os.cpu_count() or 1))) as pool:
-        futures = {n: pool.submit(choose, state[n], hints.get(n), code_values) for n in large}
+        futures = {n: pool.submit(_choose, state[n], hints.get(n), code_values) for n in large}
         for name, t in state.items():
             if name in futures:
                 continue
             key = _same_choice_key(t, hints.get(name))
             if key is None or key not in seen:
-                out[name] = choose(t, hints.get(name), code_values)
+                out[name] = _choose(t, hints.get(name), code_values)
                 if key is not None:
                     seen[key] = out[name]
             else:
@@ -193,6 +194,12 @@ def _choose_all(state: Mapping[str, Tensor], hints: Mapping[str, Hints],
         for name, future in futures.items():
             out[name] = future.result()
     return {name: out[name] for name in state}
+
+
+def _choose(t: Tensor, hint: Hints, code_values: bool) -> EncodedTensor:
+    """``choose`` among the encodings ``save`` tries on ``t`` (``saved_encodings``)."""
+    view = TensorView.of(t)
+    return choose_view(view, hint, code_values, saved_encodings(view, hint))
 
 
 def _same_choice_key(t: Any, hint: Hints) -> tuple | None:
@@ -214,13 +221,20 @@ def pack(records: list[dict[str, Any]], arrays: Mapping[str, np.ndarray],
         raise StorageError(f"pack writes versions 2 and {VERSION}; got {version!r}")
     doc = {"sha256": _digest(records, arrays, version), "tensors": records,
            "arrays": [[key, a.dtype.str, int(a.size)] for key, a in arrays.items()]}
-    blob = np.concatenate([a.view(np.uint8) for a in arrays.values()] or [np.zeros(0, np.uint8)])
-    packed = {DOC_KEY: np.frombuffer(zlib.compress(_json(doc).encode(), 9), np.uint8),
-              DATA_KEY: blob}
-    # one metadata key: safetensors writes a multi-key metadata map in no fixed order, and the
-    # same model should give the same bytes
-    return safetensors.numpy.save(
-        packed, metadata={META_KEY: _json({"format": FORMAT, "version": version})})
+    body = zlib.compress(_json(doc).encode(), 9)
+    parts = [np.ascontiguousarray(a).reshape(-1).view(np.uint8) for a in arrays.values()]
+    size = sum(int(p.size) for p in parts)
+    # the safetensors file of two uint8 arrays, as safetensors writes it (its header: metadata
+    # first, then the arrays by name, offsets in that order; padded with spaces to 8 bytes),
+    # joined from the arrays in one copy instead of a concatenation and a serialization.
+    # One metadata key: safetensors writes a multi-key map in no fixed order.
+    header = json.dumps({
+        "__metadata__": {META_KEY: _json({"format": FORMAT, "version": version})},
+        DATA_KEY: {"dtype": "U8", "shape": [size], "data_offsets": [0, size]},
+        DOC_KEY: {"dtype": "U8", "shape": [len(body)], "data_offsets": [size, size + len(body)]},
+    }, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    return b"".join([len(header).to_bytes(8, "little"), header, *parts, body])
 
 
 def load(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES) -> dict[str, Tensor]:
@@ -328,8 +342,9 @@ def _digest(tensors: list, arrays: Mapping[str, np.ndarray], version: int) -> st
     dtype, shape, bytes; sorted by key), each part length-prefixed so parts cannot shift."""
     h = hashlib.sha256()
 
-    def part(b: bytes) -> None:
-        h.update(len(b).to_bytes(8, "little"))
+    def part(b: bytes | np.ndarray) -> None:  # an array: its bytes, read in place
+        h.update(len(b).to_bytes(8, "little") if isinstance(b, bytes) else
+                 int(b.nbytes).to_bytes(8, "little"))
         h.update(b)
 
     for text in (FORMAT, str(version), _json(tensors)):
@@ -338,7 +353,7 @@ def _digest(tensors: list, arrays: Mapping[str, np.ndarray], version: int) -> st
         a = np.ascontiguousarray(arrays[key])
         part(key.encode())
         part(f"{a.dtype.str}{a.shape}".encode())
-        part(a.tobytes())
+        part(a.reshape(-1).view(np.uint8))
     return h.hexdigest()
 
 

@@ -23,7 +23,8 @@ import numpy as np
 from .bits import pack_uint
 from .errors import StorageError
 
-__all__ = ["golomb_bits", "best_parameter", "golomb_encode", "golomb_decode", "gaps_of"]
+__all__ = ["golomb_bits", "best_parameter", "tried_parameters", "golomb_encode", "golomb_decode",
+           "gaps_of"]
 
 
 def gaps_of(positions: np.ndarray) -> np.ndarray:
@@ -43,23 +44,49 @@ def golomb_bits(gaps: np.ndarray, m: int) -> int:
     if gaps.size == 0:
         return 0
     b, u = _split(m)
-    unary = int((gaps // m).sum()) + gaps.size
     if b == 0:
-        return unary
-    long_ones = int(((gaps % m) >= u).sum())
+        return int(gaps.sum()) + gaps.size
+    q, r = np.divmod(gaps, m)
+    unary = int(q.sum()) + gaps.size
+    long_ones = gaps.size if u == 0 else int(np.count_nonzero(r >= u))
     return unary + gaps.size * (b - 1) + long_ones
 
 
-def best_parameter(gaps: np.ndarray, numel: int) -> int:
-    """The m with the fewest bits among values around the geometric optimum for the density
-    (and the powers of two near it): chosen from exact counts, without encoding."""
-    if gaps.size == 0:
-        return 1
-    p = min(max(gaps.size / max(numel, 1), 1e-9), 1 - 1e-9)
+def tried_parameters(count: int, numel: int) -> list[int]:
+    """The m ``best_parameter`` compares for ``count`` gaps in ``numel`` elements: values
+    around the geometric optimum for the density and the powers of two near it, ascending."""
+    p = min(max(count / max(numel, 1), 1e-9), 1 - 1e-9)
     m0 = max(1, round(-math.log(2 - p) / math.log1p(-p)))
     tried = {max(1, m0 + d) for d in range(-2, 3)} | {max(1, m0 * 3 // 4), m0 * 3 // 2 or 1}
     tried |= {1 << max(0, (m0 - 1).bit_length() - 1), 1 << (m0 - 1).bit_length()}
-    return min(sorted(tried), key=lambda m: golomb_bits(gaps, m))
+    return sorted(tried)
+
+
+def best_parameter(gaps: np.ndarray, numel: int) -> int:
+    """The m of ``tried_parameters`` with the fewest bits (the smallest on a tie): chosen
+    from exact counts, without encoding. Where the gaps are short (a sparse tensor's usually
+    are), the counts come from one histogram of the gaps, each m then costing a pass over
+    the histogram instead of over the gaps."""
+    if gaps.size == 0:
+        return 1
+    tried = tried_parameters(gaps.size, numel)
+    if int(gaps.max()) > gaps.size:
+        return min(tried, key=lambda m: golomb_bits(gaps, m))
+    counts = np.bincount(gaps)
+    values = np.arange(counts.size)
+    return min(tried, key=lambda m: _histogram_bits(counts, values, m))
+
+
+def _histogram_bits(counts: np.ndarray, values: np.ndarray, m: int) -> int:
+    """``golomb_bits`` of gaps given as ``counts[g]`` gaps of each length ``g`` (exact)."""
+    n = int(counts.sum())
+    b, u = _split(m)
+    if b == 0:
+        return int(counts @ values) + n
+    q, r = np.divmod(values, m)
+    unary = int(counts @ q) + n
+    long_ones = n if u == 0 else int(counts[r >= u].sum())
+    return unary + n * (b - 1) + long_ones
 
 
 def golomb_encode(gaps: np.ndarray, m: int) -> np.ndarray:

@@ -83,7 +83,7 @@ arrays, so a file's data section is the sum of the tensors' ``total_bytes``.
 
 from .base import ZERO_SIGNS, EncodedTensor, Encoding, TensorView
 from .block import BLOCK_SIZES, BlockEncoding
-from .chooser import Hints, choose, encodings_for
+from .chooser import Hints, choose, encodings_for, saved_encodings
 from .dense import Dense
 from .gaps import Gaps
 from .irregular import CSR, Bitmask
@@ -103,6 +103,7 @@ __all__ = [
     "decode",
     "encodings_for",
     "choose",
+    "saved_encodings",
     "stored_bytes",
     "summarize",
     "TensorView",

@@ -84,7 +84,7 @@ class TensorView:
             raise StorageError(f"only strided (dense-layout) tensors are stored; got {t.layout} "
                                "(call .to_dense() first)")
         t = t.detach().cpu()
-        bits = raw_bits(t)
+        bits = raw_bits(t, copy=False)  # read-only: nothing writes to an analysed tensor
         nz = bits != 0 if bits.ndim == 1 else (bits != 0).any(axis=1)
         return cls(t.dtype, tuple(t.shape), bits, nz, _all_finite(t, bits))
 
@@ -126,9 +126,16 @@ _EXPONENTS = {torch.float16: 0x7C00, torch.bfloat16: 0x7F80, torch.float32: 0x7F
               torch.float64: 0x7FF0000000000000}
 
 
+#: the float dtypes numpy shares with torch (same IEEE layouts)
+_NUMPY_FLOATS = {torch.float16: np.float16, torch.float32: np.float32,
+                 torch.float64: np.float64}
+
+
 def _all_finite(t: Tensor, bits: np.ndarray) -> bool:
     if not (t.is_floating_point() or t.is_complex()) or t.numel() == 0:
         return True
+    if t.dtype in _NUMPY_FLOATS:  # numpy's own test on the same bits: one pass
+        return bool(np.isfinite(bits.view(_NUMPY_FLOATS[t.dtype])).all())
     if t.dtype in _EXPONENTS:  # on the raw bits: one vectorised pass, no float conversion
         mask = bits.dtype.type(_EXPONENTS[t.dtype])
         return not bool(np.any((bits & mask) == mask))
@@ -238,7 +245,8 @@ class Encoding:
 
     def lower_bound(self, view: TensorView, params: dict) -> int:
         """Bytes ``encode_view(view, **params)`` takes at least, from one cheap pass: the
-        chooser skips the exact size where this already loses."""
+        chooser skips the exact size where this already loses (not where the values could
+        be stored as quantized codes: the bound counts them at full width)."""
         return 0
 
     def sizes(self, view: TensorView, params: dict) -> Size:

@@ -77,12 +77,15 @@ class BlockEncoding(Encoding):
         return Size({"values": values}, -(-kept.size // 8))
 
     def lower_bound(self, view: TensorView, params: dict) -> int:
-        """A tiling whose tiles are unions of a finer one's (bh' | bh, bw' | bw) keeps at least
-        the elements the finer one keeps."""
+        """Every nonzero is kept, and a tiling whose tiles are unions of a finer one's
+        (bh' | bh, bw' | bw) keeps at least the elements the finer one keeps; + one bit a tile."""
         bh, bw = params.get("bh", 4), params.get("bw", 4)
         finer = [v for key, v in view.memo.items() if isinstance(key, tuple)
                  and key[0] == "block" and bh % key[1] == 0 and bw % key[2] == 0]
-        return max(finer, default=0) * view.itemsize
+        rows, cols = view.matrix
+        tiles = -(-rows // bh) * -(-cols // bw)
+        kept = max(finer, default=int(np.count_nonzero(view.nz)))
+        return kept * view.itemsize + -(-tiles // 8)
 
     def min_index_bits(self, enc: EncodedTensor) -> float | None:
         rows, cols = matrix_of(enc)

@@ -14,9 +14,11 @@ from ..errors import StorageError
 from .base import EncodedTensor, TensorView, add_zero_signs
 from .quantized import find_scale, quantize_values
 from .registry import ENCODINGS
+from .valuecoding import MIN_CODED
 from .valuecoding import code_values as code_value_planes
 
-__all__ = ["Hints", "Candidate", "encodings_for", "choose", "choose_view", "normalize_hints"]
+__all__ = ["Hints", "Candidate", "encodings_for", "choose", "choose_view", "normalize_hints",
+           "saved_encodings", "SMALL_VECTOR_NUMEL", "SMALL_VECTOR_ENCODINGS"]
 
 #: ``None``, a structure (``"2:4"``, ``"block:4x4"``, a ``Structure``), or explicit sizes:
 #: ``{"kofn": (k, n), "block": (bh, bw), "unified": (bh, bw)}``
@@ -77,27 +79,34 @@ class Candidate:
         return (self.total, self.rank)
 
 
-def _candidates(view: TensorView, hints: Hints, shortcut: bool = True) -> list[Candidate]:
+def _candidates(view: TensorView, hints: Hints, shortcut: bool = True,
+                only: tuple[str, ...] | None = None) -> list[Candidate]:
     """Every applicable (encoding, parameters, variant) with its exact total bytes; with
-    ``shortcut``, not those that cannot win (sparse encodings of a tensor without zeros)."""
+    ``shortcut``, not those that cannot win (sparse encodings of a tensor without zeros).
+    ``only``: these encodings alone, without the variants (zero signs, quantized values)."""
     sizes = normalize_hints(hints)
     # a tensor with -0.0 is tried as it is and as +0.0 with a sign bit per zero
-    variants = [(view, False)] + ([(view.canonical(), True)] if view.negzero.any() else [])
-    scales = {signs: find_scale(base) for base, signs in variants}
+    variants = [(view, False)] + ([(view.canonical(), True)]
+                                  if only is None and view.negzero.any() else [])
     out: list[Candidate] = []
     best: Candidate | None = None
     # the cheap closed forms first, so that the bounds of the costly ones have a best to beat
-    for enc in sorted(ENCODINGS.values(), key=lambda e: (e.cost, e.simplicity)):
+    for enc in _ORDER:
+        if only is not None and enc.name not in only:
+            continue
         for base, signs in variants:
             if signs and enc.name == "dense":
                 continue
             if shortcut and enc.needs_zeros and base.nz.all():
                 continue  # no zeros: the payload alone would be the dense size
             signs_bytes = -(-int(np.count_nonzero(~base.nz)) // 8) if signs else 0
-            found = scales[signs] if enc.name not in ("dense", "quantized") else None
+            # the quantized-values variant: found once per analysed tensor, where tried
+            found = None if only is not None or enc.name in ("dense", "quantized") else (
+                find_scale(base))
             for params in enc.candidates(base, sizes):
-                # a bound at the best total loses the tie too where this one is less simple
-                if shortcut and best is not None and (
+                # a bound at the best total loses the tie too where this one is less simple.
+                # The bounds count raw values: not used where the values could be codes
+                if shortcut and found is None and best is not None and (
                         enc.lower_bound(base, params), enc.simplicity) > (best.total,
                                                                           best.rank[0]):
                     continue
@@ -120,6 +129,10 @@ def _candidates(view: TensorView, hints: Hints, shortcut: bool = True) -> list[C
     return out
 
 
+#: the encodings in the order ``_candidates`` tries them
+_ORDER = sorted(ENCODINGS.values(), key=lambda e: (e.cost, e.simplicity))
+
+
 def _build(view: TensorView, c: Candidate) -> EncodedTensor:
     """Encode candidate ``c`` of ``view``."""
     base = view.canonical() if c.signs else view
@@ -133,17 +146,42 @@ def _build(view: TensorView, c: Candidate) -> EncodedTensor:
     return add_zero_signs(enc, view) if c.signs else enc
 
 
-def choose(t: Tensor, hints: Hints = None, code_values: bool = True) -> EncodedTensor:
+#: vectors (0-D and 1-D tensors: biases, BatchNorm's parameters and statistics) of fewer
+#: elements, without a hint and not constant, are saved dense or as a bitmask, whichever is
+#: smaller: other encodings could save a few bytes at most on them, and trying them all costs
+#: more time than the rest of such a tensor's saving. A constant one (BatchNorm's ones and
+#: zeros at initialisation) tries every encoding: unified or gaps store it in a few bytes
+SMALL_VECTOR_NUMEL = MIN_CODED
+SMALL_VECTOR_ENCODINGS = ("dense", "bitmask")
+
+
+def saved_encodings(view: TensorView, hint: Hints) -> tuple[str, ...] | None:
+    """The encodings ``save`` (and ``stored_bytes``) try on the analysed tensor ``view`` with
+    ``hint`` (``None``: every one): ``SMALL_VECTOR_ENCODINGS`` for a small vector that is not
+    constant."""
+    if (len(view.shape) <= 1 and view.numel < SMALL_VECTOR_NUMEL and hint is None
+            and not (view.bits == view.bits[:1]).all()):
+        return SMALL_VECTOR_ENCODINGS
+    return None
+
+
+def choose(t: Tensor, hints: Hints = None, code_values: bool = True,
+           only: tuple[str, ...] | None = None) -> EncodedTensor:
     """The smallest exact encoding of ``t`` by total bytes (payload + index); ties go to the
     simpler encoding (dense < bitmask < csr < block < kofn < rowblock < unified < quantized
     < gaps). Sizes come from closed forms; only the winner is encoded. ``code_values``: store
-    its values as coded byte planes where that is smaller (``valuecoding``)."""
-    return choose_view(TensorView.of(t), hints, code_values)
+    its values as coded byte planes where that is smaller (``valuecoding``). ``only``: the
+    smallest of these encodings alone (``"dense"`` among them), without the zero-signs and
+    quantized-values variants."""
+    return choose_view(TensorView.of(t), hints, code_values, only)
 
 
-def choose_view(view: TensorView, hints: Hints, code_values: bool = True) -> EncodedTensor:
+def choose_view(view: TensorView, hints: Hints, code_values: bool = True,
+                only: tuple[str, ...] | None = None) -> EncodedTensor:
     """``choose`` of a tensor already analysed."""
-    best = min(_candidates(view, hints), key=Candidate.key)
+    if only is not None and "dense" not in only:
+        raise StorageError(f"choose: only= must include 'dense' (always applicable); got {only}")
+    best = min(_candidates(view, hints, only=only), key=Candidate.key)
     enc = _build(view, best)
     if enc.total_bytes != best.total:  # the closed forms are the definition of the sizes
         raise StorageError(f"{best.encoding}: encoded {enc.total_bytes} bytes, its size formula "

@@ -30,18 +30,23 @@ class Gaps(Encoding):
     (``hwprune.storage.golomb``), with the parameter ``m`` chosen per tensor from exact bit
     counts. Within about 1 % of log2 C(N, z) for independent positions."""
 
+    # tried with the one-pass encodings: its lower bound rules it out cheaply where it cannot
+    # win (k-of-n and block patterns), and where it can, its size bounds the costlier ones
     name, simplicity = "gaps", 8
 
     @staticmethod
     def _coded(view: TensorView) -> tuple[np.ndarray, bool]:
-        """The gaps of the coded set, and whether that set is the zeros."""
-        zeros = 2 * int(np.count_nonzero(view.nz)) > view.numel
-        return gaps_of(np.flatnonzero(~view.nz if zeros else view.nz)), zeros
+        """The gaps of the coded set, and whether that set is the zeros (kept in
+        ``view.memo``: the chooser's candidates, size and encoding share them)."""
+        if "gaps" not in view.memo:
+            zeros = 2 * int(np.count_nonzero(view.nz)) > view.numel
+            view.memo["gaps"] = gaps_of(np.flatnonzero(~view.nz if zeros else view.nz)), zeros
+        return view.memo["gaps"]
 
     def encode_view(self, view: TensorView, m: int | None = None) -> EncodedTensor:
         self.require_sparse_ok(view)
         gaps, zeros = self._coded(view)
-        m = best_parameter(gaps, view.numel) if m is None else m
+        m = _best(view, gaps) if m is None else m
         if not isinstance(m, int) or m < 1:
             raise StorageError(f"gaps: parameter m must be a positive int; got {m!r}")
         return view.encoded(self.name, {"values": view.bits[view.nz]},
@@ -74,15 +79,35 @@ class Gaps(Encoding):
         return from_raw_bits(out, enc.dtype, enc.shape)
 
     def candidates(self, view: TensorView, hints: dict[str, tuple[int, int]]) -> list[dict]:
-        if not view.sparse_ok():
-            return []
-        return [{"m": best_parameter(self._coded(view)[0], view.numel)}]
+        # m is chosen in ``sizes`` (and again, from the memo, in ``encode_view``): the chooser
+        # skips that where ``lower_bound`` already loses
+        return [{}] if view.sparse_ok() else []
 
     def sizes(self, view: TensorView, params: dict) -> Size:
         self.require_sparse_ok(view)
         gaps, _ = self._coded(view)
-        m = params.get("m") or best_parameter(gaps, view.numel)
+        m = params.get("m") or _best(view, gaps)
         return Size({"values": int(np.count_nonzero(view.nz))}, -(-golomb_bits(gaps, m) // 8))
+
+    def lower_bound(self, view: TensorView, params: dict) -> int:
+        """The values + the fewest bits any m can take: m = 1 codes each gap in g + 1 bits,
+        i.e. (last coded position + 1) bits in all; m >= 2 takes at least 2 bits a gap (a
+        unary stop bit and at least one remainder bit)."""
+        nonzero = int(np.count_nonzero(view.nz))
+        zeros = 2 * nonzero > view.numel
+        coded = view.numel - nonzero if zeros else nonzero
+        if coded == 0:
+            return nonzero * view.itemsize
+        in_set = ~view.nz if zeros else view.nz
+        last = view.numel - 1 - int(np.argmax(in_set[::-1]))
+        return nonzero * view.itemsize + -(-min(2 * coded, last + 1) // 8)
 
     def min_index_bits(self, enc: EncodedTensor) -> float | None:
         return irregular_min_bits(math.prod(enc.shape), enc.payload["values"].size)
+
+
+def _best(view: TensorView, gaps: np.ndarray) -> int:
+    """``best_parameter`` of the view's coded gaps, kept in ``view.memo``."""
+    if "gaps m" not in view.memo:
+        view.memo["gaps m"] = best_parameter(gaps, view.numel)
+    return view.memo["gaps m"]

@@ -29,7 +29,7 @@ from .base import (
     stored_values,
 )
 
-__all__ = ["KofNEncoding", "KOFN_N"]
+__all__ = ["KofNEncoding", "KOFN_N", "run_counts"]
 
 #: the run lengths the chooser tries (plus the one a hint names)
 KOFN_N = (2, 4, 8, 16)
@@ -60,7 +60,8 @@ class KofNEncoding(Encoding):
                 f"n={n} for shape {view.shape}"
             )
         nz = self._runs(view.nz, view.shape, n)
-        most = int(nz.sum(axis=1).max())
+        counts = run_counts(view, n)
+        most = int(counts.max())
         k = max(most, 1) if k is None else k
         if not isinstance(k, int) or not most <= k < n:
             raise StorageError(
@@ -68,10 +69,11 @@ class KofNEncoding(Encoding):
                 f"(need 1 <= k < n and at most k nonzeros per run)"
             )
         # k positions per run: its nonzeros, padded with its lowest zero positions; sorted
-        missing = k - nz.sum(axis=1)
-        chosen = nz | (np.cumsum(~nz, axis=1) <= missing[:, None])
-        pos = np.nonzero(chosen)[1].reshape(-1, k)
-        values = np.take_along_axis(self._runs(view.bits, view.shape, n), pos, axis=1)
+        missing = k - counts.astype(np.int64)
+        chosen = nz if not missing.any() else nz | (np.cumsum(~nz, axis=1) <= missing[:, None])
+        at = np.flatnonzero(chosen)  # row-major: run by run, each run's positions ascending
+        pos = (at % n).reshape(-1, k)
+        values = self._runs(view.bits, view.shape, n).reshape(-1)[at]
         if positions == "rank":
             code = pack_uint(subset_rank(pos, n), kofn_rank_bits(n, k))
         elif positions == "coded":
@@ -113,7 +115,7 @@ class KofNEncoding(Encoding):
         out = []
         for n in sorted(ns):
             if 2 <= n <= 64 and view.shape[1] % n == 0:
-                most = int(self._runs(view.nz, view.shape, n).sum(axis=1).max())
+                most = int(run_counts(view, n).max())
                 if most < n:
                     out += [{"k": max(most, 1), "n": n, "positions": p} for p in self.POSITIONS]
         return out
@@ -133,3 +135,19 @@ class KofNEncoding(Encoding):
     def min_index_bits(self, enc: EncodedTensor) -> float | None:
         k, n = enc.meta["k"], enc.meta["n"]
         return kofn_min_bits(math.prod(enc.shape) // n, n, k)
+
+
+def run_counts(view: TensorView, n: int) -> np.ndarray:
+    """The nonzeros (uint8) of each run of ``n`` consecutive elements along dim 1 of ``view``
+    (n dividing dim 1). Kept in ``view.memo``: an even n's counts are the sums of adjacent
+    pairs of n / 2's, so the sizes the chooser tries (2, 4, 8, 16) cost one pass in all."""
+    key = ("kofn counts", n)
+    if key not in view.memo:
+        if n % 2 == 0:
+            half = run_counts(view, n // 2)
+            view.memo[key] = half[0::2] + half[1::2]
+        else:
+            ones = KofNEncoding._runs(view.nz, view.shape, 1).reshape(-1).view(np.uint8)
+            view.memo[key] = ones if n == 1 else np.add.reduceat(
+                ones, np.arange(0, ones.size, n), dtype=np.uint8)
+    return view.memo[key]

@@ -92,7 +92,8 @@ class RowBlock(Encoding):
         row at least ceil(cols / 64) values."""
         rows, cols = view.matrix
         nz = view.nz.reshape(rows, cols)
-        pairs = nz[:, : cols // 2 * 2].reshape(rows, -1, 2).all(axis=2).any(axis=1)
+        even = cols // 2 * 2
+        pairs = (nz[:, 0:even:2] & nz[:, 1:even:2]).any(axis=1)
         values = int(pairs.sum()) * cols + int((~pairs).sum()) * -(-cols // 64)
         return values * view.itemsize
 

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .base import ZERO_SIGNS, EncodedTensor, TensorView
-from .chooser import Hints, choose_view
+from .chooser import Hints, choose_view, saved_encodings
 from .quantized import QVALUES, dequantize_values
 from .registry import ENCODINGS
 from .valuecoding import VCODED, decode_values
@@ -21,8 +21,10 @@ def _summary(enc: EncodedTensor, view: TensorView) -> dict[str, Any]:
     numel = math.prod(enc.shape)
     size = torch.empty((), dtype=enc.dtype).element_size()
     kept = int((view.nz & ~view.negzero).sum())
-    # the pattern's minimum does not depend on how the values are coded
-    base = decode_values(enc, numel) if enc.meta.get(VCODED) is not None else enc
+    # the pattern's minimum does not depend on how the values are coded (dense has no
+    # pattern: its values are not inflated to say so)
+    coded = enc.meta.get(VCODED) is not None and enc.encoding != "dense"
+    base = decode_values(enc, numel) if coded else enc
     base = dequantize_values(base) if base.meta.get(QVALUES) is not None else base
     min_bits = ENCODINGS[enc.encoding].min_index_bits(base)
     if min_bits is not None and enc.meta.get(ZERO_SIGNS):
@@ -62,4 +64,4 @@ def stored_bytes(t: Tensor, hints: Hints = None, code_values: bool = True) -> di
     byte formulas of the encodings' table).
     """
     view = TensorView.of(t)
-    return _summary(choose_view(view, hints, code_values), view)
+    return _summary(choose_view(view, hints, code_values, saved_encodings(view, hints)), view)

@@ -5,9 +5,10 @@ low mantissa bytes are close to uniform. So each payload array (raw values of 1,
 bytes, or the packed codes of quantized values) is split into its byte planes (plane j = byte j
 of every value, little-endian), and each plane is stored either as it is or as a raw deflate
 stream with Huffman coding only (``zlib``, standard library: order-0 entropy coding, fast
-both ways), whichever is smaller. Planes that do not gain on a sample are not compressed at
-all, so the uniform ones cost a copy. The stored bytes decode to exactly the same bits: the
-values are never rounded.
+both ways), whichever is smaller. A plane is compressed only where the order-0 entropy of a
+byte sample (a histogram, no trial compression) says Huffman coding saves at least 3 % of it,
+so the uniform ones cost a copy and no compressor call. The stored bytes decode to exactly the
+same bits: the values are never rounded.
 
 Meta: ``meta["vcoded"] = {array: [count, [len of plane 0, ...]]}`` (-1: the plane is stored
 raw, ``count`` bytes); the payload array ``<array>_planes`` holds the planes back to back.
@@ -26,13 +27,15 @@ from ..errors import StorageError
 from .base import EncodedTensor, stored_array
 
 __all__ = ["VCODED", "code_values", "decode_values", "MIN_CODED", "THREADED_BYTES", "split_planes",
-           "join_planes"]
+           "join_planes", "worth_coding", "byte_columns"]
 
 VCODED = "vcoded"
 #: arrays of fewer values are stored as they are (a few bytes could be saved, not worth it)
 MIN_CODED = 256
-#: a plane is compressed only if its first ``_SAMPLE`` bytes shrink below ``_GAIN`` of their size
-_SAMPLE = 1 << 16
+#: a plane is compressed only if the order-0 entropy of a sample of at most ``_SAMPLE`` of its
+#: bytes (evenly spaced) is below ``_GAIN`` of 8 bits a byte: Huffman coding cannot go below
+#: that entropy, so the planes it skips would save less than 3 %
+_SAMPLE = 1 << 14
 _GAIN = 0.97
 #: planes of at least this many bytes are (de)compressed in threads: zlib releases the GIL
 THREADED_BYTES = 1 << 20
@@ -43,17 +46,31 @@ def _deflate(data: bytes | np.ndarray) -> bytes:
     return c.compress(data) + c.flush()  # any contiguous buffer: no copy
 
 
-def _code_plane(plane: np.ndarray) -> bytes | None:
-    """The Huffman-coded plane, or ``None`` where storing it raw is as small."""
-    if plane.size > _SAMPLE and len(_deflate(plane[:_SAMPLE])) > _GAIN * _SAMPLE:
+def worth_coding(plane: np.ndarray) -> bool:
+    """Whether the byte plane's sampled order-0 entropy is below ``_GAIN`` * 8 bits a byte."""
+    sample = plane[:: -(-plane.size // _SAMPLE)] if plane.size > _SAMPLE else plane
+    counts = np.bincount(sample, minlength=256)
+    p = counts[counts > 0] / sample.size
+    return float(-(p * np.log2(p)).sum()) < 8 * _GAIN
+
+
+def _code_plane(column: np.ndarray) -> bytes | None:
+    """The Huffman-coded plane (``column``: a strided view of it), or ``None`` where storing it
+    raw is as small (or nearly)."""
+    if not worth_coding(column):
         return None
-    coded = _deflate(plane)
-    return coded if len(coded) < plane.size else None
+    coded = _deflate(np.ascontiguousarray(column))
+    return coded if len(coded) < column.size else None
+
+
+def byte_columns(arr: np.ndarray) -> np.ndarray:
+    """``(count, width)`` view of ``arr``'s bytes: column j is plane j (no copy)."""
+    return arr.view(np.uint8).reshape(-1, arr.dtype.itemsize)
 
 
 def split_planes(arr: np.ndarray) -> np.ndarray:
     """``(width, count)`` bytes: row j is byte j (little-endian) of every value of ``arr``."""
-    return np.ascontiguousarray(arr.view(np.uint8).reshape(-1, arr.dtype.itemsize).T)
+    return np.ascontiguousarray(byte_columns(arr).T)
 
 
 def join_planes(planes: np.ndarray) -> np.ndarray:
@@ -77,14 +94,18 @@ def code_values(enc: EncodedTensor) -> EncodedTensor:
     for name, arr in enc.payload.items():
         if arr.ndim != 1 or arr.dtype.kind != "u" or arr.size < MIN_CODED:
             continue
-        planes = split_planes(arr)
-        coded = _map(_code_plane, list(planes), arr.size >= THREADED_BYTES)
-        parts = [p if c is None else np.frombuffer(c, np.uint8)
-                 for p, c in zip(planes, coded, strict=True)]
+        columns = byte_columns(arr)
+        coded = _map(_code_plane, list(columns.T), arr.size >= THREADED_BYTES)
         lengths = [-1 if c is None else len(c) for c in coded]
-        if sum(p.size for p in parts) < arr.nbytes:
+        sizes = [arr.size if c is None else len(c) for c in coded]
+        if sum(sizes) < arr.nbytes:
+            # each plane copied once, straight from the values' bytes or the coded stream
+            out, at = np.empty(sum(sizes), np.uint8), 0
+            for j, (c, n) in enumerate(zip(coded, sizes, strict=True)):
+                out[at: at + n] = columns[:, j] if c is None else np.frombuffer(c, np.uint8)
+                at += n
             del payload[name]
-            payload[f"{name}_planes"] = np.concatenate(parts)
+            payload[f"{name}_planes"] = out
             info[name] = [int(arr.size), lengths]
     if not info:
         return enc
