@@ -26,6 +26,7 @@ before running it, and finished rows are kept (rerunning resumes the queue)::
 from __future__ import annotations
 
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -143,8 +144,8 @@ def finished(runs: Path) -> list[Path]:
 def versus_magnitude(rows: list[dict]) -> str:
     """Learned minus magnitude accuracy at equal pattern, mean over the seeds run."""
     acc: dict[str, list[float]] = {}
-    for r in rows:
-        acc.setdefault(r["name"], []).append(100 * r["accuracy"])
+    for r in rows:  # seeds of one row together: "name-sN" is seed N of "name"
+        acc.setdefault(re.sub(r"-s\d+$", "", r["name"]), []).append(100 * r["accuracy"])
     lines = ["| row | magnitude row | accuracy % (seeds) | magnitude % (seeds) | difference |",
              "| --- | --- | ---: | ---: | ---: |"]
     for name, base in BASELINE.items():
