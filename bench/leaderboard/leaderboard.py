@@ -166,7 +166,8 @@ def write_tables(out: Path, runs: Path, args, argv) -> None:
     rows = load_runs(folders)
     head = header(
         "Leaderboard: every method on pretrained CIFAR-10 ResNet-20", command(__file__, argv),
-        f"{rows[0].get('machine', '?')}, 1 torch thread per row, two rows at a time. "
+        f"{rows[0].get('machine', '?')}, 1 torch thread per row, rows run as parallel "
+        "processes (the queue's copies; the machine was shared). "
         f"Budget, equal for all: {args.epochs} epochs over {args.train_subset} training images "
         f"(batch {args.batch_size}, SGD lr {args.lr}, momentum 0.9, cosine, augmentation), "
         "from the pretrained checkpoint; the pruning phase's share of the epochs is in each "
@@ -174,13 +175,17 @@ def write_tables(out: Path, runs: Path, args, argv) -> None:
         "but the stem is pruned. Stored bytes: the conv and linear weights of the finalized, "
         "shrunk model as `hp.save` stores them, index included (the whole file is "
         "`file_bytes` in the JSON); latency: batch 1, median, against the dense model timed "
-        "in the same run (two rows ran at once: compare latencies only within a row). A row "
+        "in the same run (other rows ran at the same time: compare latencies only within a "
+        "row, and read the speed-up column as noise except for shrunk channel and map rows). A row "
         "named `-sN` is the same recipe with seed N. Each row's command is listed below the "
         f"table (the recipes are in `{out.name}_recipes/`).\n\n")
     versus = ("\n## Learned against magnitude at equal pattern and budget\n\n"
               "Accuracy of each method's row minus the magnitude row with the same pattern "
               "(mean over the seeds run; each seed's value in brackets).\n\n"
               + versus_magnitude(rows))
+    missing = [name for name, *_ in ENTRIES if not (runs / name / "summary.json").exists()]
+    if missing:
+        versus += f"\nNot run (queued, not finished): {', '.join(missing)}.\n"
     out.with_suffix(".md").write_text(head + compare_markdown(rows) + versus)
     write_json(out.with_suffix(".json"), rows)
     try:
