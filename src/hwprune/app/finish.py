@@ -20,10 +20,10 @@ from .outdir import write_json
 
 __all__ = ["finish", "latencies_ms"]
 
-#: the report's totals that summary.json repeats
-SUMMARY_TOTALS = ("params", "kept_params", "pruning_ratio", "stored_bytes", "index_bytes",
-                  "dense_bytes", "compression_ratio", "model_macs", "model_macs_remaining",
-                  "model_params")
+#: the report's totals that summary.json repeats (its pruning and compression ratios are
+#: computed against the dense model instead, see ``finish``)
+SUMMARY_TOTALS = ("params", "kept_params", "stored_bytes", "index_bytes", "dense_bytes",
+                  "model_macs", "model_macs_remaining", "model_params")
 
 
 def finish(loop: TrainingLoop, out: Path, info: dict[str, Any], console: Console
