@@ -67,7 +67,7 @@ class Narrowing:
     """What the rewrite asks a handler to build: the positions of the layer's input and
     output channels that stay (``keep_in``, ``keep_out``; None where they are not tracked:
     all stay), and the channels themselves (``input``, ``output``: their counts, and the
-    constants of removed inputs that a bias can take)."""
+    constants of removed inputs that a bias can take), and the input's shape."""
 
     name: str
     layer: nn.Module
@@ -75,6 +75,7 @@ class Narrowing:
     keep_out: list[int] | None
     input: ChannelInfo | None
     output: ChannelInfo | None
+    in_shape: tuple[int, ...] | None = None  # the input's shape, where the graph records it
 
 
 @dataclass

@@ -6,7 +6,9 @@ one feature map: residual additions merge their operands' classes, concatenation
 inputs' classes side by side, depthwise convs tie each output to its input, other grouped
 convs make one map of the same channel in every group, flatten turns a channel into its run
 of features. Each map becomes a ``MapGroup`` listing its members: the
-producers' filters and biases and the BatchNorm entries that write it (``writes=True``), the
+producers' filters and biases and the BatchNorm and channel LayerNorm entries that write it
+(``writes=True``; a LayerNorm over the channels keeps the removed maps' share of its
+statistics, ``norms``), the
 consumers' input channels that read it. Zeroing every member zeroes the map everywhere it is
 used, so ``shrink`` removes it whole.
 
@@ -33,7 +35,8 @@ from ..verify import example_args
 from .analysis import Analysis
 from .channels import ChannelInfo
 from .layers import BatchNormHandler, ConvHandler, EmbeddingHandler, LinearHandler, RNNHandler
-from .nodes import where
+from .nodes import shape_of, where
+from .norms import LayerNormHandler, is_layer_norm_call, layer_norm_args, normalises_channels
 from .registry import handler_for
 
 __all__ = ["MapMember", "MapGroup", "ExcludedMap", "FeatureMaps", "feature_maps"]
@@ -160,6 +163,14 @@ def feature_maps(model: nn.Module, example_inputs: Any, *,
     return FeatureMaps(groups, excluded)
 
 
+def _normalised_only(info: ChannelInfo | None, node: fx.Node, normalized_ndim: int) -> bool:
+    """Whether a layer norm's weight and bias run along the channel axis (it normalises over
+    that axis only); other norms' parameters are not a map's."""
+    shape = shape_of(node)
+    return (info is not None and shape is not None
+            and normalises_channels(info, shape, normalized_ndim))
+
+
 def _lacks(members: list[MapMember]) -> str | None:
     if not any(m.writes for m in members):
         return "no layer whose weights can be zeroed writes it"
@@ -179,6 +190,12 @@ def _members(gm: fx.GraphModule, an: Analysis) -> dict[int, list[MapMember]]:
             out[an.classes.find(s)].append(MapMember(param, axis, index, writes))
 
     for node in gm.graph.nodes:
+        if is_layer_norm_call(node):
+            ndim, *_, attrs = layer_norm_args(gm, node)
+            if _normalised_only(an.info_of(node.args[0]), node, ndim):
+                for a in attrs:  # the analysis pinned computed ones
+                    add(an.info_of(node), a.target, 0, True)
+            continue
         if node.op != "call_module":
             continue
         layer = modules[node.target]
@@ -205,6 +222,11 @@ def _members(gm: fx.GraphModule, an: Analysis) -> dict[int, list[MapMember]]:
             if "bias" in names:
                 add(outp, full("bias"), 0, True)
             add(inp, full("weight"), 1, False, per_in)
+        elif isinstance(handler, LayerNormHandler) and _normalised_only(inp, node,
+                                                                       len(layer.normalized_shape)):
+            for n in ("weight", "bias"):
+                if n in names:
+                    add(outp, full(n), 0, True)
         elif isinstance(handler, BatchNormHandler):
             for n in ("weight", "bias"):
                 if n in names:

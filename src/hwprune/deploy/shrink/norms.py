@@ -1,45 +1,183 @@
 """LayerNorm in shrink's analysis: the rule for a norm that mixes channels.
 
 A LayerNorm normalises over its last ``len(normalized_shape)`` axes. Where the channel axis
-is among them, each output depends on every channel through the mean and the variance, so
-no channel can go, not even one that is exactly zero everywhere: the mean is ``sum / n`` and
-the variance ``sum of squares / n``, and a LayerNorm over ``n - 1`` channels divides by
-``n - 1`` (the statistics of the others change, and with them every output). Nor is the
-normalised zero channel zero: it is ``(0 - mean) / std * weight + bias``, which varies. A zero
-channel could go only if nothing reads its output (or its scale is zero) *and* the narrowed
-norm kept dividing by the original ``n``, which ``nn.LayerNorm`` cannot. Such channels
-are kept with that reason, and the output's channels are new classes that stay too. Where the
-channel axis is not normalised (a LayerNorm over the time axis of ``(N, C, T)``), each
-channel is normalised on its own and its class passes through unchanged.
+is the one normalised axis (``nn.LayerNorm(C)`` on channels-last data, or ``F.layer_norm`` as
+torchvision's ``LayerNorm2d`` calls it), each output depends on every channel through the mean
+and the variance: removing a channel changes them (``sum / n`` is not ``sum / (n - 1)``), even
+a channel that is exactly zero. So a channel can leave the norm's input only where its value
+is a known constant, and the narrowed norm (``NarrowedLayerNorm``) keeps dividing by the
+original width with the removed constants' share of the sums added back: the kept outputs are
+those of the original norm. The norm's output channel is ``(x - mean) / std * weight +
+bias``; with its weight zero it is the constant ``bias``, otherwise it varies, so a consumer
+that reads it keeps it. Input and output channel share one class: they go together.
+
+A channel whose input varies stays, with that reason. A norm over more axes than the channel
+axis keeps every channel (the channel's entries are spread over the other axes). Where the
+channel axis is not normalised (a LayerNorm over the time axis of ``(N, C, T)``), each channel
+is normalised on its own and its class passes through unchanged.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+
 from .channels import ChannelInfo, unknown
-from .handlers import LayerCall, LayerHandler
+from .handlers import LayerCall, LayerHandler, Narrowing, Rebuilt
+from .nodes import get_attr, shape_of, where
 
 if TYPE_CHECKING:
     from .analysis import Analysis
 
-__all__ = ["LayerNormHandler"]
+__all__ = ["LayerNormHandler", "NarrowedLayerNorm", "layer_norm_call", "layer_norm_args",
+           "narrowed_layer_norm", "normalises_channels", "rewrite_layer_norm_call",
+           "is_layer_norm_call"]
 
 
-class LayerNormHandler(LayerHandler):
-    """nn.LayerNorm: keeps the channels it normalises over (module docstring)."""
+class NarrowedLayerNorm(nn.Module):
+    """A LayerNorm over the last axis of the original width ``width`` that is given only the
+    kept channels: the removed ones held the constants ``removed``, which still count in the
+    mean and the (biased) variance, so every kept output equals the original norm's."""
 
-    def analyse(self, call: LayerCall, an: Analysis) -> ChannelInfo | None:
-        info, shape = call.info, call.out_shape()
-        if info is None or shape is None:
-            return None
-        normalised = range(len(shape) - len(call.layer.normalized_shape), len(shape))
-        if info.dim not in normalised:
-            return ChannelInfo(info.dim, info.slots, unknown(len(info.slots)))
-        reason = (f"{call.name} (LayerNorm) normalises over the channel axis: removing a "
-                  "channel, even an all-zero one, changes the mean and variance of the others")
-        an.pin_all(call.x, reason)
+    def __init__(self, width: int, removed: Tensor, weight: Tensor | None, bias: Tensor | None,
+                 eps: float):
+        super().__init__()
+        self.width, self.eps = width, eps
+        self.register_buffer("removed", removed.detach().clone())
+        self.weight = None if weight is None else nn.Parameter(weight.detach().clone())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        r = self.removed.to(x.dtype)
+        mean = (x.sum(-1, keepdim=True) + r.sum()) / self.width
+        centred = x - mean
+        # the removed constants' squared distances from the mean, summed in closed form
+        spread = (r * r).sum() - 2 * mean * r.sum() + r.numel() * mean * mean
+        var = (centred.square().sum(-1, keepdim=True) + spread) / self.width
+        y = centred * torch.rsqrt(var + self.eps)
+        if self.weight is not None:
+            y = y * self.weight
+        return y + self.bias if self.bias is not None else y
+
+    def extra_repr(self) -> str:
+        return f"width={self.width}, removed={self.removed.numel()}, eps={self.eps}"
+
+
+def normalises_channels(info: ChannelInfo, shape: tuple[int, ...], normalized_ndim: int) -> bool:
+    """Whether the channel axis is the one axis a norm over the last ``normalized_ndim`` axes
+    normalises."""
+    return normalized_ndim == 1 and info.dim % len(shape) == len(shape) - 1
+
+
+def layer_norm_info(an: Analysis, node: fx.Node, x: fx.Node, info: ChannelInfo | None,
+                    normalized_ndim: int, weight: Tensor | None,
+                    bias: Tensor | None) -> ChannelInfo | None:
+    """The channels of a layer norm's output (module docstring)."""
+    shape = shape_of(node)
+    if info is None or shape is None:
+        return None
+    nd = len(shape)
+    if info.dim % nd < nd - normalized_ndim:
+        return ChannelInfo(info.dim, info.slots, unknown(len(info.slots)))
+    name = where(node)
+    if not normalises_channels(info, shape, normalized_ndim):
+        reason = (f"{name} (LayerNorm) normalises over the channel axis and others: a "
+                  "channel's entries are spread over the normalised axes")
+        an.pin_all(x, reason)
         out = an.fresh(info.dim, len(info.slots))
         for s in out.slots:
             an.classes.pin(s, reason)
         return out
+    for p, s in enumerate(info.slots):
+        if an.structural or not bool(info.const[p].isnan()):
+            an.classes.candidate.add(s)
+        else:
+            an.classes.pin(s, f"{name} (LayerNorm) normalises over the channel axis: a "
+                              "channel whose input varies counts in the mean and variance "
+                              "of the others")
+    n = len(info.slots)
+    w = torch.ones(n, dtype=torch.float64) if weight is None else weight.detach().double()
+    b = torch.zeros(n, dtype=torch.float64) if bias is None else bias.detach().double()
+    return ChannelInfo(info.dim, info.slots, torch.where(w == 0, b, unknown(n)))
+
+
+def narrowed_layer_norm(keep: list[int], info: ChannelInfo, weight: Tensor | None,
+                        bias: Tensor | None, eps: float) -> NarrowedLayerNorm:
+    """The norm of the ``keep`` positions of ``info``'s channels (the others' constants kept
+    in the sums)."""
+    n = len(info.slots)
+    idx = torch.tensor(keep, dtype=torch.long)
+    gone = torch.tensor(sorted(set(range(n)) - set(keep)), dtype=torch.long)
+    dtype = weight.dtype if weight is not None else torch.get_default_dtype()
+    return NarrowedLayerNorm(n, info.const[gone].to(dtype),
+                             None if weight is None else weight.detach()[idx],
+                             None if bias is None else bias.detach()[idx], eps)
+
+
+def layer_norm_args(gm: nn.Module, node: fx.Node) -> tuple[int, Tensor | None, Tensor | None,
+                                                            float, list[fx.Node]]:
+    """``F.layer_norm``'s normalised axis count, weight, bias and eps as a traced call gives
+    them (the weight and bias read from the graph's attributes), and the attribute nodes."""
+    def arg(i: int, name: str, default):
+        return node.kwargs.get(name, node.args[i] if len(node.args) > i else default)
+
+    shape = arg(1, "normalized_shape", ())
+    attrs = [arg(2, "weight", None), arg(3, "bias", None)]
+    tensors = [get_attr(gm, a.target) if isinstance(a, fx.Node) and a.op == "get_attr" else a
+               for a in attrs]
+    ndim = len(shape) if isinstance(shape, tuple | list) else 1
+    return (ndim, tensors[0], tensors[1], float(arg(4, "eps", 1e-5)),
+            [a for a in attrs if isinstance(a, fx.Node)])
+
+
+def layer_norm_call(an: Analysis, node: fx.Node) -> ChannelInfo | None:
+    """``F.layer_norm(x, normalized_shape, weight, bias, eps)`` in the graph: the norm's rule
+    where its weight and bias are the model's attributes; otherwise its channels stay."""
+    x, info = an.input_of(node)
+    ndim, weight, bias, _, attrs = layer_norm_args(an.gm, node)
+    if any(a.op != "get_attr" for a in attrs):
+        an.unsupported(node, "layer_norm with a computed weight or bias")
+        return None
+    return layer_norm_info(an, node, x, info, ndim, weight, bias)
+
+
+def rewrite_layer_norm_call(gm: fx.GraphModule, node: fx.Node, info: ChannelInfo,
+                            keep: list[int]) -> str:
+    """Replace a traced ``F.layer_norm`` whose channels lost some by a ``NarrowedLayerNorm``
+    module (its old weight and bias become dead attributes); the name of the module that
+    held them (the call's own name where none did)."""
+    _, weight, bias, eps, attrs = layer_norm_args(gm, node)
+    owner = attrs[0].target.rpartition(".")[0] if attrs else ""
+    name = f"_shrink_layer_norm_{node.name}"
+    gm.add_submodule(name, narrowed_layer_norm(keep, info, weight, bias, eps))
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_module(name, (node.args[0],))
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    return owner or node.name
+
+
+class LayerNormHandler(LayerHandler):
+    """nn.LayerNorm (module docstring)."""
+
+    def analyse(self, call: LayerCall, an: Analysis) -> ChannelInfo | None:
+        layer = call.layer
+        return layer_norm_info(an, call.node, call.x, call.info, len(layer.normalized_shape),
+                               layer.weight, layer.bias)
+
+    def rebuild(self, plan: Narrowing) -> Rebuilt | None:
+        info, keep, shape = plan.input, plan.keep_in, plan.in_shape
+        if (info is None or keep is None or len(keep) == len(info.slots) or shape is None
+                or not normalises_channels(info, shape, len(plan.layer.normalized_shape))):
+            return None  # nothing removed, or channels not normalised: the norm is unchanged
+        layer, n = plan.layer, len(info.slots)
+        new = narrowed_layer_norm(keep, info, layer.weight, layer.bias, layer.eps)
+        return Rebuilt(new, (n, n), (len(keep), len(keep)))
+
+
+def is_layer_norm_call(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target is F.layer_norm

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx
 
-from . import shuffle
+from . import norms, shuffle
 from .channels import ChannelInfo
 from .nodes import get_attr, nodes_in, shape_of, where
 
@@ -77,6 +77,8 @@ def function_call(an: Analysis, node: fx.Node) -> ChannelInfo | None:
         return _pad(an, node, x, info)
     if fn is operator.getitem:
         return _getitem(an, node, info, args[1])
+    if fn is F.layer_norm:
+        return norms.layer_norm_call(an, node)
     if fn is torch.permute:
         return _permute(an, node, info, _arg(node, 1, "dims", None))
     if fn is torch.chunk and info is not None and shuffle.chunk(

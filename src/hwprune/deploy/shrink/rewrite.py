@@ -20,6 +20,12 @@ from torch import Tensor, fx, nn
 from .analysis import Analysis
 from .handlers import Narrowing
 from .nodes import get_attr, set_module, set_tensor_attr, shape_of, where
+from .norms import (
+    is_layer_norm_call,
+    layer_norm_args,
+    normalises_channels,
+    rewrite_layer_norm_call,
+)
 from .registry import handler_for
 from .result import KeptChannels, ShrinkResult
 
@@ -125,8 +131,15 @@ def rewrite(gm: fx.GraphModule, an: Analysis, removed: set[int], result: ShrinkR
         kin, kout = an.kept_positions(x, removed), an.kept_positions(node, removed)
         if node.op == "call_module":
             _rebuild_layer(gm, node.target, Narrowing(node.target, modules[node.target], kin,
-                                                      kout, an.info_of(x), an.info_of(node)),
+                                                      kout, an.info_of(x), an.info_of(node),
+                                                      shape_of(x)),
                            result)
+        elif is_layer_norm_call(node):
+            info = an.info_of(x)
+            if (info is not None and kin is not None and len(kin) < len(info.slots)
+                    and normalises_channels(info, shape_of(x), layer_norm_args(gm, node)[0])):
+                name = rewrite_layer_norm_call(gm, node, info, kin)
+                result.layers[name] = ((len(info.slots),) * 2, (len(kin),) * 2)
         elif node.op == "call_function" and node.target is F.pad:
             _rewrite_pad(gm, an, node, x, kin, kout)
         elif node.op in ("call_function", "call_method") and kout is not None:
