@@ -1,5 +1,5 @@
-"""hwprune against Torch-Pruning on ResNet-56 (option B) at 50 %: MACs, parameters and CPU
-latency in PyTorch eager and in onnxruntime.
+"""hwprune against Torch-Pruning on ResNet-56 (option B) at 50 % (or a torchvision model,
+``--model``): MACs, parameters and CPU latency in PyTorch eager and in onnxruntime.
 
 hwprune: ``Magnitude("map", 0.5)`` one-shot, ``finalize()``, ``hp.shrink``, then
 ``hp.fold_batchnorm``. Torch-Pruning: ``MagnitudePruner`` at ``pruning_ratio=0.5`` (L1
@@ -14,8 +14,12 @@ file ``hp.export_model(..., format="onnx")`` wrote and checked, exported per bat
 Needs Torch-Pruning and onnxruntime (the zoo venv, ``make zoo``)::
 
     .venv-zoo/bin/python bench/deploy/vs_torch_pruning.py [--repeats 30] [--threads 1]
+    .venv-zoo/bin/python bench/deploy/vs_torch_pruning.py --model convnext_tiny --ratio 0.3 \
+        --batches 1
 
-Writes bench/results/deploy/vs_torch_pruning.md and .json.
+Writes bench/results/deploy/vs_torch_pruning.md and .json (``--model`` other than resnet56:
+``vs_torch_pruning_<model>.md`` and .json). torchvision models are built with random weights
+at ImageNet input size.
 """
 
 from __future__ import annotations
@@ -37,14 +41,23 @@ from hwprune.models import resnet_cifar
 from zoo.peer import macs, params, torch_pruning
 
 OUT = RESULTS / "deploy"
-SHAPE = (3, 32, 32)
+CIFAR, IMAGENET = (3, 32, 32), (3, 224, 224)
 
 
-def build(ratio: float) -> dict[str, torch.nn.Module]:
-    """The models compared, by name."""
+def dense_model(name: str) -> tuple[torch.nn.Module, tuple[int, ...]]:
+    """The dense model and its input shape (one sample)."""
     torch.manual_seed(0)
-    dense = resnet_cifar(56, shortcut="B").eval()
-    x = torch.randn(2, *SHAPE)
+    if name == "resnet56":
+        return resnet_cifar(56, shortcut="B").eval(), CIFAR
+    import torchvision  # the zoo venv only
+
+    return getattr(torchvision.models, name)(weights=None).eval(), IMAGENET
+
+
+def build(name: str, ratio: float) -> tuple[dict[str, torch.nn.Module], tuple[int, ...]]:
+    """The models compared, by name, and the input shape."""
+    dense, shape = dense_model(name)
+    x = torch.randn(2, *shape)
     start = time.perf_counter()
     pruned = hp.Magnitude(copy.deepcopy(dense), "map", ratio, example_inputs=x[:1]).finalize()
     small = hp.shrink(pruned, x)
@@ -52,12 +65,13 @@ def build(ratio: float) -> dict[str, torch.nn.Module]:
     peer, seconds = torch_pruning(copy.deepcopy(dense), x[:1], ratio)
     print(f"Torch-Pruning: {seconds:.2f} s", flush=True)
     return {"dense": dense, "hwprune": hp.fold_batchnorm(small, x),
-            "Torch-Pruning": peer.eval(), "Torch-Pruning folded": hp.fold_batchnorm(peer, x)}
+            "Torch-Pruning": peer.eval(),
+            "Torch-Pruning folded": hp.fold_batchnorm(peer, x)}, shape
 
 
-def measure(models: dict[str, torch.nn.Module], batch: int, repeats: int,
-            folder: str) -> list[dict]:
-    x = torch.randn(batch, *SHAPE)
+def measure(models: dict[str, torch.nn.Module], shape: tuple[int, ...], batch: int,
+            repeats: int, folder: str) -> list[dict]:
+    x = torch.randn(batch, *shape)
     x1 = x[:1]
     names = list(models)
     calls = [eager(models[n], x) for n in names]
@@ -96,18 +110,21 @@ def _summary(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = arguments(__doc__, None, threads=1, repeats=30)
+    parser.add_argument("--model", default="resnet56",
+                        help="resnet56 (CIFAR, option B) or a torchvision model's name")
     parser.add_argument("--ratio", type=float, default=0.5)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     args = parse(parser, argv)
-    models = build(args.ratio)
+    models, shape = build(args.model, args.ratio)
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for batch in args.batches:
             # batch 64 of the dense model takes far longer: fewer repeats keep the run short
             reps = args.repeats if batch == 1 else max(5, args.repeats // 3)
-            rows += measure(models, batch, reps, folder)
+            rows += measure(models, shape, batch, reps, folder)
             print(rows[-4:], flush=True)
-    lines = [header("hwprune against Torch-Pruning: ResNet-56 (option B)",
+    title = "ResNet-56 (option B)" if args.model == "resnet56" else f"torchvision {args.model}"
+    lines = [header(f"hwprune against Torch-Pruning: {title}",
                     command(__file__, argv), f"{machine()} (shared with other jobs), "
                     f"`torch.set_num_threads({args.threads})`, onnxruntime with as many "
                     "threads", inline=True), "",
@@ -120,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
              "of the repeats; `speed-up` is over the dense model in the same runtime; `ORT / "
              "eager`: onnxruntime's time over eager's for the same model.", ""]
     lines += [_summary(rows), ""]
-    write_table(OUT / "vs_torch_pruning.md", lines,
+    out = OUT / ("vs_torch_pruning" if args.model == "resnet56"
+                 else f"vs_torch_pruning_{args.model}")
+    write_table(out.with_suffix(".md"), lines,
                 ["model", "class", "batch", "MACs", "MAC reduction", "params",
                  "param reduction", "eager ms", "eager speed-up", "ORT ms", "ORT speed-up",
                  "ORT / eager"], "llrrrrrrrrrr",
@@ -129,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['param_reduction']:.2f}x", f"{r['eager_ms']:.2f}",
                   f"{r['eager_speedup']:.2f}x", f"{r['ort_ms']:.2f}",
                   f"{r['ort_speedup']:.2f}x", f"{r['ort_over_eager']:.2f}"] for r in rows])
-    write_json(OUT / "vs_torch_pruning.json", rows)
+    write_json(out.with_suffix(".json"), rows)
     return 0
 
 
