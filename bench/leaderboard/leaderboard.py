@@ -86,6 +86,20 @@ ENTRIES: list[tuple[str, dict, float, str | None]] = [
      "magnitude-channel-50"),
     ("admm-unify-zero", {"name": "ADMM", "block": [1, 4], "unify": 0.5, "zero": 0.25,
                          "admm_interval": 20, "targets": CONVS}, 0.5, None),
+    # round 3: where a gradual method should gain on one-shot magnitude (high sparsity), and
+    # DPP with half the budget left for fine-tuning its final mask (magnitude fine-tunes all 8)
+    ("admm-element-8x", {"name": "ADMM", "block": "element", "unify": 0.0, "zero": 0.875,
+                         "admm_interval": 20, "targets": CONVS}, 0.5, "magnitude-element-8x"),
+    ("magnitude-block-8x", _magnitude("block:1x4", 0.875), 0.0, None),
+    ("admm-zero-8x", {"name": "ADMM", "block": [1, 4], "unify": 0.0, "zero": 0.875,
+                      "admm_interval": 20, "targets": CONVS}, 0.5, "magnitude-block-8x"),
+    ("dpp-1of8-magnitude-init-half", {"name": "DPP", "structure": "1:8",
+                                      "logit_init": "magnitude", "targets": CONVS}, 0.5,
+     "magnitude-1of8"),
+    # the reference code's conv noise (METHODS.md), on the same half-and-half split
+    ("dpp-1of8-magnitude-init-noise01", {"name": "DPP", "structure": "1:8",
+                                         "logit_init": "magnitude", "noise_scale": 0.01,
+                                         "targets": CONVS}, 0.5, "magnitude-1of8"),
 ]
 BASELINE = {name: base for name, _, _, base in ENTRIES}
 
