@@ -54,15 +54,19 @@ def dense_model(name: str) -> tuple[torch.nn.Module, tuple[int, ...]]:
     return getattr(torchvision.models, name)(weights=None).eval(), IMAGENET
 
 
-def build(name: str, ratio: float) -> tuple[dict[str, torch.nn.Module], tuple[int, ...]]:
-    """The models compared, by name, and the input shape."""
+def build(name: str, ratio: float, round_to: int = 1
+          ) -> tuple[dict[str, torch.nn.Module], tuple[int, ...]]:
+    """The models compared, by name, and the input shape; ``round_to`` > 1: both sides keep
+    multiples of it (hwprune's and Torch-Pruning's ``round_to``)."""
     dense, shape = dense_model(name)
     x = torch.randn(2, *shape)
     start = time.perf_counter()
-    pruned = hp.Magnitude(copy.deepcopy(dense), "map", ratio, example_inputs=x[:1]).finalize()
+    pruned = hp.Magnitude(copy.deepcopy(dense), "map", ratio, example_inputs=x[:1],
+                          round_to=round_to).finalize()
     small = hp.shrink(pruned, x)
     print(f"hwprune prune + shrink: {time.perf_counter() - start:.2f} s", flush=True)
-    peer, seconds = torch_pruning(copy.deepcopy(dense), x[:1], ratio)
+    peer, seconds = torch_pruning(copy.deepcopy(dense), x[:1], ratio,
+                                  round_to if round_to > 1 else None)
     print(f"Torch-Pruning: {seconds:.2f} s", flush=True)
     return {"dense": dense, "hwprune": hp.fold_batchnorm(small, x),
             "Torch-Pruning": peer.eval(),
@@ -113,9 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="resnet56",
                         help="resnet56 (CIFAR, option B) or a torchvision model's name")
     parser.add_argument("--ratio", type=float, default=0.5)
+    parser.add_argument("--round-to", type=int, default=1,
+                        help="both pruners keep multiples of this many maps (1: no rounding)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     args = parse(parser, argv)
-    models, shape = build(args.model, args.ratio)
+    models, shape = build(args.model, args.ratio, args.round_to)
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for batch in args.batches:
@@ -124,21 +130,23 @@ def main(argv: list[str] | None = None) -> int:
             rows += measure(models, shape, batch, reps, folder)
             print(rows[-4:], flush=True)
     title = "ResNet-56 (option B)" if args.model == "resnet56" else f"torchvision {args.model}"
+    rounded = "" if args.round_to == 1 else f", round_to={args.round_to}"
     lines = [header(f"hwprune against Torch-Pruning: {title}",
                     command(__file__, argv), f"{machine()} (shared with other jobs), "
                     f"`torch.set_num_threads({args.threads})`, onnxruntime with as many "
                     "threads", inline=True), "",
              f"Random initialisation, one-shot at {args.ratio:.0%}. `hwprune`: "
-             f"`Magnitude(\"map\", {args.ratio})`, `finalize()`, `hp.shrink`, "
+             f"`Magnitude(\"map\", {args.ratio}{rounded})`, `finalize()`, `hp.shrink`, "
              "`hp.fold_batchnorm`. `Torch-Pruning`: `MagnitudePruner(pruning_ratio="
-             f"{args.ratio})` (L1, classifier ignored); `folded`: then `hp.fold_batchnorm`. "
+             f"{args.ratio}{rounded})` (L1, classifier ignored); `folded`: then "
+             "`hp.fold_batchnorm`. "
              "MACs per sample (hwprune's counter for every model). Latency: every model of "
              "one batch size in eager and in onnxruntime, timed in turns in one loop, median "
              "of the repeats; `speed-up` is over the dense model in the same runtime; `ORT / "
              "eager`: onnxruntime's time over eager's for the same model.", ""]
     lines += [_summary(rows), ""]
-    out = OUT / ("vs_torch_pruning" if args.model == "resnet56"
-                 else f"vs_torch_pruning_{args.model}")
+    out = OUT / ("vs_torch_pruning" + ("" if args.model == "resnet56" else f"_{args.model}")
+                 + ("" if args.round_to == 1 else f"_round{args.round_to}"))
     write_table(out.with_suffix(".md"), lines,
                 ["model", "class", "batch", "MACs", "MAC reduction", "params",
                  "param reduction", "eager ms", "eager speed-up", "ORT ms", "ORT speed-up",

@@ -45,7 +45,8 @@ def logits_layer(model: nn.Module, x: torch.Tensor) -> nn.Module:
     return calls[-1]
 
 
-def torch_pruning(model: nn.Module, x: torch.Tensor, ratio: float) -> tuple[nn.Module, float]:
+def torch_pruning(model: nn.Module, x: torch.Tensor, ratio: float,
+                  round_to: int | None = None) -> tuple[nn.Module, float]:
     """``model`` pruned in place by Torch-Pruning's ``MagnitudePruner`` (L1 importance, every
     layer at ``ratio`` of its channels, the logits layer ignored), and the seconds it took
     (building the dependency graph and removing the channels)."""
@@ -55,7 +56,7 @@ def torch_pruning(model: nn.Module, x: torch.Tensor, ratio: float) -> tuple[nn.M
     start = time.perf_counter()
     pruner = tp.pruner.MagnitudePruner(model.eval(), x, importance=tp.importance
                                        .MagnitudeImportance(p=1), pruning_ratio=ratio,
-                                       ignored_layers=ignored)
+                                       ignored_layers=ignored, round_to=round_to)
     pruner.step()
     return model, time.perf_counter() - start
 

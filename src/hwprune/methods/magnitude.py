@@ -28,6 +28,11 @@ Choices, documented because users compare against them:
   has every member zeroed, so ``finalize()`` then ``hp.shrink`` remove it whole. "Layer"
   scope removes ``sparsity`` of the maps of each family (the maps that share their weights:
   one layer's outputs, or one residual stream's channels); every family keeps one map.
+* ``round_to=m`` (layer scope; whole filters, channels or maps) keeps a multiple of ``m``
+  groups in every layer or family that has more than ``m``: the nearest multiple to the
+  count ``sparsity`` asks for. Vector units and their kernels (onnxruntime's blocked conv
+  layout, SIMD widths) run channel counts they divide at full speed and others slower, so the
+  shrunk model is faster at a slightly different sparsity.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from ..deploy.shrink.maps import FeatureMaps
 from ..errors import ConfigError
 from ..parametrize import Mask
 from ..schedules import Cubic, OneShot, Schedule
-from ..structures import KofN, Layer, Structure
+from ..structures import Channel, FeatureMap, Filter, KofN, Layer, Structure
 from ..targets import Spec
 from .base import PrunedLayer, Pruner
 from .maps import MapTargets, map_scores
@@ -63,7 +68,7 @@ def _gradual(structure: str) -> dict:
     configs={**{s: _gradual(s) for s in ("element", "filter", "channel", "kernel", "column",
                                          "layer", "block:2x2", "map")},
              "2:4": {"structure": "2:4"}},
-    bad_settings=({"sparsity": 1.0}, {"scope": "everywhere"}, {"norm": "l3"}),
+    bad_settings=({"sparsity": 1.0}, {"scope": "everywhere"}, {"norm": "l3"}, {"round_to": 0}),
     recipe="magnitude-digits", doc="magnitude.md")
 class Magnitude(MapTargets, Pruner):
     """Prune the groups of smallest norm.
@@ -83,13 +88,16 @@ class Magnitude(MapTargets, Pruner):
             trace the model), ignored otherwise.
         strict: refuse (``StructureError``) a default target that cannot carry the
             structure instead of leaving it dense with a ``SkippedLayersWarning``.
+        round_to: keep a multiple of this many filters, channels or maps in every layer or
+            family larger than it (layer scope); 1: no rounding.
     """
 
     def __init__(self, model: nn.Module, structure: str | Structure = "element",
                  sparsity: float | None = None, schedule: Schedule | None = None,
                  scope: str = "layer", norm: str = "l1", targets: Spec = None,
-                 example_inputs: Any = None, strict: bool = False):
+                 example_inputs: Any = None, strict: bool = False, round_to: int = 1):
         self.final_sparsity = sparsity
+        self.round_to = round_to
         self.schedule = schedule if schedule is not None else OneShot()
         self.scope = scope
         self.norm = norm
@@ -102,6 +110,7 @@ class Magnitude(MapTargets, Pruner):
             raise ConfigError(f"scope must be one of {_SCOPES}; got {self.scope!r}")
         if self.norm not in _NORMS:
             raise ConfigError(f"norm must be one of {_NORMS}; got {self.norm!r}")
+        self._check_round_to()
         if not isinstance(self.schedule, Schedule):
             raise ConfigError(
                 "schedule must be None (one-shot now) or a hwprune.schedules.Schedule "
@@ -130,6 +139,20 @@ class Magnitude(MapTargets, Pruner):
         if self.schedule.initial > s:
             raise ConfigError(f"schedule initial sparsity {self.schedule.initial} exceeds "
                               f"sparsity {s}")
+
+    def _check_round_to(self) -> None:
+        m = self.round_to
+        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+            raise ConfigError(f"round_to must be a positive int (1: no rounding); got {m!r}")
+        if m == 1:
+            return
+        if not isinstance(self.structure, (Filter, Channel, FeatureMap)):
+            raise ConfigError(f"round_to rounds counts of whole filters, channels or maps; "
+                              f"structure {self.structure} has none (use 'filter', 'channel' "
+                              "or 'map', or round_to=1)")
+        if self.scope != "layer":
+            raise ConfigError("round_to applies to scope='layer' (each layer's or family's "
+                              "count is rounded); got scope='global'")
 
     def _make_parametrization(self, layer: PrunedLayer) -> nn.Module:
         w = getattr(layer.module, layer.param)
@@ -167,8 +190,8 @@ class Magnitude(MapTargets, Pruner):
         if isinstance(self.structure, KofN):
             keeps = {n: self.structure.keep_top(s) for n, s in scores.items()}
         elif self.scope == "layer":
-            keeps = {n: keep_all_but_lowest(s, sparsity, self._min_keep()) for n, s in
-                     scores.items()}
+            keeps = {n: keep_all_but_lowest(s, sparsity, self._min_keep(), self.round_to)
+                     for n, s in scores.items()}
         else:
             keeps = self._global_keep(scores, sparsity)
         for name, layer in self.layers.items():
@@ -189,7 +212,7 @@ class Magnitude(MapTargets, Pruner):
                                    {n: l.effective_weight() for n, l in self.layers.items()})
         families = {f: torch.tensor(ids) for f, ids in self.maps.families().items()}
         if self.scope == "layer":
-            keeps = {f: keep_all_but_lowest(scores[ids], sparsity, 1)
+            keeps = {f: keep_all_but_lowest(scores[ids], sparsity, 1, self.round_to)
                      for f, ids in families.items()}
         else:
             keeps = _global_keep({f: scores[ids] for f, ids in families.items()},

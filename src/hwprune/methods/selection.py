@@ -7,15 +7,26 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["keep_all_but_lowest"]
+__all__ = ["keep_all_but_lowest", "kept_count"]
 
 
-def keep_all_but_lowest(scores: Tensor, sparsity: float, min_keep: int) -> Tensor:
-    """Bool keep-vector: all but the ``round(sparsity * n)`` lowest scores, keeping at least
-    ``min_keep``. Ties keep the lower index (a stable sort), so the choice is deterministic:
-    callers that want another tie-break permute the scores first."""
+def kept_count(n: int, sparsity: float, min_keep: int, round_to: int = 1) -> int:
+    """How many of ``n`` groups stay: ``n - round(sparsity * n)``, at least ``min_keep``; with
+    ``round_to`` > 1, the nearest multiple of it (at least one multiple, at most ``n``: a count
+    the hardware's vector width divides, where ``n`` itself allows one)."""
+    keep = max(n - math.floor(sparsity * n + 0.5), min(min_keep, n))
+    if round_to > 1 and n > round_to:
+        keep = min(max(round_to, round_to * math.floor(keep / round_to + 0.5)), n)
+    return keep
+
+
+def keep_all_but_lowest(scores: Tensor, sparsity: float, min_keep: int,
+                        round_to: int = 1) -> Tensor:
+    """Bool keep-vector: all but the lowest scores, ``kept_count(n, sparsity, min_keep,
+    round_to)`` kept. Ties keep the lower index (a stable sort), so the choice is
+    deterministic: callers that want another tie-break permute the scores first."""
     n = scores.numel()
-    remove = min(math.floor(sparsity * n + 0.5), n - min_keep)
+    remove = n - kept_count(n, sparsity, min_keep, round_to)
     keep = torch.ones(n, dtype=torch.bool, device=scores.device)
     if remove > 0:
         order = torch.sort(scores.double().cpu(), descending=True, stable=True).indices
