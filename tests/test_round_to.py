@@ -1,5 +1,6 @@
-"""Magnitude's ``round_to``: every layer or family keeps a multiple of it (the nearest one to
-the count ``sparsity`` asks for), so the shrunk model's channel counts suit vector units."""
+"""Magnitude's ``round_to``: every layer or family keeps a multiple of it (the largest one not
+above the count ``sparsity`` asks for, at least one), so the shrunk model's channel counts suit
+vector units."""
 
 import pytest
 import torch
@@ -17,24 +18,22 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @settings(max_examples=200, deadline=None)
 @given(n=st.integers(1, 300), sparsity=st.floats(0.0, 0.99), round_to=st.integers(1, 32))
-def test_kept_count_is_the_nearest_multiple_within_the_layer(n, sparsity, round_to):
+def test_kept_count_is_the_largest_multiple_not_above_the_asked_count(n, sparsity, round_to):
     plain = kept_count(n, sparsity, 1)
     keep = kept_count(n, sparsity, 1, round_to)
     assert 1 <= keep <= n
     if round_to == 1 or n <= round_to:
         assert keep == plain
     else:
-        assert keep % round_to == 0 or keep == n
-        # nearest: no other multiple in range is closer to the plain count
-        assert all(abs(keep - plain) <= abs(m - plain)
-                   for m in range(round_to, n + 1, round_to))
+        assert keep % round_to == 0
+        assert keep <= plain < keep + round_to or keep == round_to > plain
 
 
 def test_keep_vector_keeps_the_rounded_count_of_highest_scores():
     scores = torch.arange(40.0)
-    keep = keep_all_but_lowest(scores, 0.3, 1, round_to=8)  # 28 asked: 24 and 32 tie -> 32
-    assert int(keep.sum()) == kept_count(40, 0.3, 1, 8) == 32
-    assert bool(keep[-32:].all()) and not bool(keep[:8].any())
+    keep = keep_all_but_lowest(scores, 0.3, 1, round_to=8)  # 28 asked: 24
+    assert int(keep.sum()) == kept_count(40, 0.3, 1, 8) == 24
+    assert bool(keep[-24:].all()) and not bool(keep[:16].any())
 
 
 def test_filter_pruning_keeps_multiples_of_round_to_in_every_layer():
@@ -44,8 +43,8 @@ def test_filter_pruning_keeps_multiples_of_round_to_in_every_layer():
     pruner = hp.Magnitude(model, "filter", 0.3, round_to=8, targets=["0", "2", "4"])
     kept = {n: int(l.parametrization.mask.reshape(l.shape[0], -1).any(1).sum())
             for n, l in pruner.layers.items()}
-    # 40 -> 28 asked, 32 nearest; 20 -> 14 asked, 16; 6 <= 8: unrounded, 4
-    assert kept == {"0.weight": 32, "2.weight": 16, "4.weight": 4}
+    # 40 -> 28 asked, 24 kept; 20 -> 14 asked, 8; 6 <= 8: unrounded, 4
+    assert kept == {"0.weight": 24, "2.weight": 8, "4.weight": 4}
 
 
 def test_map_pruning_rounds_every_family_and_shrink_gives_those_widths():

@@ -12,11 +12,12 @@ __all__ = ["keep_all_but_lowest", "kept_count"]
 
 def kept_count(n: int, sparsity: float, min_keep: int, round_to: int = 1) -> int:
     """How many of ``n`` groups stay: ``n - round(sparsity * n)``, at least ``min_keep``; with
-    ``round_to`` > 1, the nearest multiple of it (at least one multiple, at most ``n``: a count
-    the hardware's vector width divides, where ``n`` itself allows one)."""
+    ``round_to`` > 1 and ``n`` above it, the largest multiple of it not above that count (so at
+    least ``sparsity`` goes), but never less than one multiple: a count the hardware's vector
+    width divides."""
     keep = max(n - math.floor(sparsity * n + 0.5), min(min_keep, n))
     if round_to > 1 and n > round_to:
-        keep = min(max(round_to, round_to * math.floor(keep / round_to + 0.5)), n)
+        keep = max(round_to, keep - keep % round_to)
     return keep
 
 
