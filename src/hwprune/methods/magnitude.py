@@ -30,9 +30,10 @@ Choices, documented because users compare against them:
   one layer's outputs, or one residual stream's channels); every family keeps one map.
 * ``round_to=m`` (layer scope; whole filters, channels or maps) keeps a multiple of ``m``
   groups in every layer or family that has more than ``m``: the largest multiple not above
-  the count ``sparsity`` asks for (at least one multiple), as Torch-Pruning's ``round_to``. Vector units and their kernels (onnxruntime's blocked conv
-  layout, SIMD widths) run channel counts they divide at full speed and others slower, so the
-  shrunk model is faster at a slightly different sparsity.
+  the count ``sparsity`` asks for (at least one multiple), as Torch-Pruning's ``round_to``.
+  Vector units and their kernels (onnxruntime's blocked conv layout, SIMD widths) run channel
+  counts they divide at full speed and others slower, so the shrunk model is faster at a
+  slightly higher sparsity.
 """
 
 from __future__ import annotations
