@@ -73,6 +73,17 @@ def test_narrowed_layernorm_equals_the_full_norm_with_the_constants_put_back(wid
     narrow = NarrowedLayerNorm(width, const, w[keep], b[keep], 1e-5)
     got = narrow(x[..., keep])
     assert torch.allclose(got, full[..., keep], atol=1e-5 * float(full.abs().max()) + 1e-6)
+    # fine-tuning the shrunk model: the kept inputs' gradients are the original norm's (in
+    # float64, where summation order cannot matter: a norm of two nearly equal channels has a
+    # gradient at rounding level in float32)
+    x = x.double().requires_grad_(True)
+    full = F.layer_norm(x, (width,), w.double(), b.double(), 1e-5)
+    kept = x.detach()[..., keep].requires_grad_(True)
+    got = narrow.double()(kept)
+    upstream = torch.randn(got.shape, generator=g, dtype=torch.float64)
+    (full[..., keep] * upstream).sum().backward()
+    (got * upstream).sum().backward()
+    assert torch.allclose(kept.grad, x.grad[..., keep], rtol=1e-9, atol=1e-9)
 
 
 def test_map_groups_hold_the_channel_norms_entries():

@@ -40,7 +40,13 @@ __all__ = ["LayerNormHandler", "NarrowedLayerNorm", "layer_norm_call", "layer_no
 class NarrowedLayerNorm(nn.Module):
     """A LayerNorm over the last axis of the original width ``width`` that is given only the
     kept channels: the removed ones held the constants ``removed``, which still count in the
-    mean and the (biased) variance, so every kept output equals the original norm's."""
+    mean and the variance, so every kept output equals the original norm's.
+
+    The constants are put back behind the kept channels and the whole row normalised by one
+    ``F.layer_norm`` (the order of a norm's channels does not matter): the original norm's
+    own arithmetic, one fused kernel in PyTorch and one LayerNormalization node in ONNX. The
+    removed channels' outputs are cut off again; their weight and bias are not stored.
+    """
 
     def __init__(self, width: int, removed: Tensor, weight: Tensor | None, bias: Tensor | None,
                  eps: float):
@@ -51,16 +57,11 @@ class NarrowedLayerNorm(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
 
     def forward(self, x: Tensor) -> Tensor:
-        r = self.removed.to(x.dtype)
-        mean = (x.sum(-1, keepdim=True) + r.sum()) / self.width
-        centred = x - mean
-        # the removed constants' squared distances from the mean, summed in closed form
-        spread = (r * r).sum() - 2 * mean * r.sum() + r.numel() * mean * mean
-        var = (centred.square().sum(-1, keepdim=True) + spread) / self.width
-        y = centred * torch.rsqrt(var + self.eps)
-        if self.weight is not None:
-            y = y * self.weight
-        return y + self.bias if self.bias is not None else y
+        k, r = x.shape[-1], self.removed.to(x.dtype)
+        row = torch.cat([x, r.expand(*x.shape[:-1], r.numel())], -1)
+        weight = None if self.weight is None else torch.cat([self.weight, r.new_ones(r.shape)])
+        bias = None if self.bias is None else torch.cat([self.bias, r.new_zeros(r.shape)])
+        return F.layer_norm(row, (self.width,), weight, bias, self.eps)[..., :k]
 
     def extra_repr(self) -> str:
         return f"width={self.width}, removed={self.removed.numel()}, eps={self.eps}"
