@@ -47,11 +47,16 @@ def test_filter_pruning_keeps_multiples_of_round_to_in_every_layer():
     assert kept == {"0.weight": 24, "2.weight": 8, "4.weight": 4}
 
 
-def test_map_pruning_rounds_every_family_and_shrink_gives_those_widths():
+@pytest.mark.parametrize("method", ["Magnitude", "PSP"])
+def test_map_pruning_rounds_every_family_and_shrink_gives_those_widths(method):
     torch.manual_seed(0)
     model = Residual().eval()  # families: the residual stream (8 maps) and the inner 6
     x = torch.randn(2, 3, 8, 8)
-    hp.Magnitude(model, "map", 0.5, example_inputs=x, round_to=4).finalize()
+    extra = {"variant": "fixed"} if method == "PSP" else {}
+    pruner = getattr(hp, method)(model, "map", sparsity=0.5, example_inputs=x, round_to=4,
+                                 **extra)
+    pruner.step()  # PSP's fixed variant ranks after each step
+    pruner.finalize()
     r = hp.shrink(model, x, return_result=True)
     assert r.layers["conv0"] == ((3, 8), (3, 4)) and r.layers["conv1"] == ((8, 6), (4, 4))
 
@@ -66,3 +71,13 @@ def test_round_to_refuses_what_it_cannot_round(kwargs, words):
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
     with pytest.raises(ConfigError, match=words):
         hp.Magnitude(model, **kwargs)
+
+
+def test_psp_rounds_only_its_fixed_variant():
+    model = nn.Sequential(nn.Linear(8, 40), nn.ReLU(), nn.Linear(40, 4))
+    with pytest.raises(ConfigError, match="variant='fixed'"):
+        hp.PSP(model, "filter", round_to=8, targets="0")
+    pruner = hp.PSP(model, "filter", variant="fixed", sparsity=0.3, round_to=8, targets="0")
+    pruner.step()  # the fixed variant ranks after each step
+    kept = pruner.layers["0.weight"].parametrization  # 40 -> 28 asked, 24 kept
+    assert int(kept.keep.sum()) == 24

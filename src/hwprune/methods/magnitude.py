@@ -48,12 +48,12 @@ from ..deploy.shrink.maps import FeatureMaps
 from ..errors import ConfigError
 from ..parametrize import Mask
 from ..schedules import Cubic, OneShot, Schedule
-from ..structures import Channel, FeatureMap, Filter, KofN, Layer, Structure
+from ..structures import KofN, Layer, Structure
 from ..targets import Spec
 from .base import PrunedLayer, Pruner
 from .maps import MapTargets, map_scores
 from .registry import register_method
-from .selection import keep_all_but_lowest
+from .selection import check_round_to, keep_all_but_lowest
 
 __all__ = ["Magnitude"]
 
@@ -142,16 +142,8 @@ class Magnitude(MapTargets, Pruner):
                               f"sparsity {s}")
 
     def _check_round_to(self) -> None:
-        m = self.round_to
-        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-            raise ConfigError(f"round_to must be a positive int (1: no rounding); got {m!r}")
-        if m == 1:
-            return
-        if not isinstance(self.structure, (Filter, Channel, FeatureMap)):
-            raise ConfigError(f"round_to rounds counts of whole filters, channels or maps; "
-                              f"structure {self.structure} has none (use 'filter', 'channel' "
-                              "or 'map', or round_to=1)")
-        if self.scope != "layer":
+        check_round_to(self.round_to, self.structure)
+        if self.round_to > 1 and self.scope != "layer":
             raise ConfigError("round_to applies to scope='layer' (each layer's or family's "
                               "count is rounded); got scope='global'")
 

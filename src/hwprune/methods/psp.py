@@ -80,7 +80,7 @@ from ..targets import Spec
 from .base import PrunedLayer, Pruner
 from .maps import MapTargets, map_scores
 from .registry import register_method
-from .selection import keep_all_but_lowest
+from .selection import check_round_to, keep_all_but_lowest
 
 __all__ = ["PSP"]
 
@@ -133,6 +133,8 @@ class PSP(MapTargets, Pruner):
             trace the model), ignored otherwise.
         strict: refuse (``StructureError``) a default target that cannot carry the
             structure instead of leaving it dense with a ``SkippedLayersWarning``.
+        round_to: for ``"fixed"``, keep a multiple of this many filters, channels or maps in
+            every layer or family larger than it (as ``Magnitude``'s); 1: no rounding.
     """
 
     def __init__(self, model: nn.Module, structure: str | Structure = "channel",
@@ -142,8 +144,10 @@ class PSP(MapTargets, Pruner):
                  revive: bool = True, threshold_start: int = 0,
                  threshold_mode: str = "relative", rank_by: str = "alpha",
                  alpha_lr: float | None = None, alpha_momentum: float | None = None,
-                 targets: Spec = None, example_inputs: Any = None, strict: bool = False):
+                 targets: Spec = None, example_inputs: Any = None, strict: bool = False,
+                 round_to: int = 1):
         self.example_inputs = example_inputs
+        self.round_to = round_to
         self.maps: FeatureMaps | None = None
         self.map_scale: MapScale | None = None  # "map": the alphas every layer's gate reads
         self.alpha_decay = alpha_decay
@@ -170,6 +174,10 @@ class PSP(MapTargets, Pruner):
             raise ConfigError(f"variant must be one of {_VARIANTS}; got {self.variant!r}")
         if self.rank_by not in _RANK_BY:
             raise ConfigError(f"rank_by must be one of {_RANK_BY}; got {self.rank_by!r}")
+        check_round_to(self.round_to, self.structure)
+        if self.round_to > 1 and self.variant != "fixed":
+            raise ConfigError(f"round_to applies only to variant='fixed' (the others keep what "
+                              f"passes a threshold, not a count); got variant={self.variant!r}")
         if self.rank_by != "alpha" and self.variant != "fixed":
             raise ConfigError(f"rank_by={self.rank_by!r} applies only to variant='fixed' (the "
                               "other variants threshold |alpha|)")
@@ -323,7 +331,8 @@ class PSP(MapTargets, Pruner):
             magnitude = magnitude * norms.to(magnitude)
         by_norm = torch.sort(norms, descending=True, stable=True).indices
         keep = torch.empty_like(magnitude, dtype=torch.bool)
-        keep[by_norm] = keep_all_but_lowest(magnitude[by_norm], sparsity, min_keep)
+        keep[by_norm] = keep_all_but_lowest(magnitude[by_norm], sparsity, min_keep,
+                                            self.round_to)
         return keep
 
     def _update_map_keep(self) -> None:
@@ -345,7 +354,7 @@ class PSP(MapTargets, Pruner):
             if self.variant == "fixed":  # ties go to the larger weight norm, as per layer
                 by_norm = torch.sort(norms[ids], descending=True, stable=True).indices
                 k = torch.empty_like(m, dtype=torch.bool)
-                k[by_norm] = keep_all_but_lowest(m[by_norm], sparsity, 1)
+                k[by_norm] = keep_all_but_lowest(m[by_norm], sparsity, 1, self.round_to)
             else:
                 scale = m.max() if self.threshold_mode == "relative" else 1.0
                 k = m >= self.threshold * scale

@@ -7,7 +7,21 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["keep_all_but_lowest", "kept_count"]
+from ..errors import ConfigError
+from ..structures import Channel, FeatureMap, Filter, Structure
+
+__all__ = ["keep_all_but_lowest", "kept_count", "check_round_to"]
+
+
+def check_round_to(round_to: object, structure: Structure) -> None:
+    """``round_to`` is a positive int, and above 1 only for whole filters, channels or maps
+    (the counts it rounds)."""
+    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+        raise ConfigError(f"round_to must be a positive int (1: no rounding); got {round_to!r}")
+    if round_to > 1 and not isinstance(structure, (Filter, Channel, FeatureMap)):
+        raise ConfigError(f"round_to rounds counts of whole filters, channels or maps; "
+                          f"structure {structure} has none (use 'filter', 'channel' or 'map', "
+                          "or round_to=1)")
 
 
 def kept_count(n: int, sparsity: float, min_keep: int, round_to: int = 1) -> int:
