@@ -113,7 +113,9 @@ def test_map_magnitude_then_shrink_removes_half_of_every_residual_stream():
     assert r.layers["b3.fc2"] == ((64, 16), (32, 8))
     norms = [m for m in r.model.modules() if isinstance(m, NarrowedLayerNorm)]
     assert len(norms) == 6 and all(n.removed.numel() * 2 == n.width for n in norms)
-    assert _close(model, r.model, torch.randn(3, 3, 16, 16))
+    y = torch.randn(3, 3, 16, 16)
+    assert _close(model, r.model, y)
+    assert _close(model, hp.fold_batchnorm(r.model, x), y)  # the narrowed norms trace
 
 
 def test_a_removed_channel_with_a_nonzero_constant_keeps_its_share_of_the_statistics():
@@ -131,6 +133,7 @@ def test_a_removed_channel_with_a_nonzero_constant_keeps_its_share_of_the_statis
     assert torch.equal(norm.removed, model[0].bias.detach()[[2, 5]])
     assert bool((norm.removed != 0).all())
     assert _close(model, r.model, torch.randn(9, 6))
+    assert _close(model, hp.fold_batchnorm(r.model, x), torch.randn(9, 6))
 
 
 def test_a_channel_whose_input_varies_stays_with_the_reason():

@@ -45,23 +45,27 @@ class NarrowedLayerNorm(nn.Module):
     The constants are put back behind the kept channels and the whole row normalised by one
     ``F.layer_norm`` (the order of a norm's channels does not matter): the original norm's
     own arithmetic, one fused kernel in PyTorch and one LayerNormalization node in ONNX. The
-    removed channels' outputs are cut off again; their weight and bias are not stored.
+    removed channels' outputs are cut off again; their weight and bias are not stored. Written
+    with padding and slicing by stored sizes, so torch.fx traces it (``fold_batchnorm``).
     """
 
     def __init__(self, width: int, removed: Tensor, weight: Tensor | None, bias: Tensor | None,
                  eps: float):
         super().__init__()
         self.width, self.eps = width, eps
+        self.kept, self.gone = width - removed.numel(), removed.numel()
         self.register_buffer("removed", removed.detach().clone())
+        self.constants = bool((removed != 0).any())  # zeros: the padding alone puts them back
         self.weight = None if weight is None else nn.Parameter(weight.detach().clone())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
 
     def forward(self, x: Tensor) -> Tensor:
-        k, r = x.shape[-1], self.removed.to(x.dtype)
-        row = torch.cat([x, r.expand(*x.shape[:-1], r.numel())], -1)
-        weight = None if self.weight is None else torch.cat([self.weight, r.new_ones(r.shape)])
-        bias = None if self.bias is None else torch.cat([self.bias, r.new_zeros(r.shape)])
-        return F.layer_norm(row, (self.width,), weight, bias, self.eps)[..., :k]
+        row = F.pad(x, (0, self.gone))
+        if self.constants:
+            row = row + F.pad(self.removed.to(x.dtype), (self.kept, 0))
+        weight = None if self.weight is None else F.pad(self.weight, (0, self.gone), value=1.0)
+        bias = None if self.bias is None else F.pad(self.bias, (0, self.gone))
+        return F.layer_norm(row, (self.width,), weight, bias, self.eps)[..., :self.kept]
 
     def extra_repr(self) -> str:
         return f"width={self.width}, removed={self.removed.numel()}, eps={self.eps}"
