@@ -20,7 +20,9 @@ before running it, and finished rows are kept (rerunning resumes the queue)::
     python bench/leaderboard/leaderboard.py --out bench/results/leaderboard/leaderboard &
     python bench/leaderboard/leaderboard.py --out ... --seed 1 --only dpp-1of8 magnitude-1of8
 
-``--table-only`` rewrites the tables and the plot from the finished rows.
+``--table-only`` rewrites the tables and the plot from the finished rows; a file
+``<out>_note.md`` beside them (how the rows ran: which copies, at which commits) is put under
+the header.
 """
 
 from __future__ import annotations
@@ -51,55 +53,59 @@ def _magnitude(structure: str, sparsity: float | None = None) -> dict:
 
 
 #: (row name, method section, fraction of the epochs spent in the pruning phase, the
-#: magnitude row with the same pattern or None). In queue order: the high-compression pairs
+#: magnitude rows it is compared with: the same pattern, or for a hardware-aware pattern also
+#: the structured pattern it replaces). In queue order: the high-compression pairs
 #: first. The learned rows use each method's defaults except where a comment says why.
-ENTRIES: list[tuple[str, dict, float, str | None]] = [
-    ("magnitude-1of8", _magnitude("1:8"), 0.0, None),
-    ("dpp-1of8", {"name": "DPP", "structure": "1:8", "targets": CONVS}, 0.75, "magnitude-1of8"),
+ENTRIES: list[tuple[str, dict, float, tuple[str, ...]]] = [
+    ("magnitude-1of8", _magnitude("1:8"), 0.0, ()),
+    ("dpp-1of8", {"name": "DPP", "structure": "1:8", "targets": CONVS}, 0.75, ("magnitude-1of8",)),
     # a pretrained model's own magnitudes as DPP's starting logits, against the default
     # (uniform) start, which loses the pretrained function at this budget: the 1:4 and map
     # rows start from the magnitudes only
     ("dpp-1of8-magnitude-init", {"name": "DPP", "structure": "1:8", "logit_init": "magnitude",
-                                 "targets": CONVS}, 0.75, "magnitude-1of8"),
-    ("magnitude-element-8x", _magnitude("element", 0.875), 0.0, None),
-    ("darb-8x", {"name": "DARB", "ratio": 8.0, "targets": CONVS}, 0.0, "magnitude-element-8x"),
-    ("magnitude-block-4x", _magnitude("block:1x4", 0.75), 0.0, None),
+                                 "targets": CONVS}, 0.75, ("magnitude-1of8",)),
+    ("magnitude-element-8x", _magnitude("element", 0.875), 0.0, ()),
+    # DARB is a regular pattern: against irregular magnitude and against 1x4 blocks
+    ("darb-8x", {"name": "DARB", "ratio": 8.0, "targets": CONVS}, 0.0,
+     ("magnitude-element-8x", "magnitude-block-8x")),
+    ("magnitude-block-4x", _magnitude("block:1x4", 0.75), 0.0, ()),
     ("admm-zero-4x", {"name": "ADMM", "block": [1, 4], "unify": 0.0, "zero": 0.75,
-                      "admm_interval": 20, "targets": CONVS}, 0.5, "magnitude-block-4x"),
-    ("magnitude-1of4", _magnitude("1:4"), 0.0, None),
+                      "admm_interval": 20, "targets": CONVS}, 0.5, ("magnitude-block-4x",)),
+    ("magnitude-1of4", _magnitude("1:4"), 0.0, ()),
     ("dpp-1of4-magnitude-init", {"name": "DPP", "structure": "1:4", "logit_init": "magnitude",
-                                 "targets": CONVS}, 0.75, "magnitude-1of4"),
-    ("magnitude-channel-75", _magnitude("channel", 0.75), 0.0, None),
+                                 "targets": CONVS}, 0.75, ("magnitude-1of4",)),
+    ("magnitude-channel-75", _magnitude("channel", 0.75), 0.0, ()),
     # PSP at a fixed sparsity (the decay variant prunes nothing at this budget: psp.md)
     ("psp-channel-75", {"name": "PSP", "structure": "channel", "variant": "fixed",
                         "sparsity": 0.75, "rank_by": "scaled", "targets": CONVS}, 0.5,
-     "magnitude-channel-75"),
-    ("magnitude-map-50", _magnitude("map", 0.5), 0.0, None),
+     ("magnitude-channel-75",)),
+    ("magnitude-map-50", _magnitude("map", 0.5), 0.0, ()),
     ("dpp-map-50-magnitude-init", {"name": "DPP", "structure": "map", "k": 0.5,
                                    "logit_init": "magnitude", "targets": CONVS}, 0.75,
-     "magnitude-map-50"),
-    ("magnitude-element-4x", _magnitude("element", 0.75), 0.0, None),
-    ("darb-4x", {"name": "DARB", "ratio": 4.0, "targets": CONVS}, 0.0, "magnitude-element-4x"),
-    ("magnitude-channel-50", _magnitude("channel", 0.5), 0.0, None),
+     ("magnitude-map-50",)),
+    ("magnitude-element-4x", _magnitude("element", 0.75), 0.0, ()),
+    ("darb-4x", {"name": "DARB", "ratio": 4.0, "targets": CONVS}, 0.0,
+     ("magnitude-element-4x", "magnitude-block-4x")),
+    ("magnitude-channel-50", _magnitude("channel", 0.5), 0.0, ()),
     ("psp-channel-50", {"name": "PSP", "structure": "channel", "variant": "fixed",
                         "sparsity": 0.5, "rank_by": "scaled", "targets": CONVS}, 0.5,
-     "magnitude-channel-50"),
+     ("magnitude-channel-50",)),
     ("admm-unify-zero", {"name": "ADMM", "block": [1, 4], "unify": 0.5, "zero": 0.25,
-                         "admm_interval": 20, "targets": CONVS}, 0.5, None),
+                         "admm_interval": 20, "targets": CONVS}, 0.5, ()),
     # round 3: where a gradual method should gain on one-shot magnitude (high sparsity), and
     # DPP with half the budget left for fine-tuning its final mask (magnitude fine-tunes all 8)
     ("admm-element-8x", {"name": "ADMM", "block": "element", "unify": 0.0, "zero": 0.875,
-                         "admm_interval": 20, "targets": CONVS}, 0.5, "magnitude-element-8x"),
-    ("magnitude-block-8x", _magnitude("block:1x4", 0.875), 0.0, None),
+                         "admm_interval": 20, "targets": CONVS}, 0.5, ("magnitude-element-8x",)),
+    ("magnitude-block-8x", _magnitude("block:1x4", 0.875), 0.0, ()),
     ("admm-zero-8x", {"name": "ADMM", "block": [1, 4], "unify": 0.0, "zero": 0.875,
-                      "admm_interval": 20, "targets": CONVS}, 0.5, "magnitude-block-8x"),
+                      "admm_interval": 20, "targets": CONVS}, 0.5, ("magnitude-block-8x",)),
     ("dpp-1of8-magnitude-init-half", {"name": "DPP", "structure": "1:8",
                                       "logit_init": "magnitude", "targets": CONVS}, 0.5,
-     "magnitude-1of8"),
+     ("magnitude-1of8",)),
     # the reference code's conv noise (METHODS.md), on the same half-and-half split
     ("dpp-1of8-magnitude-init-noise01", {"name": "DPP", "structure": "1:8",
                                          "logit_init": "magnitude", "noise_scale": 0.01,
-                                         "targets": CONVS}, 0.5, "magnitude-1of8"),
+                                         "targets": CONVS}, 0.5, ("magnitude-1of8",)),
 ]
 BASELINE = {name: base for name, _, _, base in ENTRIES}
 
@@ -162,8 +168,8 @@ def versus_magnitude(rows: list[dict]) -> str:
         acc.setdefault(re.sub(r"-s\d+$", "", r["name"]), []).append(100 * r["accuracy"])
     lines = ["| row | magnitude row | accuracy % (seeds) | magnitude % (seeds) | difference |",
              "| --- | --- | ---: | ---: | ---: |"]
-    for name, base in BASELINE.items():
-        if base is None or name not in acc or base not in acc:
+    for name, base in ((n, b) for n, bases in BASELINE.items() for b in bases):
+        if name not in acc or base not in acc:
             continue
         a, b = acc[name], acc[base]
         cells = [f"{statistics.mean(a):.2f} ({', '.join(f'{x:.2f}' for x in a)})",
@@ -193,9 +199,14 @@ def write_tables(out: Path, runs: Path, args, argv) -> None:
         "row, and read the speed-up column as noise except for shrunk channel and map rows). A row "
         "named `-sN` is the same recipe with seed N. Each row's command is listed below the "
         f"table (the recipes are in `{out.name}_recipes/`).\n\n")
+    note = out.parent / f"{out.name}_note.md"  # how the rows ran (committed beside the table)
+    if note.exists():
+        head += note.read_text().strip() + "\n\n"
     versus = ("\n## Learned against magnitude at equal pattern and budget\n\n"
-              "Accuracy of each method's row minus the magnitude row with the same pattern "
-              "(mean over the seeds run; each seed's value in brackets).\n\n"
+              "Accuracy of each method's row minus the magnitude row it is paired with: the "
+              "same pattern, and for DARB also 1x4 blocks at its ratio, the fixed structured "
+              "pattern it competes with (mean over the seeds run; each seed's value in "
+              "brackets).\n\n"
               + versus_magnitude(rows))
     missing = [name for name, *_ in ENTRIES if not (runs / name / "summary.json").exists()]
     if missing:
