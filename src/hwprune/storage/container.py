@@ -99,6 +99,7 @@ from .fileformat import (
 from .reading import (
     check_max_bytes,
     check_records,
+    cut_arrays,
     parse_header,
     read_regular,
     unpack,
@@ -241,7 +242,8 @@ def load(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES) -> dict[st
     """The exact tensors of a file ``save`` wrote, by name, in the order they were saved.
 
     Raises ``StorageError`` for anything else: a damaged, truncated or foreign file, or one
-    that is not a regular file. Only safetensors and ``json`` read it; nothing is unpickled.
+    that is not a regular file. Only ``json`` and the checked offsets of its header read it
+    (version 1: safetensors); nothing is unpickled.
     ``max_bytes`` bounds memory: the file, its uncompressed form and the decoded tensors may
     each be at most ``max_bytes`` bytes, each checked before it is allocated (docs/storage.md,
     "Memory bound").
@@ -263,14 +265,17 @@ def _read(path: str | os.PathLike, max_bytes: int) -> tuple[list, dict[str, np.n
     section = len(data) - PREFIX_SIZE - header.length
     if header.data_end != section:
         raise StorageError("the data section does not match the arrays it declares")
-    try:
-        stored = safetensors.numpy.load(data)
-    except Exception as err:  # safetensors raises its own error types for every malformed file
-        raise StorageError(f"not an intact hwprune file: {err}") from err
+    if header.version == 1:
+        try:
+            stored = safetensors.numpy.load(data)
+        except Exception as err:  # safetensors raises its own error types for a malformed file
+            raise StorageError(f"not an intact hwprune file: {err}") from err
+        if sum(int(a.nbytes) for a in stored.values()) != section:
+            raise StorageError("the data section does not match the arrays it declares")
+        doc, arrays = header.meta, stored
+    else:  # the arrays are views of the file's bytes: no copy of the whole file
+        doc, arrays = unpack(cut_arrays(data, header), max_bytes)
     del data
-    if sum(int(a.nbytes) for a in stored.values()) != section:
-        raise StorageError("the data section does not match the arrays it declares")
-    doc, arrays = (header.meta, stored) if header.version == 1 else unpack(stored, max_bytes)
     tensors = doc["tensors"]
     check_records(tensors, max_bytes)
     if doc.get("sha256") != _digest(tensors, arrays, header.version):

@@ -60,7 +60,8 @@ class BlockEncoding(Encoding):
         sub = g[kept]
         sub[valid[kept]] = values
         g[kept] = sub
-        return from_raw_bits(untile(g, rows, cols, bh, bw), enc.dtype, enc.shape)
+        return from_raw_bits(untile(g, rows, cols, bh, bw), enc.dtype, enc.shape,
+                             owned=True)
 
     def candidates(self, view: TensorView, hints: dict[str, tuple[int, int]]) -> list[dict]:
         if not view.sparse_ok():

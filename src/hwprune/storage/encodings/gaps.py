@@ -21,7 +21,7 @@ from .base import (
     zero_bits,
 )
 
-__all__ = ["Gaps"]
+__all__ = ["Gaps", "values_around", "FEW_ZEROS"]
 
 
 class Gaps(Encoding):
@@ -66,17 +66,18 @@ class Gaps(Encoding):
         count = numel - values.size if zeros else values.size
         # the positions must fit the stream and the shape before the tensor is allocated
         gaps = golomb_decode(stored_array(enc.index, "positions", enc), count, m)
+        # gaps in [0, numel): the positions strictly increase and their sum cannot overflow
+        if gaps.size and (int(gaps.min()) < 0 or int(gaps.max()) >= numel):
+            raise StorageError(f"gaps: a stored gap is outside [0, {numel})")
         pos = np.cumsum(gaps + 1) - 1
         if pos.size and pos[-1] >= numel:
             raise StorageError(f"gaps: a stored position is past the tensor's {numel} elements")
-        out = zero_bits(enc)
         if zeros:
-            mask = np.ones(numel, bool)
-            mask[pos] = False
-            out[mask] = values
+            out = values_around(values, pos, numel)
         else:
+            out = zero_bits(enc)
             out[pos] = values
-        return from_raw_bits(out, enc.dtype, enc.shape)
+        return from_raw_bits(out, enc.dtype, enc.shape, owned=True)
 
     def candidates(self, view: TensorView, hints: dict[str, tuple[int, int]]) -> list[dict]:
         # m is chosen in ``sizes`` (and again, from the memo, in ``encode_view``): the chooser
@@ -104,6 +105,30 @@ class Gaps(Encoding):
 
     def min_index_bits(self, enc: EncodedTensor) -> float | None:
         return irregular_min_bits(math.prod(enc.shape), enc.payload["values"].size)
+
+
+#: up to this many zeros, ``values_around`` copies the runs of values between them one by one;
+#: with more, a mask of the nonzero positions places the values in one pass
+FEW_ZEROS = 64
+
+
+def values_around(values: np.ndarray, zeros: np.ndarray, numel: int) -> np.ndarray:
+    """``numel`` raw bits: zero at the strictly increasing positions ``zeros`` (all below
+    ``numel``), ``values`` in order everywhere else (``values.size == numel - zeros.size``)."""
+    if zeros.size > FEW_ZEROS:
+        mask = np.ones(numel, bool)
+        mask[zeros] = False
+        out = np.zeros(numel, values.dtype)
+        out[mask] = values
+        return out
+    out = np.empty(numel, values.dtype)
+    start = 0  # the first element after the previous zero
+    for i, z in enumerate(zeros.tolist()):
+        out[start:z] = values[start - i: z - i]
+        out[z] = 0
+        start = z + 1
+    out[start:] = values[start - zeros.size:]
+    return out
 
 
 def _best(view: TensorView, gaps: np.ndarray) -> int:

@@ -39,7 +39,7 @@ class Bitmask(Encoding):
         values = stored_values(enc, int(mask.sum()))
         out = zero_bits(enc)
         out[mask] = values
-        return from_raw_bits(out, enc.dtype, enc.shape)
+        return from_raw_bits(out, enc.dtype, enc.shape, owned=True)
 
     def sizes(self, view: TensorView, params: dict) -> Size:
         self.require_sparse_ok(view)
@@ -77,7 +77,7 @@ class CSR(Encoding):
         values = stored_values(enc, indices.size)
         out = zero_bits(enc)
         out[np.repeat(np.arange(rows), counts) * cols + indices] = values
-        return from_raw_bits(out, enc.dtype, enc.shape)
+        return from_raw_bits(out, enc.dtype, enc.shape, owned=True)
 
     def sizes(self, view: TensorView, params: dict) -> Size:
         self.require_sparse_ok(view)

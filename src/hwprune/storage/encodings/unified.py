@@ -88,7 +88,8 @@ class Unified(Encoding):
         sub = g[free]
         sub[valid[free]] = values
         g[free] = sub
-        return from_raw_bits(untile(g, rows, cols, bh, bw), enc.dtype, enc.shape)
+        return from_raw_bits(untile(g, rows, cols, bh, bw), enc.dtype, enc.shape,
+                             owned=True)
 
     def candidates(self, view: TensorView, hints: dict[str, tuple[int, int]]) -> list[dict]:
         if not view.sparse_ok() or not view.dtype.is_floating_point:
