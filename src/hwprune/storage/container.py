@@ -106,8 +106,9 @@ from .reading import (
     unwrap,
 )
 
-__all__ = ["save", "load", "plan", "pack", "FilePlan", "file_layout", "FORMAT", "VERSION",
-           "COMPRESSED_HEADER_SIZE", "DEFAULT_MAX_BYTES", "DOC_KEY", "DATA_KEY", "META_KEY"]
+__all__ = ["save", "load", "plan", "pack", "pack_parts", "FilePlan", "file_layout", "FORMAT",
+           "VERSION", "COMPRESSED_HEADER_SIZE", "DEFAULT_MAX_BYTES", "DOC_KEY", "DATA_KEY",
+           "META_KEY"]
 
 
 def save(obj: nn.Module | Mapping[str, Tensor], path: str | os.PathLike,
@@ -122,11 +123,12 @@ def save(obj: nn.Module | Mapping[str, Tensor], path: str | os.PathLike,
     """
     if compress is not None and compress not in CODECS:
         raise StorageError(f"compress must be None, 'zlib' or 'lzma'; got {compress!r}")
-    data = plan(obj, hints, code_values).data
+    _, parts = _encode(obj, hints, code_values)
     if compress is not None:
-        data = _wrap(data, compress)
-    write_atomic(Path(path), data)
-    return len(data)
+        parts = [_wrap(b"".join(parts), compress)]
+    # the parts go to the file as they are: no joined copy of the whole file
+    write_atomic(Path(path), parts)
+    return sum(memoryview(p).nbytes for p in parts)
 
 
 @dataclass(frozen=True)
@@ -153,15 +155,21 @@ def plan(obj: nn.Module | Mapping[str, Tensor],
          hints: Mapping[str, Hints] | None = None, code_values: bool = True) -> FilePlan:
     """Encode ``obj`` as ``save`` would (same choices, same bytes) and say how the file's
     bytes divide between the container header and the tensors' data."""
+    encoded, parts = _encode(obj, hints, code_values)
+    data = b"".join(parts)
+    data_bytes = sum(e.total_bytes for e in encoded.values())
+    return FilePlan(encoded, data, len(data) - data_bytes, data_bytes)
+
+
+def _encode(obj: nn.Module | Mapping[str, Tensor], hints: Mapping[str, Hints] | None,
+            code_values: bool) -> tuple[dict[str, EncodedTensor], list]:
+    """Each tensor's chosen encoding, by name, and the file's bytes in parts (``pack_parts``)."""
     state = _state(obj)
-    hints = hints or {}
-    encoded = _choose_all(state, hints, code_values)
+    encoded = _choose_all(state, hints or {}, code_values)
     records, arrays = [], {}
     for name in state:
         records.append(_record(name, encoded[name], arrays))
-    data = pack(records, arrays)
-    data_bytes = sum(e.total_bytes for e in encoded.values())
-    return FilePlan(encoded, data, len(data) - data_bytes, data_bytes)
+    return encoded, pack_parts(records, arrays)
 
 
 #: tensors of at least this many elements are encoded in threads (numpy and zlib release the
@@ -218,11 +226,22 @@ def pack(records: list[dict[str, Any]], arrays: Mapping[str, np.ndarray],
     """The file of tensor ``records`` (as ``plan`` makes them) and their ``arrays`` (1-D, by
     key ``"<name>/<array>"``, in the order of the data), checksummed. ``version`` 2 writes
     the same layout as an older hwprune did (for records of the encodings it knew)."""
+    return b"".join(pack_parts(records, arrays, version))
+
+
+def pack_parts(records: list[dict[str, Any]], arrays: Mapping[str, np.ndarray],
+               version: int = VERSION) -> list:
+    """``pack``'s file as the buffers that, joined, are its bytes (the arrays' own memory,
+    not copies): ``save`` writes them one after the other."""
     if version not in (2, VERSION):
         raise StorageError(f"pack writes versions 2 and {VERSION}; got {version!r}")
-    doc = {"sha256": _digest(records, arrays, version), "tensors": records,
-           "arrays": [[key, a.dtype.str, int(a.size)] for key, a in arrays.items()]}
-    body = zlib.compress(_json(doc).encode(), 9)
+    tensors = _json(records)  # once, for the checksum and the document
+    listed = [[key, a.dtype.str, int(a.size)] for key, a in arrays.items()]
+    # _json of the document, its keys in sorted order, with the records' text as it is
+    digest = _json(_digest(records, arrays, version, tensors))
+    text = f'{{"arrays":{_json(listed)},"sha256":{digest},"tensors":{tensors}}}'
+
+    body = zlib.compress(text.encode(), 9)
     parts = [np.ascontiguousarray(a).reshape(-1).view(np.uint8) for a in arrays.values()]
     size = sum(int(p.size) for p in parts)
     # the safetensors file of two uint8 arrays, as safetensors writes it (its header: metadata
@@ -235,7 +254,7 @@ def pack(records: list[dict[str, Any]], arrays: Mapping[str, np.ndarray],
         DOC_KEY: {"dtype": "U8", "shape": [len(body)], "data_offsets": [size, size + len(body)]},
     }, separators=(",", ":")).encode()
     header += b" " * (-len(header) % 8)
-    return b"".join([len(header).to_bytes(8, "little"), header, *parts, body])
+    return [len(header).to_bytes(8, "little") + header, *parts, body]
 
 
 def load(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES) -> dict[str, Tensor]:
@@ -342,24 +361,37 @@ def _record(name: str, enc: EncodedTensor, arrays: dict[str, np.ndarray]) -> dic
             "shape": list(enc.shape), "meta": enc.meta, **keys}
 
 
-def _digest(tensors: list, arrays: Mapping[str, np.ndarray], version: int) -> str:
-    """SHA-256 over the format, version, tensor records (as ``_json``) and every array (key,
-    dtype, shape, bytes; sorted by key), each part length-prefixed so parts cannot shift."""
+def _digest(tensors: list, arrays: Mapping[str, np.ndarray], version: int,
+            tensors_json: str | None = None) -> str:
+    """SHA-256 over the format, version, tensor records (as ``_json``; ``tensors_json``: that
+    text, where the caller has it) and every array (key, dtype, shape, bytes; sorted by key),
+    each part length-prefixed so parts cannot shift."""
     h = hashlib.sha256()
+    small: list[bytes] = []  # short parts hashed together: the same digest as one by one
 
-    def part(b: bytes | np.ndarray) -> None:  # an array: its bytes, read in place
-        h.update(len(b).to_bytes(8, "little") if isinstance(b, bytes) else
-                 int(b.nbytes).to_bytes(8, "little"))
-        h.update(b)
+    def text(t: str) -> None:
+        b = t.encode()
+        small.extend((len(b).to_bytes(8, "little"), b))
 
-    for text in (FORMAT, str(version), _json(tensors)):
-        part(text.encode())
+    for item in (FORMAT, str(version), _json(tensors) if tensors_json is None else tensors_json):
+        text(item)
     for key in sorted(arrays):
         a = np.ascontiguousarray(arrays[key])
-        part(key.encode())
-        part(f"{a.dtype.str}{a.shape}".encode())
-        part(a.reshape(-1).view(np.uint8))
+        text(key)
+        text(f"{a.dtype.str}{a.shape}")
+        small.append(int(a.nbytes).to_bytes(8, "little"))
+        if a.nbytes <= _SMALL_PART:
+            small.append(a.tobytes())
+        else:  # its bytes, read in place
+            h.update(b"".join(small))
+            small.clear()
+            h.update(a.reshape(-1).view(np.uint8))
+    h.update(b"".join(small))
     return h.hexdigest()
+
+
+#: parts of the checksum up to this many bytes are copied and hashed with their neighbours
+_SMALL_PART = 1 << 12
 
 
 def _wrap(data: bytes, codec: str) -> bytes:
