@@ -21,9 +21,9 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from hwprune.storage import StorageError, choose, container, load, save
+from hwprune.storage import StorageError, choose, container, golomb, load, save
 from hwprune.storage.bits import aligned_copy, from_raw_bits
-from hwprune.storage.encodings import Gaps, decode, gaps, valuecoding
+from hwprune.storage.encodings import Gaps, decode, gaps, unified, valuecoding
 from hwprune.storage.encodings.base import EncodedTensor
 from hwprune.storage.fileformat import DATA_KEY, DOC_KEY, PREFIX_SIZE
 from hwprune.storage.golomb import golomb_encode
@@ -205,3 +205,46 @@ def test_the_arrays_are_cut_from_the_file_bytes_without_a_copy(tmp_path):
     for key, a in arrays.items():
         assert np.array_equal(a, reference[key]) and not a.flags.writeable
         assert np.shares_memory(a, np.frombuffer(data, np.uint8))
+
+
+@SETTINGS
+@given(n=st.integers(0, 700), step=st.sampled_from([1, 2, 5, 64, 1 << 18]),
+       seed=st.integers(0, 10_000), width=st.sampled_from([2, 4, 8]))
+def test_equal_neighbours_step_by_step_is_the_whole_count(n, step, seed, width,
+                                                         monkeypatch_module):
+    rng = np.random.default_rng(seed)
+    sign = 1 << (8 * width - 1)
+    # few distinct magnitudes, random signs, some zeros: many equal neighbours
+    bits = (rng.integers(0, 3, n).astype(np.uint64) | (rng.integers(0, 2, n).astype(
+        np.uint64) * np.uint64(sign))).astype(f"<u{width}")
+    mag = bits & ~bits.dtype.type(sign)
+    whole = int(np.count_nonzero((mag[1:] == mag[:-1]) & (mag[1:] != 0)))
+    monkeypatch_module.setattr(unified, "_STEP", step)
+    assert unified.equal_neighbours(bits, width) == whole
+
+
+@SETTINGS
+@given(gaps=st.lists(st.integers(0, 3000), min_size=1, max_size=400),
+       ms=st.lists(st.integers(1, 5000), min_size=1, max_size=12), cells=st.sampled_from(
+           [1, 1 << 20]))
+def test_histogram_bits_of_every_parameter_are_the_exact_counts(gaps, ms, cells,
+                                                               monkeypatch_module):
+    monkeypatch_module.setattr(golomb, "_HISTOGRAM_CELLS", cells)  # all at once, or one by one
+    gaps = np.array(gaps, np.int64)
+    bits = golomb.histogram_bits(np.bincount(gaps), np.array(ms, np.int64))
+    assert bits.tolist() == [golomb.golomb_bits(gaps, m) for m in ms]
+    assert bits.tolist() == [8 * golomb.golomb_encode(gaps, m).size - (-golomb.golomb_bits(
+        gaps, m) % 8) for m in ms]
+
+
+@SETTINGS
+@given(positions=st.sets(st.integers(0, 10_000), max_size=300),
+       dtype=st.sampled_from([np.int64, np.uint32, np.uint64]))
+def test_gaps_of_sorted_positions_count_from_minus_one(positions, dtype):
+    p = np.array(sorted(positions), dtype)
+    g = golomb.gaps_of(p)
+    previous = [-1, *p.tolist()][: p.size]
+    assert g.dtype == np.int64 and g.tolist() == [
+        int(x) - prev - 1 for x, prev in zip(p.tolist(), previous, strict=True)]
+    m, bits = golomb.best_parameter_bits(g, 10_001)
+    assert m == golomb.best_parameter(g, 10_001) and bits == golomb.golomb_bits(g, m)

@@ -217,8 +217,11 @@ def _same_choice_key(t: Any, hint: Hints) -> tuple | None:
     if (not isinstance(t, Tensor) or t.numel() > SAME_CHOICE_NUMEL or t.layout != torch.strided
             or t.device.type != "cpu" or not isinstance(hint, (type(None), str))):
         return None
-    flat = t.detach().contiguous().reshape(-1)
-    return (t.dtype, tuple(t.shape), hint, flat.view(torch.uint8).numpy().tobytes())
+    try:  # numpy's view of the tensor gives its bytes in flat order, contiguous or not
+        raw = t.detach().numpy().tobytes()
+    except (TypeError, RuntimeError):  # a dtype numpy lacks (bfloat16, float8), a conj view
+        raw = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    return (t.dtype, tuple(t.shape), hint, raw)
 
 
 def pack(records: list[dict[str, Any]], arrays: Mapping[str, np.ndarray],

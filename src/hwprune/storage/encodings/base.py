@@ -99,6 +99,11 @@ class TensorView:
     def itemsize(self) -> int:
         return element_size(self.dtype)
 
+    @cached_property
+    def nonzero(self) -> int:
+        """How many elements are nonzero (counted once for every candidate's size)."""
+        return int(np.count_nonzero(self.nz))
+
     @property
     def matrix(self) -> tuple[int, int]:
         """The im2col view: (shape[0], rest) for 2+ dimensions, else one row."""

@@ -10,7 +10,7 @@ from torch import Tensor
 from ...hardware import irregular_min_bits
 from ..bits import element_size, from_raw_bits
 from ..errors import StorageError
-from ..golomb import best_parameter, gaps_of, golomb_bits, golomb_decode, golomb_encode
+from ..golomb import best_parameter_bits, gaps_of, golomb_bits, golomb_decode, golomb_encode
 from .base import (
     EncodedTensor,
     Encoding,
@@ -39,7 +39,7 @@ class Gaps(Encoding):
         """The gaps of the coded set, and whether that set is the zeros (kept in
         ``view.memo``: the chooser's candidates, size and encoding share them)."""
         if "gaps" not in view.memo:
-            zeros = 2 * int(np.count_nonzero(view.nz)) > view.numel
+            zeros = 2 * view.nonzero > view.numel
             view.memo["gaps"] = gaps_of(np.flatnonzero(~view.nz if zeros else view.nz)), zeros
         return view.memo["gaps"]
 
@@ -87,14 +87,15 @@ class Gaps(Encoding):
     def sizes(self, view: TensorView, params: dict) -> Size:
         self.require_sparse_ok(view)
         gaps, _ = self._coded(view)
-        m = params.get("m") or _best(view, gaps)
-        return Size({"values": int(np.count_nonzero(view.nz))}, -(-golomb_bits(gaps, m) // 8))
+        m = params.get("m")
+        bits = golomb_bits(gaps, m) if m else _best_bits(view, gaps)[1]
+        return Size({"values": view.nonzero}, -(-bits // 8))
 
     def lower_bound(self, view: TensorView, params: dict) -> int:
         """The values + the fewest bits any m can take: m = 1 codes each gap in g + 1 bits,
         i.e. (last coded position + 1) bits in all; m >= 2 takes at least 2 bits a gap (a
         unary stop bit and at least one remainder bit)."""
-        nonzero = int(np.count_nonzero(view.nz))
+        nonzero = view.nonzero
         zeros = 2 * nonzero > view.numel
         coded = view.numel - nonzero if zeros else nonzero
         if coded == 0:
@@ -132,7 +133,12 @@ def values_around(values: np.ndarray, zeros: np.ndarray, numel: int) -> np.ndarr
 
 
 def _best(view: TensorView, gaps: np.ndarray) -> int:
-    """``best_parameter`` of the view's coded gaps, kept in ``view.memo``."""
+    """``best_parameter`` of the view's coded gaps."""
+    return _best_bits(view, gaps)[0]
+
+
+def _best_bits(view: TensorView, gaps: np.ndarray) -> tuple[int, int]:
+    """``best_parameter_bits`` of the view's coded gaps, kept in ``view.memo``."""
     if "gaps m" not in view.memo:
-        view.memo["gaps m"] = best_parameter(gaps, view.numel)
+        view.memo["gaps m"] = best_parameter_bits(gaps, view.numel)
     return view.memo["gaps m"]
