@@ -25,7 +25,7 @@ from torch import nn
 import hwprune as hp
 from hwprune.models import resnet20
 from hwprune.report import macs
-from hwprune.storage import StorageError, choose, container, load, save, stored_bytes
+from hwprune.storage import StorageError, choose, container, load, packing, save, stored_bytes
 from hwprune.storage.encodings import Gaps, KofNEncoding, saved_encodings, valuecoding
 from hwprune.storage.encodings.base import EncodedTensor, TensorView
 from hwprune.storage.encodings.kofn import run_counts
@@ -307,7 +307,8 @@ def _reference_digest(records, arrays, version) -> str:
     import hashlib
 
     h = hashlib.sha256()
-    parts = [FORMAT_NAME.encode(), str(version).encode(), container._json(records).encode()]
+    parts = [FORMAT_NAME.encode(), str(version).encode(),
+             packing.canonical_json(records).encode()]
     for key in sorted(arrays):
         a = np.ascontiguousarray(arrays[key])
         parts += [key.encode(), f"{a.dtype.str}{a.shape}".encode(), a.tobytes()]
@@ -331,8 +332,8 @@ def _safetensors_pack(records, arrays, version):
     doc = {"sha256": _reference_digest(records, arrays, version), "tensors": records,
            "arrays": [[key, a.dtype.str, int(a.size)] for key, a in arrays.items()]}
     blob = np.concatenate([a.view(np.uint8) for a in arrays.values()] or [np.zeros(0, np.uint8)])
-    packed = {container.DOC_KEY: np.frombuffer(zlib.compress(container._json(doc).encode(), 9),
-                                               np.uint8), container.DATA_KEY: blob}
+    body = zlib.compress(packing.canonical_json(doc).encode(), 9)
+    packed = {container.DOC_KEY: np.frombuffer(body, np.uint8), container.DATA_KEY: blob}
     meta = json.dumps({"format": container.FORMAT, "version": version}, separators=(",", ":"),
                       sort_keys=True)
     return safetensors.numpy.save(packed, metadata={container.META_KEY: meta})
@@ -351,7 +352,7 @@ def test_the_joined_file_is_byte_for_byte_what_safetensors_writes(seed, sparsity
         state[f"w{i}"] = t
     records, arrays = [], {}
     for name, t in state.items():
-        records.append(container._record(name, choose(t), arrays))
+        records.append(packing.tensor_record(name, choose(t), arrays))
     assert container.pack(records, arrays, version) == _safetensors_pack(records, arrays, version)
     assert b"".join(container.pack_parts(records, arrays, version)) == container.pack(
         records, arrays, version)

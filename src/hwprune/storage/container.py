@@ -17,7 +17,7 @@ bytes          content
                ``{"format":"hwprune.storage","version":3}``; safetensors pads the header with
                spaces to a multiple of 8 bytes
 then           ``hwprune.doc``: the document, compact JSON compressed with zlib: ``sha256``
-               (see ``_digest``), ``tensors`` (one record per tensor in state-dict order:
+               (see ``packing.checksum``), ``tensors`` (one record per tensor in state-dict order:
                name, encoding, dtype, shape, the encoding's parameters ``meta``, and the
                names of its ``payload`` and ``index`` arrays) and ``arrays`` (``[key, dtype,
                count]`` per array, keys ``"<name>/<array>"``, in the order of the data)
@@ -61,7 +61,6 @@ a bound (``max_bytes``, the data section, the declared lengths) before it alloca
 from __future__ import annotations
 
 import hashlib
-import json
 import lzma
 import math
 import os
@@ -78,7 +77,7 @@ import torch
 from torch import Tensor, nn
 
 from ..files import write_atomic
-from .bits import dtype_from_name, dtype_name
+from .bits import dtype_from_name
 from .encodings import EncodedTensor, Hints, TensorView, decode, saved_encodings
 from .encodings.chooser import choose_view
 from .errors import StorageError
@@ -96,6 +95,7 @@ from .fileformat import (
     VERSION,
     WRAPPER_VERSION,
 )
+from .packing import checksum, pack, pack_parts, tensor_record
 from .reading import (
     check_max_bytes,
     check_records,
@@ -168,7 +168,7 @@ def _encode(obj: nn.Module | Mapping[str, Tensor], hints: Mapping[str, Hints] | 
     encoded = _choose_all(state, hints or {}, code_values)
     records, arrays = [], {}
     for name in state:
-        records.append(_record(name, encoded[name], arrays))
+        records.append(tensor_record(name, encoded[name], arrays))
     return encoded, pack_parts(records, arrays)
 
 
@@ -224,41 +224,6 @@ def _same_choice_key(t: Any, hint: Hints) -> tuple | None:
     return (t.dtype, tuple(t.shape), hint, raw)
 
 
-def pack(records: list[dict[str, Any]], arrays: Mapping[str, np.ndarray],
-         version: int = VERSION) -> bytes:
-    """The file of tensor ``records`` (as ``plan`` makes them) and their ``arrays`` (1-D, by
-    key ``"<name>/<array>"``, in the order of the data), checksummed. ``version`` 2 writes
-    the same layout as an older hwprune did (for records of the encodings it knew)."""
-    return b"".join(pack_parts(records, arrays, version))
-
-
-def pack_parts(records: list[dict[str, Any]], arrays: Mapping[str, np.ndarray],
-               version: int = VERSION) -> list:
-    """``pack``'s file as the buffers that, joined, are its bytes (the arrays' own memory,
-    not copies): ``save`` writes them one after the other."""
-    if version not in (2, VERSION):
-        raise StorageError(f"pack writes versions 2 and {VERSION}; got {version!r}")
-    tensors = _json(records)  # once, for the checksum and the document
-    listed = [[key, a.dtype.str, int(a.size)] for key, a in arrays.items()]
-    # _json of the document, its keys in sorted order, with the records' text as it is
-    digest = _json(_digest(records, arrays, version, tensors))
-    text = f'{{"arrays":{_json(listed)},"sha256":{digest},"tensors":{tensors}}}'
-
-    body = zlib.compress(text.encode(), 9)
-    parts = [np.ascontiguousarray(a).reshape(-1).view(np.uint8) for a in arrays.values()]
-    size = sum(int(p.size) for p in parts)
-    # the safetensors file of two uint8 arrays, as safetensors writes it (its header: metadata
-    # first, then the arrays by name, offsets in that order; padded with spaces to 8 bytes),
-    # joined from the arrays in one copy instead of a concatenation and a serialization.
-    # One metadata key: safetensors writes a multi-key map in no fixed order.
-    header = json.dumps({
-        "__metadata__": {META_KEY: _json({"format": FORMAT, "version": version})},
-        DATA_KEY: {"dtype": "U8", "shape": [size], "data_offsets": [0, size]},
-        DOC_KEY: {"dtype": "U8", "shape": [len(body)], "data_offsets": [size, size + len(body)]},
-    }, separators=(",", ":")).encode()
-    header += b" " * (-len(header) % 8)
-    return [len(header).to_bytes(8, "little") + header, *parts, body]
-
 
 def load(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES) -> dict[str, Tensor]:
     """The exact tensors of a file ``save`` wrote, by name, in the order they were saved.
@@ -300,14 +265,9 @@ def _read(path: str | os.PathLike, max_bytes: int) -> tuple[list, dict[str, np.n
     del data
     tensors = doc["tensors"]
     check_records(tensors, max_bytes)
-    if doc.get("sha256") != _digest(tensors, arrays, header.version):
+    if doc.get("sha256") != checksum(tensors, arrays, header.version):
         raise StorageError("checksum mismatch; the file is damaged")
     return tensors, arrays
-
-
-def _json(obj: Any) -> str:
-    """Compact, deterministic JSON (what the checksum is computed over)."""
-    return json.dumps(obj, separators=(",", ":"), sort_keys=True, allow_nan=False)
 
 
 def file_layout(path: str | os.PathLike) -> dict[str, Any]:
@@ -348,53 +308,6 @@ def _state(obj: nn.Module | Mapping[str, Tensor]) -> dict[str, Tensor]:
                 f"save stores str -> torch.Tensor entries only; {name!r} is a {type(t).__name__}"
             )
     return dict(obj)
-
-
-def _record(name: str, enc: EncodedTensor, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
-    """The JSON record of one tensor; its arrays go into ``arrays`` under ``name/array``."""
-    keys: dict[str, list[str]] = {"payload": [], "index": []}
-    for role, group in (("payload", enc.payload), ("index", enc.index)):
-        for arr_name, arr in group.items():
-            key = f"{name}/{arr_name}"
-            if key in arrays:
-                raise StorageError(f"two tensors' arrays would share the key {key!r}; rename one")
-            arrays[key] = np.ascontiguousarray(arr).reshape(-1)
-            keys[role].append(arr_name)
-    return {"name": name, "encoding": enc.encoding, "dtype": dtype_name(enc.dtype),
-            "shape": list(enc.shape), "meta": enc.meta, **keys}
-
-
-def _digest(tensors: list, arrays: Mapping[str, np.ndarray], version: int,
-            tensors_json: str | None = None) -> str:
-    """SHA-256 over the format, version, tensor records (as ``_json``; ``tensors_json``: that
-    text, where the caller has it) and every array (key, dtype, shape, bytes; sorted by key),
-    each part length-prefixed so parts cannot shift."""
-    h = hashlib.sha256()
-    small: list[bytes] = []  # short parts hashed together: the same digest as one by one
-
-    def text(t: str) -> None:
-        b = t.encode()
-        small.extend((len(b).to_bytes(8, "little"), b))
-
-    for item in (FORMAT, str(version), _json(tensors) if tensors_json is None else tensors_json):
-        text(item)
-    for key in sorted(arrays):
-        a = np.ascontiguousarray(arrays[key])
-        text(key)
-        text(f"{a.dtype.str}{a.shape}")
-        small.append(int(a.nbytes).to_bytes(8, "little"))
-        if a.nbytes <= _SMALL_PART:
-            small.append(a.tobytes())
-        else:  # its bytes, read in place
-            h.update(b"".join(small))
-            small.clear()
-            h.update(a.reshape(-1).view(np.uint8))
-    h.update(b"".join(small))
-    return h.hexdigest()
-
-
-#: parts of the checksum up to this many bytes are copied and hashed with their neighbours
-_SMALL_PART = 1 << 12
 
 
 def _wrap(data: bytes, codec: str) -> bytes:
