@@ -25,6 +25,7 @@ from hwprune.storage import (
     encodings_for,
     file_layout,
     load,
+    packing,
     plan,
     save,
     stored_bytes,
@@ -773,11 +774,11 @@ def _write_version_1(sd, path):
     for name, t in sd.items():
         # the encodings save chooses (small vectors: dense or bitmask)
         only = saved_encodings(TensorView.of(t), None)
-        records.append(container_mod._record(name, choose(t, only=only), arrays))
+        records.append(packing.tensor_record(name, choose(t, only=only), arrays))
     doc = {"format": container_mod.FORMAT, "version": 1,
-           "sha256": container_mod._digest(records, arrays, 1), "tensors": records}
+           "sha256": packing.checksum(records, arrays, 1), "tensors": records}
     path.write_bytes(safetensors.numpy.save(
-        arrays, metadata={container_mod.META_KEY: container_mod._json(doc)}))
+        arrays, metadata={container_mod.META_KEY: packing.canonical_json(doc)}))
 
 
 def test_version_1_files_still_load_bitwise(tmp_path):

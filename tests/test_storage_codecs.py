@@ -15,7 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hwprune.storage import StorageError, choose, container, decode, encode, load, save
+from hwprune.storage import StorageError, choose, container, decode, encode, load, packing, save
 from hwprune.storage.bits import pack_radix, radix_group, raw_bits, unpack_radix
 from hwprune.storage.encodings.valuecoding import VCODED, code_values, decode_values
 from hwprune.storage.golomb import golomb_bits, golomb_decode, golomb_encode
@@ -191,7 +191,7 @@ def test_version_2_files_still_load_and_unknown_versions_are_refused(tmp_path):
     records, arrays = [], {}
     for name, t in sd.items():  # the encodings version 2 knew, values uncoded
         enc = min((encode(t, "bitmask"), encode(t, "dense")), key=lambda e: e.total_bytes)
-        records.append(container._record(name, enc, arrays))
+        records.append(packing.tensor_record(name, enc, arrays))
     old = tmp_path / "v2.hwp"
     old.write_bytes(container.pack(records, arrays, version=2))
     out = load(old)

@@ -25,7 +25,7 @@ from torch import nn
 import hwprune as hp
 from hwprune.models import resnet20
 from hwprune.report import macs
-from hwprune.storage import StorageError, choose, container, load, save, stored_bytes
+from hwprune.storage import StorageError, choose, container, load, packing, save, stored_bytes
 from hwprune.storage.encodings import Gaps, KofNEncoding, saved_encodings, valuecoding
 from hwprune.storage.encodings.base import EncodedTensor, TensorView
 from hwprune.storage.encodings.kofn import run_counts
@@ -301,6 +301,26 @@ def test_report_rows_run_on_one_torch_thread_and_the_count_is_restored():
     assert torch.get_num_threads() == before and rep.rows and rep.total["file_bytes"] > 0
 
 
+def _reference_digest(records, arrays, version) -> str:
+    """The checksum as the format defines it, one length-prefixed part at a time (the
+    container hashes short parts together: the same digest)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    parts = [FORMAT_NAME.encode(), str(version).encode(),
+             packing.canonical_json(records).encode()]
+    for key in sorted(arrays):
+        a = np.ascontiguousarray(arrays[key])
+        parts += [key.encode(), f"{a.dtype.str}{a.shape}".encode(), a.tobytes()]
+    for b in parts:
+        h.update(len(b).to_bytes(8, "little"))
+        h.update(b)
+    return h.hexdigest()
+
+
+FORMAT_NAME = "hwprune.storage"
+
+
 def _safetensors_pack(records, arrays, version):
     """``container.pack`` as it was written with safetensors' own serializer (the reference:
     the joined file must be byte for byte what safetensors writes)."""
@@ -309,11 +329,11 @@ def _safetensors_pack(records, arrays, version):
 
     import safetensors.numpy
 
-    doc = {"sha256": container._digest(records, arrays, version), "tensors": records,
+    doc = {"sha256": _reference_digest(records, arrays, version), "tensors": records,
            "arrays": [[key, a.dtype.str, int(a.size)] for key, a in arrays.items()]}
     blob = np.concatenate([a.view(np.uint8) for a in arrays.values()] or [np.zeros(0, np.uint8)])
-    packed = {container.DOC_KEY: np.frombuffer(zlib.compress(container._json(doc).encode(), 9),
-                                               np.uint8), container.DATA_KEY: blob}
+    body = zlib.compress(packing.canonical_json(doc).encode(), 9)
+    packed = {container.DOC_KEY: np.frombuffer(body, np.uint8), container.DATA_KEY: blob}
     meta = json.dumps({"format": container.FORMAT, "version": version}, separators=(",", ":"),
                       sort_keys=True)
     return safetensors.numpy.save(packed, metadata={container.META_KEY: meta})
@@ -332,8 +352,22 @@ def test_the_joined_file_is_byte_for_byte_what_safetensors_writes(seed, sparsity
         state[f"w{i}"] = t
     records, arrays = [], {}
     for name, t in state.items():
-        records.append(container._record(name, choose(t), arrays))
+        records.append(packing.tensor_record(name, choose(t), arrays))
     assert container.pack(records, arrays, version) == _safetensors_pack(records, arrays, version)
+    assert b"".join(container.pack_parts(records, arrays, version)) == container.pack(
+        records, arrays, version)
+
+
+def test_save_writes_the_planned_bytes_from_its_parts(tmp_path):
+    """``save`` writes the file's parts one after the other: exactly ``plan``'s bytes (arrays
+    above and below the size whose checksum parts are hashed together)."""
+    torch.manual_seed(0)
+    state = {"big": torch.randn(300, 40), "small": torch.randn(30), "sparse": torch.randn(
+        64, 64) * (torch.rand(64, 64) < 0.2), "empty": torch.zeros(0, 3)}
+    path = tmp_path / "m.hwp"
+    size = save(state, path)
+    assert path.read_bytes() == container.plan(state).data and size == path.stat().st_size
+    assert container.FORMAT == FORMAT_NAME
 
 
 @pytest.mark.parametrize("make", [

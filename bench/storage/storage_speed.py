@@ -11,7 +11,7 @@ both alike); the table gives the median of the repeats and the ratio of the medi
 Goals (issue 18): hp.save and hp.load within 3x torch.save / torch.load; hp.report under
 0.5 s on ResNet-56 and under 10 s on the 86 M model.
 
-    python bench/storage/storage_speed.py [--repeats 5] [--no-large]
+    python bench/storage/storage_speed.py [--repeats 5] [--no-large] [--note TEXT]
 
 Writes bench/results/storage/storage_speed.md and .json.
 """
@@ -95,7 +95,7 @@ def _pruned(structure: str, amount: float | None) -> torch.nn.Module:
     return model.eval()
 
 
-def write_summary(rows: list[dict], cmd: str) -> None:
+def write_summary(rows: list[dict], cmd: str, note: str = "") -> None:
     def ok(value: float, goal: float) -> str:
         return "yes" if value <= goal else "**no**"
 
@@ -109,6 +109,7 @@ def write_summary(rows: list[dict], cmd: str) -> None:
              else "**no**"] for r in rows]
     lines = [header("hp.save / hp.load / hp.report speed against torch.save / torch.load", cmd,
                     f"{machine()} (as hwprune.app.machine.machine() reads it)."), "",
+             *([f"This run: {note}", ""] if note else []),
              "Median of the repeats (each repeat: torch.save, hp.save, torch.load, hp.load back "
              "to back), wall clock, ms; hp.report: median of warm calls, s. Goals (issue 18): "
              "save and load within 3x torch's, report under 0.5 s (ResNet-56) and 10 s (86 M). "
@@ -117,14 +118,19 @@ def write_summary(rows: list[dict], cmd: str) -> None:
                "torch.load", "hp.load", "load ratio", "<= 3x", "hp.report s", "goal", "met",
                "torch file B", "hp file B", "exact"]
     write_lines(OUT.with_suffix(".md"), [*lines, *table(columns, "lrrrrlrrrlrllrrl", body)])
-    write_json(OUT.with_suffix(".json"), {"command": cmd, "machine": machine(), "speed": rows})
+    write_json(OUT.with_suffix(".json"), {"command": cmd, "machine": machine(), "note": note,
+                                          "speed": rows})
 
 
 def main(argv=None) -> int:
     parser = arguments(__doc__, None, repeats=5)
     parser.add_argument("--no-large", action="store_true", help="skip the 86 M-parameter model")
+    parser.add_argument("--note", default="", help="what else the machine ran meanwhile "
+                        "(written under the header: the times depend on it)")
     args = parse(parser, argv)
-    cmd = command(__file__, argv)
+    # the note is written out below the header: the command shows where it went
+    cmd = command(__file__, argv).replace(args.note, '"..."') if args.note else command(
+        __file__, argv)
     example = torch.zeros(1, 3, 32, 32)
     rows = []
     for label, make in [("ResNet-56 dense", lambda: resnet56().eval()),
@@ -133,14 +139,14 @@ def main(argv=None) -> int:
         torch.manual_seed(0)
         rows.append(speed_case(label, make(), example, args.repeats, REPORT_GOAL_S["ResNet-56"]))
         print({k: v for k, v in rows[-1].items() if k != "all_times_s"}, flush=True)
-        write_summary(rows, cmd)
+        write_summary(rows, cmd, args.note)
     if not args.no_large:
         torch.manual_seed(0)
         rows.append(speed_case("86 M nn.Linear stack (ViT-B/16 size)", linear_stack(),
                                torch.zeros(1, 4096), max(3, args.repeats // 2),
                                REPORT_GOAL_S["86 M"]))
         print({k: v for k, v in rows[-1].items() if k != "all_times_s"}, flush=True)
-        write_summary(rows, cmd)
+        write_summary(rows, cmd, args.note)
     return 0
 
 

@@ -5,21 +5,26 @@ from __future__ import annotations
 import glob
 import os
 import tempfile
+from collections.abc import Sequence
 from contextlib import suppress
 from pathlib import Path
+from typing import Any
 
 _TMP = ".tmp"
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside ``path``, then rename: never a half-written file.
+def write_atomic(path: Path, data: bytes | Sequence[Any]) -> None:
+    """Write ``data`` (bytes, or buffers such as bytes and contiguous numpy arrays, written one
+    after the other: no joined copy) to a temporary file beside ``path``, then rename: never a
+    half-written file.
 
     A process killed mid-write (SIGKILL, power loss) leaves the temporary file
     (``.NAME.*.tmp``) behind; ``remove_stale_temporaries`` removes it."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TMP, dir=path.parent or ".")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            for part in [data] if isinstance(data, (bytes, bytearray, memoryview)) else data:
+                f.write(part)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)

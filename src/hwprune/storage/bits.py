@@ -20,6 +20,7 @@ from .errors import StorageError
 __all__ = [
     "raw_bits",
     "from_raw_bits",
+    "aligned_copy",
     "dtype_name",
     "dtype_from_name",
     "element_size",
@@ -80,18 +81,33 @@ def raw_bits(t: Tensor, copy: bool = True) -> np.ndarray:
     return bits
 
 
-def from_raw_bits(bits: np.ndarray, dtype: torch.dtype, shape: tuple[int, ...]) -> Tensor:
-    """Inverse of ``raw_bits``: a tensor of ``dtype`` and ``shape`` holding exactly ``bits``."""
-    size = torch.empty((), dtype=dtype).element_size()
+def from_raw_bits(bits: np.ndarray, dtype: torch.dtype, shape: tuple[int, ...],
+                  owned: bool = False) -> Tensor:
+    """Inverse of ``raw_bits``: a tensor of ``dtype`` and ``shape`` holding exactly ``bits``.
+
+    The tensor gets its own copy of the bits, unless ``owned``: the caller made ``bits`` for
+    this tensor alone (a decoder's fresh output, never a stored array, a view of one or of a
+    file's bytes), and the tensor then takes its memory as it is."""
+    size = element_size(dtype)
     bits = np.ascontiguousarray(bits)
     if size in _SIGNED:
         signed = bits.astype(_UNSIGNED[size], copy=False).view(f"i{size}")
-        t = torch.from_numpy(signed.copy()).view(dtype)
     else:
-        t = torch.from_numpy(bits.astype(np.uint8, copy=False).reshape(-1).copy()).view(dtype)
+        signed = bits.astype(np.uint8, copy=False).reshape(-1)
+    if not owned or not signed.flags.writeable or not signed.flags.aligned:
+        signed = aligned_copy(signed)
+    t = torch.from_numpy(signed).view(dtype)
     if t.numel() != math.prod(shape):
         raise StorageError(f"stored data has {t.numel()} elements, shape {shape} needs more/less")
     return t.reshape(shape)
+
+
+def aligned_copy(a: np.ndarray) -> np.ndarray:
+    """A new, aligned copy of the contiguous ``a``, copied as bytes: arrays cut from a file's
+    bytes at any offset may be unaligned, and numpy's ``copy`` of those is many times slower."""
+    out = np.empty(a.shape, a.dtype)
+    out.reshape(-1).view(np.uint8)[:] = a.reshape(-1).view(np.uint8)
+    return out
 
 
 @lru_cache(maxsize=1024)

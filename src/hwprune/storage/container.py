@@ -17,7 +17,7 @@ bytes          content
                ``{"format":"hwprune.storage","version":3}``; safetensors pads the header with
                spaces to a multiple of 8 bytes
 then           ``hwprune.doc``: the document, compact JSON compressed with zlib: ``sha256``
-               (see ``_digest``), ``tensors`` (one record per tensor in state-dict order:
+               (see ``packing.checksum``), ``tensors`` (one record per tensor in state-dict order:
                name, encoding, dtype, shape, the encoding's parameters ``meta``, and the
                names of its ``payload`` and ``index`` arrays) and ``arrays`` (``[key, dtype,
                count]`` per array, keys ``"<name>/<array>"``, in the order of the data)
@@ -61,7 +61,6 @@ a bound (``max_bytes``, the data section, the declared lengths) before it alloca
 from __future__ import annotations
 
 import hashlib
-import json
 import lzma
 import math
 import os
@@ -78,7 +77,7 @@ import torch
 from torch import Tensor, nn
 
 from ..files import write_atomic
-from .bits import dtype_from_name, dtype_name
+from .bits import dtype_from_name
 from .encodings import EncodedTensor, Hints, TensorView, decode, saved_encodings
 from .encodings.chooser import choose_view
 from .errors import StorageError
@@ -96,17 +95,20 @@ from .fileformat import (
     VERSION,
     WRAPPER_VERSION,
 )
+from .packing import checksum, pack, pack_parts, tensor_record
 from .reading import (
     check_max_bytes,
     check_records,
+    cut_arrays,
     parse_header,
     read_regular,
     unpack,
     unwrap,
 )
 
-__all__ = ["save", "load", "plan", "pack", "FilePlan", "file_layout", "FORMAT", "VERSION",
-           "COMPRESSED_HEADER_SIZE", "DEFAULT_MAX_BYTES", "DOC_KEY", "DATA_KEY", "META_KEY"]
+__all__ = ["save", "load", "plan", "pack", "pack_parts", "FilePlan", "file_layout", "FORMAT",
+           "VERSION", "COMPRESSED_HEADER_SIZE", "DEFAULT_MAX_BYTES", "DOC_KEY", "DATA_KEY",
+           "META_KEY"]
 
 
 def save(obj: nn.Module | Mapping[str, Tensor], path: str | os.PathLike,
@@ -121,11 +123,12 @@ def save(obj: nn.Module | Mapping[str, Tensor], path: str | os.PathLike,
     """
     if compress is not None and compress not in CODECS:
         raise StorageError(f"compress must be None, 'zlib' or 'lzma'; got {compress!r}")
-    data = plan(obj, hints, code_values).data
+    _, parts = _encode(obj, hints, code_values)
     if compress is not None:
-        data = _wrap(data, compress)
-    write_atomic(Path(path), data)
-    return len(data)
+        parts = [_wrap(b"".join(parts), compress)]
+    # the parts go to the file as they are: no joined copy of the whole file
+    write_atomic(Path(path), parts)
+    return sum(memoryview(p).nbytes for p in parts)
 
 
 @dataclass(frozen=True)
@@ -152,15 +155,21 @@ def plan(obj: nn.Module | Mapping[str, Tensor],
          hints: Mapping[str, Hints] | None = None, code_values: bool = True) -> FilePlan:
     """Encode ``obj`` as ``save`` would (same choices, same bytes) and say how the file's
     bytes divide between the container header and the tensors' data."""
-    state = _state(obj)
-    hints = hints or {}
-    encoded = _choose_all(state, hints, code_values)
-    records, arrays = [], {}
-    for name in state:
-        records.append(_record(name, encoded[name], arrays))
-    data = pack(records, arrays)
+    encoded, parts = _encode(obj, hints, code_values)
+    data = b"".join(parts)
     data_bytes = sum(e.total_bytes for e in encoded.values())
     return FilePlan(encoded, data, len(data) - data_bytes, data_bytes)
+
+
+def _encode(obj: nn.Module | Mapping[str, Tensor], hints: Mapping[str, Hints] | None,
+            code_values: bool) -> tuple[dict[str, EncodedTensor], list]:
+    """Each tensor's chosen encoding, by name, and the file's bytes in parts (``pack_parts``)."""
+    state = _state(obj)
+    encoded = _choose_all(state, hints or {}, code_values)
+    records, arrays = [], {}
+    for name in state:
+        records.append(tensor_record(name, encoded[name], arrays))
+    return encoded, pack_parts(records, arrays)
 
 
 #: tensors of at least this many elements are encoded in threads (numpy and zlib release the
@@ -208,40 +217,20 @@ def _same_choice_key(t: Any, hint: Hints) -> tuple | None:
     if (not isinstance(t, Tensor) or t.numel() > SAME_CHOICE_NUMEL or t.layout != torch.strided
             or t.device.type != "cpu" or not isinstance(hint, (type(None), str))):
         return None
-    flat = t.detach().contiguous().reshape(-1)
-    return (t.dtype, tuple(t.shape), hint, flat.view(torch.uint8).numpy().tobytes())
+    try:  # numpy's view of the tensor gives its bytes in flat order, contiguous or not
+        raw = t.detach().numpy().tobytes()
+    except (TypeError, RuntimeError):  # a dtype numpy lacks (bfloat16, float8), a conj view
+        raw = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    return (t.dtype, tuple(t.shape), hint, raw)
 
-
-def pack(records: list[dict[str, Any]], arrays: Mapping[str, np.ndarray],
-         version: int = VERSION) -> bytes:
-    """The file of tensor ``records`` (as ``plan`` makes them) and their ``arrays`` (1-D, by
-    key ``"<name>/<array>"``, in the order of the data), checksummed. ``version`` 2 writes
-    the same layout as an older hwprune did (for records of the encodings it knew)."""
-    if version not in (2, VERSION):
-        raise StorageError(f"pack writes versions 2 and {VERSION}; got {version!r}")
-    doc = {"sha256": _digest(records, arrays, version), "tensors": records,
-           "arrays": [[key, a.dtype.str, int(a.size)] for key, a in arrays.items()]}
-    body = zlib.compress(_json(doc).encode(), 9)
-    parts = [np.ascontiguousarray(a).reshape(-1).view(np.uint8) for a in arrays.values()]
-    size = sum(int(p.size) for p in parts)
-    # the safetensors file of two uint8 arrays, as safetensors writes it (its header: metadata
-    # first, then the arrays by name, offsets in that order; padded with spaces to 8 bytes),
-    # joined from the arrays in one copy instead of a concatenation and a serialization.
-    # One metadata key: safetensors writes a multi-key map in no fixed order.
-    header = json.dumps({
-        "__metadata__": {META_KEY: _json({"format": FORMAT, "version": version})},
-        DATA_KEY: {"dtype": "U8", "shape": [size], "data_offsets": [0, size]},
-        DOC_KEY: {"dtype": "U8", "shape": [len(body)], "data_offsets": [size, size + len(body)]},
-    }, separators=(",", ":")).encode()
-    header += b" " * (-len(header) % 8)
-    return b"".join([len(header).to_bytes(8, "little"), header, *parts, body])
 
 
 def load(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES) -> dict[str, Tensor]:
     """The exact tensors of a file ``save`` wrote, by name, in the order they were saved.
 
     Raises ``StorageError`` for anything else: a damaged, truncated or foreign file, or one
-    that is not a regular file. Only safetensors and ``json`` read it; nothing is unpickled.
+    that is not a regular file. Only ``json`` and the checked offsets of its header read it
+    (version 1: safetensors); nothing is unpickled.
     ``max_bytes`` bounds memory: the file, its uncompressed form and the decoded tensors may
     each be at most ``max_bytes`` bytes, each checked before it is allocated (docs/storage.md,
     "Memory bound").
@@ -263,24 +252,22 @@ def _read(path: str | os.PathLike, max_bytes: int) -> tuple[list, dict[str, np.n
     section = len(data) - PREFIX_SIZE - header.length
     if header.data_end != section:
         raise StorageError("the data section does not match the arrays it declares")
-    try:
-        stored = safetensors.numpy.load(data)
-    except Exception as err:  # safetensors raises its own error types for every malformed file
-        raise StorageError(f"not an intact hwprune file: {err}") from err
+    if header.version == 1:
+        try:
+            stored = safetensors.numpy.load(data)
+        except Exception as err:  # safetensors raises its own error types for a malformed file
+            raise StorageError(f"not an intact hwprune file: {err}") from err
+        if sum(int(a.nbytes) for a in stored.values()) != section:
+            raise StorageError("the data section does not match the arrays it declares")
+        doc, arrays = header.meta, stored
+    else:  # the arrays are views of the file's bytes: no copy of the whole file
+        doc, arrays = unpack(cut_arrays(data, header), max_bytes)
     del data
-    if sum(int(a.nbytes) for a in stored.values()) != section:
-        raise StorageError("the data section does not match the arrays it declares")
-    doc, arrays = (header.meta, stored) if header.version == 1 else unpack(stored, max_bytes)
     tensors = doc["tensors"]
     check_records(tensors, max_bytes)
-    if doc.get("sha256") != _digest(tensors, arrays, header.version):
+    if doc.get("sha256") != checksum(tensors, arrays, header.version):
         raise StorageError("checksum mismatch; the file is damaged")
     return tensors, arrays
-
-
-def _json(obj: Any) -> str:
-    """Compact, deterministic JSON (what the checksum is computed over)."""
-    return json.dumps(obj, separators=(",", ":"), sort_keys=True, allow_nan=False)
 
 
 def file_layout(path: str | os.PathLike) -> dict[str, Any]:
@@ -321,40 +308,6 @@ def _state(obj: nn.Module | Mapping[str, Tensor]) -> dict[str, Tensor]:
                 f"save stores str -> torch.Tensor entries only; {name!r} is a {type(t).__name__}"
             )
     return dict(obj)
-
-
-def _record(name: str, enc: EncodedTensor, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
-    """The JSON record of one tensor; its arrays go into ``arrays`` under ``name/array``."""
-    keys: dict[str, list[str]] = {"payload": [], "index": []}
-    for role, group in (("payload", enc.payload), ("index", enc.index)):
-        for arr_name, arr in group.items():
-            key = f"{name}/{arr_name}"
-            if key in arrays:
-                raise StorageError(f"two tensors' arrays would share the key {key!r}; rename one")
-            arrays[key] = np.ascontiguousarray(arr).reshape(-1)
-            keys[role].append(arr_name)
-    return {"name": name, "encoding": enc.encoding, "dtype": dtype_name(enc.dtype),
-            "shape": list(enc.shape), "meta": enc.meta, **keys}
-
-
-def _digest(tensors: list, arrays: Mapping[str, np.ndarray], version: int) -> str:
-    """SHA-256 over the format, version, tensor records (as ``_json``) and every array (key,
-    dtype, shape, bytes; sorted by key), each part length-prefixed so parts cannot shift."""
-    h = hashlib.sha256()
-
-    def part(b: bytes | np.ndarray) -> None:  # an array: its bytes, read in place
-        h.update(len(b).to_bytes(8, "little") if isinstance(b, bytes) else
-                 int(b.nbytes).to_bytes(8, "little"))
-        h.update(b)
-
-    for text in (FORMAT, str(version), _json(tensors)):
-        part(text.encode())
-    for key in sorted(arrays):
-        a = np.ascontiguousarray(arrays[key])
-        part(key.encode())
-        part(f"{a.dtype.str}{a.shape}".encode())
-        part(a.reshape(-1).view(np.uint8))
-    return h.hexdigest()
 
 
 def _wrap(data: bytes, codec: str) -> bytes:

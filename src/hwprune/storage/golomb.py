@@ -23,14 +23,20 @@ import numpy as np
 from .bits import pack_uint
 from .errors import StorageError
 
-__all__ = ["golomb_bits", "best_parameter", "tried_parameters", "golomb_encode", "golomb_decode",
-           "gaps_of"]
+__all__ = ["golomb_bits", "best_parameter", "best_parameter_bits", "tried_parameters",
+           "histogram_bits", "golomb_encode", "golomb_decode", "gaps_of"]
 
 
 def gaps_of(positions: np.ndarray) -> np.ndarray:
     """The gaps (int64) before each of the sorted ``positions``."""
-    p = positions.astype(np.int64)
-    return np.diff(p, prepend=-1) - 1
+    p = positions.astype(np.int64, copy=False)
+    g = np.empty(p.size, np.int64)
+    if p.size:
+        g[0] = p[0]
+        np.subtract(p[1:], p[:-1], out=g[1:])
+        g -= 1
+        g[0] += 1  # the first gap counts from -1: the position itself
+    return g
 
 
 def _split(m: int) -> tuple[int, int]:
@@ -65,28 +71,42 @@ def tried_parameters(count: int, numel: int) -> list[int]:
 def best_parameter(gaps: np.ndarray, numel: int) -> int:
     """The m of ``tried_parameters`` with the fewest bits (the smallest on a tie): chosen
     from exact counts, without encoding. Where the gaps are short (a sparse tensor's usually
-    are), the counts come from one histogram of the gaps, each m then costing a pass over
-    the histogram instead of over the gaps."""
+    are), the counts come from one histogram of the gaps, every m counted in one pass over
+    it instead of over the gaps."""
+    return best_parameter_bits(gaps, numel)[0]
+
+
+def best_parameter_bits(gaps: np.ndarray, numel: int) -> tuple[int, int]:
+    """``best_parameter`` and its ``golomb_bits``."""
     if gaps.size == 0:
-        return 1
+        return 1, 0
     tried = tried_parameters(gaps.size, numel)
     if int(gaps.max()) > gaps.size:
-        return min(tried, key=lambda m: golomb_bits(gaps, m))
-    counts = np.bincount(gaps)
-    values = np.arange(counts.size)
-    return min(tried, key=lambda m: _histogram_bits(counts, values, m))
+        bits = [golomb_bits(gaps, m) for m in tried]
+    else:
+        bits = histogram_bits(np.bincount(gaps), np.array(tried, np.int64)).tolist()
+    best = bits.index(min(bits))  # the first of the fewest: the smallest m
+    return tried[best], bits[best]
 
 
-def _histogram_bits(counts: np.ndarray, values: np.ndarray, m: int) -> int:
-    """``golomb_bits`` of gaps given as ``counts[g]`` gaps of each length ``g`` (exact)."""
+def histogram_bits(counts: np.ndarray, ms: np.ndarray) -> np.ndarray:
+    """``golomb_bits`` with each parameter of ``ms`` (exact, int64) of the gaps given as
+    ``counts[g]`` gaps of each length ``g``. (m = 1, b = 0, is the general formula too: no
+    remainder bits, and u = 0 adds back the n that n * (b - 1) takes.)"""
+    if ms.size > 1 and ms.size * counts.size > _HISTOGRAM_CELLS:  # bounded temporaries
+        return np.concatenate([histogram_bits(counts, ms[i: i + 1]) for i in range(ms.size)])
     n = int(counts.sum())
-    b, u = _split(m)
-    if b == 0:
-        return int(counts @ values) + n
-    q, r = np.divmod(values, m)
-    unary = int(counts @ q) + n
-    long_ones = n if u == 0 else int(counts[r >= u].sum())
-    return unary + n * (b - 1) + long_ones
+    values = np.arange(counts.size, dtype=np.int64)
+    q = values[None, :] // ms[:, None]
+    r = values[None, :] - q * ms[:, None]
+    b = np.array([(int(m) - 1).bit_length() for m in ms], np.int64)
+    u = (np.int64(1) << b) - ms
+    long_ones = np.where(u == 0, n, (r >= u[:, None]) @ counts)
+    return q @ counts + n + n * (b - 1) + long_ones
+
+
+#: ``histogram_bits`` counts all parameters at once up to this many (parameter, length) cells
+_HISTOGRAM_CELLS = 1 << 20
 
 
 def golomb_encode(gaps: np.ndarray, m: int) -> np.ndarray:

@@ -54,10 +54,12 @@ from .fileformat import (
 )
 
 __all__ = ["check_max_bytes", "read_regular", "parse_json", "unwrap", "Header", "parse_header",
-           "unpack", "check_records"]
+           "cut_arrays", "unpack", "check_records"]
 
-#: bytes inflated (or read) per step
+#: bytes inflated per step
 _CHUNK = 1 << 20
+#: bytes read per system call (Linux reads at most 2^31 - 4096 at once)
+_MAX_READ = 1 << 30
 #: JSON text may hold at most one value per this many bytes (a real document holds about one
 #: per 8): a parsed value costs some 60 bytes, so text dense with values (``[],[],...``) would
 #: take 20 times its size in memory
@@ -89,8 +91,8 @@ def read_regular(path: str | os.PathLike, max_bytes: int) -> bytes:
             raise StorageError(f"the file has {info.st_size} bytes, more than max_bytes="
                                f"{max_bytes}")
         parts, left = [], info.st_size
-        while left:
-            piece = os.read(fd, min(left, _CHUNK))
+        while left:  # one read where the system allows (no joining copy)
+            piece = os.read(fd, min(left, _MAX_READ))
             if not piece:
                 break  # the file shrank while being read: the check below refuses it
             parts.append(piece)
@@ -101,7 +103,7 @@ def read_regular(path: str | os.PathLike, max_bytes: int) -> bytes:
         os.close(fd)
     if left:
         raise StorageError("the file changed while it was read")
-    return b"".join(parts)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 # -- JSON ------------------------------------------------------------------------------------
@@ -197,6 +199,28 @@ def parse_header(data: bytes) -> Header:
             raise StorageError(f"not an intact hwprune file: array {key[:80]!r} has no valid "
                                "data offsets")
     return Header(meta, entries, length)
+
+
+def cut_arrays(data: bytes, header: Header) -> dict[str, np.ndarray]:
+    """The arrays of a version 2 or 3 file (two uint8 arrays) as read-only views of ``data``,
+    without the copy safetensors' reader makes, checked as it checks them: dtype ``U8``, a
+    one-dimensional shape of the size its offsets give, and the arrays back to back from the
+    start of the data section to its end."""
+    start = PREFIX_SIZE + header.length
+    out, at = {}, 0
+    for key, entry in sorted(header.entries.items(), key=lambda item: item[1]["data_offsets"]):
+        begin, end = entry["data_offsets"]
+        shape = entry.get("shape")
+        if not (entry.get("dtype") == "U8" and isinstance(shape, list) and len(shape) == 1
+                and isinstance(shape[0], int) and not isinstance(shape[0], bool)
+                and shape[0] == end - begin and begin == at):
+            raise StorageError(f"not an intact hwprune file: array {key[:80]!r} "
+                               f"({str(entry)[:80]}) is not {end - begin} uint8 from offset {at}")
+        out[key] = np.frombuffer(data, np.uint8, end - begin, start + begin)
+        at = end
+    if at != len(data) - start:
+        raise StorageError("the data section does not match the arrays it declares")
+    return out
 
 
 # -- the compressed wrapper ------------------------------------------------------------------
@@ -303,7 +327,8 @@ def unpack(stored: dict[str, np.ndarray],
             raise StorageError(f"array {key[:80]!r} runs past the data section")
         if key in arrays:
             raise StorageError(f"array {key[:80]!r} is listed twice")
-        arrays[key] = np.frombuffer(blob, dt, count, offset).copy()
+        # a read-only view of the blob: every decoder copies what it keeps (``from_raw_bits``)
+        arrays[key] = np.frombuffer(blob, dt, count, offset)
         offset = end
     if offset != blob.size:
         raise StorageError("the data section is longer than the arrays it declares")

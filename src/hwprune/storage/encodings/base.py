@@ -43,6 +43,9 @@ class EncodedTensor:
     payload: dict[str, np.ndarray]
     index: dict[str, np.ndarray]
     meta: dict[str, Any] = field(default_factory=dict)
+    #: the payload arrays (by name) made for one decode of this tensor alone (``decode_values``'
+    #: output, held by nothing else): a decoder may return a tensor over them without a copy
+    fresh: frozenset[str] = field(default=frozenset(), repr=False)
 
     @property
     def nbytes(self) -> int:
@@ -95,6 +98,11 @@ class TensorView:
     @property
     def itemsize(self) -> int:
         return element_size(self.dtype)
+
+    @cached_property
+    def nonzero(self) -> int:
+        """How many elements are nonzero (counted once for every candidate's size)."""
+        return int(np.count_nonzero(self.nz))
 
     @property
     def matrix(self) -> tuple[int, int]:
@@ -284,4 +292,4 @@ def restore_zero_signs(out: Tensor, enc: EncodedTensor) -> Tensor:
     zeros = np.flatnonzero(bits == 0)
     signs = unpack_bits(stored_array(enc.index, ZERO_SIGNS, enc), zeros.size)
     bits[zeros[signs]] = bits.dtype.type(1 << (8 * bits.dtype.itemsize - 1))
-    return from_raw_bits(bits, enc.dtype, enc.shape)
+    return from_raw_bits(bits, enc.dtype, enc.shape, owned=True)  # raw_bits made a copy

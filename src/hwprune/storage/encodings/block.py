@@ -60,7 +60,8 @@ class BlockEncoding(Encoding):
         sub = g[kept]
         sub[valid[kept]] = values
         g[kept] = sub
-        return from_raw_bits(untile(g, rows, cols, bh, bw), enc.dtype, enc.shape)
+        return from_raw_bits(untile(g, rows, cols, bh, bw), enc.dtype, enc.shape,
+                             owned=True)
 
     def candidates(self, view: TensorView, hints: dict[str, tuple[int, int]]) -> list[dict]:
         if not view.sparse_ok():
@@ -84,7 +85,7 @@ class BlockEncoding(Encoding):
                  and key[0] == "block" and bh % key[1] == 0 and bw % key[2] == 0]
         rows, cols = view.matrix
         tiles = -(-rows // bh) * -(-cols // bw)
-        kept = max(finer, default=int(np.count_nonzero(view.nz)))
+        kept = max(finer, default=view.nonzero)
         return kept * view.itemsize + -(-tiles // 8)
 
     def min_index_bits(self, enc: EncodedTensor) -> float | None:

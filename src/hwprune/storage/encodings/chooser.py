@@ -97,7 +97,7 @@ def _candidates(view: TensorView, hints: Hints, shortcut: bool = True,
         for base, signs in variants:
             if signs and enc.name == "dense":
                 continue
-            if shortcut and enc.needs_zeros and base.nz.all():
+            if shortcut and enc.needs_zeros and base.nonzero == base.numel:
                 continue  # no zeros: the payload alone would be the dense size
             signs_bytes = -(-int(np.count_nonzero(~base.nz)) // 8) if signs else 0
             # the quantized-values variant: found once per analysed tensor, where tried

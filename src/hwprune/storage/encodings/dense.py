@@ -20,7 +20,8 @@ class Dense(Encoding):
         return view.encoded(self.name, {"values": view.bits.reshape(-1)}, {})
 
     def decode(self, enc: EncodedTensor) -> Tensor:
-        return from_raw_bits(stored_array(enc.payload, "values", enc), enc.dtype, enc.shape)
+        return from_raw_bits(stored_array(enc.payload, "values", enc), enc.dtype, enc.shape,
+                             owned="values" in enc.fresh)
 
     def candidates(self, view: TensorView, hints: dict[str, tuple[int, int]]) -> list[dict]:
         return [{}]

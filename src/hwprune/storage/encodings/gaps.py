@@ -10,7 +10,7 @@ from torch import Tensor
 from ...hardware import irregular_min_bits
 from ..bits import element_size, from_raw_bits
 from ..errors import StorageError
-from ..golomb import best_parameter, gaps_of, golomb_bits, golomb_decode, golomb_encode
+from ..golomb import best_parameter_bits, gaps_of, golomb_bits, golomb_decode, golomb_encode
 from .base import (
     EncodedTensor,
     Encoding,
@@ -21,7 +21,7 @@ from .base import (
     zero_bits,
 )
 
-__all__ = ["Gaps"]
+__all__ = ["Gaps", "values_around", "FEW_ZEROS"]
 
 
 class Gaps(Encoding):
@@ -39,7 +39,7 @@ class Gaps(Encoding):
         """The gaps of the coded set, and whether that set is the zeros (kept in
         ``view.memo``: the chooser's candidates, size and encoding share them)."""
         if "gaps" not in view.memo:
-            zeros = 2 * int(np.count_nonzero(view.nz)) > view.numel
+            zeros = 2 * view.nonzero > view.numel
             view.memo["gaps"] = gaps_of(np.flatnonzero(~view.nz if zeros else view.nz)), zeros
         return view.memo["gaps"]
 
@@ -66,17 +66,18 @@ class Gaps(Encoding):
         count = numel - values.size if zeros else values.size
         # the positions must fit the stream and the shape before the tensor is allocated
         gaps = golomb_decode(stored_array(enc.index, "positions", enc), count, m)
+        # gaps in [0, numel): the positions strictly increase and their sum cannot overflow
+        if gaps.size and (int(gaps.min()) < 0 or int(gaps.max()) >= numel):
+            raise StorageError(f"gaps: a stored gap is outside [0, {numel})")
         pos = np.cumsum(gaps + 1) - 1
         if pos.size and pos[-1] >= numel:
             raise StorageError(f"gaps: a stored position is past the tensor's {numel} elements")
-        out = zero_bits(enc)
         if zeros:
-            mask = np.ones(numel, bool)
-            mask[pos] = False
-            out[mask] = values
+            out = values_around(values, pos, numel)
         else:
+            out = zero_bits(enc)
             out[pos] = values
-        return from_raw_bits(out, enc.dtype, enc.shape)
+        return from_raw_bits(out, enc.dtype, enc.shape, owned=True)
 
     def candidates(self, view: TensorView, hints: dict[str, tuple[int, int]]) -> list[dict]:
         # m is chosen in ``sizes`` (and again, from the memo, in ``encode_view``): the chooser
@@ -86,14 +87,15 @@ class Gaps(Encoding):
     def sizes(self, view: TensorView, params: dict) -> Size:
         self.require_sparse_ok(view)
         gaps, _ = self._coded(view)
-        m = params.get("m") or _best(view, gaps)
-        return Size({"values": int(np.count_nonzero(view.nz))}, -(-golomb_bits(gaps, m) // 8))
+        m = params.get("m")
+        bits = golomb_bits(gaps, m) if m else _best_bits(view, gaps)[1]
+        return Size({"values": view.nonzero}, -(-bits // 8))
 
     def lower_bound(self, view: TensorView, params: dict) -> int:
         """The values + the fewest bits any m can take: m = 1 codes each gap in g + 1 bits,
         i.e. (last coded position + 1) bits in all; m >= 2 takes at least 2 bits a gap (a
         unary stop bit and at least one remainder bit)."""
-        nonzero = int(np.count_nonzero(view.nz))
+        nonzero = view.nonzero
         zeros = 2 * nonzero > view.numel
         coded = view.numel - nonzero if zeros else nonzero
         if coded == 0:
@@ -106,8 +108,37 @@ class Gaps(Encoding):
         return irregular_min_bits(math.prod(enc.shape), enc.payload["values"].size)
 
 
+#: up to this many zeros, ``values_around`` copies the runs of values between them one by one;
+#: with more, a mask of the nonzero positions places the values in one pass
+FEW_ZEROS = 64
+
+
+def values_around(values: np.ndarray, zeros: np.ndarray, numel: int) -> np.ndarray:
+    """``numel`` raw bits: zero at the strictly increasing positions ``zeros`` (all below
+    ``numel``), ``values`` in order everywhere else (``values.size == numel - zeros.size``)."""
+    if zeros.size > FEW_ZEROS:
+        mask = np.ones(numel, bool)
+        mask[zeros] = False
+        out = np.zeros(numel, values.dtype)
+        out[mask] = values
+        return out
+    out = np.empty(numel, values.dtype)
+    start = 0  # the first element after the previous zero
+    for i, z in enumerate(zeros.tolist()):
+        out[start:z] = values[start - i: z - i]
+        out[z] = 0
+        start = z + 1
+    out[start:] = values[start - zeros.size:]
+    return out
+
+
 def _best(view: TensorView, gaps: np.ndarray) -> int:
-    """``best_parameter`` of the view's coded gaps, kept in ``view.memo``."""
+    """``best_parameter`` of the view's coded gaps."""
+    return _best_bits(view, gaps)[0]
+
+
+def _best_bits(view: TensorView, gaps: np.ndarray) -> tuple[int, int]:
+    """``best_parameter_bits`` of the view's coded gaps, kept in ``view.memo``."""
     if "gaps m" not in view.memo:
-        view.memo["gaps m"] = best_parameter(gaps, view.numel)
+        view.memo["gaps m"] = best_parameter_bits(gaps, view.numel)
     return view.memo["gaps m"]

@@ -39,11 +39,11 @@ class Bitmask(Encoding):
         values = stored_values(enc, int(mask.sum()))
         out = zero_bits(enc)
         out[mask] = values
-        return from_raw_bits(out, enc.dtype, enc.shape)
+        return from_raw_bits(out, enc.dtype, enc.shape, owned=True)
 
     def sizes(self, view: TensorView, params: dict) -> Size:
         self.require_sparse_ok(view)
-        return Size({"values": int(np.count_nonzero(view.nz))}, -(-view.numel // 8))
+        return Size({"values": view.nonzero}, -(-view.numel // 8))
 
     def min_index_bits(self, enc: EncodedTensor) -> float | None:
         return irregular_min_bits(math.prod(enc.shape), enc.payload["values"].size)
@@ -59,7 +59,7 @@ class CSR(Encoding):
         self.require_sparse_ok(view)
         rows, cols = view.matrix
         m = view.nz.reshape(rows, cols)
-        nnz = int(view.nz.sum())
+        nnz = view.nonzero
         indptr = np.zeros(rows + 1, uint_for(nnz))
         np.cumsum(m.sum(axis=1), out=indptr[1:])
         indices = np.nonzero(m)[1].astype(uint_for(max(cols - 1, 0)))
@@ -77,12 +77,12 @@ class CSR(Encoding):
         values = stored_values(enc, indices.size)
         out = zero_bits(enc)
         out[np.repeat(np.arange(rows), counts) * cols + indices] = values
-        return from_raw_bits(out, enc.dtype, enc.shape)
+        return from_raw_bits(out, enc.dtype, enc.shape, owned=True)
 
     def sizes(self, view: TensorView, params: dict) -> Size:
         self.require_sparse_ok(view)
         rows, cols = view.matrix
-        nnz = int(np.count_nonzero(view.nz))
+        nnz = view.nonzero
         index = (rows + 1) * uint_for(nnz).itemsize + nnz * uint_for(max(cols - 1, 0)).itemsize
         return Size({"values": nnz}, index)
 

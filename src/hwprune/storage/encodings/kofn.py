@@ -106,7 +106,7 @@ class KofNEncoding(Encoding):
         np.put_along_axis(out, pos, values, axis=1)
         moved = (enc.shape[0], *enc.shape[2:], enc.shape[1])
         flat = np.moveaxis(out.reshape(moved), -1, 1).reshape(-1)
-        return from_raw_bits(flat, enc.dtype, enc.shape)
+        return from_raw_bits(flat, enc.dtype, enc.shape, owned=True)
 
     def candidates(self, view: TensorView, hints: dict[str, tuple[int, int]]) -> list[dict]:
         if not view.sparse_ok() or len(view.shape) < 2:

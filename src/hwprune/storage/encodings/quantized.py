@@ -98,9 +98,11 @@ def _find_scale(view: TensorView) -> tuple[int, Tensor] | None:
     head = np.sort(head[head != 0][: 2 * limit])
     if head.size and 1 + np.count_nonzero(head[1:] != head[:-1]) > limit:
         return None
-    if np.unique(view.bits[:4096]).size > limit:
+    uniq = np.unique(view.bits[:4096])
+    if uniq.size > limit:
         return None
-    uniq = np.unique(view.bits)
+    if view.numel > 4096:
+        uniq = np.unique(view.bits)
     sign = uniq.dtype.type(1 << (8 * uniq.dtype.itemsize - 1))
     if uniq.size > limit or (uniq == sign).any():  # too many values, or a -0.0
         return None

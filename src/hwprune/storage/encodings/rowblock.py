@@ -82,7 +82,7 @@ class RowBlock(Encoding):
                 raise StorageError("rowblock: a stored position is outside its block")
             out[r[:, None], col] = values[start:start + count].reshape(len(r), nb)
             start += count
-        return from_raw_bits(out.reshape(-1), enc.dtype, enc.shape)
+        return from_raw_bits(out.reshape(-1), enc.dtype, enc.shape, owned=True)
 
     def candidates(self, view: TensorView, hints: dict[str, tuple[int, int]]) -> list[dict]:
         return [{}] if view.sparse_ok() and view.matrix[1] >= 2 else []

@@ -59,8 +59,9 @@ def real_elements(chosen: np.ndarray, rows: int, cols: int, bh: int, bw: int) ->
     tr, tc = tile_grid(rows, cols, bh, bw)
     grid = chosen.reshape(tr, tc)
     short_h, short_w = tr * bh - rows, tc * bw - cols  # padding in the last tile row, column
-    return (int(grid.sum()) * bh * bw - int(grid[-1].sum()) * short_h * bw
-            - int(grid[:, -1].sum()) * short_w * bh + int(grid[-1, -1]) * short_h * short_w)
+    count = np.count_nonzero  # of bools: faster than sum, the same number
+    return (count(grid) * bh * bw - count(grid[-1]) * short_h * bw
+            - count(grid[:, -1]) * short_w * bh + int(grid[-1, -1]) * short_h * short_w)
 
 
 def tile_candidates(view: TensorView, sizes: tuple[tuple[int, int], ...],

@@ -28,7 +28,7 @@ from .tiling import (
     valid_tiles,
 )
 
-__all__ = ["Unified", "UNIFIED_SIZES"]
+__all__ = ["Unified", "UNIFIED_SIZES", "equal_neighbours"]
 
 #: the block sizes the chooser tries (plus the one a hint names)
 UNIFIED_SIZES = tuple((1, b) for b in (2, 4, 8, 16))
@@ -88,7 +88,8 @@ class Unified(Encoding):
         sub = g[free]
         sub[valid[free]] = values
         g[free] = sub
-        return from_raw_bits(untile(g, rows, cols, bh, bw), enc.dtype, enc.shape)
+        return from_raw_bits(untile(g, rows, cols, bh, bw), enc.dtype, enc.shape,
+                             owned=True)
 
     def candidates(self, view: TensorView, hints: dict[str, tuple[int, int]]) -> list[dict]:
         if not view.sparse_ok() or not view.dtype.is_floating_point:
@@ -104,13 +105,11 @@ class Unified(Encoding):
         if bh != 1:
             return 0
         rows, cols = check_tile(view, bh, bw)
-        nonzero = int(np.count_nonzero(view.nz))
+        nonzero = view.nonzero
         kept = nonzero if nonzero == view.numel else real_elements(kept_grid(view, bh, bw),
                                                                     rows, cols, bh, bw)
         if "equal neighbours" not in view.memo:
-            mag = view.bits & ~view.bits.dtype.type(1 << (8 * view.itemsize - 1))
-            view.memo["equal neighbours"] = int(np.count_nonzero((mag[1:] == mag[:-1])
-                                                                 & (mag[1:] != 0)))
+            view.memo["equal neighbours"] = equal_neighbours(view.bits, view.itemsize)
         tiles = view.numel // bw
         return (kept - view.memo["equal neighbours"]) * view.itemsize + tiles // 4
 
@@ -123,3 +122,18 @@ class Unified(Encoding):
         counts = [int((states == s).sum()) for s in BLOCK_STATES]
         signs = int(valid_tiles(rows, cols, bh, bw)[states == UNIFIED].sum())
         return unified_min_bits(counts, signs)
+
+
+#: elements compared per step by ``equal_neighbours`` (its temporaries stay small)
+_STEP = 1 << 18
+
+
+def equal_neighbours(bits: np.ndarray, itemsize: int) -> int:
+    """How many elements have the magnitude (the bits without the sign) of the element before
+    them, a nonzero one; counted a bounded step at a time."""
+    keep = ~bits.dtype.type(1 << (8 * itemsize - 1))
+    count = 0
+    for start in range(0, max(bits.size - 1, 0), _STEP):
+        mag = bits[start: start + _STEP + 1] & keep
+        count += int(np.count_nonzero((mag[1:] == mag[:-1]) & (mag[1:] != 0)))
+    return count

@@ -75,8 +75,11 @@ def split_planes(arr: np.ndarray) -> np.ndarray:
 
 def join_planes(planes: np.ndarray) -> np.ndarray:
     """The inverse of ``split_planes``: the values (``<u{width}``) from their byte planes."""
-    width = planes.shape[0]
-    return np.ascontiguousarray(planes.T).reshape(-1).view(f"<u{width}")
+    width, count = planes.shape
+    out = np.empty(count, f"<u{width}")
+    for j in range(width):
+        byte_columns(out)[:, j] = planes[j]
+    return out
 
 
 def _map(fn, items: list, big: bool) -> list:
@@ -135,19 +138,29 @@ def decode_values(enc: EncodedTensor, limit: int) -> EncodedTensor:
         if data.dtype != np.uint8 or data.ndim != 1 or data.size != sum(sizes):
             raise StorageError(f"{enc.encoding}: the planes of {name[:40]!r} take {data.size} "
                                f"bytes; their lengths say {sum(sizes)}")
-        ends = np.cumsum(sizes).tolist()
-        parts = [(data[end - size: end], n) for end, size, n in zip(ends, sizes, lengths,
-                                                                     strict=True)]
-
-        def plane(item: tuple[np.ndarray, int], count: int = count) -> np.ndarray:
-            part, n = item
-            return part if n == -1 else _inflate(part, count, enc.encoding)
-
-        out = np.stack(_map(plane, parts, count >= THREADED_BYTES)) if count else np.zeros(
-            (width, 0), np.uint8)
+        out = np.empty(count, f"<u{width}")
+        if count:
+            _fill_planes(out, data, lengths, enc.encoding)
         del payload[f"{name}_planes"]
-        payload[name] = join_planes(out)
-    return replace(enc, payload=payload, meta={k: v for k, v in enc.meta.items() if k != VCODED})
+        payload[name] = out
+    # the decoded arrays are new: only this decode holds them
+    return replace(enc, payload=payload, meta={k: v for k, v in enc.meta.items() if k != VCODED},
+                   fresh=enc.fresh | set(info))
+
+
+def _fill_planes(out: np.ndarray, data: np.ndarray, lengths: list[int], what: str) -> None:
+    """Each plane of ``data`` (stored raw where its length is -1, else deflated) written
+    straight into its byte column of ``out``: a strided write is faster than joining whole
+    planes by a transposed copy. In threads for large arrays (they write disjoint bytes)."""
+    columns, count = byte_columns(out), out.size
+    sizes = [count if n == -1 else n for n in lengths]
+    ends = np.cumsum(sizes).tolist()
+
+    def plane(j: int) -> None:
+        part = data[ends[j] - sizes[j]: ends[j]]
+        columns[:, j] = part if lengths[j] == -1 else _inflate(part, count, what)
+
+    _map(plane, list(range(len(lengths))), count >= THREADED_BYTES)
 
 
 def _inflate(part: np.ndarray, count: int, what: str) -> np.ndarray:
