@@ -21,6 +21,8 @@ columns, which is several times faster on many rows than ``topk`` on rows of 4.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -30,7 +32,8 @@ from .structures import KofN
 
 __all__ = ["GumbelTopK", "RELAXATIONS", "KSOFTMAX_MAX_K", "PAIRWISE_MAX_N",
            "check_relaxation", "resolve_relaxation", "gumbel_noise", "row_layout", "rank_rows",
-           "top_k_rows", "row_entropy", "ksoftmax_st", "sigmoid_st"]
+           "top_k_rows", "row_entropy", "ksoftmax_st", "sigmoid_st", "columns", "rows_of",
+           "as_float"]
 
 RELAXATIONS = ("ksoftmax", "sigmoid", "auto")
 #: "auto" keeps the paper's k-step softmax up to this many steps per row
@@ -62,13 +65,43 @@ def gumbel_noise(shape: torch.Size, generator: torch.Generator, like: Tensor) ->
     return g.to(like.device)
 
 
+class _Columns(torch.autograd.Function):
+    """(rows, n) -> contiguous (n, rows), one strided copy per column (``t().contiguous()``
+    takes several times longer on long, narrow matrices); its gradient the way back."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return columns(x)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        return rows_of(g)
+
+
+def columns(x: Tensor) -> Tensor:
+    """``x.t().contiguous()`` for a (rows, n) ``x`` with few columns, copied column by column."""
+    out = x.new_empty((x.shape[1], x.shape[0]))
+    for a in range(x.shape[1]):
+        out[a].copy_(x[:, a])
+    return out
+
+
+def rows_of(cols: Tensor) -> Tensor:
+    """The inverse of ``columns``: a contiguous (rows, n) from (n, rows)."""
+    out = cols.new_empty((cols.shape[1], cols.shape[0]))
+    for a in range(cols.shape[0]):
+        out[:, a].copy_(cols[a])
+    return out
+
+
 def row_layout(x: Tensor) -> tuple[Tensor, int]:
     """``x`` (rows, n) as the relaxations work on it, and the dimension of its rows' entries:
     short rows (``n <= PAIRWISE_MAX_N``) transposed to a contiguous (n, rows), so that each
     reduction over a row is a few elementwise operations over long contiguous vectors (torch's
-    own reductions and softmax over rows of 4 cost many times more); long rows as they are."""
+    own reductions and softmax over rows of 4 cost many times more); long rows as they are.
+    Differentiable."""
     if x.shape[1] <= PAIRWISE_MAX_N:
-        return x.t().contiguous(), -2
+        return _Columns.apply(x), -2
     return x, -1
 
 
@@ -91,16 +124,22 @@ def _chosen_order(z: Tensor, dim: int, k: int) -> Tensor:
     if dim == -2:
         return rank_rows(z).clamp_(max=k)
     order = z.topk(k, dim=1).indices
-    rank = torch.full(z.shape, k, dtype=torch.long, device=z.device)
-    return rank.scatter_(1, order, torch.arange(k, device=z.device).expand_as(order))
+    rank = torch.full(z.shape, k, dtype=torch.uint8 if k < 256 else torch.long,
+                      device=z.device)
+    return rank.scatter_(1, order, torch.arange(k, device=z.device, dtype=rank.dtype)
+                         .expand_as(order))
+
+
+def as_float(flags: Tensor, dtype: torch.dtype) -> Tensor:
+    """A bool tensor as 0/1 of ``dtype`` (through uint8: bool -> float converts slowly)."""
+    return flags.view(torch.uint8).to(dtype)
 
 
 def top_k_rows(z: Tensor, k: int) -> Tensor:
     """Bool mask (rows, n) of the ``k`` largest entries of every row (exactly ``k``, also
     under ties)."""
-    cols, dim = row_layout(z)
-    if dim == -2:
-        return (rank_rows(cols) < k).t()
+    if z.shape[1] <= PAIRWISE_MAX_N:
+        return rows_of(rank_rows(columns(z)) < k)
     top = z.topk(k, dim=1, sorted=False).indices
     return torch.zeros(z.shape, dtype=torch.bool, device=z.device).scatter_(1, top, True)
 
@@ -115,7 +154,27 @@ def row_entropy(logits: Tensor) -> Tensor:
 
 
 def _back_to_rows(x: Tensor, dim: int) -> Tensor:
-    return x.t() if dim == -2 else x
+    """A tensor of the relaxations' layout (``row_layout``) as a contiguous (rows, n)."""
+    return rows_of(x) if dim == -2 else x
+
+
+def _step_softmaxes(scaled: Tensor, rank: Tensor, steps: Tensor, dim: int) -> Tensor:
+    """The softmax of ``scaled`` at each step (leading axis), over the entries not chosen
+    before the step (``rank >= step``); written out, not torch.softmax: on a busy CPU its
+    thread pool takes milliseconds even for tiny rows, while these ops stay on one thread.
+
+    Branch-free and kept out of exp's slow paths: the chosen entries are pushed to the lowest
+    float for the row maximum (masked_fill with -inf costs several times more on a random
+    mask, and exp of -inf or of -3e38 is several times slower than of a normal number), the
+    exponents clamped at log(tiny) (a subnormal result costs tens of times more; the
+    reference's values below it are subnormal or zero), then the chosen entries zeroed."""
+    before = as_float(rank.unsqueeze(0) < steps, scaled.dtype)
+    info = torch.finfo(scaled.dtype)
+    lowest = torch.tensor(info.max, dtype=scaled.dtype, device=scaled.device)
+    x = torch.addcmul(scaled, before, lowest, value=-1)
+    p = x.sub_(x.amax(dim, keepdim=True)).clamp_(min=math.log(info.tiny) + 1.0).exp_()
+    p.addcmul_(before, p, value=-1)  # exactly 0 where chosen before, p - 0 elsewhere
+    return p.div_(p.sum(dim, keepdim=True))
 
 
 class _KSoftmaxST(torch.autograd.Function):
@@ -127,25 +186,24 @@ class _KSoftmaxST(torch.autograd.Function):
                 tau: float) -> Tensor:
         ctx.save_for_backward(z, rank)
         ctx.dim, ctx.k, ctx.tau = dim, k, tau
-        return _back_to_rows((rank < k).to(logits.dtype), dim)
+        return _back_to_rows(as_float(rank < k, logits.dtype), dim)
 
     @staticmethod
     def backward(ctx, g: Tensor):
         z, rank = ctx.saved_tensors
         dim = ctx.dim
-        g = _back_to_rows(g, dim).contiguous()  # into z's layout
+        g = columns(g) if dim == -2 else g.contiguous()  # into z's layout
         scaled = z / ctx.tau
-        grad = torch.zeros_like(z)
+        grad = None
         chunk = max(1, _CHUNK // max(z.numel(), 1))
         for j0 in range(0, ctx.k, chunk):
-            steps = torch.arange(j0, min(j0 + chunk, ctx.k), device=z.device)[:, None, None]
-            x = scaled.masked_fill(rank.unsqueeze(0) < steps, -torch.inf)
-            # written out, not torch.softmax: on a busy CPU its thread pool takes milliseconds
-            # even for tiny rows, while these elementwise ops stay on one thread there
-            p = (x - x.amax(dim, keepdim=True)).exp_()
-            p /= p.sum(dim, keepdim=True)
-            grad += (p * (g - (p * g).sum(dim, keepdim=True))).sum(0)
-        return _back_to_rows(grad / ctx.tau, dim), None, None, None, None, None
+            steps = torch.arange(j0, min(j0 + chunk, ctx.k), device=z.device,
+                                 dtype=rank.dtype)[:, None, None]
+            p = _step_softmaxes(scaled, rank, steps, dim)
+            pg = p * g  # p (g - <p, g>), summed over the steps
+            part = pg.sub_(p.mul_(pg.sum(dim, keepdim=True))).sum(0)
+            grad = part if grad is None else grad.add_(part)
+        return _back_to_rows(grad.div_(ctx.tau), dim), None, None, None, None, None
 
 
 class _SigmoidST(torch.autograd.Function):
@@ -158,17 +216,19 @@ class _SigmoidST(torch.autograd.Function):
                 tau: float) -> Tensor:
         ctx.save_for_backward(z, threshold)
         ctx.dim, ctx.tau = dim, tau
-        return _back_to_rows(hard.to(logits.dtype), dim)
+        return _back_to_rows(as_float(hard, logits.dtype), dim)
 
     @staticmethod
     def backward(ctx, g: Tensor):
         z, threshold = ctx.saved_tensors
         dim = ctx.dim
-        g = _back_to_rows(g, dim).contiguous()
-        s = torch.sigmoid((z - threshold) / ctx.tau)
+        g = columns(g) if dim == -2 else g.contiguous()
+        s = (z - threshold).div_(ctx.tau).sigmoid_()
         w = s.mul_(1.0 - s)  # rows with every w == 0 (k == n) get a zero gradient
-        mean = (w * g).sum(dim, keepdim=True) / w.sum(dim, keepdim=True).clamp_min(1e-30)
-        return _back_to_rows(w.mul_(g - mean).div_(ctx.tau), dim), None, None, None, None, None
+        wg = w * g
+        mean = wg.sum(dim, keepdim=True) / w.sum(dim, keepdim=True).clamp_min(1e-30)
+        return (_back_to_rows(wg.sub_(w.mul_(mean)).div_(ctx.tau), dim),
+                None, None, None, None, None)
 
 
 def ksoftmax_st(logits: Tensor, z: Tensor, k: int, tau: float) -> Tensor:
@@ -180,16 +240,22 @@ def ksoftmax_st(logits: Tensor, z: Tensor, k: int, tau: float) -> Tensor:
 def sigmoid_st(logits: Tensor, z: Tensor, k: int, tau: float) -> Tensor:
     """Hard top-k of ``z`` forward, the threshold sigmoid's gradient into ``logits`` backward."""
     z, dim = row_layout(z)
+    lowest = torch.finfo(z.dtype).max
     if dim == -2:
         hard = rank_rows(z) < k
-        low = z.masked_fill(~hard, torch.inf).amin(dim, keepdim=True)  # the k-th largest
+        # the k-th largest: the dropped entries pushed to the highest float (branch-free)
+        low = z.add(as_float(~hard, z.dtype), alpha=lowest).amin(dim, keepdim=True)
     else:
         top = z.topk(k, dim=1, sorted=False)
         hard = torch.zeros(z.shape, dtype=torch.bool, device=z.device).scatter_(
             1, top.indices, True)
         low = top.values.amin(1, keepdim=True)
-    high = z.masked_fill(hard, -torch.inf).amax(dim, keepdim=True)  # -inf when k == n
-    threshold = torch.where(high > -torch.inf, (low + high) / 2, -torch.inf)
+    if k == z.shape[dim]:  # nothing dropped: no threshold, every w == 0
+        threshold = torch.full_like(low, -torch.inf)
+    else:
+        # the largest dropped entry: the kept ones pushed to the lowest float
+        high = z.sub(as_float(hard, z.dtype), alpha=lowest).amax(dim, keepdim=True)
+        threshold = (low + high) / 2
     return _SigmoidST.apply(logits, z, hard, threshold, dim, tau)
 
 
@@ -223,14 +289,14 @@ class GumbelTopK(nn.Module):
 
     def eval_mask(self) -> Tensor:
         """The deterministic mask: top-k of the logits, ``(rows, n)`` float."""
-        return top_k_rows(self.logits.detach(), self.k).to(self.logits.dtype)
+        return as_float(top_k_rows(self.logits.detach(), self.k), self.logits.dtype)
 
     def sample_mask(self) -> Tensor:
         """Hard Gumbel top-k forward, the relaxation's gradient backward."""
         d = self.logits
         z = d.detach()
-        if self.noise_scale:
-            z = z + self.noise_scale * gumbel_noise(d.shape, self.generator, d)
+        if self.noise_scale:  # in place on the fresh noise: d + s * noise, bit for bit
+            z = gumbel_noise(d.shape, self.generator, d).mul_(self.noise_scale).add_(z)
         return _RELAX[self.relaxation](d, z, self.k, self.tau)
 
     def forward(self, w: Tensor) -> Tensor:
