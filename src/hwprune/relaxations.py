@@ -57,11 +57,13 @@ def resolve_relaxation(name: str, k: int) -> str:
     return name
 
 
-def gumbel_noise(shape: torch.Size, generator: torch.Generator, like: Tensor) -> Tensor:
-    """Gumbel(0, 1) samples drawn on the generator's device (the CPU), so that one generator
-    serves a model on any device; computed in place to keep allocations to one."""
+def gumbel_noise(shape: torch.Size, generator: torch.Generator, like: Tensor,
+                 scale: float = 1.0) -> Tensor:
+    """``scale`` times Gumbel(0, 1) samples, drawn on the generator's device (the CPU), so
+    that one generator serves a model on any device; computed in place to keep allocations
+    to one (``mul_(-scale)`` is the last ``neg_`` and the scaling in one pass, bit for bit)."""
     g = torch.rand(shape, generator=generator, dtype=like.dtype)
-    g.clamp_(min=1e-20).log_().neg_().clamp_(min=1e-20).log_().neg_()
+    g.clamp_(min=1e-20).log_().neg_().clamp_(min=1e-20).log_().mul_(-scale)
     return g.to(like.device)
 
 
@@ -144,13 +146,33 @@ def top_k_rows(z: Tensor, k: int) -> Tensor:
     return torch.zeros(z.shape, dtype=torch.bool, device=z.device).scatter_(1, top, True)
 
 
+class _RowEntropy(torch.autograd.Function):
+    """Each row's entropy of ``softmax(x)``, ``x`` in the relaxations' layout, with the
+    gradient in one expression: ``dH/dx_i = -p_i (log p_i + H)`` (autograd of the formula
+    would take several more passes over the logits)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, dim: int) -> Tensor:
+        y = x - x.amax(dim, keepdim=True)
+        e = y.exp()
+        total = e.sum(dim)
+        h = total.log() - (e * y).sum(dim) / total
+        ctx.save_for_backward(e.div_(total.unsqueeze(dim)), y.sub_(total.log().unsqueeze(dim)),
+                              h)
+        ctx.dim = dim
+        return h
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        p, log_p, h = ctx.saved_tensors  # log_p = y - log(total)
+        dim = ctx.dim
+        return log_p.add(h.unsqueeze(dim)).mul_(p).mul_(-g.unsqueeze(dim)), None
+
+
 def row_entropy(logits: Tensor) -> Tensor:
     """The entropy (natural log) of ``softmax(logits)`` of every row, differentiable."""
     x, dim = row_layout(logits)
-    y = x - x.detach().amax(dim, keepdim=True)
-    e = y.exp()
-    total = e.sum(dim)
-    return total.log() - (e * y).sum(dim) / total
+    return _RowEntropy.apply(x, dim)
 
 
 def _back_to_rows(x: Tensor, dim: int) -> Tensor:
@@ -296,7 +318,7 @@ class GumbelTopK(nn.Module):
         d = self.logits
         z = d.detach()
         if self.noise_scale:  # in place on the fresh noise: d + s * noise, bit for bit
-            z = gumbel_noise(d.shape, self.generator, d).mul_(self.noise_scale).add_(z)
+            z = gumbel_noise(d.shape, self.generator, d, self.noise_scale).add_(z)
         return _RELAX[self.relaxation](d, z, self.k, self.tau)
 
     def forward(self, w: Tensor) -> Tensor:
