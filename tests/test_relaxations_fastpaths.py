@@ -1,8 +1,9 @@
 """The cheaper formulations behind DPP's training step equal what they replace: the bitwise
 zeroing of ``keep_only`` is ``masked_fill`` bit for bit (nan, inf and -0.0 included), the
-column copies are transposes, the branch-free k-step softmax and threshold sigmoid give the
+branch-free k-step softmax and threshold sigmoid give the
 gradients of the masked_fill/-inf formulation (also at extreme logits and temperatures, where
-exps underflow), and the sampled mask is the noise-perturbed top-k it was."""
+exps underflow), the column-by-column row reductions are torch's, and the sampled mask is
+the noise-perturbed top-k it was."""
 
 import torch
 from hypothesis import given, settings
@@ -12,10 +13,10 @@ from hwprune.parametrize import Mask, keep_only
 from hwprune.relaxations import (
     GumbelTopK,
     as_float,
-    columns,
     gumbel_noise,
     ksoftmax_st,
-    rows_of,
+    row_max,
+    row_sum,
     sigmoid_st,
     top_k_rows,
 )
@@ -64,11 +65,17 @@ def test_keep_only_is_twice_differentiable_and_mask_keeps_its_behaviour():
 
 
 @settings(max_examples=40, deadline=None)
-@given(rows=st.integers(1, 30), n=st.integers(1, 9), seed=st.integers(0, 2**16))
-def test_column_copies_are_transposes_and_as_float_is_the_conversion(rows, n, seed):
-    x = torch.randn(rows, n, generator=torch.Generator().manual_seed(seed))
-    assert torch.equal(columns(x), x.t().contiguous())
-    assert torch.equal(rows_of(columns(x)), x)
+@given(rows=st.integers(1, 30), n=st.integers(1, 12), seed=st.integers(0, 2**16))
+def test_row_reductions_and_as_float_are_torch_s(rows, n, seed):
+    """Short rows are reduced column by column, long ones by torch; both as torch's own."""
+    x = torch.randn(3, rows, n, generator=torch.Generator().manual_seed(seed),
+                    dtype=torch.float64)
+    torch.testing.assert_close(row_sum(x), x.sum(-1, keepdim=True), rtol=1e-15, atol=1e-15)
+    assert torch.equal(row_max(x), x.amax(-1, keepdim=True))
+    s = row_sum(x)
+    s += 1  # a fresh tensor, also for rows of one entry
+    assert torch.equal(x, torch.randn(3, rows, n, generator=torch.Generator().manual_seed(seed),
+                                      dtype=torch.float64))
     flags = x > 0
     assert torch.equal(as_float(flags, torch.float64), flags.double())
 

@@ -16,7 +16,11 @@ the hard mask and whose backward computes the relaxed mask's vector-Jacobian pro
   sigmoid's few do), ``"sigmoid"`` above. docs/dpp.md explains the choice.
 
 Short rows (``n <= PAIRWISE_MAX_N``, e.g. 2:4) are ranked by pairwise comparisons of whole
-columns, which is several times faster on many rows than ``topk`` on rows of 4.
+columns, which is several times faster on many rows than ``topk`` on rows of 4, and reduced
+column by column (``row_sum``, ``row_max``), in their own (rows, n) layout: no transposes.
+Every pass over the logits is elementwise and branch-free (no masked_fill or where on a random
+mask, which branch per entry), since a DPP step's cost over a dense one is its number of
+passes over tensors of the weight's size.
 """
 
 from __future__ import annotations
@@ -31,8 +35,8 @@ from .parametrize import fake_quantize
 from .structures import KofN
 
 __all__ = ["GumbelTopK", "RELAXATIONS", "KSOFTMAX_MAX_K", "PAIRWISE_MAX_N",
-           "check_relaxation", "resolve_relaxation", "gumbel_noise", "row_layout", "rank_rows",
-           "top_k_rows", "row_entropy", "ksoftmax_st", "sigmoid_st", "columns", "rows_of",
+           "check_relaxation", "resolve_relaxation", "gumbel_noise", "is_short", "row_sum",
+           "row_max", "rank_rows", "top_k_rows", "row_entropy", "ksoftmax_st", "sigmoid_st",
            "as_float"]
 
 RELAXATIONS = ("ksoftmax", "sigmoid", "auto")
@@ -67,51 +71,42 @@ def gumbel_noise(shape: torch.Size, generator: torch.Generator, like: Tensor,
     return g.to(like.device)
 
 
-class _Columns(torch.autograd.Function):
-    """(rows, n) -> contiguous (n, rows), one strided copy per column (``t().contiguous()``
-    takes several times longer on long, narrow matrices); its gradient the way back."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        return columns(x)
-
-    @staticmethod
-    def backward(ctx, g: Tensor):
-        return rows_of(g)
+def is_short(n: int) -> bool:
+    """Whether rows of ``n`` take the short-row path (pairwise ranks, column reductions)."""
+    return n <= PAIRWISE_MAX_N
 
 
-def columns(x: Tensor) -> Tensor:
-    """``x.t().contiguous()`` for a (rows, n) ``x`` with few columns, copied column by column."""
-    out = x.new_empty((x.shape[1], x.shape[0]))
-    for a in range(x.shape[1]):
-        out[a].copy_(x[:, a])
-    return out
+def row_sum(x: Tensor) -> Tensor:
+    """The sum over the last axis, keepdim. Rows of up to ``PAIRWISE_MAX_N`` are added column
+    by column (strided views, left to right): torch's reduction over rows of 4 costs several
+    times more, and transposing them first costs more than the sum."""
+    if not is_short(x.shape[-1]):
+        return x.sum(-1, keepdim=True)
+    cols = x.unbind(-1)
+    out = cols[0].clone()
+    for c in cols[1:]:
+        out += c
+    return out.unsqueeze(-1)
 
 
-def rows_of(cols: Tensor) -> Tensor:
-    """The inverse of ``columns``: a contiguous (rows, n) from (n, rows)."""
-    out = cols.new_empty((cols.shape[1], cols.shape[0]))
-    for a in range(cols.shape[0]):
-        out[:, a].copy_(cols[a])
-    return out
-
-
-def row_layout(x: Tensor) -> tuple[Tensor, int]:
-    """``x`` (rows, n) as the relaxations work on it, and the dimension of its rows' entries:
-    short rows (``n <= PAIRWISE_MAX_N``) transposed to a contiguous (n, rows), so that each
-    reduction over a row is a few elementwise operations over long contiguous vectors (torch's
-    own reductions and softmax over rows of 4 cost many times more); long rows as they are.
-    Differentiable."""
-    if x.shape[1] <= PAIRWISE_MAX_N:
-        return _Columns.apply(x), -2
-    return x, -1
+def row_max(x: Tensor) -> Tensor:
+    """The maximum over the last axis, keepdim (column by column for short rows)."""
+    if not is_short(x.shape[-1]):
+        return x.amax(-1, keepdim=True)
+    cols = x.unbind(-1)
+    out = cols[0].clone()
+    for c in cols[1:]:
+        torch.maximum(out, c, out=out)
+    return out.unsqueeze(-1)
 
 
 def rank_rows(cols: Tensor) -> Tensor:
     """Each entry's rank within its row, 0 for the largest (ties: the lower index first), as
-    uint8, for short rows given as (n, rows): n·(n-1)/2 comparisons of whole columns."""
+    uint8 in the layout of ``cols``, for short rows given as (n, rows) (``z.t()`` of a
+    (rows, n) ``z`` works without a copy; the rank's ``.t()`` is then contiguous):
+    n·(n-1)/2 comparisons of whole columns."""
     n = cols.shape[0]
-    rank = torch.zeros(cols.shape, dtype=torch.uint8, device=cols.device)
+    rank = torch.zeros_like(cols, dtype=torch.uint8)  # keeps the strides of cols
     for a in range(n):
         for b in range(a + 1, n):
             a_first = cols[a] >= cols[b]
@@ -120,11 +115,11 @@ def rank_rows(cols: Tensor) -> Tensor:
     return rank
 
 
-def _chosen_order(z: Tensor, dim: int, k: int) -> Tensor:
-    """Rank of each chosen entry in the order of choice (largest first), ``k`` for the rest,
-    in ``z``'s layout."""
-    if dim == -2:
-        return rank_rows(z).clamp_(max=k)
+def _chosen_order(z: Tensor, k: int) -> Tensor:
+    """Rank of each chosen entry of ``z`` (rows, n) in the order of choice (largest first),
+    ``k`` for the rest."""
+    if is_short(z.shape[1]):
+        return rank_rows(z.t()).t().clamp_(max=k)
     order = z.topk(k, dim=1).indices
     rank = torch.full(z.shape, k, dtype=torch.uint8 if k < 256 else torch.long,
                       device=z.device)
@@ -140,63 +135,56 @@ def as_float(flags: Tensor, dtype: torch.dtype) -> Tensor:
 def top_k_rows(z: Tensor, k: int) -> Tensor:
     """Bool mask (rows, n) of the ``k`` largest entries of every row (exactly ``k``, also
     under ties)."""
-    if z.shape[1] <= PAIRWISE_MAX_N:
-        return rows_of(rank_rows(columns(z)) < k)
+    if is_short(z.shape[1]):
+        return rank_rows(z.t()).t() < k
     top = z.topk(k, dim=1, sorted=False).indices
     return torch.zeros(z.shape, dtype=torch.bool, device=z.device).scatter_(1, top, True)
 
 
 class _RowEntropy(torch.autograd.Function):
-    """Each row's entropy of ``softmax(x)``, ``x`` in the relaxations' layout, with the
-    gradient in one expression: ``dH/dx_i = -p_i (log p_i + H)`` (autograd of the formula
-    would take several more passes over the logits)."""
+    """Each row's entropy of ``softmax(x)``, with the gradient in one expression:
+    ``dH/dx_i = -p_i (log p_i + H)`` (autograd of the formula would take several more passes
+    over the logits)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, dim: int) -> Tensor:
-        y = x - x.amax(dim, keepdim=True)
+    def forward(ctx, x: Tensor) -> Tensor:
+        y = x - row_max(x)
         e = y.exp()
-        total = e.sum(dim)
-        h = total.log() - (e * y).sum(dim) / total
-        ctx.save_for_backward(e.div_(total.unsqueeze(dim)), y.sub_(total.log().unsqueeze(dim)),
-                              h)
-        ctx.dim = dim
-        return h
+        total = row_sum(e)
+        h = total.log() - row_sum(e * y) / total
+        ctx.save_for_backward(e.div_(total), y.sub_(total.log()), h)
+        return h.squeeze(-1)
 
     @staticmethod
     def backward(ctx, g: Tensor):
         p, log_p, h = ctx.saved_tensors  # log_p = y - log(total)
-        dim = ctx.dim
-        return log_p.add(h.unsqueeze(dim)).mul_(p).mul_(-g.unsqueeze(dim)), None
+        return log_p.add(h).mul_(p).mul_(-g.unsqueeze(-1))
 
 
 def row_entropy(logits: Tensor) -> Tensor:
     """The entropy (natural log) of ``softmax(logits)`` of every row, differentiable."""
-    x, dim = row_layout(logits)
-    return _RowEntropy.apply(x, dim)
+    return _RowEntropy.apply(logits)
 
 
-def _back_to_rows(x: Tensor, dim: int) -> Tensor:
-    """A tensor of the relaxations' layout (``row_layout``) as a contiguous (rows, n)."""
-    return rows_of(x) if dim == -2 else x
-
-
-def _step_softmaxes(scaled: Tensor, rank: Tensor, steps: Tensor, dim: int) -> Tensor:
-    """The softmax of ``scaled`` at each step (leading axis), over the entries not chosen
-    before the step (``rank >= step``); written out, not torch.softmax: on a busy CPU its
-    thread pool takes milliseconds even for tiny rows, while these ops stay on one thread.
+def _step_softmaxes(scaled: Tensor, rank: Tensor, steps: Tensor) -> Tensor:
+    """The softmax of each row of ``scaled`` at each step (leading axis), over the entries
+    not chosen before the step (``rank >= step``); written out, not torch.softmax: on a busy
+    CPU its thread pool takes milliseconds even for tiny rows, while these ops stay on one
+    thread.
 
     Branch-free and kept out of exp's slow paths: the chosen entries are pushed to the lowest
     float for the row maximum (masked_fill with -inf costs several times more on a random
     mask, and exp of -inf or of -3e38 is several times slower than of a normal number), the
-    exponents clamped at log(tiny) (a subnormal result costs tens of times more; the
-    reference's values below it are subnormal or zero), then the chosen entries zeroed."""
+    exponents clamped one above log(tiny) (a result at or below the smallest normal float
+    costs several to tens of times more; the reference's values below it are that small or
+    zero, next to a row maximum of 1), then the chosen entries zeroed."""
     before = as_float(rank.unsqueeze(0) < steps, scaled.dtype)
     info = torch.finfo(scaled.dtype)
     lowest = torch.tensor(info.max, dtype=scaled.dtype, device=scaled.device)
     x = torch.addcmul(scaled, before, lowest, value=-1)
-    p = x.sub_(x.amax(dim, keepdim=True)).clamp_(min=math.log(info.tiny) + 1.0).exp_()
+    p = x.sub_(row_max(x)).clamp_(min=math.log(info.tiny) + 1.0).exp_()
     p.addcmul_(before, p, value=-1)  # exactly 0 where chosen before, p - 0 elsewhere
-    return p.div_(p.sum(dim, keepdim=True))
+    return p.div_(row_sum(p))
 
 
 class _KSoftmaxST(torch.autograd.Function):
@@ -204,28 +192,25 @@ class _KSoftmaxST(torch.autograd.Function):
     successive softmaxes of ``z / tau``, step j over the entries whose rank is >= j."""
 
     @staticmethod
-    def forward(ctx, logits: Tensor, z: Tensor, rank: Tensor, dim: int, k: int,
-                tau: float) -> Tensor:
+    def forward(ctx, logits: Tensor, z: Tensor, rank: Tensor, k: int, tau: float) -> Tensor:
         ctx.save_for_backward(z, rank)
-        ctx.dim, ctx.k, ctx.tau = dim, k, tau
-        return _back_to_rows(as_float(rank < k, logits.dtype), dim)
+        ctx.k, ctx.tau = k, tau
+        return as_float(rank < k, logits.dtype)
 
     @staticmethod
     def backward(ctx, g: Tensor):
         z, rank = ctx.saved_tensors
-        dim = ctx.dim
-        g = columns(g) if dim == -2 else g.contiguous()  # into z's layout
         scaled = z / ctx.tau
         grad = None
         chunk = max(1, _CHUNK // max(z.numel(), 1))
         for j0 in range(0, ctx.k, chunk):
             steps = torch.arange(j0, min(j0 + chunk, ctx.k), device=z.device,
                                  dtype=rank.dtype)[:, None, None]
-            p = _step_softmaxes(scaled, rank, steps, dim)
+            p = _step_softmaxes(scaled, rank, steps)
             pg = p * g  # p (g - <p, g>), summed over the steps
-            part = pg.sub_(p.mul_(pg.sum(dim, keepdim=True))).sum(0)
+            part = pg.sub_(p.mul_(row_sum(pg))).sum(0)
             grad = part if grad is None else grad.add_(part)
-        return _back_to_rows(grad.div_(ctx.tau), dim), None, None, None, None, None
+        return grad.div_(ctx.tau), None, None, None, None
 
 
 class _SigmoidST(torch.autograd.Function):
@@ -234,51 +219,46 @@ class _SigmoidST(torch.autograd.Function):
     ``grad_i = w_i (g_i - sum_j w_j g_j / sum_j w_j)``, ``w = s (1 - s) / tau``."""
 
     @staticmethod
-    def forward(ctx, logits: Tensor, z: Tensor, hard: Tensor, threshold: Tensor, dim: int,
+    def forward(ctx, logits: Tensor, z: Tensor, hard: Tensor, threshold: Tensor,
                 tau: float) -> Tensor:
         ctx.save_for_backward(z, threshold)
-        ctx.dim, ctx.tau = dim, tau
-        return _back_to_rows(as_float(hard, logits.dtype), dim)
+        ctx.tau = tau
+        return as_float(hard, logits.dtype)
 
     @staticmethod
     def backward(ctx, g: Tensor):
         z, threshold = ctx.saved_tensors
-        dim = ctx.dim
-        g = columns(g) if dim == -2 else g.contiguous()
         s = (z - threshold).div_(ctx.tau).sigmoid_()
         w = s.mul_(1.0 - s)  # rows with every w == 0 (k == n) get a zero gradient
         wg = w * g
-        mean = wg.sum(dim, keepdim=True) / w.sum(dim, keepdim=True).clamp_min(1e-30)
-        return (_back_to_rows(wg.sub_(w.mul_(mean)).div_(ctx.tau), dim),
-                None, None, None, None, None)
+        mean = row_sum(wg) / row_sum(w).clamp_min(1e-30)
+        return wg.sub_(w.mul_(mean)).div_(ctx.tau), None, None, None, None
 
 
 def ksoftmax_st(logits: Tensor, z: Tensor, k: int, tau: float) -> Tensor:
     """Hard top-k of ``z`` forward, the k-step softmax's gradient into ``logits`` backward."""
-    z, dim = row_layout(z)
-    return _KSoftmaxST.apply(logits, z, _chosen_order(z, dim, k), dim, k, tau)
+    return _KSoftmaxST.apply(logits, z, _chosen_order(z, k), k, tau)
 
 
 def sigmoid_st(logits: Tensor, z: Tensor, k: int, tau: float) -> Tensor:
     """Hard top-k of ``z`` forward, the threshold sigmoid's gradient into ``logits`` backward."""
-    z, dim = row_layout(z)
     lowest = torch.finfo(z.dtype).max
-    if dim == -2:
-        hard = rank_rows(z) < k
+    if is_short(z.shape[1]):
+        hard = rank_rows(z.t()).t() < k
         # the k-th largest: the dropped entries pushed to the highest float (branch-free)
-        low = z.add(as_float(~hard, z.dtype), alpha=lowest).amin(dim, keepdim=True)
+        low = -row_max(z.neg().sub_(as_float(~hard, z.dtype), alpha=lowest))
     else:
         top = z.topk(k, dim=1, sorted=False)
         hard = torch.zeros(z.shape, dtype=torch.bool, device=z.device).scatter_(
             1, top.indices, True)
         low = top.values.amin(1, keepdim=True)
-    if k == z.shape[dim]:  # nothing dropped: no threshold, every w == 0
+    if k == z.shape[1]:  # nothing dropped: no threshold, every w == 0
         threshold = torch.full_like(low, -torch.inf)
     else:
         # the largest dropped entry: the kept ones pushed to the lowest float
-        high = z.sub(as_float(hard, z.dtype), alpha=lowest).amax(dim, keepdim=True)
+        high = row_max(z.sub(as_float(hard, z.dtype), alpha=lowest))
         threshold = (low + high) / 2
-    return _SigmoidST.apply(logits, z, hard, threshold, dim, tau)
+    return _SigmoidST.apply(logits, z, hard, threshold, tau)
 
 
 _RELAX = {"ksoftmax": ksoftmax_st, "sigmoid": sigmoid_st}
