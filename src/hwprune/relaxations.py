@@ -67,7 +67,8 @@ def gumbel_noise(shape: torch.Size, generator: torch.Generator, like: Tensor,
     that one generator serves a model on any device; computed in place to keep allocations
     to one (``mul_(-scale)`` is the last ``neg_`` and the scaling in one pass, bit for bit)."""
     g = torch.rand(shape, generator=generator, dtype=like.dtype)
-    g.clamp_(min=1e-20).log_().neg_().clamp_(min=1e-20).log_().mul_(-scale)
+    # -log(u) of u < 1 is over 1e-16 in every float type: no second clamp needed
+    g.clamp_(min=1e-20).log_().neg_().log_().mul_(-scale)
     return g.to(like.device)
 
 
@@ -166,25 +167,35 @@ def row_entropy(logits: Tensor) -> Tensor:
     return _RowEntropy.apply(logits)
 
 
+def _exp_shifted(x: Tensor) -> Tensor:
+    """``exp(x - row max)``, in place on ``x``; the exponents clamped one above log(tiny):
+    exp costs several to tens of times more where its result is at or below the smallest
+    normal float (the exact values there are that small or zero, next to a row maximum of 1).
+    Softmaxes are written out, not torch.softmax: on a busy CPU its thread pool takes
+    milliseconds even for tiny rows, while these ops stay on one thread."""
+    return x.sub_(row_max(x)).clamp_(min=math.log(torch.finfo(x.dtype).tiny) + 1.0).exp_()
+
+
 def _step_softmaxes(scaled: Tensor, rank: Tensor, steps: Tensor) -> Tensor:
     """The softmax of each row of ``scaled`` at each step (leading axis), over the entries
-    not chosen before the step (``rank >= step``); written out, not torch.softmax: on a busy
-    CPU its thread pool takes milliseconds even for tiny rows, while these ops stay on one
-    thread.
+    not chosen before the step (``rank >= step``; ``steps`` > 0).
 
     Branch-free and kept out of exp's slow paths: the chosen entries are pushed to the lowest
     float for the row maximum (masked_fill with -inf costs several times more on a random
-    mask, and exp of -inf or of -3e38 is several times slower than of a normal number), the
-    exponents clamped one above log(tiny) (a result at or below the smallest normal float
-    costs several to tens of times more; the reference's values below it are that small or
-    zero, next to a row maximum of 1), then the chosen entries zeroed."""
+    mask, and exp of -inf or of -3e38 is several times slower than of a normal number), then
+    zeroed after the exp."""
     before = as_float(rank.unsqueeze(0) < steps, scaled.dtype)
-    info = torch.finfo(scaled.dtype)
-    lowest = torch.tensor(info.max, dtype=scaled.dtype, device=scaled.device)
-    x = torch.addcmul(scaled, before, lowest, value=-1)
-    p = x.sub_(row_max(x)).clamp_(min=math.log(info.tiny) + 1.0).exp_()
-    p.addcmul_(before, p, value=-1)  # exactly 0 where chosen before, p - 0 elsewhere
-    return p.div_(row_sum(p))
+    lowest = torch.tensor(torch.finfo(scaled.dtype).max, dtype=scaled.dtype,
+                          device=scaled.device)
+    e = _exp_shifted(torch.addcmul(scaled, before, lowest, value=-1))
+    e.addcmul_(before, e, value=-1)  # exactly 0 where chosen before, e - 0 elsewhere
+    return e.div_(row_sum(e))
+
+
+def _step_gradient(p: Tensor, g: Tensor) -> Tensor:
+    """``p (g - <p, g>)`` per row: the vector-Jacobian product of one softmax step."""
+    pg = p * g
+    return pg.addcmul_(p, row_sum(pg), value=-1)
 
 
 class _KSoftmaxST(torch.autograd.Function):
@@ -201,15 +212,14 @@ class _KSoftmaxST(torch.autograd.Function):
     def backward(ctx, g: Tensor):
         z, rank = ctx.saved_tensors
         scaled = z / ctx.tau
-        grad = None
+        # step 0 is over every entry: a plain softmax, nothing to exclude
+        first = _exp_shifted(scaled.clone() if ctx.k > 1 else scaled)
+        grad = _step_gradient(first.div_(row_sum(first)), g)
         chunk = max(1, _CHUNK // max(z.numel(), 1))
-        for j0 in range(0, ctx.k, chunk):
+        for j0 in range(1, ctx.k, chunk):
             steps = torch.arange(j0, min(j0 + chunk, ctx.k), device=z.device,
                                  dtype=rank.dtype)[:, None, None]
-            p = _step_softmaxes(scaled, rank, steps)
-            pg = p * g  # p (g - <p, g>), summed over the steps
-            part = pg.sub_(p.mul_(row_sum(pg))).sum(0)
-            grad = part if grad is None else grad.add_(part)
+            grad.add_(_step_gradient(_step_softmaxes(scaled, rank, steps), g).sum(0))
         return grad.div_(ctx.tau), None, None, None, None
 
 
@@ -229,10 +239,10 @@ class _SigmoidST(torch.autograd.Function):
     def backward(ctx, g: Tensor):
         z, threshold = ctx.saved_tensors
         s = (z - threshold).div_(ctx.tau).sigmoid_()
-        w = s.mul_(1.0 - s)  # rows with every w == 0 (k == n) get a zero gradient
+        w = torch.addcmul(s, s, s, value=-1)  # s (1 - s); 0 in every row when k == n
         wg = w * g
         mean = row_sum(wg) / row_sum(w).clamp_min(1e-30)
-        return wg.sub_(w.mul_(mean)).div_(ctx.tau), None, None, None, None
+        return wg.addcmul_(w, mean, value=-1).div_(ctx.tau), None, None, None, None
 
 
 def ksoftmax_st(logits: Tensor, z: Tensor, k: int, tau: float) -> Tensor:
