@@ -107,12 +107,14 @@ def rank_rows(cols: Tensor) -> Tensor:
     (rows, n) ``z`` works without a copy; the rank's ``.t()`` is then contiguous):
     n·(n-1)/2 comparisons of whole columns."""
     n = cols.shape[0]
-    rank = torch.zeros_like(cols, dtype=torch.uint8)  # keeps the strides of cols
+    rank = torch.empty_like(cols, dtype=torch.uint8)  # keeps the strides of cols
+    for a in range(n):  # as if every later entry came first, corrected pair by pair
+        rank[a].fill_(n - 1 - a)
     for a in range(n):
         for b in range(a + 1, n):
-            a_first = cols[a] >= cols[b]
+            a_first = (cols[a] >= cols[b]).view(torch.uint8)
             rank[b] += a_first
-            rank[a] += ~a_first
+            rank[a] -= a_first
     return rank
 
 
