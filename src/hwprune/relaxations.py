@@ -84,8 +84,10 @@ def row_sum(x: Tensor) -> Tensor:
     if not is_short(x.shape[-1]):
         return x.sum(-1, keepdim=True)
     cols = x.unbind(-1)
-    out = cols[0].clone()
-    for c in cols[1:]:
+    if len(cols) == 1:
+        return cols[0].clone().unsqueeze(-1)
+    out = cols[0] + cols[1]
+    for c in cols[2:]:
         out += c
     return out.unsqueeze(-1)
 
@@ -95,8 +97,10 @@ def row_max(x: Tensor) -> Tensor:
     if not is_short(x.shape[-1]):
         return x.amax(-1, keepdim=True)
     cols = x.unbind(-1)
-    out = cols[0].clone()
-    for c in cols[1:]:
+    if len(cols) == 1:
+        return cols[0].clone().unsqueeze(-1)
+    out = torch.maximum(cols[0], cols[1])
+    for c in cols[2:]:
         torch.maximum(out, c, out=out)
     return out.unsqueeze(-1)
 
