@@ -173,13 +173,15 @@ def row_entropy(logits: Tensor) -> Tensor:
     return _RowEntropy.apply(logits)
 
 
-def _exp_shifted(x: Tensor) -> Tensor:
-    """``exp(x - row max)``, in place on ``x``; the exponents clamped one above log(tiny):
-    exp costs several to tens of times more where its result is at or below the smallest
-    normal float (the exact values there are that small or zero, next to a row maximum of 1).
-    Softmaxes are written out, not torch.softmax: on a busy CPU its thread pool takes
-    milliseconds even for tiny rows, while these ops stay on one thread."""
-    return x.sub_(row_max(x)).clamp_(min=math.log(torch.finfo(x.dtype).tiny) + 1.0).exp_()
+def _exp_shifted(x: Tensor, inplace: bool = True) -> Tensor:
+    """``exp(x - row max)`` (in place on ``x`` unless ``inplace`` is False); the exponents
+    clamped one above log(tiny): exp costs several to tens of times more where its result is
+    at or below the smallest normal float (the exact values there are that small or zero,
+    next to a row maximum of 1). Softmaxes are written out, not torch.softmax: on a busy CPU
+    its thread pool takes milliseconds even for tiny rows, while these ops stay on one
+    thread."""
+    y = x.sub_(row_max(x)) if inplace else x - row_max(x)
+    return y.clamp_(min=math.log(torch.finfo(x.dtype).tiny) + 1.0).exp_()
 
 
 def _step_softmaxes(scaled: Tensor, rank: Tensor, steps: Tensor) -> Tensor:
@@ -219,13 +221,14 @@ class _KSoftmaxST(torch.autograd.Function):
         z, rank = ctx.saved_tensors
         scaled = z / ctx.tau
         # step 0 is over every entry: a plain softmax, nothing to exclude
-        first = _exp_shifted(scaled.clone() if ctx.k > 1 else scaled)
+        first = _exp_shifted(scaled, inplace=ctx.k == 1)  # later steps read scaled
         grad = _step_gradient(first.div_(row_sum(first)), g)
         chunk = max(1, _CHUNK // max(z.numel(), 1))
         for j0 in range(1, ctx.k, chunk):
             steps = torch.arange(j0, min(j0 + chunk, ctx.k), device=z.device,
                                  dtype=rank.dtype)[:, None, None]
-            grad.add_(_step_gradient(_step_softmaxes(scaled, rank, steps), g).sum(0))
+            part = _step_gradient(_step_softmaxes(scaled, rank, steps), g)
+            grad.add_(part[0] if len(part) == 1 else part.sum(0))
         return grad.div_(ctx.tau), None, None, None, None
 
 
