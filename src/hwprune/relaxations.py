@@ -158,14 +158,15 @@ class _RowEntropy(torch.autograd.Function):
         y = x - row_max(x)
         e = y.exp()
         total = row_sum(e)
-        h = total.log() - row_sum(e * y) / total
-        ctx.save_for_backward(e.div_(total), y.sub_(total.log()), h)
+        log_total = total.log()
+        h = log_total - row_sum(e * y) / total
+        ctx.save_for_backward(e, y, total, log_total - h)
         return h.squeeze(-1)
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        p, log_p, h = ctx.saved_tensors  # log_p = y - log(total)
-        return log_p.add(h).mul_(p).mul_(-g.unsqueeze(-1))
+        e, y, total, shift = ctx.saved_tensors  # p = e / total, log p + H = y - shift
+        return (y - shift).mul_(e).mul_(g.unsqueeze(-1).neg() / total)
 
 
 def row_entropy(logits: Tensor) -> Tensor:
