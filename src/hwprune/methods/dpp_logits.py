@@ -115,11 +115,7 @@ class GradNormalizer:
         self.calls += 1
         self.mean_square, self.scale = (_on(v, grad.device) for v in (self.mean_square,
                                                                        self.scale))
-        # one reading pass over the gradient (a norm, in float32 or wider), not a divided,
-        # squared copy of it
-        g = grad.detach()
-        wide = torch.promote_types(g.dtype, torch.float32)
-        ms = (torch.linalg.vector_norm(g, dtype=wide).float() / self.scale).pow(2) / g.numel()
+        ms = (grad.detach().float() / self.scale).pow(2).mean()
         self.mean_square = self.BETA * self.mean_square + (1 - self.BETA) * ms
         rms = (self.mean_square / (1 - self.BETA ** self.calls)).sqrt()
         # no gradient seen yet (all zero): keep the factor
