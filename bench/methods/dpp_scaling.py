@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import statistics
 import sys
 import time
@@ -155,8 +156,12 @@ def measure_memory(model_name: str, variant: str) -> dict:
 
 
 def report(results: dict, idle_mb: float, cmd: str) -> list[str]:
+    load = results["load_average"]
     lines = [header("Training-step time and peak memory against dense (DPP's scaling)", cmd,
                     machine()), "",
+             *([results["note"], ""] if results.get("note") else []),
+             f"Load average (1 min) of the machine: {load['start']:.1f} at the start, "
+             f"{load['end']:.1f} at the end.", "",
              f"Median of {results['repeats']} interleaved rounds of {results['steps']} "
              "step(s) per variant, 1 thread; peak memory of a process per variant "
              f"(VmHWM of a child forked from the idle parent, which had imported torch and "
@@ -184,7 +189,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = arguments(__doc__, out="path prefix for .json and .md", threads=1, repeats=3)
     parser.add_argument("--steps", type=int, default=1, help="steps per variant and round")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--note", default="", help="a line on the conditions of the run "
+                        "(e.g. what else ran), written under the header")
     args = parse(parser, argv)
+    load_start = os.getloadavg()[0]
     idle_mb = peak_rss_mb()
     # memory first, while this process is idle: every child forks from the same state
     memory = {}
@@ -193,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
             memory[(m, v)] = measure_memory(m, v)
             print(json.dumps({"model": m, "variant": v, **memory[(m, v)]}), flush=True)
     results = {"repeats": args.repeats, "steps": args.steps, "idle_peak_mb": idle_mb,
-               "models": {}}
+               "note": args.note, "load_average": {"start": load_start}, "models": {}}
     cmd = command(__file__, argv)
     for model_name in args.models:
         times = time_model(model_name, args.repeats, args.steps)
@@ -203,6 +211,7 @@ def main(argv: list[str] | None = None) -> None:
                        "step_ms_all": [t * 1e3 for t in ts], **memory[(model_name, v)]}
             print(json.dumps({"model": model_name, "variant": v, **rows[v]}), flush=True)
         results["models"][model_name] = rows
+        results["load_average"]["end"] = os.getloadavg()[0]
         write_json(Path(args.out + ".json"), {"command": cmd, "machine": machine(), **results})
         write_lines(Path(args.out + ".md"), report(results, idle_mb, cmd))
 

@@ -12,7 +12,39 @@ from torch import Tensor, nn
 
 from .structures import Structure
 
-__all__ = ["Mask", "GroupScale", "TiedScale", "MapScale", "MapGate", "fake_quantize"]
+__all__ = ["Mask", "GroupScale", "TiedScale", "MapScale", "MapGate", "fake_quantize",
+           "keep_only"]
+
+#: the integer type of each float type's size: a float is zeroed by and-ing its bits
+_SAME_SIZE_INT = {torch.float64: torch.int64, torch.float32: torch.int32,
+                  torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+class _KeepBits(torch.autograd.Function):
+    """``w`` and-ed bitwise with ``bits`` (all ones: keep, zero: +0.0); the gradient alike."""
+
+    @staticmethod
+    def forward(ctx, w: Tensor, bits: Tensor) -> Tensor:
+        ctx.save_for_backward(bits)
+        return w.view(bits.dtype).bitwise_and(bits).view(w.dtype)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        (bits,) = ctx.saved_tensors
+        return _KeepBits.apply(g, bits), None
+
+
+def keep_only(w: Tensor, keep: Tensor) -> Tensor:
+    """``w`` with the entries outside ``keep`` (bool, ``w``'s shape) exactly +0.0, gradient
+    zero there too: ``w.masked_fill(~keep, 0.0)``, bit for bit. A float weight is and-ed with
+    an integer mask of its size instead: masked_fill branches on every entry and costs many
+    times a multiply on a random mask, while ``w * keep`` would let an inf/nan in a pruned
+    weight leak through."""
+    itype = _SAME_SIZE_INT.get(w.dtype)
+    if itype is None:  # other dtypes (complex, integer) have no same-size bit trick here
+        return w.masked_fill(~keep, 0.0)
+    bits = keep.view(torch.uint8).to(itype).neg_()  # 1 -> all bits set
+    return _KeepBits.apply(w, bits)
 
 
 class Mask(nn.Module):
@@ -23,8 +55,8 @@ class Mask(nn.Module):
         self.register_buffer("mask", mask.to(torch.bool).clone())
 
     def forward(self, w: Tensor) -> Tensor:
-        # masked_fill, not w * mask: an inf/nan in a pruned weight must not leak through.
-        return w.masked_fill(~self.mask, 0.0)
+        # zeroed, not w * mask: an inf/nan in a pruned weight must not leak through.
+        return keep_only(w, self.mask)
 
     def output_gate(self) -> Tensor:
         """Per output unit (axis 0): whether any of its weights is kept (bool)."""

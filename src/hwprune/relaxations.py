@@ -16,10 +16,16 @@ the hard mask and whose backward computes the relaxed mask's vector-Jacobian pro
   sigmoid's few do), ``"sigmoid"`` above. docs/dpp.md explains the choice.
 
 Short rows (``n <= PAIRWISE_MAX_N``, e.g. 2:4) are ranked by pairwise comparisons of whole
-columns, which is several times faster on many rows than ``topk`` on rows of 4.
+columns, which is several times faster on many rows than ``topk`` on rows of 4, and reduced
+column by column (``row_sum``, ``row_max``), in their own (rows, n) layout: no transposes.
+Every pass over the logits is elementwise and branch-free (no masked_fill or where on a random
+mask, which branch per entry), since a DPP step's cost over a dense one is its number of
+passes over tensors of the weight's size.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor, nn
@@ -29,8 +35,9 @@ from .parametrize import fake_quantize
 from .structures import KofN
 
 __all__ = ["GumbelTopK", "RELAXATIONS", "KSOFTMAX_MAX_K", "PAIRWISE_MAX_N",
-           "check_relaxation", "resolve_relaxation", "gumbel_noise", "row_layout", "rank_rows",
-           "top_k_rows", "row_entropy", "ksoftmax_st", "sigmoid_st"]
+           "check_relaxation", "resolve_relaxation", "gumbel_noise", "is_short", "row_sum",
+           "row_max", "rank_rows", "top_k_rows", "row_entropy", "ksoftmax_st", "sigmoid_st",
+           "as_float"]
 
 RELAXATIONS = ("ksoftmax", "sigmoid", "auto")
 #: "auto" keeps the paper's k-step softmax up to this many steps per row
@@ -54,68 +61,150 @@ def resolve_relaxation(name: str, k: int) -> str:
     return name
 
 
-def gumbel_noise(shape: torch.Size, generator: torch.Generator, like: Tensor) -> Tensor:
-    """Gumbel(0, 1) samples drawn on the generator's device (the CPU), so that one generator
-    serves a model on any device; computed in place to keep allocations to one."""
+def gumbel_noise(shape: torch.Size, generator: torch.Generator, like: Tensor,
+                 scale: float = 1.0) -> Tensor:
+    """``scale`` times Gumbel(0, 1) samples, drawn on the generator's device (the CPU), so
+    that one generator serves a model on any device; computed in place to keep allocations
+    to one (``mul_(-scale)`` is the last ``neg_`` and the scaling in one pass, bit for bit)."""
     g = torch.rand(shape, generator=generator, dtype=like.dtype)
-    g.clamp_(min=1e-20).log_().neg_().clamp_(min=1e-20).log_().neg_()
+    # -log(u) of u < 1 is over 1e-16 in every float type: no second clamp needed
+    g.clamp_(min=1e-20).log_().neg_().log_().mul_(-scale)
     return g.to(like.device)
 
 
-def row_layout(x: Tensor) -> tuple[Tensor, int]:
-    """``x`` (rows, n) as the relaxations work on it, and the dimension of its rows' entries:
-    short rows (``n <= PAIRWISE_MAX_N``) transposed to a contiguous (n, rows), so that each
-    reduction over a row is a few elementwise operations over long contiguous vectors (torch's
-    own reductions and softmax over rows of 4 cost many times more); long rows as they are."""
-    if x.shape[1] <= PAIRWISE_MAX_N:
-        return x.t().contiguous(), -2
-    return x, -1
+def is_short(n: int) -> bool:
+    """Whether rows of ``n`` take the short-row path (pairwise ranks, column reductions)."""
+    return n <= PAIRWISE_MAX_N
+
+
+def row_sum(x: Tensor) -> Tensor:
+    """The sum over the last axis, keepdim. Rows of up to ``PAIRWISE_MAX_N`` are added column
+    by column (strided views, left to right): torch's reduction over rows of 4 costs several
+    times more, and transposing them first costs more than the sum."""
+    if not is_short(x.shape[-1]):
+        return x.sum(-1, keepdim=True)
+    cols = x.unbind(-1)
+    if len(cols) == 1:
+        return cols[0].clone().unsqueeze(-1)
+    out = cols[0] + cols[1]
+    for c in cols[2:]:
+        out += c
+    return out.unsqueeze(-1)
+
+
+def row_max(x: Tensor) -> Tensor:
+    """The maximum over the last axis, keepdim (column by column for short rows)."""
+    if not is_short(x.shape[-1]):
+        return x.amax(-1, keepdim=True)
+    cols = x.unbind(-1)
+    if len(cols) == 1:
+        return cols[0].clone().unsqueeze(-1)
+    out = torch.maximum(cols[0], cols[1])
+    for c in cols[2:]:
+        torch.maximum(out, c, out=out)
+    return out.unsqueeze(-1)
 
 
 def rank_rows(cols: Tensor) -> Tensor:
     """Each entry's rank within its row, 0 for the largest (ties: the lower index first), as
-    uint8, for short rows given as (n, rows): n·(n-1)/2 comparisons of whole columns."""
+    uint8 in the layout of ``cols``, for short rows given as (n, rows) (``z.t()`` of a
+    (rows, n) ``z`` works without a copy; the rank's ``.t()`` is then contiguous):
+    n·(n-1)/2 comparisons of whole columns."""
     n = cols.shape[0]
-    rank = torch.zeros(cols.shape, dtype=torch.uint8, device=cols.device)
+    rank = torch.empty_like(cols, dtype=torch.uint8)  # keeps the strides of cols
+    for a in range(n):  # as if every later entry came first, corrected pair by pair
+        rank[a].fill_(n - 1 - a)
     for a in range(n):
         for b in range(a + 1, n):
-            a_first = cols[a] >= cols[b]
+            a_first = (cols[a] >= cols[b]).view(torch.uint8)
             rank[b] += a_first
-            rank[a] += ~a_first
+            rank[a] -= a_first
     return rank
 
 
-def _chosen_order(z: Tensor, dim: int, k: int) -> Tensor:
-    """Rank of each chosen entry in the order of choice (largest first), ``k`` for the rest,
-    in ``z``'s layout."""
-    if dim == -2:
-        return rank_rows(z).clamp_(max=k)
+def _chosen_order(z: Tensor, k: int) -> Tensor:
+    """Rank of each chosen entry of ``z`` (rows, n) in the order of choice (largest first),
+    ``k`` for the rest."""
+    if is_short(z.shape[1]):
+        return rank_rows(z.t()).t().clamp_(max=k)
     order = z.topk(k, dim=1).indices
-    rank = torch.full(z.shape, k, dtype=torch.long, device=z.device)
-    return rank.scatter_(1, order, torch.arange(k, device=z.device).expand_as(order))
+    rank = torch.full(z.shape, k, dtype=torch.uint8 if k < 256 else torch.long,
+                      device=z.device)
+    return rank.scatter_(1, order, torch.arange(k, device=z.device, dtype=rank.dtype)
+                         .expand_as(order))
+
+
+def as_float(flags: Tensor, dtype: torch.dtype) -> Tensor:
+    """A bool tensor as 0/1 of ``dtype`` (through uint8: bool -> float converts slowly)."""
+    return flags.view(torch.uint8).to(dtype)
 
 
 def top_k_rows(z: Tensor, k: int) -> Tensor:
     """Bool mask (rows, n) of the ``k`` largest entries of every row (exactly ``k``, also
     under ties)."""
-    cols, dim = row_layout(z)
-    if dim == -2:
-        return (rank_rows(cols) < k).t()
+    if is_short(z.shape[1]):
+        return rank_rows(z.t()).t() < k
     top = z.topk(k, dim=1, sorted=False).indices
     return torch.zeros(z.shape, dtype=torch.bool, device=z.device).scatter_(1, top, True)
 
 
+class _RowEntropy(torch.autograd.Function):
+    """Each row's entropy of ``softmax(x)``, with the gradient in one expression:
+    ``dH/dx_i = -p_i (log p_i + H)`` (autograd of the formula would take several more passes
+    over the logits)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        y = x - row_max(x)
+        e = y.exp()
+        total = row_sum(e)
+        log_total = total.log()
+        h = log_total - row_sum(e * y) / total
+        ctx.save_for_backward(e, y, total, log_total - h)
+        return h.squeeze(-1)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        e, y, total, shift = ctx.saved_tensors  # p = e / total, log p + H = y - shift
+        return (y - shift).mul_(e).mul_(g.unsqueeze(-1).neg() / total)
+
+
 def row_entropy(logits: Tensor) -> Tensor:
     """The entropy (natural log) of ``softmax(logits)`` of every row, differentiable."""
-    x, dim = row_layout(logits)
-    y = x - x.detach().amax(dim, keepdim=True)
-    e = y.exp()
-    total = e.sum(dim)
-    return total.log() - (e * y).sum(dim) / total
+    return _RowEntropy.apply(logits)
 
 
-def _back_to_rows(x: Tensor, dim: int) -> Tensor:
-    return x.t() if dim == -2 else x
+def _exp_shifted(x: Tensor, inplace: bool = True) -> Tensor:
+    """``exp(x - row max)`` (in place on ``x`` unless ``inplace`` is False); the exponents
+    clamped one above log(tiny): exp costs several to tens of times more where its result is
+    at or below the smallest normal float (the exact values there are that small or zero,
+    next to a row maximum of 1). Softmaxes are written out, not torch.softmax: on a busy CPU
+    its thread pool takes milliseconds even for tiny rows, while these ops stay on one
+    thread."""
+    y = x.sub_(row_max(x)) if inplace else x - row_max(x)
+    return y.clamp_(min=math.log(torch.finfo(x.dtype).tiny) + 1.0).exp_()
+
+
+def _step_softmaxes(scaled: Tensor, rank: Tensor, steps: Tensor) -> Tensor:
+    """The softmax of each row of ``scaled`` at each step (leading axis), over the entries
+    not chosen before the step (``rank >= step``; ``steps`` > 0).
+
+    Branch-free and kept out of exp's slow paths: the chosen entries are pushed to the lowest
+    float for the row maximum (masked_fill with -inf costs several times more on a random
+    mask, and exp of -inf or of -3e38 is several times slower than of a normal number), then
+    zeroed after the exp."""
+    before = as_float(rank.unsqueeze(0) < steps, scaled.dtype)
+    lowest = torch.tensor(torch.finfo(scaled.dtype).max, dtype=scaled.dtype,
+                          device=scaled.device)
+    e = _exp_shifted(torch.addcmul(scaled, before, lowest, value=-1))
+    e.addcmul_(before, e, value=-1)  # exactly 0 where chosen before, e - 0 elsewhere
+    return e.div_(row_sum(e))
+
+
+def _step_gradient(p: Tensor, g: Tensor) -> Tensor:
+    """``p (g - <p, g>)`` per row: the vector-Jacobian product of one softmax step."""
+    pg = p * g
+    return pg.addcmul_(p, row_sum(pg), value=-1)
 
 
 class _KSoftmaxST(torch.autograd.Function):
@@ -123,29 +212,25 @@ class _KSoftmaxST(torch.autograd.Function):
     successive softmaxes of ``z / tau``, step j over the entries whose rank is >= j."""
 
     @staticmethod
-    def forward(ctx, logits: Tensor, z: Tensor, rank: Tensor, dim: int, k: int,
-                tau: float) -> Tensor:
+    def forward(ctx, logits: Tensor, z: Tensor, rank: Tensor, k: int, tau: float) -> Tensor:
         ctx.save_for_backward(z, rank)
-        ctx.dim, ctx.k, ctx.tau = dim, k, tau
-        return _back_to_rows((rank < k).to(logits.dtype), dim)
+        ctx.k, ctx.tau = k, tau
+        return as_float(rank < k, logits.dtype)
 
     @staticmethod
     def backward(ctx, g: Tensor):
         z, rank = ctx.saved_tensors
-        dim = ctx.dim
-        g = _back_to_rows(g, dim).contiguous()  # into z's layout
         scaled = z / ctx.tau
-        grad = torch.zeros_like(z)
+        # step 0 is over every entry: a plain softmax, nothing to exclude
+        first = _exp_shifted(scaled, inplace=ctx.k == 1)  # later steps read scaled
+        grad = _step_gradient(first.div_(row_sum(first)), g)
         chunk = max(1, _CHUNK // max(z.numel(), 1))
-        for j0 in range(0, ctx.k, chunk):
-            steps = torch.arange(j0, min(j0 + chunk, ctx.k), device=z.device)[:, None, None]
-            x = scaled.masked_fill(rank.unsqueeze(0) < steps, -torch.inf)
-            # written out, not torch.softmax: on a busy CPU its thread pool takes milliseconds
-            # even for tiny rows, while these elementwise ops stay on one thread there
-            p = (x - x.amax(dim, keepdim=True)).exp_()
-            p /= p.sum(dim, keepdim=True)
-            grad += (p * (g - (p * g).sum(dim, keepdim=True))).sum(0)
-        return _back_to_rows(grad / ctx.tau, dim), None, None, None, None, None
+        for j0 in range(1, ctx.k, chunk):
+            steps = torch.arange(j0, min(j0 + chunk, ctx.k), device=z.device,
+                                 dtype=rank.dtype)[:, None, None]
+            part = _step_gradient(_step_softmaxes(scaled, rank, steps), g)
+            grad.add_(part[0] if len(part) == 1 else part.sum(0))
+        return grad.div_(ctx.tau), None, None, None, None
 
 
 class _SigmoidST(torch.autograd.Function):
@@ -154,43 +239,46 @@ class _SigmoidST(torch.autograd.Function):
     ``grad_i = w_i (g_i - sum_j w_j g_j / sum_j w_j)``, ``w = s (1 - s) / tau``."""
 
     @staticmethod
-    def forward(ctx, logits: Tensor, z: Tensor, hard: Tensor, threshold: Tensor, dim: int,
+    def forward(ctx, logits: Tensor, z: Tensor, hard: Tensor, threshold: Tensor,
                 tau: float) -> Tensor:
         ctx.save_for_backward(z, threshold)
-        ctx.dim, ctx.tau = dim, tau
-        return _back_to_rows(hard.to(logits.dtype), dim)
+        ctx.tau = tau
+        return as_float(hard, logits.dtype)
 
     @staticmethod
     def backward(ctx, g: Tensor):
         z, threshold = ctx.saved_tensors
-        dim = ctx.dim
-        g = _back_to_rows(g, dim).contiguous()
-        s = torch.sigmoid((z - threshold) / ctx.tau)
-        w = s.mul_(1.0 - s)  # rows with every w == 0 (k == n) get a zero gradient
-        mean = (w * g).sum(dim, keepdim=True) / w.sum(dim, keepdim=True).clamp_min(1e-30)
-        return _back_to_rows(w.mul_(g - mean).div_(ctx.tau), dim), None, None, None, None, None
+        s = (z - threshold).div_(ctx.tau).sigmoid_()
+        w = torch.addcmul(s, s, s, value=-1)  # s (1 - s); 0 in every row when k == n
+        wg = w * g
+        mean = row_sum(wg) / row_sum(w).clamp_min(1e-30)
+        return wg.addcmul_(w, mean, value=-1).div_(ctx.tau), None, None, None, None
 
 
 def ksoftmax_st(logits: Tensor, z: Tensor, k: int, tau: float) -> Tensor:
     """Hard top-k of ``z`` forward, the k-step softmax's gradient into ``logits`` backward."""
-    z, dim = row_layout(z)
-    return _KSoftmaxST.apply(logits, z, _chosen_order(z, dim, k), dim, k, tau)
+    return _KSoftmaxST.apply(logits, z, _chosen_order(z, k), k, tau)
 
 
 def sigmoid_st(logits: Tensor, z: Tensor, k: int, tau: float) -> Tensor:
     """Hard top-k of ``z`` forward, the threshold sigmoid's gradient into ``logits`` backward."""
-    z, dim = row_layout(z)
-    if dim == -2:
-        hard = rank_rows(z) < k
-        low = z.masked_fill(~hard, torch.inf).amin(dim, keepdim=True)  # the k-th largest
+    lowest = torch.finfo(z.dtype).max
+    if is_short(z.shape[1]):
+        hard = rank_rows(z.t()).t() < k
+        # the k-th largest: the dropped entries pushed to the highest float (branch-free)
+        low = -row_max(z.neg().sub_(as_float(~hard, z.dtype), alpha=lowest))
     else:
         top = z.topk(k, dim=1, sorted=False)
         hard = torch.zeros(z.shape, dtype=torch.bool, device=z.device).scatter_(
             1, top.indices, True)
         low = top.values.amin(1, keepdim=True)
-    high = z.masked_fill(hard, -torch.inf).amax(dim, keepdim=True)  # -inf when k == n
-    threshold = torch.where(high > -torch.inf, (low + high) / 2, -torch.inf)
-    return _SigmoidST.apply(logits, z, hard, threshold, dim, tau)
+    if k == z.shape[1]:  # nothing dropped: no threshold, every w == 0
+        threshold = torch.full_like(low, -torch.inf)
+    else:
+        # the largest dropped entry: the kept ones pushed to the lowest float
+        high = row_max(z.sub(as_float(hard, z.dtype), alpha=lowest))
+        threshold = (low + high) / 2
+    return _SigmoidST.apply(logits, z, hard, threshold, tau)
 
 
 _RELAX = {"ksoftmax": ksoftmax_st, "sigmoid": sigmoid_st}
@@ -223,14 +311,14 @@ class GumbelTopK(nn.Module):
 
     def eval_mask(self) -> Tensor:
         """The deterministic mask: top-k of the logits, ``(rows, n)`` float."""
-        return top_k_rows(self.logits.detach(), self.k).to(self.logits.dtype)
+        return as_float(top_k_rows(self.logits.detach(), self.k), self.logits.dtype)
 
     def sample_mask(self) -> Tensor:
         """Hard Gumbel top-k forward, the relaxation's gradient backward."""
         d = self.logits
         z = d.detach()
-        if self.noise_scale:
-            z = z + self.noise_scale * gumbel_noise(d.shape, self.generator, d)
+        if self.noise_scale:  # in place on the fresh noise: d + s * noise, bit for bit
+            z = gumbel_noise(d.shape, self.generator, d, self.noise_scale).add_(z)
         return _RELAX[self.relaxation](d, z, self.k, self.tau)
 
     def forward(self, w: Tensor) -> Tensor:

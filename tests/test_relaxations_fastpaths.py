@@ -1,0 +1,161 @@
+"""The cheaper formulations behind DPP's training step equal what they replace: the bitwise
+zeroing of ``keep_only`` is ``masked_fill`` bit for bit (nan, inf and -0.0 included), the
+branch-free k-step softmax and threshold sigmoid give the
+gradients of the masked_fill/-inf formulation (also at extreme logits and temperatures, where
+exps underflow), the column-by-column row reductions are torch's, and the sampled mask is
+the noise-perturbed top-k it was."""
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hwprune.parametrize import Mask, keep_only
+from hwprune.relaxations import (
+    GumbelTopK,
+    as_float,
+    gumbel_noise,
+    ksoftmax_st,
+    row_max,
+    row_sum,
+    sigmoid_st,
+    top_k_rows,
+)
+from hwprune.structures import Element, KofN
+
+FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()])
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**16), dtype=st.sampled_from(FLOATS),
+       shape=st.sampled_from([(7, 5), (3, 4, 3, 3), (17,)]), transpose=st.booleans())
+def test_keep_only_is_masked_fill_bit_for_bit_with_its_gradient(seed, dtype, shape, transpose):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=g).to(dtype)
+    specials = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0]).to(dtype)
+    w.view(-1)[:4] = specials
+    keep = torch.rand(shape, generator=g) > 0.5
+    if transpose and len(shape) > 1:
+        w, keep = w.transpose(0, -1), keep.transpose(0, -1)
+    a, b = w.clone().requires_grad_(), w.clone().requires_grad_()
+    out, ref = keep_only(a, keep), b.masked_fill(~keep, 0.0)
+    assert torch.equal(_bits(out), _bits(ref))
+    up = torch.randn(out.shape, generator=g).to(dtype)
+    up.view(-1)[:4] = specials
+    out.backward(up)
+    ref.backward(up)
+    assert torch.equal(_bits(a.grad), _bits(b.grad))
+
+
+def test_keep_only_is_twice_differentiable_and_mask_keeps_its_behaviour():
+    w = torch.randn(6, 4, requires_grad=True)
+    keep = torch.rand(6, 4) > 0.5
+    up = torch.randn(6, 4, requires_grad=True)
+    (grad,) = torch.autograd.grad(keep_only(w, keep), w, up, create_graph=True)
+    grad.sum().backward()
+    assert torch.equal(up.grad, keep.float())
+    m = Mask(keep)
+    w2 = torch.randn(6, 4)
+    w2[~keep] = float("nan")
+    assert torch.equal(m(w2), w2.masked_fill(~keep, 0.0))
+    assert torch.equal(m.output_gate(), keep.any(1))
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 30), n=st.integers(1, 12), seed=st.integers(0, 2**16))
+def test_row_reductions_and_as_float_are_torch_s(rows, n, seed):
+    """Short rows are reduced column by column, long ones by torch; both as torch's own."""
+    x = torch.randn(3, rows, n, generator=torch.Generator().manual_seed(seed),
+                    dtype=torch.float64)
+    torch.testing.assert_close(row_sum(x), x.sum(-1, keepdim=True), rtol=1e-15, atol=1e-15)
+    assert torch.equal(row_max(x), x.amax(-1, keepdim=True))
+    s = row_sum(x)
+    s += 1  # a fresh tensor, also for rows of one entry
+    assert torch.equal(x, torch.randn(3, rows, n, generator=torch.Generator().manual_seed(seed),
+                                      dtype=torch.float64))
+    flags = x > 0
+    assert torch.equal(as_float(flags, torch.float64), flags.double())
+
+
+def _ksoftmax_masked_fill(z, k, tau):
+    """The k-step softmax's gradient as it was written before (masked_fill with -inf, the
+    maximum over the remaining entries), as a differentiable function of z."""
+    order = z.detach().topk(k, dim=1).indices
+    soft, excluded = torch.zeros_like(z), torch.zeros_like(z, dtype=torch.bool)
+    for j in range(k):
+        x = (z / tau).masked_fill(excluded, -torch.inf)
+        p = (x - x.detach().amax(1, keepdim=True)).exp()
+        soft = soft + p / p.sum(1, keepdim=True)
+        excluded = excluded.scatter(1, order[:, j:j + 1], True)
+    return soft
+
+
+@st.composite
+def extreme_rows(draw):
+    rows, n = draw(st.integers(1, 8)), draw(st.sampled_from([2, 4, 5, 8, 9, 30]))
+    k = draw(st.integers(1, min(n, 6)))
+    scale = draw(st.sampled_from([0.1, 1.0, 30.0, 1e3]))
+    tau = draw(st.sampled_from([5.0, 1.0, 0.5, 0.05]))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    z = (scale * torch.randn(rows, n, generator=g, dtype=torch.float64)).to(dtype)
+    up = torch.randn(rows, n, generator=g, dtype=torch.float64).to(dtype)
+    return z, up, k, tau
+
+
+@settings(max_examples=120, deadline=None)
+@given(case=extreme_rows())
+def test_branch_free_ksoftmax_gradient_equals_the_masked_fill_form(case):
+    z, up, k, tau = case
+    logits = z.clone().requires_grad_()
+    mask = ksoftmax_st(logits, z, k, tau)
+    assert torch.equal(mask > 0.5, top_k_rows(z, k))
+    (mask * up).sum().backward()
+    ref = z.clone().requires_grad_()
+    (_ksoftmax_masked_fill(ref, k, tau) * up).sum().backward()
+    assert torch.isfinite(logits.grad).all()
+    tol = 1e-5 if z.dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(logits.grad, ref.grad, rtol=tol, atol=tol / tau)
+
+
+def _sigmoid_masked_fill(z, up, k, tau):
+    """The threshold sigmoid's gradient for the upstream gradient ``up``, with the threshold
+    found by masked_fill (as it was written before)."""
+    zd = z.detach()
+    kept = top_k_rows(zd, k)
+    low = zd.masked_fill(~kept, torch.inf).amin(1, keepdim=True)
+    high = zd.masked_fill(kept, -torch.inf).amax(1, keepdim=True)
+    t = torch.where(high > -torch.inf, (low + high) / 2, -torch.inf)
+    s = torch.sigmoid((zd - t) / tau)
+    w = s * (1 - s) / tau
+    mean = (w * up).sum(1, keepdim=True) / w.sum(1, keepdim=True).clamp_min(1e-30)
+    return w * (up - mean)
+
+
+@settings(max_examples=120, deadline=None)
+@given(case=extreme_rows())
+def test_branch_free_sigmoid_gradient_equals_the_masked_fill_form(case):
+    z, up, k, tau = case
+    logits = z.clone().requires_grad_()
+    mask = sigmoid_st(logits, z, k, tau)
+    assert torch.equal(mask > 0.5, top_k_rows(z, k))
+    (mask * up).sum().backward()
+    ref = _sigmoid_masked_fill(z, up, k, tau)
+    tol = 1e-5 if z.dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(logits.grad, ref, rtol=tol, atol=tol / tau)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**16), n=st.sampled_from([4, 8, 64]),
+       relaxation=st.sampled_from(["ksoftmax", "sigmoid"]))
+def test_a_sampled_mask_is_the_top_k_of_logits_plus_scaled_gumbel_noise(seed, n, relaxation):
+    k = n // 2
+    logits = torch.randn(6, n, generator=torch.Generator().manual_seed(seed))
+    top = GumbelTopK(KofN(k, n, Element()), (6, n), logits, 0.7, None,
+                     torch.Generator().manual_seed(seed), relaxation)
+    noise = gumbel_noise(logits.shape, torch.Generator().manual_seed(seed), logits)
+    expected = top_k_rows(logits + 0.7 * noise, k)
+    assert torch.equal(top.sample_mask() > 0.5, expected)
