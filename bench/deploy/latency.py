@@ -22,7 +22,17 @@ from torch import nn
 
 import hwprune as hp
 
-__all__ = ["medians_in_turns", "eager", "onnxruntime_call"]
+__all__ = ["medians_in_turns", "eager", "onnxruntime_call", "timing_header"]
+
+
+def timing_header(title: str, command_line: str, machine_line: str, threads: int) -> str:
+    """The title, command and machine lines of a latency results file (torch and onnxruntime
+    threads named; the machine was shared)."""
+    from common import header  # bench/ is on sys.path in every script that times
+
+    return header(title, command_line, f"{machine_line} (shared with other jobs), "
+                  f"`torch.set_num_threads({threads})`, onnxruntime with as many threads",
+                  inline=True)
 
 
 def medians_in_turns(calls: list[Callable[[], Any]], repeats: int, warmup: int = 3

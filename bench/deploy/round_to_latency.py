@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: the shar
 import torch
 
 import hwprune as hp
-from common import RESULTS, arguments, command, header, machine, parse, write_json, write_table
-from deploy.latency import eager, medians_in_turns, onnxruntime_call
+from common import RESULTS, arguments, command, machine, parse, write_json, write_table
+from deploy.latency import eager, medians_in_turns, onnxruntime_call, timing_header
 from zoo.peer import macs
 
 OUT = RESULTS / "deploy" / "round_to_latency"
@@ -75,10 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.models:
         rows += measure(name, args.ratio, args.round_to, args.repeats)
         print(rows[-3:], flush=True)
-    lines = [header("round_to: channel counts that vector units divide",
-                    command(__file__, argv), f"{machine()} (shared with other jobs), "
-                    f"`torch.set_num_threads({args.threads})`, onnxruntime with as many "
-                    "threads", inline=True), "",
+    lines = [timing_header("round_to: channel counts that vector units divide",
+                           command(__file__, argv), machine(), args.threads), "",
              f"Random weights, batch 1, 224 x 224. `Magnitude(\"map\", {args.ratio}, "
              f"round_to=...)`, `finalize()`, `hp.shrink`, `hp.fold_batchnorm`; the dense model "
              "and both pruned ones timed in turns in one loop, eager and onnxruntime, median "

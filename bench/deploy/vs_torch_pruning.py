@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: the shar
 import torch
 
 import hwprune as hp
-from common import RESULTS, arguments, command, header, machine, parse, write_json, write_table
-from deploy.latency import eager, medians_in_turns, onnxruntime_call
+from common import RESULTS, arguments, command, machine, parse, write_json, write_table
+from deploy.latency import eager, medians_in_turns, onnxruntime_call, timing_header
 from hwprune.models import resnet_cifar
 from zoo.peer import macs, params, torch_pruning
 
@@ -131,10 +131,8 @@ def main(argv: list[str] | None = None) -> int:
             print(rows[-4:], flush=True)
     title = "ResNet-56 (option B)" if args.model == "resnet56" else f"torchvision {args.model}"
     rounded = "" if args.round_to == 1 else f", round_to={args.round_to}"
-    lines = [header(f"hwprune against Torch-Pruning: {title}",
-                    command(__file__, argv), f"{machine()} (shared with other jobs), "
-                    f"`torch.set_num_threads({args.threads})`, onnxruntime with as many "
-                    "threads", inline=True), "",
+    lines = [timing_header(f"hwprune against Torch-Pruning: {title}",
+                           command(__file__, argv), machine(), args.threads), "",
              f"Random initialisation, one-shot at {args.ratio:.0%}. `hwprune`: "
              f"`Magnitude(\"map\", {args.ratio}{rounded})`, `finalize()`, `hp.shrink`, "
              "`hp.fold_batchnorm`. `Torch-Pruning`: `MagnitudePruner(pruning_ratio="
