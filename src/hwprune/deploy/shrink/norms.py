@@ -33,8 +33,8 @@ if TYPE_CHECKING:
     from .analysis import Analysis
 
 __all__ = ["LayerNormHandler", "NarrowedLayerNorm", "layer_norm_call", "layer_norm_args",
-           "narrowed_layer_norm", "normalises_channels", "rewrite_layer_norm_call",
-           "is_layer_norm_call"]
+           "narrowed_layer_norm", "normalises_channels", "loses_channels",
+           "rewrite_layer_norm_call", "is_layer_norm_call"]
 
 
 class NarrowedLayerNorm(nn.Module):
@@ -75,6 +75,14 @@ def normalises_channels(info: ChannelInfo, shape: tuple[int, ...], normalized_nd
     """Whether the channel axis is the one axis a norm over the last ``normalized_ndim`` axes
     normalises."""
     return normalized_ndim == 1 and info.dim % len(shape) == len(shape) - 1
+
+
+def loses_channels(info: ChannelInfo | None, keep: list[int] | None,
+                   shape: tuple[int, ...] | None, normalized_ndim: int) -> bool:
+    """Whether a norm over the channels (``normalises_channels``) keeps fewer than all of
+    them: only then is it narrowed (a norm over other axes passes channels through as it is)."""
+    return (info is not None and keep is not None and shape is not None
+            and len(keep) < len(info.slots) and normalises_channels(info, shape, normalized_ndim))
 
 
 def layer_norm_info(an: Analysis, node: fx.Node, x: fx.Node, info: ChannelInfo | None,
@@ -149,12 +157,14 @@ def layer_norm_call(an: Analysis, node: fx.Node) -> ChannelInfo | None:
     return layer_norm_info(an, node, x, info, ndim, weight, bias)
 
 
-def rewrite_layer_norm_call(gm: fx.GraphModule, node: fx.Node, info: ChannelInfo,
-                            keep: list[int]) -> str:
+def rewrite_layer_norm_call(gm: fx.GraphModule, node: fx.Node, info: ChannelInfo | None,
+                            keep: list[int] | None) -> str | None:
     """Replace a traced ``F.layer_norm`` whose channels lost some by a ``NarrowedLayerNorm``
     module (its old weight and bias become dead attributes); the name of the module that
-    held them (the call's own name where none did)."""
-    _, weight, bias, eps, attrs = layer_norm_args(gm, node)
+    held them (the call's own name where none did), or None where nothing changes."""
+    ndim, weight, bias, eps, attrs = layer_norm_args(gm, node)
+    if not loses_channels(info, keep, shape_of(node.args[0]), ndim):
+        return None
     owner = attrs[0].target.rpartition(".")[0] if attrs else ""
     name = f"_shrink_layer_norm_{node.name}"
     gm.add_submodule(name, narrowed_layer_norm(keep, info, weight, bias, eps))
@@ -175,10 +185,9 @@ class LayerNormHandler(LayerHandler):
                                layer.weight, layer.bias)
 
     def rebuild(self, plan: Narrowing) -> Rebuilt | None:
-        info, keep, shape = plan.input, plan.keep_in, plan.in_shape
-        if (info is None or keep is None or len(keep) == len(info.slots) or shape is None
-                or not normalises_channels(info, shape, len(plan.layer.normalized_shape))):
-            return None  # nothing removed, or channels not normalised: the norm is unchanged
+        info, keep = plan.input, plan.keep_in
+        if not loses_channels(info, keep, plan.in_shape, len(plan.layer.normalized_shape)):
+            return None
         layer, n = plan.layer, len(info.slots)
         new = narrowed_layer_norm(keep, info, layer.weight, layer.bias, layer.eps)
         return Rebuilt(new, (n, n), (len(keep), len(keep)))

@@ -20,12 +20,7 @@ from torch import Tensor, fx, nn
 from .analysis import Analysis
 from .handlers import Narrowing
 from .nodes import get_attr, set_module, set_tensor_attr, shape_of, where
-from .norms import (
-    is_layer_norm_call,
-    layer_norm_args,
-    normalises_channels,
-    rewrite_layer_norm_call,
-)
+from .norms import is_layer_norm_call, rewrite_layer_norm_call
 from .registry import handler_for
 from .result import KeptChannels, ShrinkResult
 
@@ -135,11 +130,10 @@ def rewrite(gm: fx.GraphModule, an: Analysis, removed: set[int], result: ShrinkR
                                                       shape_of(x)),
                            result)
         elif is_layer_norm_call(node):
-            info = an.info_of(x)
-            if (info is not None and kin is not None and len(kin) < len(info.slots)
-                    and normalises_channels(info, shape_of(x), layer_norm_args(gm, node)[0])):
-                name = rewrite_layer_norm_call(gm, node, info, kin)
-                result.layers[name] = ((len(info.slots),) * 2, (len(kin),) * 2)
+            name = rewrite_layer_norm_call(gm, node, an.info_of(x), kin)
+            if name is not None:
+                n = len(an.info_of(x).slots)
+                result.layers[name] = ((n, n), (len(kin), len(kin)))
         elif node.op == "call_function" and node.target is F.pad:
             _rewrite_pad(gm, an, node, x, kin, kout)
         elif node.op in ("call_function", "call_method") and kout is not None:
