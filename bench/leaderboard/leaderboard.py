@@ -45,11 +45,24 @@ PRETRAINED = "weights/cifar10-resnet20-akamaster.th"
 CONVS = "layer*"  # the stem conv and the classifier stay dense for every method
 
 
-def _magnitude(structure: str, sparsity: float | None = None) -> dict:
+#: a cubic ramp over the first 3 of 4 pruning epochs of 12,500 images at batch 64 (196 steps
+#: an epoch), updating every 15 steps
+GRADUAL = {"type": "cubic", "begin": 0, "end": 585, "every": 15, "unit": "step"}
+
+
+def _magnitude(structure: str, sparsity: float | None = None,
+               schedule: dict | None = None) -> dict:
     method = {"name": "Magnitude", "structure": structure, "targets": CONVS}
     if sparsity is not None:
         method["sparsity"] = sparsity
+    if schedule is not None:
+        method["schedule"] = schedule
     return method
+
+
+def _psp_gradual(sparsity: float) -> dict:
+    return {"name": "PSP", "structure": "channel", "variant": "fixed", "sparsity": sparsity,
+            "rank_by": "scaled", "revive": False, "schedule": GRADUAL, "targets": CONVS}
 
 
 #: (row name, method section, fraction of the epochs spent in the pruning phase, the
@@ -106,6 +119,23 @@ ENTRIES: list[tuple[str, dict, float, tuple[str, ...]]] = [
     ("dpp-1of8-magnitude-init-noise01", {"name": "DPP", "structure": "1:8",
                                          "logit_init": "magnitude", "noise_scale": 0.01,
                                          "targets": CONVS}, 0.5, ("magnitude-1of8",)),
+    # round 4: the half-and-half split that brought DPP 1:8 level with magnitude, at 1:4 and
+    # on feature maps
+    ("dpp-1of4-magnitude-init-half", {"name": "DPP", "structure": "1:4",
+                                      "logit_init": "magnitude", "targets": CONVS}, 0.5,
+     ("magnitude-1of4",)),
+    ("dpp-map-50-magnitude-init-half", {"name": "DPP", "structure": "map", "k": 0.5,
+                                        "logit_init": "magnitude", "targets": CONVS}, 0.5,
+     ("magnitude-map-50",)),
+    # PSP ramping its channel sparsity up (cubic, over 3 of the 4 pruning epochs) with no
+    # revival, so the kept set only shrinks: the rows above re-rank every step at full
+    # sparsity. Magnitude on the same ramp separates the schedule's share from the alphas'.
+    ("psp-channel-50-gradual", _psp_gradual(0.5), 0.5,
+     ("magnitude-channel-50", "magnitude-channel-50-gradual")),
+    ("magnitude-channel-50-gradual", _magnitude("channel", 0.5, GRADUAL), 0.5, ()),
+    ("psp-channel-75-gradual", _psp_gradual(0.75), 0.5,
+     ("magnitude-channel-75", "magnitude-channel-75-gradual")),
+    ("magnitude-channel-75-gradual", _magnitude("channel", 0.75, GRADUAL), 0.5, ()),
 ]
 BASELINE = {name: base for name, _, _, base in ENTRIES}
 
