@@ -54,3 +54,39 @@ def test_the_plan_maps_epochs_to_phases_and_never_makes_a_batch_of_one():
     assert sizes == [4, 4]
     again = [x for _, x, _ in plan.batches(0, 1)]  # resumed at step 1: the same batch
     assert torch.equal(again[0], list(plan.batches(0, 0))[1][1])
+
+
+def _toy_schedule_cfg(monkeypatch, schedule):
+    x, y = torch.randn(40, 1, 8, 8), torch.arange(40) % 3
+    monkeypatch.setitem(DATASETS, "toy", DatasetSpec(
+        lambda r, d, s: (TensorDataset(x, y), TensorDataset(x[:8], y[:8]), {}), False))
+    return resolve({"model": {"name": "small_cnn", "args": {"width": 4}},
+                    "data": {"name": "toy"},
+                    "method": {"name": "Magnitude", "structure": "element", "sparsity": 0.5,
+                               "schedule": schedule},
+                    "train": {"prune_epochs": 2, "finetune_epochs": 1, "batch_size": 8}},
+                   name="toy")
+
+
+@pytest.mark.parametrize("schedule, late", [
+    ({"type": "cubic", "begin": 0, "end": 10, "every": 2}, False),  # 2 epochs x 5 steps
+    ({"type": "cubic", "begin": 0, "end": 11, "every": 2}, True),
+    ({"type": "linear", "begin": 0, "end": 2, "unit": "epoch"}, False),
+    ({"type": "linear", "begin": 1, "end": 3, "unit": "epoch"}, True),
+])
+def test_a_schedule_that_ends_after_the_pruning_phase_is_named_before_training(
+        monkeypatch, schedule, late):
+    import warnings
+
+    from hwprune.app.build import ScheduleWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        build(_toy_schedule_cfg(monkeypatch, schedule))
+    found = [w for w in caught if issubclass(w.category, ScheduleWarning)]
+    assert len(found) == int(late)
+    if late:
+        message = str(found[0].message)
+        limit = "10" if schedule.get("unit", "step") == "step" else "2"
+        assert f"ends at {schedule.get('unit', 'step')} {schedule['end']}" in message
+        assert f"method.schedule.end at most {limit}" in message

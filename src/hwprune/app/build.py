@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,9 @@ from .. import data as hdata
 from .. import models as hmodels
 from ..errors import HwpruneError
 from ..methods import get_method
+from ..schedules import Schedule
 from .datasets import Augment, augmentable, dataset_spec
+from .phases import Plan
 from .recipe import RecipeError, method_class, method_kwargs
 
 __all__ = ["Data", "Parts", "build", "field_error", "make_optimizer", "make_pruner",
@@ -81,8 +84,35 @@ def build(cfg: dict[str, Any]) -> Parts:
                   run_method_kwargs(cfg) if method else {},
                   dataset_spec(cfg["data"]["name"]).augment if cfg["data"]["augment"] else None)
     if parts.method_cls is not None:  # every method parameter is checked here, on a copy
-        make_pruner(parts, copy.deepcopy(model))
+        pruner = make_pruner(parts, copy.deepcopy(model))
+        warn_late_schedule(cfg, getattr(pruner, "schedule", None),
+                           Plan(cfg, data.train_x, data.train_y).steps_per_epoch())
     return parts
+
+
+class ScheduleWarning(UserWarning):
+    """A method's sparsity schedule ends after the pruning phase: the masks are frozen for
+    fine-tuning before they reach the recipe's sparsity."""
+
+
+def warn_late_schedule(cfg: dict[str, Any], schedule: Any, steps_per_epoch: int) -> None:
+    """Warn (``ScheduleWarning``) where ``schedule`` (``method.schedule``) ends after the last
+    step or epoch of the pruning phase: the run would then fine-tune, and save, a model at a
+    lower sparsity than asked. A warning, not a refusal: a smoke run (``--quick``) cuts every
+    phase short on purpose."""
+    if not isinstance(schedule, Schedule):
+        return
+    epochs = cfg["train"]["prune_epochs"]
+    length = epochs * steps_per_epoch if schedule.unit == "step" else epochs
+    if schedule.end <= length:
+        return
+    phase = (f"train.prune_epochs={epochs} x {steps_per_epoch} steps an epoch = {length} steps"
+             if schedule.unit == "step" else f"train.prune_epochs={epochs}")
+    warnings.warn(ScheduleWarning(
+        f"method.schedule ends at {schedule.unit} {schedule.end}, after the pruning phase "
+        f"({phase}): the masks stop short of method.sparsity, and the run fine-tunes and "
+        f"saves a less sparse model; allowed: method.schedule.end at most {length}, or more "
+        "train.prune_epochs"), stacklevel=2)
 
 
 def run_method_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
