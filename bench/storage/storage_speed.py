@@ -1,17 +1,22 @@
 """hp.save / hp.load / hp.report speed against torch.save / torch.load and issue 18's goals.
 
-Models (random initialisation, ``torch.manual_seed(0)``, nothing downloaded): ResNet-56 from
-``hwprune.models`` dense, pruned 90 % by element magnitude and 2:4 (``hp.Magnitude``,
-finalized), and a stack of ``nn.Linear`` layers (five 4096x4096 and one 4096x512, biases
-included: 86 M parameters, ViT-B/16's size). Each repeat runs torch.save, hp.save, torch.load
-and hp.load of the same state dict back to back (interleaved, so load on a shared machine hits
-both alike); the table gives the median of the repeats and the ratio of the medians.
-``hp.report(model, example)`` is timed warm (one call first: it imports the FLOP counter).
+Models (nothing downloaded): ResNet-56 from ``hwprune.models``, with random initialisation
+(``torch.manual_seed(0)``) and with the pretrained akamaster weights (``--data-dir``), each
+dense, pruned 90 % by element magnitude and 2:4 (``hp.Magnitude``, finalized); and a stack of
+``nn.Linear`` layers (five 4096x4096 and one 4096x512, biases included: 86 M parameters,
+ViT-B/16's size) in two initialisations: PyTorch's default (uniform), whose low mantissa
+bytes are partly zero and compress, and the truncated normal of std 0.02 that ViTs start
+from, whose mantissa bytes are full-entropy as trained weights' are (the pretrained
+ResNet-56's three low byte planes do not compress at all). Each repeat runs torch.save,
+hp.save, torch.load and hp.load of the same state dict back to back (interleaved, so load on
+a shared machine hits both alike); the table gives the median of the repeats and the ratio of
+the medians. ``hp.report(model, example)`` is timed warm (one call first: it imports the FLOP
+counter).
 
 Goals (issue 18): hp.save and hp.load within 3x torch.save / torch.load; hp.report under
 0.5 s on ResNet-56 and under 10 s on the 86 M model.
 
-    python bench/storage/storage_speed.py [--repeats 5] [--no-large] [--note TEXT]
+    python bench/storage/storage_speed.py [--repeats 5] [--data-dir DIR] [--no-large] [--note TEXT]
 
 Writes bench/results/storage/storage_speed.md and .json.
 """
@@ -40,7 +45,8 @@ from common import (
     write_json,
     write_lines,
 )
-from hwprune.models import resnet56
+from hwprune.data import data_dir
+from hwprune.models import load_pretrained, resnet56
 
 OUT = RESULTS / "storage" / "storage_speed"
 GOALS = {"save_ratio": 3.0, "load_ratio": 3.0}
@@ -83,15 +89,22 @@ def speed_case(label: str, model: torch.nn.Module, example: torch.Tensor, repeat
             "all_times_s": times}
 
 
-def linear_stack() -> torch.nn.Module:
-    """Five 4096x4096 layers and a 4096x512 head: 86 M parameters with biases."""
+def linear_stack(normal: bool = False) -> torch.nn.Module:
+    """Five 4096x4096 layers and a 4096x512 head: 86 M parameters with biases; ``normal``:
+    weights from a normal of std 0.02 truncated at 2 std (a ViT's start), biases zero."""
     layers = [torch.nn.Linear(4096, 4096) for _ in range(5)] + [torch.nn.Linear(4096, 512)]
+    if normal:
+        for layer in layers:
+            torch.nn.init.trunc_normal_(layer.weight, std=0.02, a=-0.04, b=0.04)
+            torch.nn.init.zeros_(layer.bias)
     return torch.nn.Sequential(*layers).eval()
 
 
-def _pruned(structure: str, amount: float | None) -> torch.nn.Module:
-    model = resnet56()
-    hp.Magnitude(model, structure, amount).finalize()
+def _resnet56(weights: Path | None, structure: str | None = None,
+              amount: float | None = None) -> torch.nn.Module:
+    model = resnet56() if weights is None else load_pretrained(weights)
+    if structure is not None:
+        hp.Magnitude(model, structure, amount).finalize()
     return model.eval()
 
 
@@ -123,7 +136,7 @@ def write_summary(rows: list[dict], cmd: str, note: str = "") -> None:
 
 
 def main(argv=None) -> int:
-    parser = arguments(__doc__, None, repeats=5)
+    parser = arguments(__doc__, None, data_dir=True, repeats=5)
     parser.add_argument("--no-large", action="store_true", help="skip the 86 M-parameter model")
     parser.add_argument("--note", default="", help="what else the machine ran meanwhile "
                         "(written under the header: the times depend on it)")
@@ -132,21 +145,25 @@ def main(argv=None) -> int:
     cmd = command(__file__, argv).replace(args.note, '"..."') if args.note else command(
         __file__, argv)
     example = torch.zeros(1, 3, 32, 32)
+    pretrained = data_dir(args.data_dir) / "weights" / "cifar10-resnet56-akamaster.th"
     rows = []
-    for label, make in [("ResNet-56 dense", lambda: resnet56().eval()),
-                        ("ResNet-56 element 90%", lambda: _pruned("element", 0.9)),
-                        ("ResNet-56 2:4", lambda: _pruned("2:4", None))]:
-        torch.manual_seed(0)
-        rows.append(speed_case(label, make(), example, args.repeats, REPORT_GOAL_S["ResNet-56"]))
-        print({k: v for k, v in rows[-1].items() if k != "all_times_s"}, flush=True)
-        write_summary(rows, cmd, args.note)
+    for init, weights in (("random init", None), ("pretrained", pretrained)):
+        for case, structure, amount in (("dense", None, None), ("element 90%", "element", 0.9),
+                                        ("2:4", "2:4", None)):
+            torch.manual_seed(0)
+            rows.append(speed_case(f"ResNet-56 {init}, {case}",
+                                   _resnet56(weights, structure, amount), example,
+                                   args.repeats, REPORT_GOAL_S["ResNet-56"]))
+            print({k: v for k, v in rows[-1].items() if k != "all_times_s"}, flush=True)
+            write_summary(rows, cmd, args.note)
     if not args.no_large:
-        torch.manual_seed(0)
-        rows.append(speed_case("86 M nn.Linear stack (ViT-B/16 size)", linear_stack(),
-                               torch.zeros(1, 4096), max(3, args.repeats // 2),
-                               REPORT_GOAL_S["86 M"]))
-        print({k: v for k, v in rows[-1].items() if k != "all_times_s"}, flush=True)
-        write_summary(rows, cmd, args.note)
+        for label, normal in (("uniform init", False), ("normal init, std 0.02", True)):
+            torch.manual_seed(0)
+            rows.append(speed_case(f"86 M nn.Linear stack (ViT-B/16 size), {label}",
+                                   linear_stack(normal), torch.zeros(1, 4096),
+                                   max(3, args.repeats // 2), REPORT_GOAL_S["86 M"]))
+            print({k: v for k, v in rows[-1].items() if k != "all_times_s"}, flush=True)
+            write_summary(rows, cmd, args.note)
     return 0
 
 
