@@ -73,6 +73,7 @@ def test_narrowed_layernorm_equals_the_full_norm_with_the_constants_put_back(wid
     narrow = NarrowedLayerNorm(width, const, w[keep], b[keep], 1e-5)
     got = narrow(x[..., keep])
     assert torch.allclose(got, full[..., keep], atol=1e-5 * float(full.abs().max()) + 1e-6)
+    assert got.is_contiguous()  # what the next layer reads, as it read the original norm's
     # fine-tuning the shrunk model: the kept inputs' gradients are the original norm's (in
     # float64, where summation order cannot matter: a norm of two nearly equal channels has a
     # gradient at rounding level in float32)

@@ -45,8 +45,9 @@ class NarrowedLayerNorm(nn.Module):
     The constants are put back behind the kept channels and the whole row normalised by one
     ``F.layer_norm`` (the order of a norm's channels does not matter): the original norm's
     own arithmetic, one fused kernel in PyTorch and one LayerNormalization node in ONNX. The
-    removed channels' outputs are cut off again; their weight and bias are not stored. Written
-    with padding and slicing by stored sizes, so torch.fx traces it (``fold_batchnorm``).
+    removed channels' outputs are cut off again (and made contiguous); their weight and bias
+    are not stored. Written with padding and slicing by stored sizes, so torch.fx traces it
+    (``fold_batchnorm``).
     """
 
     def __init__(self, width: int, removed: Tensor, weight: Tensor | None, bias: Tensor | None,
@@ -65,7 +66,10 @@ class NarrowedLayerNorm(nn.Module):
             row = row + F.pad(self.removed.to(x.dtype), (self.kept, 0))
         weight = None if self.weight is None else F.pad(self.weight, (0, self.gone), value=1.0)
         bias = None if self.bias is None else F.pad(self.bias, (0, self.gone))
-        return F.layer_norm(row, (self.width,), weight, bias, self.eps)[..., :self.kept]
+        # contiguous: the consumer (a Linear, or a permute and a conv) then reads the layout
+        # the original norm gave it, not a strided slice it would copy or handle more slowly
+        out = F.layer_norm(row, (self.width,), weight, bias, self.eps)[..., :self.kept]
+        return out.contiguous()
 
     def extra_repr(self) -> str:
         return f"width={self.width}, removed={self.removed.numel()}, eps={self.eps}"
