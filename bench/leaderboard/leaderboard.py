@@ -136,6 +136,14 @@ ENTRIES: list[tuple[str, dict, float, tuple[str, ...]]] = [
     ("psp-channel-75-gradual", _psp_gradual(0.75), 0.5,
      ("magnitude-channel-75", "magnitude-channel-75-gradual")),
     ("magnitude-channel-75-gradual", _magnitude("channel", 0.75, GRADUAL), 0.5, ()),
+    # a quarter of the budget learning the masks, three quarters fine-tuning the final one
+    # (the 6 + 2 split trailed the 4 + 4 one at 1:8)
+    ("dpp-1of4-magnitude-init-quarter", {"name": "DPP", "structure": "1:4",
+                                         "logit_init": "magnitude", "targets": CONVS}, 0.25,
+     ("magnitude-1of4",)),
+    ("dpp-map-50-magnitude-init-quarter", {"name": "DPP", "structure": "map", "k": 0.5,
+                                           "logit_init": "magnitude", "targets": CONVS}, 0.25,
+     ("magnitude-map-50",)),
 ]
 BASELINE = {name: base for name, _, _, base in ENTRIES}
 
