@@ -197,6 +197,22 @@ def test_resume_in_the_finetune_phase_replays_the_phase_switch(tmp_path):
     assert metrics(tmp_path / "a")[-1]["sparsity"] > 0.0
 
 
+@pytest.mark.parametrize("method", ["DPP", "PSP"])
+def test_resume_after_fix_pattern_replays_it_and_the_pattern_stays_fixed(tmp_path, method):
+    # fine-tuning starts with fix_pattern (the default hook): DPP stops sampling, PSP stops
+    # re-testing; a run stopped inside fine-tuning resumes to the same model
+    recipe = tiny(method, finetune_epochs=2, phase_hook="fix_pattern")
+    cfg = load_recipe(write(tmp_path, recipe))
+    _run(cfg, tmp_path / "a").execute(tmp_path / "a")
+    with pytest.raises(Interrupted):  # step 14: inside the second fine-tuning epoch
+        _run(cfg, tmp_path / "b", on_step=_sigint_at(14)).execute(tmp_path / "b")
+    _run(cfg, tmp_path / "b").execute(tmp_path / "b", resume=True)
+    assert metrics(tmp_path / "b") == metrics(tmp_path / "a")
+    assert same_model(tmp_path / "b", tmp_path / "a")
+    finetune = [r["sparsity"] for r in metrics(tmp_path / "a") if r["phase"] == "finetune"]
+    assert len(finetune) == 2 and finetune[0] == finetune[1]
+
+
 def test_a_killed_subprocess_resumes_to_the_same_result(tmp_path):
     # a real Ctrl-C to a real `hwprune run`, at whatever moment it lands
     recipe = tiny("DPP", dense_epochs=1, prune_epochs=4,
@@ -326,7 +342,7 @@ def _bad(recipe_changes):
     ({"model.name": "resnet9000"}, ["model.name", "resnet9000", "resnet20"]),
     ({"model.name": "builtins:print"}, ["model.name", "never name code", "--plugin"]),
     ({"train.phase_hook": "__init__"}, ["train.phase_hook", "a public pruner method"]),
-    ({"train.phase_hook": "finalize"}, ["train.phase_hook", "'finalize'", "PSP (none)"]),
+    ({"train.phase_hook": "finalize"}, ["train.phase_hook", "'finalize'", "PSP (fix_pattern)"]),
     ({"data.name": "cifar10", "data.dir": "/no/such/folder"}, ["data.dir", "/no/such/folder"]),
     ({"data.name": "imagenet"}, ["data.name", "'imagenet'", "cifar10"]),
     ({"model.pretrained": "/no/such.pt"}, ["model.pretrained", "/no/such.pt", "no such file"]),

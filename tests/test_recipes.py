@@ -146,7 +146,7 @@ def test_text_data_hook_builds_next_character_windows(tmp_path):
 def test_defaults_fill_every_section():
     cfg = resolve({"model": {"name": "small_cnn"}}, name="x")
     assert cfg["name"] == "x" and cfg["method"] is None and cfg["data"]["name"] == "digits"
-    assert cfg["optimizer"]["lr"] == 0.05 and cfg["train"]["phase_hook"] == "hard_project"
+    assert cfg["optimizer"]["lr"] == 0.05 and cfg["train"]["phase_hook"] == "fix_pattern"
     assert list(cfg) == ["name", "seed", "model", "data", "method", "optimizer", "train", "end"]
 
 

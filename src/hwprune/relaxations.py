@@ -290,7 +290,8 @@ class GumbelTopK(nn.Module):
     ``structure`` is a ``KofN`` whose runs are the mask rows (one logit per group, shape
     ``(rows, n)``). Training forward: the hard top-k of ``logits + noise_scale * Gumbel``; the
     gradient comes from ``relaxation`` (module docstring) at temperature ``tau`` through a
-    straight-through estimator. Eval forward: the top-k of the logits, no noise.
+    straight-through estimator. Eval forward, and training once ``fixed``: the top-k of the
+    logits, no noise.
     ``quantize_bits`` adds per-tensor symmetric fake quantization of the masked weight (DPP's
     joint quantization).
     """
@@ -307,6 +308,8 @@ class GumbelTopK(nn.Module):
         self.noise_scale = noise_scale
         self.quantize_bits = quantize_bits
         self.tau = 1.0  # set by the pruner's temperature schedule
+        #: set by the pruner's ``fix_pattern()``: training computes with the eval mask too
+        self.fixed = False
         object.__setattr__(self, "generator", generator)  # shared with the pruner, not state
 
     def eval_mask(self) -> Tensor:
@@ -322,6 +325,6 @@ class GumbelTopK(nn.Module):
         return _RELAX[self.relaxation](d, z, self.k, self.tau)
 
     def forward(self, w: Tensor) -> Tensor:
-        mask = self.sample_mask() if self.training else self.eval_mask()
+        mask = self.sample_mask() if self.training and not self.fixed else self.eval_mask()
         masked = w * self.structure.expand(mask.reshape(-1), self.shape)
         return fake_quantize(masked, self.quantize_bits) if self.quantize_bits else masked

@@ -7,8 +7,9 @@ Phases, in order (any may have 0 epochs):
 2. ``prune``: the pruner is created on the model as it is now (a pretrained or dense-trained
    model) and trains with it: ``loss + pruner.penalty()``, ``pruner.step()`` after every
    optimizer step, ``pruner.epoch_end()`` after every epoch.
-3. ``finetune``: ``train.phase_hook`` is called on the pruner if it has that method (default
-   ``hard_project``: ADMM ends its ADMM phase and fixes the pattern), then training continues.
+3. ``finetune``: ``train.phase_hook`` is called on the pruner (default ``fix_pattern``: the
+   pattern the method would keep is fixed, DPP stops sampling and PSP re-ranking, ADMM ends
+   its ADMM phase), then training continues on the weights alone.
 
 Every phase starts a fresh optimizer and LR schedule from ``pruner.param_groups()`` (a phase
 switch may change the method's learnable parameters).
@@ -156,9 +157,7 @@ class TrainingLoop:
             self.pruner = make_pruner(self.parts, self.model)
         hook = self.cfg["train"]["phase_hook"]
         if phase == "finetune" and self.pruner is not None and hook:
-            fn = getattr(self.pruner, hook, None)
-            if callable(fn):
-                fn()
+            getattr(self.pruner, hook)()  # one of the method's PHASE_HOOKS (recipe check)
         self.optimizer, self.scheduler = make_optimizer(
             self.cfg, phase, self.plan.epochs[phase], self.model, self.pruner)
         self.phase = phase

@@ -34,7 +34,7 @@ A recipe has these sections (every key optional except ``model.name``; defaults 
       dense_epochs: 0           # phase 1: the dense model trains (no pruner yet)
       prune_epochs: 5           # phase 2: the pruner is created and trains with the model
       finetune_epochs: 0        # phase 3: retraining; phase_hook is called when it starts
-      phase_hook: hard_project  # the method's phase hook (PHASE_HOOKS) run as fine-tuning starts
+      phase_hook: fix_pattern   # the method's phase hook (PHASE_HOOKS) run as fine-tuning starts
       batch_size: 64
       eval_batch_size: 512
       steps_per_epoch: null     # cap on the steps of an epoch (quick runs)
@@ -197,7 +197,7 @@ SCHEMA: dict[str, Any] = {
         "dense_epochs": _int(0, 0),
         "prune_epochs": _int(0, 5),
         "finetune_epochs": _int(0, 0),
-        "phase_hook": _Field((str, _NONE), "hard_project", "a public pruner method name or null",
+        "phase_hook": _Field((str, _NONE), "fix_pattern", "a public pruner method name or null",
                              lambda v: v.isidentifier() and not v.startswith("_")),
         "batch_size": _int(1, 64),
         "eval_batch_size": _int(1, 512),
@@ -341,17 +341,18 @@ def refuse_non_finite(value: Any, path: str) -> None:
 
 
 def _check_phase_hook(cfg: dict[str, Any]) -> None:
-    """A phase hook is one the method declares (``PHASE_HOOKS``); a name the method lacks is
-    ignored (the shared default ``hard_project`` is ADMM's), but no other pruner method may be
-    called from a recipe (``finalize`` there would silently end pruning mid-run)."""
+    """A phase hook is one the method declares (``PHASE_HOOKS``: ``fix_pattern`` for every
+    method, ADMM's ``hard_project`` too); any other name is refused before training rather
+    than skipped, so fine-tuning never runs with a pattern that still moves, and no other
+    pruner method can be called from a recipe (``finalize`` there would end pruning
+    mid-run)."""
     hook, method = cfg["train"]["phase_hook"], cfg[METHOD_KEY]
     if hook is None or method is None:
         return
     cls = method_class(method["name"])
-    if hasattr(cls, hook) and hook not in cls.PHASE_HOOKS:
-        allowed = ", ".join(cls.PHASE_HOOKS) or "none"
+    if hook not in cls.PHASE_HOOKS:
         raise RecipeError(f"recipe field train.phase_hook: got {hook!r}; allowed: a phase hook "
-                          f"of {cls.__name__} ({allowed}) or null")
+                          f"of {cls.__name__} ({', '.join(cls.PHASE_HOOKS)}) or null")
 
 
 def resolve(raw: Any, name: str | None = None) -> dict[str, Any]:

@@ -50,7 +50,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError, LifecycleError, StructureError
+from ..errors import ConfigError, StructureError
 from ..hardware import FREE, UNIFIED, ZERO, multiplications_saved
 from ..structures import Block, KofN, Structure, parse_structure
 from ..targets import Spec
@@ -144,7 +144,9 @@ class ADMM(Pruner):
             structure instead of leaving it dense with a ``SkippedLayersWarning``.
     """
 
-    PHASE_HOOKS = ("hard_project",)  # the recipe's ADMM phase -> retraining with the pattern
+    #: the recipe's ADMM phase -> retraining with the pattern (``hard_project`` is
+    #: ``fix_pattern`` under ADMM's own name)
+    PHASE_HOOKS = ("fix_pattern", "hard_project")
 
     def __init__(self, model: nn.Module, block: tuple[int, int] | str | Structure = (1, 4),
                  unify: float = 0.5, zero: float = 0.0, rho: float = 1e-3,
@@ -277,16 +279,16 @@ class ADMM(Pruner):
         self.history = [dict(h) for h in state.get("history", [])]
         for layer in self.layers.values():
             layer.parametrization.fixed = self.phase == "retrain"
+        self.pattern_fixed = self.phase == "retrain"  # also from states older than the flag
 
     # -- ADMM itself ----------------------------------------------------------------------
-    @torch.no_grad()
     def hard_project(self) -> None:
-        """End the ADMM phase: project every ``W`` onto its constraint set for good and fix
-        the pattern (zero blocks stay zero; each unified block trains one shared magnitude
-        with frozen signs). Calling it twice is an error."""
-        self._check_live("hard_project")
-        if self.phase != "admm":
-            raise LifecycleError("hard_project() was already called: the pattern is fixed")
+        """End the ADMM phase (``fix_pattern()`` under ADMM's name): project every ``W`` onto
+        its constraint set for good and fix the pattern (zero blocks stay zero; each unified
+        block trains one shared magnitude with frozen signs). Calling it twice is an error."""
+        self.fix_pattern()
+
+    def _on_fix_pattern(self) -> None:
         for layer in self.layers.values():
             p, w = layer.parametrization, layer.original()
             projected, states, mags = p.project(w.detach())

@@ -6,6 +6,7 @@
     opt = torch.optim.SGD(pruner.param_groups(lr=0.1, momentum=0.9))
     loss = task_loss + pruner.penalty(); ...; opt.step(); pruner.step()
     pruner.epoch_end()
+    pruner.fix_pattern()                                    # optional: fine-tune a fixed pattern
     model = pruner.finalize()                               # plain modules, zeros baked in
 
 A method subclasses ``Pruner`` and fills in a few hooks: the parametrization that computes a
@@ -86,7 +87,7 @@ class Pruner:
     """Base class of all methods. Subclasses override the ``_hooks`` below, not the verbs."""
 
     #: public methods a recipe's ``train.phase_hook`` may call when fine-tuning starts
-    PHASE_HOOKS: tuple[str, ...] = ()
+    PHASE_HOOKS: tuple[str, ...] = ("fix_pattern",)
 
     def __init__(self, model: nn.Module, structure: str | Structure, targets: Spec = None,
                  strict: bool = False):
@@ -110,6 +111,8 @@ class Pruner:
         self.ties = checked_ties({n: self._tied_params(l) for n, l in self.layers.items()})
         self.steps = 0
         self.epochs = 0
+        #: set by ``fix_pattern()``: the pattern no longer changes, only the weights train
+        self.pattern_fixed = False
         self._final_masks: dict[str, Tensor] | None = None
         self._hooks: list[Any] = []  # handles of hooks on the model, removed at finalize
         touched = [layer.module for layer in self.layers.values()]
@@ -171,6 +174,16 @@ class Pruner:
     def _on_epoch_end(self) -> None:
         """Called at each epoch end; ``self.epochs`` is already incremented."""
 
+    def _on_fix_pattern(self) -> None:
+        """Called by ``fix_pattern()`` (under ``no_grad``) to settle the pattern where that
+        changes state (ADMM projects the weights); ``_freeze_pattern`` follows."""
+
+    def _freeze_pattern(self) -> None:
+        """Make training keep the pattern of now (DPP: the top-k of the logits, no more
+        sampling; PSP: the keep flags) and stop the method's own parameters that only served
+        to choose it. Also called when a fixed pruner's state is loaded: it must not change
+        the state."""
+
     def _penalty(self) -> Tensor | None:
         return None
 
@@ -216,19 +229,39 @@ class Pruner:
         return p if p is not None else torch.zeros((), device=self._device())
 
     def step(self) -> None:
-        """Advance the method by one optimizer step (schedules, ADMM updates, ...)."""
+        """Advance the method by one optimizer step (schedules, ADMM updates, ...); after
+        ``fix_pattern()`` only the count advances."""
         self._check_live("step")
         self.steps += 1
-        with torch.no_grad():
-            self._on_step()
+        if not self.pattern_fixed:
+            with torch.no_grad():
+                self._on_step()
 
     def epoch_end(self) -> None:
-        """Advance per-epoch schedules (temperature, epoch-based sparsity schedules)."""
+        """Advance per-epoch schedules (temperature, epoch-based sparsity schedules); after
+        ``fix_pattern()`` only the count advances."""
         self._check_live("epoch_end")
         self.epochs += 1
-        with torch.no_grad():
-            self._on_epoch_end()
+        if not self.pattern_fixed:
+            with torch.no_grad():
+                self._on_epoch_end()
         self.sync()  # cheap once per epoch; covers state no decision broadcast (DPP's logits)
+
+    def fix_pattern(self) -> None:
+        """End the learning phase: from now on the model computes with the pattern it would
+        keep at ``finalize()`` (DPP's deterministic top-k, not a sample; PSP's current keep
+        flags; ADMM's projection), and training changes only the weights. Call it where
+        fine-tuning starts (the recipe runner does, through ``train.phase_hook``): a method
+        left learning would still move its pattern, so the fine-tuned weights would not be
+        those of the pattern that is kept. Calling it twice is an error."""
+        self._check_live("fix_pattern")
+        if self.pattern_fixed:
+            raise LifecycleError("fix_pattern() was already called: the pattern is fixed")
+        with torch.no_grad():
+            self._on_fix_pattern()
+            self._freeze_pattern()
+        self.pattern_fixed = True
+        self.sync()
 
     def masks(self) -> dict[str, Tensor]:
         """``{parameter name: bool tensor of the weight's shape}``: True where kept."""
@@ -306,6 +339,7 @@ class Pruner:
             "structure": str(self.structure),
             "steps": self.steps,
             "epochs": self.epochs,
+            "pattern_fixed": self.pattern_fixed,
             "layers": {
                 name: {k: v.detach().clone() for k, v in layer.parametrization.state_dict().items()}
                 for name, layer in self.layers.items()
@@ -323,6 +357,9 @@ class Pruner:
         check_state(state, type(self).__name__, str(self.structure),
                     {name: layer.parametrization.state_dict()
                      for name, layer in self.layers.items()})
+        if self.pattern_fixed and not state.get("pattern_fixed", True):
+            raise LifecycleError("the state was saved before fix_pattern() and this pruner has "
+                                 "fixed its pattern: load it into one that has not")
         saved = self.state_dict()
         try:
             self._load_checked(state)
@@ -335,6 +372,10 @@ class Pruner:
             layer.parametrization.load_state_dict(state["layers"][name])
         self.steps, self.epochs = state["steps"], state["epochs"]
         self._load_extra_state(state.get("extra", {}))
+        if state.get("pattern_fixed") and not self.pattern_fixed:  # fixed mid-phase (ADMM's
+            with torch.no_grad():  # retrain_at), or by a caller before saving
+                self._freeze_pattern()
+            self.pattern_fixed = True
 
     def _detach(self, before: dict[int, set[str]]) -> None:
         """Remove the parametrizations and hooks this pruner registered (not those already

@@ -278,6 +278,8 @@ class DPP(MapTargets, Pruner):
 
     # -- the lifecycle hooks --------------------------------------------------------------
     def _method_param_groups(self, defaults: dict[str, Any]) -> list[dict[str, Any]]:
+        if self.pattern_fixed:  # the logits no longer train
+            return []
         group = {**defaults, "params": [r.logits for r in self._rows().values()],
                  "weight_decay": 0.0}  # decay would flatten the distributions
         if self.logit_lr is not None:
@@ -294,11 +296,17 @@ class DPP(MapTargets, Pruner):
     def _penalty(self) -> Tensor | None:
         # the mean over every row of the model, so the penalty is in [0, entropy_weight]
         # whatever the model's size (a sum over rows grows with it)
-        if not self.entropy_weight:
+        if not self.entropy_weight or self.pattern_fixed:
             return None
         rows = self._rows().values()
         total = sum(normalized_entropy(r.logits).sum() for r in rows)
         return self.entropy_weight * total / sum(r.logits.shape[0] for r in rows)
+
+    def _freeze_pattern(self) -> None:
+        # every row computes with its deterministic top-k from now on, in training too
+        for row in self._rows().values():
+            row.fixed = True
+            row.logits.requires_grad_(False)
 
     def _on_epoch_end(self) -> None:
         tau = self._anneal.value(self.epochs)

@@ -37,7 +37,8 @@ class SharedSample(nn.Module):
     ``GumbelTopK`` over one ``(1, n)`` row) whose entries are the maps ``maps[i]``.
 
     Training: one sample per forward pass of the model (drawn at the first read, kept until
-    ``reset()``), with the rows' relaxation as its gradient. Eval: the top-k of the logits."""
+    ``reset()``), with the rows' relaxation as its gradient. Eval, and training once the rows
+    are ``fixed``: the top-k of the logits."""
 
     def __init__(self, rows: Sequence[nn.Module], maps: Sequence[Sequence[int]]):
         super().__init__()
@@ -50,8 +51,14 @@ class SharedSample(nn.Module):
     def reset(self) -> None:
         self.drawn = None
 
+    @property
+    def fixed(self) -> bool:
+        """Whether the rows' pattern is fixed (``fix_pattern()``): training reads the eval
+        mask then."""
+        return all(r.fixed for r in self.rows)
+
     def effective_alpha(self) -> Tensor:
-        if not self.training:
+        if not self.training or self.fixed:
             return self._per_map([r.eval_mask() for r in self.rows])
         if self.drawn is None:
             self.drawn = self._per_map([r.sample_mask() for r in self.rows])
@@ -75,8 +82,8 @@ class SampledFilters(nn.Module):
     """DPP's ``"filter"`` (or ``"k:n@filter"``) parametrization: the layer's ``GumbelTopK``
     rows over its filters, drawn once per forward pass so that the bias and BatchNorm entries
     gated with the filters (``output_gate()``, read by ``TiedScale``) see the mask the weight
-    does. Exposes the rows' ``logits``, ``tau``, ``structure`` and ``eval_mask()`` like the
-    ``GumbelTopK`` itself."""
+    does. Exposes the rows' ``logits``, ``tau``, ``fixed``, ``structure`` and ``eval_mask()``
+    like the ``GumbelTopK`` itself."""
 
     def __init__(self, topk: nn.Module):
         super().__init__()
@@ -101,6 +108,14 @@ class SampledFilters(nn.Module):
     @tau.setter
     def tau(self, value: float) -> None:
         self.topk.tau = value
+
+    @property
+    def fixed(self) -> bool:
+        return self.topk.fixed
+
+    @fixed.setter
+    def fixed(self, value: bool) -> None:
+        self.topk.fixed = value
 
     def eval_mask(self) -> Tensor:
         return self.topk.eval_mask()

@@ -32,7 +32,9 @@ Choices the paper leaves open, made explicit (all parameters):
   the alphas' sizes relative to each other, which is all the task can set.
 * Off groups may come back (``revive=True``, the paper's "dynamic" pruning): the forward pass
   uses 0 for them, but α still receives the straight-through gradient ``Σ ∂E/∂q · w`` and is
-  re-tested after every step. ``revive=False`` makes pruning permanent.
+  re-tested after every step. ``revive=False`` makes pruning permanent (with a fixed
+  sparsity the ranking then chooses among the groups still on, so every layer keeps exactly
+  its count). ``fix_pattern()`` ends the re-testing: fine-tuning keeps the flags of then.
 * Thresholding starts at step ``threshold_start`` (default 0: from the first step).
 * ``structure="layer"`` gates a module's whole output: one alpha scales its weight *and* its
   bias, so a pruned layer outputs exactly zero. Its ``targets`` may then also name norm
@@ -227,6 +229,8 @@ class PSP(MapTargets, Pruner):
 
     # -- the lifecycle hooks --------------------------------------------------------------
     def _method_param_groups(self, defaults: dict[str, Any]) -> list[dict[str, Any]]:
+        if self.pattern_fixed:  # the alphas no longer train
+            return []
         group = {**defaults, "params": list(self.alphas(live=True).values())}
         group["weight_decay"] = 0.0 if self.variant == "l1" else self.alpha_decay
         if self.alpha_lr is not None:
@@ -236,13 +240,19 @@ class PSP(MapTargets, Pruner):
         return [group]
 
     def _penalty(self) -> Tensor | None:
-        if self.variant != "l1":
+        if self.variant != "l1" or self.pattern_fixed:
             return None
         return self.alpha_decay * sum(a.abs().sum() for a in self.alphas(live=True).values())
 
     def _on_step(self) -> None:
         if self.steps >= self.threshold_start:
             self._update_keep()
+
+    def _freeze_pattern(self) -> None:
+        # the keep flags stay as they are (step() no longer re-tests them); each kept group
+        # keeps its learned scale, now a constant factor of its weights
+        for alpha in self.alphas(live=True).values():
+            alpha.requires_grad_(False)
 
     def _on_epoch_end(self) -> None:
         if self.variant == "fixed" and self.schedule.unit == "epoch":
@@ -329,6 +339,8 @@ class PSP(MapTargets, Pruner):
         norms = layer.structure.scores(layer.original().detach(), "l2")
         if self.rank_by == "scaled":
             magnitude = magnitude * norms.to(magnitude)
+        if not self.revive:  # an off group cannot come back: it must not take a place
+            magnitude = magnitude.masked_fill(~layer.parametrization.keep, -1.0)
         by_norm = torch.sort(norms, descending=True, stable=True).indices
         keep = torch.empty_like(magnitude, dtype=torch.bool)
         keep[by_norm] = keep_all_but_lowest(magnitude[by_norm], sparsity, min_keep,
@@ -348,6 +360,8 @@ class PSP(MapTargets, Pruner):
             norms = map_scores(self.maps, self.layers, "l2", weights)[0]
             if self.rank_by == "scaled":
                 magnitude = magnitude * norms.to(magnitude)
+            if not self.revive:  # as per layer: off maps take no place in the ranking
+                magnitude = magnitude.masked_fill(~p.keep.cpu(), -1.0)
         for ids in self.maps.families().values():
             ids = torch.tensor(ids)
             m = magnitude[ids]

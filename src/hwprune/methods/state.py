@@ -31,6 +31,9 @@ def check_state(state: Any, method: str, structure: str,
     if state["structure"] != structure:
         raise ConfigError(f"state has structure {state['structure']!r}, this pruner "
                           f"{structure!r}")
+    if not isinstance(state.get("pattern_fixed", False), bool):
+        raise ConfigError(f"pruner state field pattern_fixed: got {state['pattern_fixed']!r}; "
+                          "allowed: true or false")
     for field in ("steps", "epochs"):
         v = state[field]
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
