@@ -39,13 +39,15 @@ def task() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def plain_fit(cls: type, kwargs: dict[str, Any], epochs: int = EPOCHS, accumulate: int = 1,
-              penalty_first: bool = False) -> tuple[nn.Module, Any]:
+              penalty_first: bool = False, fix_after: int | None = None
+              ) -> tuple[nn.Module, Any]:
     """The README's loop: the same model (seeded), the same batches in order, SGD over
     ``pruner.param_groups``; finalized at the end. Returns (model, pruner).
 
     With ``accumulate`` > 1, each optimizer step accumulates that many batches, each loss
     divided by ``accumulate``, and the penalty once, unscaled: after them, or with
-    ``penalty_first`` before them (the order fixes the float sums)."""
+    ``penalty_first`` before them (the order fixes the float sums). ``fix_after``: the
+    pattern is fixed (``fix_pattern()``) after that many epochs."""
     torch.manual_seed(SEED)
     model = make_mlp()
     pruner = cls(model, **copy.deepcopy(kwargs))
@@ -68,6 +70,8 @@ def plain_fit(cls: type, kwargs: dict[str, Any], epochs: int = EPOCHS, accumulat
             optimizer.step()
             pruner.step()
         pruner.epoch_end()
+        if pruner.epochs == fix_after:
+            pruner.fix_pattern()
     pruner.finalize()
     return model, pruner
 

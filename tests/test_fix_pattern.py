@@ -55,8 +55,10 @@ def test_after_fix_pattern_training_keeps_the_pattern_and_trains_only_weights(na
     pruner.fix_pattern()
     assert pruner.pattern_fixed
     before = pruner.masks()
-    own = {id(p) for g in pruner.param_groups()[1:] for p in g["params"]}
-    assert not own  # no group of the method's own parameters is left
+    own = [p for g in pruner.param_groups()[1:] for p in g["params"]]
+    # the groups stay (an optimizer's must not change mid-run), their parameters are frozen
+    assert all(not p.requires_grad for p in own)
+    frozen = [p.detach().clone() for p in own]
     assert float(pruner.penalty()) == 0.0
     x = torch.randn(4, 3, 8, 8)
     model.train()
@@ -71,6 +73,7 @@ def test_after_fix_pattern_training_keeps_the_pattern_and_trains_only_weights(na
     _train(model, pruner, 12, seed=1)
     after = pruner.masks()
     assert all(torch.equal(before[n], after[n]) for n in before)
+    assert all(torch.equal(p, q) for p, q in zip(own, frozen, strict=True))
     assert first.shape == (4, 10)
     final = pruner.finalize()
     assert all(torch.equal(pruner.masks()[n], before[n]) for n in before)
@@ -132,7 +135,8 @@ def test_a_fixed_state_loads_fixed_and_an_unfixed_one_is_refused_by_a_fixed_prun
                       strict=False)
     pb = hp.DPP(b, "2:4", noise_scale=1.0, seed=0)
     pb.load_state_dict(fixed)
-    assert pb.pattern_fixed and not pb.param_groups()[1:]
+    assert pb.pattern_fixed
+    assert all(not p.requires_grad for g in pb.param_groups()[1:] for p in g["params"])
     assert all(torch.equal(pa.masks()[n], pb.masks()[n]) for n in pa.masks())
     with pytest.raises(LifecycleError, match="before fix_pattern"):
         pb.load_state_dict(unfixed)

@@ -90,6 +90,20 @@ def test_every_method_equals_the_plain_api(case, tmp_path):
     assert float(logged["hwprune/epochs"]) == EPOCHS
 
 
+def test_fix_pattern_at_fixes_the_pattern_for_the_epochs_left(tmp_path):
+    kwargs = {"structure": "2:4", "noise_scale": 1.0, "logit_lr": 5.0}
+    ref_model, ref_pruner = plain_fit(hp.DPP, kwargs, fix_after=1)
+    callback = PruningCallback(hp.DPP, module="model", finish=Finish(finalize=True),
+                               fix_pattern_at=1, **copy.deepcopy(kwargs))
+    module, _ = fit(tmp_path, callback)
+    assert_same_result(module.model, callback.pruner, ref_model, ref_pruner)
+    learning = plain_fit(hp.DPP, kwargs)[1]  # without the fix the pattern went on moving
+    assert any(not torch.equal(learning.masks()[n], ref_pruner.masks()[n])
+               for n in ref_pruner.masks())
+    with pytest.raises(HwpruneError, match="fix_pattern_at: got 0"):
+        PruningCallback(hp.DPP, fix_pattern_at=0, structure="2:4")
+
+
 def test_resumed_from_a_lightning_checkpoint_equals_an_uninterrupted_fit(tmp_path):
     kwargs = {"structure": "2:4", "anneal_epochs": 2, "logit_lr": 5.0, "entropy_weight": 0.01}
     straight = PruningCallback(hp.DPP, module="model", **kwargs)

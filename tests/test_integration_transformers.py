@@ -126,6 +126,23 @@ def test_resumed_from_a_trainer_checkpoint_equals_an_uninterrupted_run(tmp_path)
     assert torch.equal(straight.pruner.generator.get_state(), resumed.pruner.generator.get_state())
 
 
+def test_fix_pattern_at_equals_the_plain_api_and_resumes_fixed(tmp_path):
+    kwargs = {"structure": "2:4", "noise_scale": 1.0, "logit_lr": 5.0}
+    ref_model, ref_pruner = plain_fit(hp.DPP, kwargs, fix_after=1)
+    straight = PruningCallback(hp.DPP, module="model", finish=Finish(finalize=True),
+                               fix_pattern_at=1, **copy.deepcopy(kwargs))
+    model, _ = train(tmp_path / "a", straight)
+    assert_same_result(model.model, straight.pruner, ref_model, ref_pruner)
+    # stopped at step 6, inside the second epoch: the checkpoint holds a fixed pattern
+    first = PruningCallback(hp.DPP, module="model", fix_pattern_at=1, **copy.deepcopy(kwargs))
+    train(tmp_path / "b", first, extra=[StopAt(6)], save_strategy="steps", save_steps=6)
+    assert first.pruner.pattern_fixed
+    resumed = PruningCallback(hp.DPP, module="model", finish=Finish(finalize=True),
+                              fix_pattern_at=1, **copy.deepcopy(kwargs))
+    model_b, _ = train(tmp_path / "b", resumed, resume=str(tmp_path / "b" / "checkpoint-6"))
+    assert_same_result(model_b.model, resumed.pruner, ref_model, ref_pruner)
+
+
 class PenaltyOnly(Wrapped):
     def forward(self, x, labels=None):
         return {"loss": 0.0 * self.model(x).sum()}

@@ -19,7 +19,7 @@ from ..errors import ConfigError, LifecycleError
 from ..methods import Pruner
 
 __all__ = ["MethodChoice", "Finish", "Finished", "add_method_groups", "check_method_groups",
-           "extend_schedulers", "facts", "PRUNER_FILE"]
+           "extend_schedulers", "facts", "PRUNER_FILE", "check_fix_at", "fix_when_due"]
 
 #: the file a callback writes beside a framework's checkpoint (transformers' checkpoint folder)
 PRUNER_FILE = "hwprune-pruner.pt"
@@ -66,6 +66,24 @@ class MethodChoice:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
         return f"{self.cls.__name__}({args})"
+
+
+# -- the end of learning the pattern ---------------------------------------------------------
+def check_fix_at(value: Any) -> int | None:
+    """A callback's ``fix_pattern_at``: ``None``, or the number of epochs after which the
+    pattern is fixed (``Pruner.fix_pattern()``) and the epochs left fine-tune the weights."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                              or value < 1):
+        raise ConfigError(f"fix_pattern_at: got {value!r}; allowed: None, or a number of "
+                          "epochs >= 1 after which the pattern is fixed for fine-tuning")
+    return value
+
+
+def fix_when_due(pruner: Pruner, at: int | None) -> None:
+    """Right after ``pruner.epoch_end()``: ``fix_pattern()`` once ``at`` epochs have ended
+    (and not again; a pruner resumed fixed stays so)."""
+    if at is not None and pruner.epochs >= at and not pruner.pattern_fixed:
+        pruner.fix_pattern()
 
 
 # -- the optimizer ---------------------------------------------------------------------------

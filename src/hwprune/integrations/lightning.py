@@ -38,9 +38,11 @@ from .lifecycle import (
     Finished,
     MethodChoice,
     add_method_groups,
+    check_fix_at,
     check_method_groups,
     extend_schedulers,
     facts,
+    fix_when_due,
 )
 
 __all__ = ["PruningCallback"]
@@ -60,6 +62,9 @@ class PruningCallback(pl.Callback):
         finish: what to do when fitting ends (``Finish(finalize=True, save="m.hwp")``); the
             result is ``callback.finished``.
         log_facts: log the pruner's facts at every epoch end.
+        fix_pattern_at: after this many epochs, ``pruner.fix_pattern()``: the pattern the
+            method would keep is fixed and the epochs left fine-tune the weights for it
+            (``None``: the method learns its pattern to the end).
         **kwargs: the method's arguments (with a class or a name).
 
     ``callback.pruner`` is the pruner once fitting has started.
@@ -67,8 +72,9 @@ class PruningCallback(pl.Callback):
 
     def __init__(self, method: type | str | Mapping[str, Any], *, module: str | None = None,
                  add_param_groups: bool = True, finish: Finish | None = None,
-                 log_facts: bool = True, **kwargs: Any):
+                 log_facts: bool = True, fix_pattern_at: int | None = None, **kwargs: Any):
         self.choice = MethodChoice(method, kwargs)
+        self.fix_pattern_at = check_fix_at(fix_pattern_at)
         self.module = module
         self.add_param_groups = add_param_groups
         self.finish = finish or Finish()
@@ -145,6 +151,7 @@ class PruningCallback(pl.Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.pruner.epoch_end()
+        fix_when_due(self.pruner, self.fix_pattern_at)
         if self.log_facts:
             pl_module.log_dict({f"hwprune/{k}": v for k, v in facts(self.pruner).items()},
                                on_step=False, on_epoch=True)

@@ -43,7 +43,16 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..methods import Pruner
-from .lifecycle import PRUNER_FILE, Finish, Finished, MethodChoice, check_method_groups, facts
+from .lifecycle import (
+    PRUNER_FILE,
+    Finish,
+    Finished,
+    MethodChoice,
+    check_fix_at,
+    check_method_groups,
+    facts,
+    fix_when_due,
+)
 
 __all__ = ["PruningCallback"]
 
@@ -58,14 +67,19 @@ class PruningCallback(transformers.TrainerCallback):
         finish: what to do when training ends (``Finish(finalize=True, save="m.hwp")``); the
             result is ``callback.finished``.
         log_facts: append the pruner's facts to the Trainer's log history at every epoch end.
+        fix_pattern_at: after this many epochs, ``pruner.fix_pattern()``: the pattern the
+            method would keep is fixed and the epochs left fine-tune the weights for it
+            (``None``: the method learns its pattern to the end).
         **kwargs: the method's arguments (with a class or a name).
 
     ``callback.pruner`` is the pruner once the Trainer exists.
     """
 
     def __init__(self, method: type | str | Mapping[str, Any], *, module: str | None = None,
-                 finish: Finish | None = None, log_facts: bool = True, **kwargs: Any):
+                 finish: Finish | None = None, log_facts: bool = True,
+                 fix_pattern_at: int | None = None, **kwargs: Any):
         self.choice = MethodChoice(method, kwargs)
+        self.fix_pattern_at = check_fix_at(fix_pattern_at)
         self.module = module
         self.finish = finish or Finish()
         self.log_facts = log_facts
@@ -134,6 +148,7 @@ class PruningCallback(transformers.TrainerCallback):
 
     def on_epoch_end(self, args, state, control, **kwargs):
         self.pruner.epoch_end()
+        fix_when_due(self.pruner, self.fix_pattern_at)
         if self.log_facts:
             state.log_history.append({**{f"hwprune/{k}": v for k, v in
                                          facts(self.pruner).items()},

@@ -278,8 +278,6 @@ class DPP(MapTargets, Pruner):
 
     # -- the lifecycle hooks --------------------------------------------------------------
     def _method_param_groups(self, defaults: dict[str, Any]) -> list[dict[str, Any]]:
-        if self.pattern_fixed:  # the logits no longer train
-            return []
         group = {**defaults, "params": [r.logits for r in self._rows().values()],
                  "weight_decay": 0.0}  # decay would flatten the distributions
         if self.logit_lr is not None:
@@ -303,7 +301,9 @@ class DPP(MapTargets, Pruner):
         return self.entropy_weight * total / sum(r.logits.shape[0] for r in rows)
 
     def _freeze_pattern(self) -> None:
-        # every row computes with its deterministic top-k from now on, in training too
+        # every row computes with its deterministic top-k from now on, in training too; the
+        # logits stay in param_groups() (an optimizer's groups must not change mid-run) but
+        # get no gradient, so no optimizer moves them
         for row in self._rows().values():
             row.fixed = True
             row.logits.requires_grad_(False)

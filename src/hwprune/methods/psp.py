@@ -229,8 +229,6 @@ class PSP(MapTargets, Pruner):
 
     # -- the lifecycle hooks --------------------------------------------------------------
     def _method_param_groups(self, defaults: dict[str, Any]) -> list[dict[str, Any]]:
-        if self.pattern_fixed:  # the alphas no longer train
-            return []
         group = {**defaults, "params": list(self.alphas(live=True).values())}
         group["weight_decay"] = 0.0 if self.variant == "l1" else self.alpha_decay
         if self.alpha_lr is not None:
@@ -250,7 +248,8 @@ class PSP(MapTargets, Pruner):
 
     def _freeze_pattern(self) -> None:
         # the keep flags stay as they are (step() no longer re-tests them); each kept group
-        # keeps its learned scale, now a constant factor of its weights
+        # keeps its learned scale, now a constant factor of its weights (in param_groups()
+        # still, without a gradient: no optimizer moves it)
         for alpha in self.alphas(live=True).values():
             alpha.requires_grad_(False)
 
