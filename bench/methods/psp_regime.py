@@ -108,8 +108,10 @@ def recipe(name: str, method: dict | None, args) -> dict:
         "method": method,
         "optimizer": {"lr": args.lr, "momentum": 0.9, "weight_decay": 5e-4,
                       "lr_schedule": args.lr_schedule, "finetune_lr": args.finetune_lr},
+        # no phase hook: the sweep follows the alphas through both phases (its committed
+        # results ran so, before fix_pattern() was the runner's default)
         "train": {"prune_epochs": args.epochs, "finetune_epochs": args.finetune_epochs,
-                  "batch_size": args.batch_size},
+                  "batch_size": args.batch_size, "phase_hook": None},
         "end": {"save": False, "report": False, "plots": False, "latency": False},
     }, name=name)
 
