@@ -31,7 +31,7 @@ from ..targets import SkippedLayersWarning, Spec, Target, resolve_targets
 from .filter_maps import attach_ties, bake_ties, checked_ties, filter_ties
 from .layer import PrunedLayer
 from .registry import get_method
-from .state import check_state
+from .state import Resumable
 
 __all__ = ["Pruner", "PrunedLayer"]
 
@@ -83,7 +83,7 @@ def _select_layers(pruner: Pruner, targets: Spec, strict: bool) -> None:
                                            pruner.skipped), stacklevel=4)
 
 
-class Pruner:
+class Pruner(Resumable):
     """Base class of all methods. Subclasses override the ``_hooks`` below, not the verbs."""
 
     #: public methods a recipe's ``train.phase_hook`` may call when fine-tuning starts
@@ -202,13 +202,6 @@ class Pruner:
     def _layer_extras(self) -> dict[str, dict[str, Any]]:
         """Method-specific per-layer facts for the report (PSP: alphas; DPP: confidence)."""
         return {}
-
-    def _extra_state(self) -> dict[str, Any]:
-        """Resumable state outside the parametrizations (RNG, ADMM phase, ...)."""
-        return {}
-
-    def _load_extra_state(self, state: dict[str, Any]) -> None:
-        pass
 
     # -- the public verbs ------------------------------------------------------------------
     def param_groups(self, **defaults: Any) -> list[dict[str, Any]]:
@@ -329,53 +322,6 @@ class Pruner:
     @property
     def finalized(self) -> bool:
         return self._final_masks is not None
-
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume exactly: counters, and per layer the
-        parametrization's state (masks, alphas, logits, ...), plus method extras."""
-        self._check_live("state_dict")
-        return {
-            "method": type(self).__name__,
-            "structure": str(self.structure),
-            "steps": self.steps,
-            "epochs": self.epochs,
-            "pattern_fixed": self.pattern_fixed,
-            "layers": {
-                name: {k: v.detach().clone() for k, v in layer.parametrization.state_dict().items()}
-                for name, layer in self.layers.items()
-            },
-            "extra": self._extra_state(),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore ``state_dict()`` output into this pruner (built the same way).
-
-        Everything is checked before anything is loaded (``ConfigError`` naming the field or
-        layer); if loading still fails part way (a method's extra state), the pruner is put
-        back as it was, so a failed load never leaves some layers from the new state."""
-        self._check_live("load_state_dict")
-        check_state(state, type(self).__name__, str(self.structure),
-                    {name: layer.parametrization.state_dict()
-                     for name, layer in self.layers.items()})
-        if self.pattern_fixed and not state.get("pattern_fixed", True):
-            raise LifecycleError("the state was saved before fix_pattern() and this pruner has "
-                                 "fixed its pattern: load it into one that has not")
-        saved = self.state_dict()
-        try:
-            self._load_checked(state)
-        except BaseException:
-            self._load_checked(saved)
-            raise
-
-    def _load_checked(self, state: dict[str, Any]) -> None:
-        for name, layer in self.layers.items():
-            layer.parametrization.load_state_dict(state["layers"][name])
-        self.steps, self.epochs = state["steps"], state["epochs"]
-        self._load_extra_state(state.get("extra", {}))
-        if state.get("pattern_fixed") and not self.pattern_fixed:  # fixed mid-phase (ADMM's
-            with torch.no_grad():  # retrain_at), or by a caller before saving
-                self._freeze_pattern()
-            self.pattern_fixed = True
 
     def _detach(self, before: dict[int, set[str]]) -> None:
         """Remove the parametrizations and hooks this pruner registered (not those already

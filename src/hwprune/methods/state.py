@@ -1,17 +1,79 @@
-"""The check of a pruner state before ``Pruner.load_state_dict`` loads any of it: a state that
-does not fit is refused whole (``ConfigError`` naming the field or layer), so a load never
-stops half way with some layers from the new state and the rest from the old."""
+"""A pruner's resumable state: ``state_dict`` / ``load_state_dict`` (``Resumable``, a base of
+``Pruner``) and the check of a state before any of it is loaded: a state that does not fit is
+refused whole (``ConfigError`` naming the field or layer), so a load never stops half way with
+some layers from the new state and the rest from the old."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import Tensor
 
-from ..errors import ConfigError
+from ..errors import ConfigError, LifecycleError
 
-__all__ = ["check_state"]
+__all__ = ["Resumable", "check_state"]
+
+
+class Resumable:
+    """What ``Pruner`` saves and restores to resume exactly; the pruner provides ``layers``,
+    ``structure``, the counters, ``pattern_fixed``, ``_check_live`` and ``_freeze_pattern``.
+    Methods add their own state through the two hooks below."""
+
+    def _extra_state(self) -> dict[str, Any]:
+        """Resumable state outside the parametrizations (RNG, ADMM phase, ...)."""
+        return {}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume exactly: counters, and per layer the
+        parametrization's state (masks, alphas, logits, ...), plus method extras."""
+        self._check_live("state_dict")
+        return {
+            "method": type(self).__name__,
+            "structure": str(self.structure),
+            "steps": self.steps,
+            "epochs": self.epochs,
+            "pattern_fixed": self.pattern_fixed,
+            "layers": {
+                name: {k: v.detach().clone() for k, v in layer.parametrization.state_dict().items()}
+                for name, layer in self.layers.items()
+            },
+            "extra": self._extra_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict()`` output into this pruner (built the same way).
+
+        Everything is checked before anything is loaded (``ConfigError`` naming the field or
+        layer); if loading still fails part way (a method's extra state), the pruner is put
+        back as it was, so a failed load never leaves some layers from the new state."""
+        self._check_live("load_state_dict")
+        check_state(state, type(self).__name__, str(self.structure),
+                    {name: layer.parametrization.state_dict()
+                     for name, layer in self.layers.items()})
+        if self.pattern_fixed and not state.get("pattern_fixed", True):
+            raise LifecycleError("the state was saved before fix_pattern() and this pruner has "
+                                 "fixed its pattern: load it into one that has not")
+        saved = self.state_dict()
+        try:
+            self._load_checked(state)
+        except BaseException:
+            self._load_checked(saved)
+            raise
+
+    def _load_checked(self, state: dict[str, Any]) -> None:
+        for name, layer in self.layers.items():
+            layer.parametrization.load_state_dict(state["layers"][name])
+        self.steps, self.epochs = state["steps"], state["epochs"]
+        self._load_extra_state(state.get("extra", {}))
+        if state.get("pattern_fixed") and not self.pattern_fixed:  # fixed mid-phase (ADMM's
+            with torch.no_grad():  # retrain_at), or by a caller before saving
+                self._freeze_pattern()
+            self.pattern_fixed = True
 
 
 def check_state(state: Any, method: str, structure: str,
