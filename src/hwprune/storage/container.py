@@ -14,7 +14,7 @@ bytes          content
 [0, 8)         ``H``: u64 little-endian, length of the JSON header (safetensors)
 [8, 8+H)       the JSON header: the two arrays' entries (dtype U8, shape, offsets) and
                ``"__metadata__"``, whose one key ``"hwprune"`` holds the JSON
-               ``{"format":"hwprune.storage","version":3}``; safetensors pads the header with
+               ``{"format":"hwprune.storage","version":4}``; safetensors pads the header with
                spaces to a multiple of 8 bytes
 then           ``hwprune.doc``: the document, compact JSON compressed with zlib: ``sha256``
                (see ``packing.checksum``), ``tensors`` (one record per tensor in state-dict order:
@@ -51,7 +51,8 @@ offset     size  field
 =========  ====  ===================================================================
 
 The checksum (``sha256`` in the document) covers the format, version and tensors JSON, and
-every array's key, dtype, shape and bytes, so a changed byte in the data or in hwprune's
+every array's key, dtype, shape and bytes (an array over 4 KiB by its own SHA-256, so that
+the arrays are hashed in threads), so a changed byte in the data or in hwprune's
 metadata is caught even where safetensors would still parse the file; the document itself is
 guarded by zlib's checksum. Writes are atomic: a temporary file in the same folder, fsync,
 then ``os.replace``. ``load`` trusts nothing it reads: ``reading`` checks every size against

@@ -19,12 +19,14 @@ __all__ = [
 ]
 
 FORMAT = "hwprune.storage"
-#: the version ``save`` writes. ``load`` also reads version 1 (one safetensors entry per array)
-#: and 2 (the layout of 3, without the Golomb-coded gaps, coded k-of-n ranks and coded value
-#: planes that version 3 added: an older hwprune refuses a version 3 file by its version)
-VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
-#: version 2 and 3's two arrays: the zlib-compressed JSON document, and every array back to back
+#: the version ``save`` writes. ``load`` also reads version 1 (one safetensors entry per array),
+#: 2 (the layout of 3, without the Golomb-coded gaps, coded k-of-n ranks and coded value
+#: planes that version 3 added) and 3 (the layout of 4, whose checksum takes each array of
+#: more than 4 KiB by its own SHA-256 instead of its bytes, so that it is computed in
+#: threads). An older hwprune refuses a newer file by its version
+VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
+#: the two arrays of version 2 and after: the zlib-compressed JSON document, and every array back to back
 DOC_KEY, DATA_KEY = "hwprune.doc", "hwprune.data"
 #: the array dtypes a file may declare (numpy's ``dtype.str``, little-endian)
 ARRAY_DTYPES = {np.dtype(t).str: np.dtype(t) for t in

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,7 +29,8 @@ def pack(records: list[dict[str, Any]], arrays: Mapping[str, np.ndarray],
          version: int = VERSION) -> bytes:
     """The file of tensor ``records`` (as ``plan`` makes them) and their ``arrays`` (1-D, by
     key ``"<name>/<array>"``, in the order of the data), checksummed. ``version`` 2 writes
-    the same layout as an older hwprune did (for records of the encodings it knew)."""
+    the same layout as an older hwprune did (for records of the encodings it knew), 3 the
+    same with the checksum over every array's bytes."""
     return b"".join(pack_parts(records, arrays, version))
 
 
@@ -35,8 +38,8 @@ def pack_parts(records: list[dict[str, Any]], arrays: Mapping[str, np.ndarray],
                version: int = VERSION) -> list:
     """``pack``'s file as the buffers that, joined, are its bytes (the arrays' own memory,
     not copies): ``save`` writes them one after the other."""
-    if version not in (2, VERSION):
-        raise StorageError(f"pack writes versions 2 and {VERSION}; got {version!r}")
+    if version not in (2, 3, VERSION):
+        raise StorageError(f"pack writes versions 2, 3 and {VERSION}; got {version!r}")
     tensors = canonical_json(records)  # once, for the checksum and the document
     listed = [[key, a.dtype.str, int(a.size)] for key, a in arrays.items()]
     # canonical_json of the document, its keys in sorted order, with the records' text as it is
@@ -74,10 +77,15 @@ def tensor_record(name: str, enc: EncodedTensor,
 
 
 def checksum(tensors: list, arrays: Mapping[str, np.ndarray], version: int,
-            tensors_json: str | None = None) -> str:
+             tensors_json: str | None = None) -> str:
     """SHA-256 over the format, version, tensor records (as ``canonical_json``;
     ``tensors_json``: that text, where the caller has it) and every array (key, dtype, shape,
-    bytes; sorted by key), each part length-prefixed so parts cannot shift."""
+    bytes; sorted by key), each part length-prefixed so parts cannot shift.
+
+    From version 4 an array of more than ``_SMALL_PART`` bytes enters as its length followed
+    by the SHA-256 of its bytes (32 bytes), not by the bytes themselves: those digests are computed in threads
+    (hashlib releases the GIL), so a large file is hashed on every core, writing and reading.
+    """
     h = hashlib.sha256()
     small: list[bytes] = []  # short parts hashed together: the same digest as one by one
 
@@ -89,13 +97,17 @@ def checksum(tensors: list, arrays: Mapping[str, np.ndarray], version: int,
         tensors_json = canonical_json(tensors)
     for item in (FORMAT, str(version), tensors_json):
         text(item)
-    for key in sorted(arrays):
+    keys = sorted(arrays)
+    digests = _array_digests(arrays, keys) if version >= 4 else {}
+    for key in keys:
         a = np.ascontiguousarray(arrays[key])
         text(key)
         text(f"{a.dtype.str}{a.shape}")
         small.append(int(a.nbytes).to_bytes(8, "little"))
         if a.nbytes <= _SMALL_PART:
             small.append(a.tobytes())
+        elif key in digests:
+            small.append(digests[key])
         else:  # its bytes, read in place
             h.update(b"".join(small))
             small.clear()
@@ -104,8 +116,27 @@ def checksum(tensors: list, arrays: Mapping[str, np.ndarray], version: int,
     return h.hexdigest()
 
 
+def _array_digests(arrays: Mapping[str, np.ndarray], keys: list[str]) -> dict[str, bytes]:
+    """The SHA-256 of each array of more than ``_SMALL_PART`` bytes, by key; the large ones
+    in threads."""
+    big = [k for k in keys if arrays[k].nbytes > _SMALL_PART]
+
+    def digest(key: str) -> bytes:
+        return hashlib.sha256(np.ascontiguousarray(arrays[key]).reshape(-1).view(np.uint8)
+                              ).digest()
+
+    if sum(arrays[k].nbytes for k in big) < _THREADED_HASH:
+        return {k: digest(k) for k in big}
+    # the largest first, so that no thread is left with a big one at the end
+    order = sorted(big, key=lambda k: -arrays[k].nbytes)
+    with ThreadPoolExecutor(max_workers=min(len(order), os.cpu_count() or 1)) as pool:
+        return dict(zip(order, pool.map(digest, order), strict=True))
+
+
 #: parts of the checksum up to this many bytes are copied and hashed with their neighbours
 _SMALL_PART = 1 << 12
+#: arrays of at least this many bytes in all are hashed in threads
+_THREADED_HASH = 1 << 24
 
 
 def canonical_json(obj: Any) -> str:

@@ -202,7 +202,7 @@ def parse_header(data: bytes) -> Header:
 
 
 def cut_arrays(data: bytes, header: Header) -> dict[str, np.ndarray]:
-    """The arrays of a version 2 or 3 file (two uint8 arrays) as read-only views of ``data``,
+    """The arrays of a version 2 (or later) file (two uint8 arrays) as read-only views of ``data``,
     without the copy safetensors' reader makes, checked as it checks them: dtype ``U8``, a
     one-dimensional shape of the size its offsets give, and the arrays back to back from the
     start of the data section to its end."""

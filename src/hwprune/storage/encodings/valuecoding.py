@@ -41,9 +41,26 @@ _GAIN = 0.97
 THREADED_BYTES = 1 << 20
 
 
-def _deflate(data: bytes | np.ndarray) -> bytes:
+#: planes longer than this are deflated in pieces of this size, in threads
+PIECE_BYTES = 1 << 22
+
+
+def _deflate_piece(data: np.ndarray, last: bool) -> bytes:
     c = zlib.compressobj(9, zlib.DEFLATED, -15, 9, zlib.Z_HUFFMAN_ONLY)
-    return c.compress(data) + c.flush()  # any contiguous buffer: no copy
+    # a piece that is not the last ends in a full flush: byte-aligned and not final, so the
+    # next piece's stream continues it (Huffman coding only: no window to carry over)
+    return c.compress(data) + c.flush(zlib.Z_FINISH if last else zlib.Z_FULL_FLUSH)
+
+
+def _deflate(data: np.ndarray) -> bytes:
+    """One raw deflate stream of ``data`` (contiguous bytes). A long plane is coded as pieces
+    in threads and the pieces joined, as pigz does: one stream all the same, which the reader
+    inflates in one call, so the file's format does not depend on the pieces."""
+    starts = range(0, max(data.size, 1), PIECE_BYTES)
+    pieces = _map(lambda at: _deflate_piece(data[at: at + PIECE_BYTES],
+                                            at + PIECE_BYTES >= data.size),
+                  list(starts), True)
+    return b"".join(pieces)
 
 
 def worth_coding(plane: np.ndarray) -> bool:
