@@ -111,7 +111,7 @@ def with_document(doc_z: bytes, blob: bytes = b"", version: int = 2) -> bytes:
 
 
 def forged(records: list, arrays: dict) -> bytes:
-    """A version 2 file of these records and arrays with a valid checksum."""
+    """A file of these records and arrays with a valid checksum."""
     return container.pack(records, {k: np.ascontiguousarray(a).reshape(-1)
                                     for k, a in arrays.items()})
 
@@ -529,3 +529,28 @@ def test_hwprune_report_on_hostile_files_prints_one_line(tmp_path):
         assert proc.returncode == 2, (path, out, err)
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
         assert err.startswith(f"hwprune: error: {path}:"), err
+
+
+def test_tensors_decoded_in_threads_load_exactly_and_a_bad_one_is_named(tmp_path, monkeypatch):
+    """With every tensor decoded in the thread pool: each encoding's record loads bit for bit
+    as it does one at a time, and a record whose stored parameters lie (a valid checksum, a
+    k-of-n record whose k exceeds n) is one StorageError naming that tensor, not a pool's
+    raw exception."""
+    cases = real_encodings()
+    records, arrays = [], {}
+    for i, (rec, arrs) in enumerate(cases.values()):
+        records.append({**rec, "name": f"t{i}"})
+        arrays.update({f"t{i}/{k.split('/', 1)[1]}": a for k, a in arrs.items()})
+    path = tmp_path / "all.hwp"
+    path.write_bytes(forged(records, arrays))
+    serial = hp.load(path)
+    monkeypatch.setattr(container, "PARALLEL_NUMEL", 1)  # every tensor in the pool
+    threaded = hp.load(path)
+    assert list(threaded) == list(serial) == [r["name"] for r in records]
+    assert all(torch.equal(threaded[k].view(torch.uint8), serial[k].view(torch.uint8))
+               for k in serial)
+    bad = next(i for i, r in enumerate(records) if r["encoding"] == "kofn")
+    records[bad] = {**records[bad], "meta": {**records[bad]["meta"], "k": 3}}
+    path.write_bytes(forged(records, arrays))
+    with pytest.raises(StorageError, match=f"tensor 't{bad}'"):
+        hp.load(path)

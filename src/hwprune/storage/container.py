@@ -66,7 +66,8 @@ import lzma
 import math
 import os
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -320,23 +321,48 @@ def _wrap(data: bytes, codec: str) -> bytes:
 
 # -- decoding -------------------------------------------------------------------------------
 def _decode_all(tensors: list, arrays: dict[str, np.ndarray]) -> dict[str, Tensor]:
-    """Every record decoded (``check_records`` has bounded their shapes and sizes)."""
-    out: dict[str, Tensor] = {}
+    """Every record decoded (``check_records`` has bounded their shapes and sizes); the large
+    tensors in a thread pool (zlib and numpy release the GIL), as ``_choose_all`` encodes them:
+    each depends on its own arrays alone."""
+    encoded: dict[str, EncodedTensor] = {}
     used: set[str] = set()
-    name = None
+    for rec in tensors:
+        with _naming(rec["name"]):
+            encoded[rec["name"]] = _record_encoding(rec, arrays, used)
+    large = [n for n, e in encoded.items() if math.prod(e.shape) >= PARALLEL_NUMEL]
+    with ThreadPoolExecutor(max_workers=max(1, min(len(large), os.cpu_count() or 1))) as pool:
+        futures = {n: pool.submit(_decode_one, n, encoded[n]) for n in large}
+        out = {n: futures[n].result() if n in futures else _decode_one(n, e)
+               for n, e in encoded.items()}
+    if used != set(arrays):
+        raise StorageError("arrays and tensor records do not match")
+    return out
+
+
+def _record_encoding(rec: dict, arrays: dict[str, np.ndarray], used: set[str]) -> EncodedTensor:
+    """The ``EncodedTensor`` a record describes, its arrays taken from ``arrays`` (their keys
+    added to ``used``)."""
+    name, groups = rec["name"], {}
+    for role in ("payload", "index"):
+        groups[role] = {a: arrays[f"{name}/{a}"] for a in rec[role]}
+        used.update(f"{name}/{a}" for a in rec[role])
+    return EncodedTensor(rec["encoding"], dtype_from_name(rec["dtype"]), tuple(rec["shape"]),
+                         groups["payload"], groups["index"], dict(rec["meta"]))
+
+
+def _decode_one(name: str, enc: EncodedTensor) -> Tensor:
+    with _naming(name):
+        t = decode(enc)
+        if t.numel() != math.prod(enc.shape):
+            raise StorageError("decoded the wrong number of elements")
+        return t
+
+
+@contextmanager
+def _naming(name: object) -> Iterator[None]:
+    """Any error inside becomes a ``StorageError`` that names the tensor."""
     try:
-        for rec in tensors:
-            name = rec["name"]
-            groups = {}
-            for role in ("payload", "index"):
-                groups[role] = {a: arrays[f"{name}/{a}"] for a in rec[role]}
-                used.update(f"{name}/{a}" for a in rec[role])
-            shape = tuple(rec["shape"])
-            enc = EncodedTensor(rec["encoding"], dtype_from_name(rec["dtype"]), shape,
-                                groups["payload"], groups["index"], dict(rec["meta"]))
-            out[name] = decode(enc)
-            if out[name].numel() != math.prod(shape):
-                raise StorageError(f"{name}: decoded the wrong number of elements")
+        yield
     except StorageError as err:
         raise StorageError(f"tensor {str(name)[:80]!r}: {err}") from err
     except MemoryError:
@@ -344,6 +370,3 @@ def _decode_all(tensors: list, arrays: dict[str, np.ndarray]) -> dict[str, Tenso
     except Exception as err:  # a record that passed the checksum but is malformed
         raise StorageError(f"tensor {str(name)[:80]!r}: malformed record "
                            f"({type(err).__name__}: {err})") from err
-    if used != set(arrays):
-        raise StorageError("arrays and tensor records do not match")
-    return out
