@@ -90,3 +90,28 @@ def test_a_schedule_that_ends_after_the_pruning_phase_is_named_before_training(
         limit = "10" if schedule.get("unit", "step") == "step" else "2"
         assert f"ends at {schedule.get('unit', 'step')} {schedule['end']}" in message
         assert f"method.schedule.end at most {limit}" in message
+
+
+@pytest.mark.parametrize("logit_init, pretrained, warned", [
+    ("zeros", True, True), ("random", True, True), ("magnitude", True, False),
+    ("zeros", False, False)])
+def test_a_blind_dpp_start_on_a_pretrained_model_is_named_before_training(
+        monkeypatch, tmp_path, logit_init, pretrained, warned):
+    import warnings
+
+    from hwprune.app.build import StartWarning
+
+    cfg = _toy_schedule_cfg(monkeypatch, {"type": "cubic", "begin": 0, "end": 10, "every": 2})
+    cfg["method"] = {"name": "DPP", "structure": "1:4", "logit_init": logit_init}
+    if pretrained:  # the toy model's own initial weights as its checkpoint
+        torch.save(build(resolve(cfg, name="toy")).model.state_dict(), tmp_path / "w.pt")
+        cfg["model"]["pretrained"] = str(tmp_path / "w.pt")
+    cfg = resolve(cfg, name="toy")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        build(cfg)
+    found = [str(w.message) for w in caught if issubclass(w.category, StartWarning)]
+    assert len(found) == int(warned)
+    if warned:
+        assert f"method.logit_init is {logit_init!r}" in found[0]
+        assert "method.logit_init: magnitude" in found[0]

@@ -87,7 +87,26 @@ def build(cfg: dict[str, Any]) -> Parts:
         pruner = make_pruner(parts, copy.deepcopy(model))
         warn_late_schedule(cfg, getattr(pruner, "schedule", None),
                            Plan(cfg, data.train_x, data.train_y).steps_per_epoch())
+        warn_blind_start(cfg, getattr(pruner, "logit_init", None))
     return parts
+
+
+class StartWarning(UserWarning):
+    """A learned mask starts blind to a pretrained model's weights."""
+
+
+def warn_blind_start(cfg: dict[str, Any], logit_init: Any) -> None:
+    """Warn (``StartWarning``) where a pretrained model meets mask logits that start without
+    its weights (DPP's ``"zeros"`` or ``"random"``): the first masks are drawn at random, so
+    the pretrained function is lost before the masks learn (docs/dpp.md, the leaderboard's
+    default-start row). A warning: a run that means to start blind may."""
+    if not cfg["model"]["pretrained"] or logit_init not in ("zeros", "random"):
+        return
+    warnings.warn(StartWarning(
+        f"method.logit_init is {logit_init!r} on a pretrained model "
+        f"(model.pretrained: {cfg['model']['pretrained']}): the first masks are drawn at "
+        "random and lose the pretrained function before they learn; set method.logit_init: "
+        "magnitude to start from the weights' magnitude mask"), stacklevel=2)
 
 
 class ScheduleWarning(UserWarning):
