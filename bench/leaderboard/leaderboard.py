@@ -144,6 +144,44 @@ ENTRIES: list[tuple[str, dict, float, tuple[str, ...]]] = [
     ("dpp-map-50-magnitude-init-quarter", {"name": "DPP", "structure": "map", "k": 0.5,
                                            "logit_init": "magnitude", "targets": CONVS}, 0.25,
      ("magnitude-map-50",)),
+    # round 5: ADMM on a quarter of the budget (2 epochs, a round every 10 steps, rho from
+    # 1e-2 so that it reaches its cap of 1 halfway and W settles onto Z before the
+    # projection), leaving 6 epochs to fine-tune the fixed pattern (it trailed the 4 + 4
+    # split, so the 8x row was not run)
+    ("admm-zero-4x-quarter", {"name": "ADMM", "block": [1, 4], "unify": 0.0, "zero": 0.75,
+                              "rho": 0.01, "admm_interval": 10, "targets": CONVS}, 0.25,
+     ("magnitude-block-4x",)),
+    # DPP with every default (logits from a random start, the default noise, entropy and
+    # temperature) on the half-and-half split of the other DPP rows
+    ("dpp-1of8-half", {"name": "DPP", "structure": "1:8", "targets": CONVS}, 0.5,
+     ("magnitude-1of8",)),
+    # ADMM with rho capped at 0.1 (rows above: 1), where the penalty's pull on a pruned
+    # weight (rho |w - z|) stays of the order of the task's gradient, so that the pattern is
+    # chosen with the task still in the loss: at a cap of 1 the ADMM epochs drag W onto Z and
+    # the test accuracy falls to about half before the projection (metrics.csv of those rows)
+    ("admm-zero-4x-rho-cap", {"name": "ADMM", "block": [1, 4], "unify": 0.0, "zero": 0.75,
+                              "rho": 0.01, "rho_max": 0.1, "admm_interval": 20,
+                              "targets": CONVS}, 0.5, ("magnitude-block-4x",)),
+    ("admm-element-8x-rho-cap", {"name": "ADMM", "block": "element", "unify": 0.0,
+                                 "zero": 0.875, "rho": 0.01, "rho_max": 0.1,
+                                 "admm_interval": 20, "targets": CONVS}, 0.5,
+     ("magnitude-element-8x",)),
+    # rho reaching its cap of 1 only at the end of the ADMM epochs (x1.2 a round: 39 rounds
+    # from 1e-3), so that the task stays in the loss longer; and 3 ADMM epochs (a round every
+    # 15 steps, the default growth) leaving 5 to fine-tune
+    ("admm-zero-4x-slow-rho", {"name": "ADMM", "block": [1, 4], "unify": 0.0, "zero": 0.75,
+                               "rho_growth": 1.2, "admm_interval": 20, "targets": CONVS}, 0.5,
+     ("magnitude-block-4x",)),
+    ("admm-zero-4x-three", {"name": "ADMM", "block": [1, 4], "unify": 0.0, "zero": 0.75,
+                            "admm_interval": 15, "targets": CONVS}, 0.375,
+     ("magnitude-block-4x",)),
+    ("admm-element-8x-slow-rho", {"name": "ADMM", "block": "element", "unify": 0.0,
+                                  "zero": 0.875, "rho_growth": 1.2, "admm_interval": 20,
+                                  "targets": CONVS}, 0.5, ("magnitude-element-8x",)),
+    # slower still at first: rho from 1e-4, x1.27 a round, also at its cap only at the end
+    ("admm-zero-4x-low-rho", {"name": "ADMM", "block": [1, 4], "unify": 0.0, "zero": 0.75,
+                              "rho": 1e-4, "rho_growth": 1.27, "admm_interval": 20,
+                              "targets": CONVS}, 0.5, ("magnitude-block-4x",)),
 ]
 BASELINE = {name: base for name, _, _, base in ENTRIES}
 
