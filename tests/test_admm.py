@@ -15,6 +15,7 @@ from torch.nn.utils import parametrize
 import hwprune as hp
 from hwprune.errors import ConfigError, LifecycleError, StructureError
 from hwprune.hardware import FREE, UNIFIED, ZERO
+from hwprune.methods.admm import DEFAULT_RHO_GROWTH
 from hwprune.methods.unify import (
     assign_blocks,
     block_counts,
@@ -247,6 +248,43 @@ def test_rho_grows_per_round_up_to_its_cap_and_the_dual_is_rescaled(tiny, x8):
         assert not torch.equal(w4, w[n])
     fit_full_batch(tiny, pruner, opt, x8, y, 4)
     assert pruner.rho == 0.3 and [h["rho"] for h in pruner.history] == [0.1, 0.2, 0.3, 0.3]
+
+
+def test_given_the_phase_length_rho_reaches_its_cap_at_the_last_round(tiny, x8):
+    """With ``admm_steps`` (what the runner passes) and no ``rho_growth``, rho grows by
+    (rho_max / rho) ** (1 / rounds): still below its cap one round before the end, at it
+    (to rounding) after the last; an explicit ``rho_growth`` wins; without either, the
+    default growth."""
+    pruner = hp.ADMM(tiny, zero=0.5, unify=0.0, rho=1e-3, rho_max=1.0, admm_interval=2,
+                     admm_steps=10)  # 5 rounds
+    assert pruner.rho_growth == pytest.approx(1000 ** (1 / 5))
+    opt = torch.optim.SGD(pruner.param_groups(lr=0.01))
+    y = torch.randn(4, 10)
+    fit_full_batch(tiny, pruner, opt, x8, y, 8)
+    assert pruner.rounds == 4 and pruner.rho == pytest.approx(1000 ** (4 / 5) * 1e-3)
+    fit_full_batch(tiny, pruner, opt, x8, y, 2)
+    assert pruner.rounds == 5 and pruner.rho == pytest.approx(1.0)
+    assert hp.ADMM(TinyNet(), zero=0.5, unify=0.0, rho_growth=1.1,
+                   admm_steps=10).rho_growth == 1.1
+    assert hp.ADMM(TinyNet(), zero=0.5, unify=0.0).rho_growth == DEFAULT_RHO_GROWTH
+    assert hp.ADMM(TinyNet(), zero=0.5, unify=0.0, admm_interval=20,
+                   admm_steps=10).rho_growth == 1.0  # no round at all
+    with pytest.raises(ConfigError, match="admm_steps must be None or an int >= 1"):
+        hp.ADMM(TinyNet(), zero=0.5, unify=0.0, admm_steps=0)
+
+
+def test_the_runner_passes_the_pruning_phase_in_steps_unless_the_recipe_says_otherwise():
+    from hwprune.app.build import run_method_kwargs
+    from hwprune.app.recipe import resolve
+
+    def kwargs(method):
+        return run_method_kwargs(resolve({"model": {"name": "x"}, "method": method,
+                                          "train": {"prune_epochs": 3}}), 40)
+
+    assert kwargs({"name": "ADMM", "zero": 0.5})["admm_steps"] == 120
+    assert kwargs({"name": "ADMM", "zero": 0.5, "admm_steps": 7})["admm_steps"] == 7
+    assert "admm_steps" not in kwargs({"name": "Magnitude", "structure": "2:4",
+                                       "sparsity": 0.5})
 
 
 def test_plain_admm_pruning_at_filter_structure(tiny, x8):

@@ -80,13 +80,13 @@ def build(cfg: dict[str, Any]) -> Parts:
     if cfg["model"]["pretrained"]:
         load_pretrained(model, cfg)
     method = cfg["method"]
+    steps_per_epoch = Plan(cfg, data.train_x, data.train_y).steps_per_epoch()
     parts = Parts(data, factory, model, method_class(method["name"]) if method else None,
-                  run_method_kwargs(cfg) if method else {},
+                  run_method_kwargs(cfg, steps_per_epoch) if method else {},
                   dataset_spec(cfg["data"]["name"]).augment if cfg["data"]["augment"] else None)
     if parts.method_cls is not None:  # every method parameter is checked here, on a copy
         pruner = make_pruner(parts, copy.deepcopy(model))
-        warn_late_schedule(cfg, getattr(pruner, "schedule", None),
-                           Plan(cfg, data.train_x, data.train_y).steps_per_epoch())
+        warn_late_schedule(cfg, getattr(pruner, "schedule", None), steps_per_epoch)
         warn_blind_start(cfg, getattr(pruner, "logit_init", None))
     return parts
 
@@ -134,16 +134,21 @@ def warn_late_schedule(cfg: dict[str, Any], schedule: Any, steps_per_epoch: int)
         "train.prune_epochs"), stacklevel=2)
 
 
-def run_method_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
+def run_method_kwargs(cfg: dict[str, Any], steps_per_epoch: int | None = None
+                      ) -> dict[str, Any]:
     """The method's keyword arguments from the recipe, with the length of the pruning phase
     passed to a method that declares an ``epochs_arg`` (DPP's temperature anneal spans the
-    whole phase) unless the recipe sets that argument itself."""
+    whole phase) or, given ``steps_per_epoch``, a ``steps_arg`` (ADMM's rho reaches its cap
+    at the phase's last round), unless the recipe sets that argument itself."""
     method = cfg["method"]
     kwargs = method_kwargs(method)
-    arg = get_method(method["name"]).epochs_arg
+    spec = get_method(method["name"])
     epochs = cfg["train"]["prune_epochs"]
-    if arg is not None and arg not in kwargs and epochs >= 1:
-        kwargs[arg] = epochs
+    lengths = ((spec.epochs_arg, epochs),
+               (spec.steps_arg, epochs * steps_per_epoch if steps_per_epoch else 0))
+    for arg, length in lengths:
+        if arg is not None and arg not in kwargs and length >= 1:
+            kwargs[arg] = length
     return kwargs
 
 

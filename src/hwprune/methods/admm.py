@@ -110,6 +110,9 @@ class UnifiedBlocks(nn.Module):
         return out.masked_fill(self.pattern == ZERO, 0.0)
 
 
+#: rho's growth per ADMM round where the length of the ADMM phase is not known
+DEFAULT_RHO_GROWTH = 1.3
+
 # two ADMM rounds, then the retraining phase with the pattern fixed
 _FAST = {"unify": 0.25, "zero": 0.25, "rho": 0.05, "admm_interval": 2, "retrain_at": 5}
 
@@ -122,7 +125,7 @@ _FAST = {"unify": 0.25, "zero": 0.25, "rho": 0.05, "admm_interval": 2, "retrain_
              "layer": {"block": "layer", **_FAST, "unify": 0.0, "zero": 1.0}},
     structure_arg="block",
     bad_settings=({"unify": 1.5}, {"rho": 0.0}, {"admm_interval": 0}),
-    recipe="admm-digits", doc="admm.md")
+    recipe="admm-digits", doc="admm.md", steps_arg="admm_steps")
 class ADMM(Pruner):
     """Micro-structured weight unification and pruning with ADMM.
 
@@ -134,9 +137,13 @@ class ADMM(Pruner):
         zero: fraction of each layer's blocks to zero, in [0, 1] (default 0); ``unify + zero``
             at most 1 and not both 0. Counts are ``round(fraction * blocks)`` per layer.
         rho: initial penalty weight, > 0 (default 1e-3).
-        rho_growth: factor applied to rho after each ADMM round, >= 1 (default 1.3).
+        rho_growth: factor applied to rho after each ADMM round, >= 1 (default: the factor
+            that brings rho to ``rho_max`` at the last round of ``admm_steps``; without
+            ``admm_steps``, ``DEFAULT_RHO_GROWTH``).
         rho_max: cap of rho, >= rho (default 1.0).
         admm_interval: optimizer steps per ADMM round (Z and U update), >= 1 (default 100).
+        admm_steps: the length of the ADMM phase in optimizer steps, >= 1 (default None:
+            not known); ``hwprune run`` passes its pruning phase's.
         retrain_at: step at which ``step()`` calls ``hard_project()`` itself (default None:
             call it yourself).
         targets: which weights; see ``hwprune.targets``.
@@ -150,11 +157,13 @@ class ADMM(Pruner):
 
     def __init__(self, model: nn.Module, block: tuple[int, int] | str | Structure = (1, 4),
                  unify: float = 0.5, zero: float = 0.0, rho: float = 1e-3,
-                 rho_growth: float = 1.3, rho_max: float = 1.0, admm_interval: int = 100,
-                 retrain_at: int | None = None, targets: Spec = None, strict: bool = False):
+                 rho_growth: float | None = None, rho_max: float = 1.0,
+                 admm_interval: int = 100, retrain_at: int | None = None,
+                 targets: Spec = None, strict: bool = False, admm_steps: int | None = None):
         self.unify, self.zero = unify, zero
         self.rho, self.rho_growth, self.rho_max = rho, rho_growth, rho_max
         self.admm_interval, self.retrain_at = admm_interval, retrain_at
+        self.admm_steps = admm_steps
         self.phase = "admm"
         self.rounds = 0
         self.history: list[dict[str, Any]] = []
@@ -180,17 +189,32 @@ class ADMM(Pruner):
                 raise ConfigError(f"{field} must be a finite number > 0; got {v!r}")
         if self.rho_max < self.rho:
             raise ConfigError(f"rho_max ({self.rho_max}) must be >= rho ({self.rho})")
-        g = self.rho_growth
-        if isinstance(g, bool) or not isinstance(g, (int, float)) or not 1.0 <= g < math.inf:
-            raise ConfigError(f"rho_growth must be a finite number >= 1; got {g!r}")
         i = self.admm_interval
         if isinstance(i, bool) or not isinstance(i, int) or i < 1:
             raise ConfigError(f"admm_interval must be an int >= 1 (steps per ADMM round); "
                               f"got {i!r}")
+        n = self.admm_steps
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ConfigError(f"admm_steps must be None or an int >= 1 (optimizer steps of the "
+                              f"ADMM phase); got {n!r}")
+        if self.rho_growth is None:
+            self.rho_growth = self._fitted_growth()
+        g = self.rho_growth
+        if isinstance(g, bool) or not isinstance(g, (int, float)) or not 1.0 <= g < math.inf:
+            raise ConfigError(f"rho_growth must be a finite number >= 1; got {g!r}")
         r = self.retrain_at
         if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 1):
             raise ConfigError(f"retrain_at must be None or a step >= 1; got {r!r}")
         self.rho = float(self.rho)
+
+    def _fitted_growth(self) -> float:
+        """The growth that brings rho to ``rho_max`` at the last round of ``admm_steps``
+        (without them, ``DEFAULT_RHO_GROWTH``): the leaderboard's best schedule, which keeps
+        the task in the loss longest before the penalty's pull dominates (docs/admm.md)."""
+        if self.admm_steps is None:
+            return DEFAULT_RHO_GROWTH
+        rounds = self.admm_steps // self.admm_interval
+        return (self.rho_max / self.rho) ** (1 / rounds) if rounds else 1.0
 
     def _make_parametrization(self, layer: PrunedLayer) -> nn.Module:
         w = getattr(layer.module, layer.param).detach()

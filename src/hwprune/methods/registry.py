@@ -49,6 +49,8 @@ class MethodSpec:
         epochs_arg: the constructor argument that takes the length of the pruning run in
             epochs (DPP: ``anneal_epochs``); the runner fills it with the recipe's
             ``train.prune_epochs`` where the recipe leaves it out (``None``: none).
+        steps_arg: likewise in optimizer steps (ADMM: ``admm_steps``): the runner fills it
+            with ``train.prune_epochs`` times the steps of an epoch.
     """
 
     cls: type
@@ -59,6 +61,7 @@ class MethodSpec:
     recipe: str | None = None
     doc: str | None = None
     epochs_arg: str | None = None
+    steps_arg: str | None = None
 
     @property
     def structures(self) -> tuple[str, ...]:
@@ -80,7 +83,8 @@ def register_method(*, configs: Mapping[str, Mapping[str, Any]],
                     structure_arg: str | None = "structure",
                     bad_settings: tuple[Mapping[str, Any], ...] = (),
                     recipe: str | None = None, doc: str | None = None,
-                    epochs_arg: str | None = None) -> Callable[[type], type]:
+                    epochs_arg: str | None = None,
+                    steps_arg: str | None = None) -> Callable[[type], type]:
     """Class decorator: register a ``Pruner`` subclass under its class name (see
     ``MethodSpec`` for the fields). A second method of the same name (in any letter case) is
     an error; ``unregister_method`` frees the name."""
@@ -99,7 +103,8 @@ def register_method(*, configs: Mapping[str, Mapping[str, Any]],
                                     configs={k: dict(v) for k, v in configs.items()},
                                     structure_arg=structure_arg,
                                     bad_settings=tuple(dict(b) for b in bad_settings),
-                                    recipe=recipe, doc=doc, epochs_arg=epochs_arg)
+                                    recipe=recipe, doc=doc, epochs_arg=epochs_arg,
+                                    steps_arg=steps_arg)
         return cls
 
     return decorate
