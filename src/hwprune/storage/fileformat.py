@@ -26,7 +26,8 @@ FORMAT = "hwprune.storage"
 #: threads). An older hwprune refuses a newer file by its version
 VERSION = 4
 READABLE_VERSIONS = (1, 2, 3, 4)
-#: the two arrays of version 2 and after: the zlib-compressed JSON document, and every array back to back
+#: the two arrays of version 2 and after: the zlib-compressed JSON document, and every array
+#: back to back
 DOC_KEY, DATA_KEY = "hwprune.doc", "hwprune.data"
 #: the array dtypes a file may declare (numpy's ``dtype.str``, little-endian)
 ARRAY_DTYPES = {np.dtype(t).str: np.dtype(t) for t in

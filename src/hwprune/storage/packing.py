@@ -11,8 +11,8 @@ import hashlib
 import json
 import os
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -83,8 +83,9 @@ def checksum(tensors: list, arrays: Mapping[str, np.ndarray], version: int,
     bytes; sorted by key), each part length-prefixed so parts cannot shift.
 
     From version 4 an array of more than ``_SMALL_PART`` bytes enters as its length followed
-    by the SHA-256 of its bytes (32 bytes), not by the bytes themselves: those digests are computed in threads
-    (hashlib releases the GIL), so a large file is hashed on every core, writing and reading.
+    by the SHA-256 of its bytes (32 bytes), not by the bytes themselves: those digests are
+    computed in threads (hashlib releases the GIL), so a large file is hashed on every core,
+    writing and reading.
     """
     h = hashlib.sha256()
     small: list[bytes] = []  # short parts hashed together: the same digest as one by one
