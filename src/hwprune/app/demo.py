@@ -36,7 +36,9 @@ def demo_recipes() -> tuple[str, ...]:
 
 
 #: per-recipe changes: DPP's recipe trains from scratch; from the dense model it needs less
-_ADJUST = {"dpp-digits": ["train.prune_epochs=8"]}  # the anneal follows the phase
+#: the anneal follows the phase; from the dense model, DPP's logits start from its magnitudes
+#: (a uniform start is for learning from scratch: docs/dpp.md)
+_ADJUST = {"dpp-digits": ["train.prune_epochs=8", "method.logit_init=magnitude"]}
 #: the dense reference: the magnitude recipe's dense phase, without pruning
 _DENSE = ("magnitude-digits", ["name=dense-digits", "method=null", "train.prune_epochs=0",
                                "train.finetune_epochs=0"])
