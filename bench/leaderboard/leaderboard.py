@@ -182,6 +182,11 @@ ENTRIES: list[tuple[str, dict, float, tuple[str, ...]]] = [
     ("admm-zero-4x-low-rho", {"name": "ADMM", "block": [1, 4], "unify": 0.0, "zero": 0.75,
                               "rho": 1e-4, "rho_growth": 1.27, "admm_interval": 20,
                               "targets": CONVS}, 0.5, ("magnitude-block-4x",)),
+    # the runner's default since round 5: no growth given (null), so ADMM fits it to the
+    # pruning phase the runner passes (admm_steps), reaching the cap at the last round
+    ("admm-zero-4x-fitted", {"name": "ADMM", "block": [1, 4], "unify": 0.0, "zero": 0.75,
+                             "rho_growth": None, "admm_interval": 20, "targets": CONVS}, 0.5,
+     ("magnitude-block-4x",)),
 ]
 BASELINE = {name: base for name, _, _, base in ENTRIES}
 
