@@ -66,7 +66,7 @@ import lzma
 import math
 import os
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -185,26 +185,33 @@ def _choose_all(state: Mapping[str, Tensor], hints: Mapping[str, Hints],
                 code_values: bool) -> dict[str, EncodedTensor]:
     """``choose`` of every tensor, by name; the large ones in a thread pool. Each choice
     depends on its tensor alone, so the result is the same as one after the other."""
-    large = [n for n, t in state.items() if isinstance(t, Tensor) and t.numel() >= PARALLEL_NUMEL]
-    out: dict[str, EncodedTensor] = {}
     # small tensors with the same bits and hints (BatchNorm's ones and zeros at
-    # initialisation, tied copies) have the same choice: made once
+    # initialisation, tied copies) have the same choice: made once (in the calling thread:
+    # a large tensor has no such key)
     seen: dict[tuple, EncodedTensor] = {}
+
+    def choose_one(name: str) -> EncodedTensor:
+        key = _same_choice_key(state[name], hints.get(name))
+        if key is None or key not in seen:
+            enc = _choose(state[name], hints.get(name), code_values)
+            if key is None:
+                return enc
+            seen[key] = enc
+        return seen[key]
+
+    large = {n for n, t in state.items() if isinstance(t, Tensor) and t.numel() >= PARALLEL_NUMEL}
+    return _large_in_threads(list(state), large, choose_one)
+
+
+def _large_in_threads(names: list[str], large: set[str], fn: Callable[[str], Any]
+                      ) -> dict[str, Any]:
+    """``fn(name)`` of every name, in the order of ``names``: those in ``large`` in a thread
+    pool (numpy and zlib release the GIL on them), the others meanwhile in this thread."""
     with ThreadPoolExecutor(max_workers=max(1, min(len(large), os.cpu_count() or 1))) as pool:
-        futures = {n: pool.submit(_choose, state[n], hints.get(n), code_values) for n in large}
-        for name, t in state.items():
-            if name in futures:
-                continue
-            key = _same_choice_key(t, hints.get(name))
-            if key is None or key not in seen:
-                out[name] = _choose(t, hints.get(name), code_values)
-                if key is not None:
-                    seen[key] = out[name]
-            else:
-                out[name] = seen[key]
-        for name, future in futures.items():
-            out[name] = future.result()
-    return {name: out[name] for name in state}
+        futures = {n: pool.submit(fn, n) for n in names if n in large}
+        done = {n: fn(n) for n in names if n not in futures}
+        done.update((n, future.result()) for n, future in futures.items())
+    return {n: done[n] for n in names}
 
 
 def _choose(t: Tensor, hint: Hints, code_values: bool) -> EncodedTensor:
@@ -322,18 +329,15 @@ def _wrap(data: bytes, codec: str) -> bytes:
 # -- decoding -------------------------------------------------------------------------------
 def _decode_all(tensors: list, arrays: dict[str, np.ndarray]) -> dict[str, Tensor]:
     """Every record decoded (``check_records`` has bounded their shapes and sizes); the large
-    tensors in a thread pool (zlib and numpy release the GIL), as ``_choose_all`` encodes them:
-    each depends on its own arrays alone."""
+    tensors in a thread pool, as ``_choose_all`` encodes them: each depends on its own arrays
+    alone."""
     encoded: dict[str, EncodedTensor] = {}
     used: set[str] = set()
     for rec in tensors:
         with _naming(rec["name"]):
             encoded[rec["name"]] = _record_encoding(rec, arrays, used)
-    large = [n for n, e in encoded.items() if math.prod(e.shape) >= PARALLEL_NUMEL]
-    with ThreadPoolExecutor(max_workers=max(1, min(len(large), os.cpu_count() or 1))) as pool:
-        futures = {n: pool.submit(_decode_one, n, encoded[n]) for n in large}
-        out = {n: futures[n].result() if n in futures else _decode_one(n, e)
-               for n, e in encoded.items()}
+    large = {n for n, e in encoded.items() if math.prod(e.shape) >= PARALLEL_NUMEL}
+    out = _large_in_threads(list(encoded), large, lambda n: _decode_one(n, encoded[n]))
     if used != set(arrays):
         raise StorageError("arrays and tensor records do not match")
     return out
