@@ -7,7 +7,7 @@ Choices, documented because users compare against them:
 
 * ``sparsity`` is the fraction of *groups* removed (for element structure: of weights). For a
   k-of-n structure it is implied by k and n; passing a different value is an error.
-* Layer scope removes ``round(sparsity * groups)`` groups in every layer. Global scope ranks
+* Layer scope keeps ``floor((1 - sparsity) * groups)`` groups in every layer. Global scope ranks
   all layers' groups together by their norm per weight (L1 / group size, L2 / sqrt(group
   size)), so groups of different sizes compete fairly.
 * Every layer keeps at least one group (a layer with nothing left would cut the network),

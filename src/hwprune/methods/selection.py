@@ -12,6 +12,8 @@ from ..structures import Channel, FeatureMap, Filter, Structure
 
 __all__ = ["keep_all_but_lowest", "kept_count", "check_round_to"]
 
+_TOLERANCE = 1e-9
+
 
 def check_round_to(round_to: object, structure: Structure) -> None:
     """``round_to`` is a positive int, and above 1 only for whole filters, channels or maps
@@ -25,11 +27,12 @@ def check_round_to(round_to: object, structure: Structure) -> None:
 
 
 def kept_count(n: int, sparsity: float, min_keep: int, round_to: int = 1) -> int:
-    """How many of ``n`` groups stay: ``n - round(sparsity * n)``, at least ``min_keep``; with
-    ``round_to`` > 1 and ``n`` above it, the largest multiple of it not above that count (so at
-    least ``sparsity`` goes), but never less than one multiple: a count the hardware's vector
-    width divides."""
-    keep = max(n - math.floor(sparsity * n + 0.5), min(min_keep, n))
+    """How many of ``n`` groups stay: ``floor((1 - sparsity) * n)``, so at least ``sparsity``
+    goes (the convention Torch-Pruning's ratios follow too), but at least ``min_keep``; with
+    ``round_to`` > 1 and ``n`` above it, the largest multiple of it not above that count, but
+    never less than one multiple: a count the hardware's vector width divides."""
+    # The tolerance keeps a product that floats just below an integer (0.7 * 10) on it.
+    keep = max(math.floor((1.0 - sparsity) * n + _TOLERANCE), min(min_keep, n))
     if round_to > 1 and n > round_to:
         keep = max(round_to, keep - keep % round_to)
     return keep
