@@ -18,6 +18,7 @@ from hwprune.relaxations import (
     row_max,
     row_sum,
     sigmoid_st,
+    split_values,
     top_k_rows,
 )
 from hwprune.structures import Element, KofN
@@ -94,7 +95,7 @@ def _ksoftmax_masked_fill(z, k, tau):
 
 
 @st.composite
-def extreme_rows(draw):
+def extreme_rows(draw, ties=False):
     rows, n = draw(st.integers(1, 8)), draw(st.sampled_from([2, 4, 5, 8, 9, 30]))
     k = draw(st.integers(1, min(n, 6)))
     scale = draw(st.sampled_from([0.1, 1.0, 30.0, 1e3]))
@@ -102,6 +103,8 @@ def extreme_rows(draw):
     dtype = draw(st.sampled_from([torch.float32, torch.float64]))
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
     z = (scale * torch.randn(rows, n, generator=g, dtype=torch.float64)).to(dtype)
+    if ties and draw(st.booleans()):  # at the boundary too: the selection defers to topk
+        z = z.round()
     up = torch.randn(rows, n, generator=g, dtype=torch.float64).to(dtype)
     return z, up, k, tau
 
@@ -136,7 +139,7 @@ def _sigmoid_masked_fill(z, up, k, tau):
 
 
 @settings(max_examples=120, deadline=None)
-@given(case=extreme_rows())
+@given(case=extreme_rows(ties=True))
 def test_branch_free_sigmoid_gradient_equals_the_masked_fill_form(case):
     z, up, k, tau = case
     logits = z.clone().requires_grad_()
@@ -159,3 +162,31 @@ def test_a_sampled_mask_is_the_top_k_of_logits_plus_scaled_gumbel_noise(seed, n,
     noise = gumbel_noise(logits.shape, torch.Generator().manual_seed(seed), logits)
     expected = top_k_rows(logits + 0.7 * noise, k)
     assert torch.equal(top.sample_mask() > 0.5, expected)
+
+
+@settings(max_examples=150, deadline=None)
+@given(rows=st.integers(1, 12), n=st.sampled_from([9, 30, 257]), k_frac=st.floats(0, 1),
+       dtype=st.sampled_from(FLOATS), ties=st.booleans(), nan=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_top_k_by_selection_keeps_exactly_k_of_the_largest(rows, n, k_frac, dtype, ties, nan,
+                                                           seed):
+    k = max(1, round(k_frac * n))
+    z = torch.randn(rows, n, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    if ties:
+        z = (z * 2).round()
+    if nan:
+        z[0, n // 2] = float("nan")
+    mask = top_k_rows(z, k)
+    assert (mask.sum(1) == k).all()
+    ok = ~torch.isnan(z).any(1)
+    if k < n and ok.any():
+        kept = torch.where(mask, z.double(), torch.inf).amin(1)
+        dropped = torch.where(mask, -torch.inf, z.double()).amax(1)
+        assert (kept[ok] >= dropped[ok]).all()
+    split = split_values(z, k)
+    if split is not None:  # taken only where it is exact: the topk mask, entry for entry
+        low, high = split
+        assert (high < low).all() and dtype != torch.bfloat16 and k < n
+        top = z.topk(k, dim=1, sorted=False).indices
+        assert torch.equal(mask, torch.zeros_like(mask).scatter_(1, top, True))
+        assert torch.equal(low.reshape(-1), z.topk(k, dim=1).values[:, -1])
