@@ -187,6 +187,15 @@ ENTRIES: list[tuple[str, dict, float, tuple[str, ...]]] = [
     ("admm-zero-4x-fitted", {"name": "ADMM", "block": [1, 4], "unify": 0.0, "zero": 0.75,
                              "rho_growth": None, "admm_interval": 20, "targets": CONVS}, 0.5,
      ("magnitude-block-4x",)),
+    # round 6: DARB reaching its ratio gradually (the cubic ramp of the PSP rows: block sizes
+    # and masks recomputed from the current weights every 15 steps), then fine-tuning the
+    # fixed pattern; against 1:8 / 1:4 too, DARB's pattern with one block size for every row
+    ("darb-8x-gradual", {"name": "DARB", "ratio": 8.0, "schedule": GRADUAL,
+                         "targets": CONVS}, 0.5,
+     ("magnitude-element-8x", "magnitude-1of8", "darb-8x")),
+    ("darb-4x-gradual", {"name": "DARB", "ratio": 4.0, "schedule": GRADUAL,
+                         "targets": CONVS}, 0.5,
+     ("magnitude-element-4x", "magnitude-1of4", "darb-4x")),
 ]
 BASELINE = {name: base for name, _, _, base in ENTRIES}
 
