@@ -448,10 +448,11 @@ def test_random_documents_in_a_valid_container_are_refused_cleanly(bounded_memor
 NAMES = ("values", "mask", "indptr", "indices", "positions", "tiles", "states", "signs",
          "magnitudes", "codes", "scale", "sizes", "positions8", "zero_signs", "values_codes",
          "values_planes")
-#: coded value planes: [count, [plane lengths]] per array, any of them wrong
+#: coded value planes: [count, [plane lengths]] or that and a coder tag per array, any of them wrong
 VCODED = st.dictionaries(st.sampled_from(["values", "magnitudes"]), st.tuples(
-    st.integers(-1, 1 << 40), st.lists(st.integers(-2, 64), max_size=9)).map(
-        lambda t: [t[0], t[1]]), max_size=2)
+    st.integers(-1, 1 << 40), st.lists(st.integers(-2, 64), max_size=9),
+    st.lists(st.sampled_from(["zstd", "deflate", 0]), max_size=2)).map(
+        lambda t: [t[0], t[1], *t[2]]), max_size=2)
 META = st.dictionaries(
     st.sampled_from(["k", "n", "bh", "bw", "positions", "qmax", "zero_signs", "qvalues", "m",
                      "zeros", "vcoded"]),

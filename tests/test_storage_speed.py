@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -440,21 +441,76 @@ def test_the_threaded_checksum_is_the_formats_digest_and_older_versions_still_lo
 
 
 @SETTINGS
-@given(seed=st.integers(0, 1000), piece=st.integers(1, 5000), count=st.integers(256, 20000))
-def test_a_plane_coded_in_pieces_is_one_deflate_stream_and_round_trips(seed, piece, count):
-    """Pieces of a long plane, each but the last ending in a full flush, read as one raw
-    deflate stream (what the reader inflates), whatever the piece size; a tensor whose
-    top plane is coded in pieces saves and loads bit for bit."""
+@given(seed=st.integers(0, 1000), count=st.integers(2 * MIN_CODED, 20000), std=st.sampled_from(
+    [0.02, 1.0]), version=st.sampled_from([4, container.VERSION]))
+def test_planes_from_the_zstd_length_on_are_zstd_frames_and_round_trip(seed, count, std,
+                                                                        version):
+    """With ``ZSTD_BYTES`` lowered, a coded plane of at least that many bytes is one Zstandard
+    frame declaring its length (the array tagged ``"zstd"``), a shorter one a raw deflate
+    stream; both save and load bit for bit, and a version 4 file (every coded plane deflated)
+    still loads."""
     import zlib
 
+    import zstandard
+
     gen = torch.Generator().manual_seed(seed)
-    t = torch.randn(count, generator=gen) * 0.02
-    top = np.ascontiguousarray(valuecoding.byte_columns(t.numpy().view(np.uint32))[:, 3])
+    t = torch.randn(count, generator=gen) * std
+    state = {"w": t, "short": t[: count // 2].clone()}
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(valuecoding, "PIECE_BYTES", piece)
-        stream = valuecoding._deflate(top)
-        assert zlib.decompress(stream, -15) == top.tobytes()
-        with tempfile.TemporaryDirectory() as tmp:
-            save({"w": t}, Path(tmp) / "m.hwp")
-            back = load(Path(tmp) / "m.hwp")["w"]
-    assert torch.equal(back.view(torch.int32), t.view(torch.int32))
+        patch.setattr(valuecoding, "ZSTD_BYTES", count if version == container.VERSION
+                      else 1 << 62)
+        records, arrays = [], {}
+        encoded = {k: choose(v) for k, v in state.items()}
+        for name, enc in encoded.items():
+            records.append(packing.tensor_record(name, enc, arrays))
+    for name, enc in encoded.items():
+        entry = enc.meta[valuecoding.VCODED]["values"]
+        count_, lengths = entry[:2]
+        planes = enc.payload["values_planes"]
+        top = np.ascontiguousarray(valuecoding.byte_columns(
+            state[name].numpy().view(np.uint32))[:, 3]).tobytes()
+        coded = planes[planes.size - lengths[3]:].tobytes()  # the top plane is the last
+        assert lengths[3] > 0
+        if count_ >= count and version == container.VERSION:
+            assert entry[2:] == [valuecoding.ZSTD]
+            assert zstandard.frame_content_size(coded) == count_
+            assert zstandard.ZstdDecompressor().decompress(coded) == top
+        else:
+            assert entry[2:] == []
+            assert zlib.decompress(coded, -15) == top
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "m.hwp"
+        path.write_bytes(container.pack(records, arrays, version))
+        back = load(path)
+    assert all(torch.equal(back[k].view(torch.int32), v.view(torch.int32))
+               for k, v in state.items())
+
+
+@pytest.mark.parametrize("damage", ["declared", "truncated", "trailing", "garbage", "tag"])
+def test_a_damaged_zstd_plane_is_a_storage_error_before_it_is_decoded_in_full(damage):
+    """A frame that declares another length, ends early, has bytes after its end, is not a
+    frame, or an unknown coder tag: a StorageError naming the plane, never more memory than
+    the plane's declared count."""
+    import zstandard
+
+    t = torch.randn(4096) * 0.02
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(valuecoding, "ZSTD_BYTES", 1)
+        enc = choose(t)
+    entry = enc.meta[valuecoding.VCODED]["values"]
+    count, lengths, _ = entry
+    planes = enc.payload["values_planes"].tobytes()
+    head, frame = planes[:len(planes) - lengths[3]], planes[len(planes) - lengths[3]:]
+    if damage == "declared":
+        frame = zstandard.ZstdCompressor().compress(frame[:10] * 3)
+    elif damage == "truncated":
+        frame = frame[:-3]
+    elif damage == "trailing":
+        frame = frame + b"\0\0"
+    elif damage == "garbage":
+        frame = bytes(len(frame))
+    bad = [count, lengths[:3] + [len(frame)], "lz4" if damage == "tag" else valuecoding.ZSTD]
+    broken = replace(enc, payload={"values_planes": np.frombuffer(head + frame, np.uint8)},
+                     meta={**enc.meta, valuecoding.VCODED: {"values": bad}})
+    with pytest.raises(StorageError, match="plane|value coding"):
+        valuecoding.decode_values(broken, count)
