@@ -514,3 +514,39 @@ def test_a_damaged_zstd_plane_is_a_storage_error_before_it_is_decoded_in_full(da
                      meta={**enc.meta, valuecoding.VCODED: {"values": bad}})
     with pytest.raises(StorageError, match="plane|value coding"):
         valuecoding.decode_values(broken, count)
+
+
+def test_a_zstd_plane_that_decodes_past_its_declared_length_is_refused_within_that_length():
+    """A frame that declares its plane's length, then goes on with a thousand RLE blocks of
+    128 KiB (128 MiB more if decoded): refused, and never more than the declared length
+    allocated for it."""
+    import tracemalloc
+
+    t = torch.randn(1 << 14) * 0.02
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(valuecoding, "ZSTD_BYTES", 1)
+        enc = choose(t)
+    count, lengths, tag = enc.meta[valuecoding.VCODED]["values"]
+    planes = enc.payload["values_planes"].tobytes()
+    head, frame = planes[:len(planes) - lengths[3]], bytearray(planes[len(planes) - lengths[3]:])
+    at = __import__("zstandard").frame_header_size(bytes(frame))
+    while True:  # to the last block's header
+        block = int.from_bytes(frame[at: at + 3], "little")
+        if block & 1:
+            break
+        at += 3 + (1 if (block >> 1) & 3 == 1 else block >> 3)
+    frame[at: at + 3] = (block & ~1).to_bytes(3, "little")  # no longer the last
+    rle = [(1 << 1 | (1 << 17) << 3 | (i == 999)).to_bytes(3, "little") + b"\x07"
+           for i in range(1000)]
+    frame += b"".join(rle)
+    bomb = replace(enc, payload={"values_planes": np.frombuffer(head + bytes(frame), np.uint8)},
+                   meta={**enc.meta, valuecoding.VCODED: {
+                       "values": [count, lengths[:3] + [len(frame)], tag]}})
+    tracemalloc.start()
+    try:
+        with pytest.raises(StorageError, match="plane"):
+            valuecoding.decode_values(bomb, count)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * count + (1 << 20)

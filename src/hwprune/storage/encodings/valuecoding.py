@@ -214,23 +214,41 @@ def _inflate(part: np.ndarray, count: int, what: str) -> np.ndarray:
 
 
 def _unzstd(part: np.ndarray, count: int, what: str) -> np.ndarray:
-    """A plane of exactly ``count`` bytes from its Zstandard frame: the frame must declare
-    that length before anything is decoded (the decoder then never writes more), and hold
-    nothing after its end."""
+    """A plane of exactly ``count`` bytes from its Zstandard frame. The frame must declare that
+    length and end where the plane does (its block headers walked, nothing decoded) before it
+    is decoded into a buffer of that length, which the decoder cannot overrun."""
     try:
         declared = zstandard.frame_content_size(part)
         if declared != count:
             raise StorageError(f"{what}: a coded value plane's frame declares {declared} bytes, "
                                f"not {count}")
-        d = zstandard.ZstdDecompressor().decompressobj()
-        raw = d.decompress(part)
-        exact = len(raw) == count and d.eof and not d.unused_data
+        if _frame_length(part, what) != part.size:
+            raise StorageError(f"{what}: a coded value plane holds bytes after its frame")
+        raw = zstandard.ZstdDecompressor().decompress(part, max_output_size=count)
     except zstandard.ZstdError as err:
         raise StorageError(f"{what}: a coded value plane does not decode ({err})") from err
-    if not exact:
+    if len(raw) != count:
         raise StorageError(f"{what}: a coded value plane does not decode to exactly {count} "
                            "bytes")
     return np.frombuffer(raw, np.uint8)
+
+
+def _frame_length(part: np.ndarray, what: str) -> int:
+    """Bytes of the Zstandard frame that ``part`` starts with: its header, then blocks of a
+    3-byte header (last-block flag, type, size; an RLE block stores one byte) each, then the
+    checksum where the header announces one (the format's RFC 8878, section 3.1)."""
+    at = zstandard.frame_header_size(part)
+    while True:
+        if at + 3 > part.size:
+            raise StorageError(f"{what}: a coded value plane's frame is cut short")
+        head = int.from_bytes(part[at: at + 3].tobytes(), "little")
+        last, kind, size = head & 1, (head >> 1) & 3, head >> 3
+        if kind == 3:
+            raise StorageError(f"{what}: a coded value plane's frame has a reserved block type")
+        at += 3 + (1 if kind == 1 else size)
+        if last:
+            break
+    return at + (4 if zstandard.get_frame_parameters(part).has_checksum else 0)
 
 
 def _is_int(x: object) -> bool:
