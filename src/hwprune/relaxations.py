@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -152,8 +153,6 @@ def split_values(z: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
     n = z.shape[1]
     if z.device.type != "cpu" or z.dtype not in _PARTITION_DTYPES or not 0 < k < n:
         return None
-    import numpy as np  # the CPU path alone
-
     part = np.partition(z.detach().numpy(), (n - k - 1, n - k), axis=1)
     # a NaN would not compare as kept (topk keeps it as the largest): such rows take topk
     if np.isnan(part[:, n - k:]).any():

@@ -29,6 +29,7 @@ import os
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from functools import partial
 
 import numpy as np
 import zstandard
@@ -83,13 +84,12 @@ def worth_coding(plane: np.ndarray) -> bool:
     return float(-(p * np.log2(p)).sum()) < 8 * _GAIN
 
 
-def _code_plane(column: np.ndarray) -> bytes | None:
-    """The coded plane (``column``: a strided view of it; zstd from ``ZSTD_BYTES`` on, else
-    deflate), or ``None`` where storing it raw is as small (or nearly)."""
+def _code_plane(column: np.ndarray, coder) -> bytes | None:
+    """The plane (``column``: a strided view of it) coded by ``coder``, or ``None`` where
+    storing it raw is as small (or nearly)."""
     if not worth_coding(column):
         return None
-    plane = np.ascontiguousarray(column)
-    coded = _zstd(plane) if plane.size >= ZSTD_BYTES else _deflate(plane)
+    coded = coder(np.ascontiguousarray(column))
     return coded if len(coded) < column.size else None
 
 
@@ -128,7 +128,10 @@ def code_values(enc: EncodedTensor) -> EncodedTensor:
         if arr.ndim != 1 or arr.dtype.kind != "u" or arr.size < MIN_CODED:
             continue
         columns = byte_columns(arr)
-        coded = _map(_code_plane, list(columns.T), arr.size >= THREADED_BYTES)
+        zstd = arr.size >= ZSTD_BYTES  # every plane of an array has its length: one coder
+        coder = _zstd if zstd else _deflate
+        coded = _map(partial(_code_plane, coder=coder), list(columns.T),
+                     arr.size >= THREADED_BYTES)
         lengths = [-1 if c is None else len(c) for c in coded]
         sizes = [arr.size if c is None else len(c) for c in coded]
         if sum(sizes) < arr.nbytes:
@@ -139,7 +142,6 @@ def code_values(enc: EncodedTensor) -> EncodedTensor:
                 at += n
             del payload[name]
             payload[f"{name}_planes"] = out
-            zstd = arr.size >= ZSTD_BYTES and any(n != -1 for n in lengths)
             info[name] = [int(arr.size), lengths] + ([ZSTD] if zstd else [])
     if not info:
         return enc
