@@ -2,8 +2,9 @@
 
 * value planes (de)compressed in threads: the same coded bytes as one after the other;
 * the chooser's shortcuts (k-of-n run counts from halvings, the gaps lower bound) give the
-  direct counts and never skip a candidate that could win; small vectors are saved dense or
-  as a bitmask, and ``stored_bytes`` counts what the file holds; analysed tensors are read
+  direct counts and never skip a candidate that could win (the k-of-n family bound among
+  them); small vectors are saved dense or as a bitmask (without analysis where they have no
+  zero), and ``stored_bytes`` counts what the file holds; analysed tensors are read
   in place and never written; value planes are coded only where their entropy gains;
 * ``plan`` choosing large tensors in a thread pool: the same file bytes as in one thread;
 * MACs counted on ``meta`` tensors: the same counts as the real forward pass, and models that
@@ -27,7 +28,13 @@ import hwprune as hp
 from hwprune.models import resnet20
 from hwprune.report import macs
 from hwprune.storage import StorageError, choose, container, load, packing, save, stored_bytes
-from hwprune.storage.encodings import Gaps, KofNEncoding, saved_encodings, valuecoding
+from hwprune.storage.encodings import (
+    Gaps,
+    KofNEncoding,
+    saved_encodings,
+    small_vector_choice,
+    valuecoding,
+)
 from hwprune.storage.encodings.base import EncodedTensor, TensorView
 from hwprune.storage.encodings.kofn import run_counts
 from hwprune.storage.encodings.valuecoding import MIN_CODED
@@ -257,6 +264,69 @@ def test_small_vectors_are_saved_dense_or_bitmask_and_counted_as_saved(tmp_path)
     assert only.encoding == "bitmask"
     with pytest.raises(StorageError, match="dense"):
         choose(biases["b_sparse"], only=("bitmask",))
+
+
+@st.composite
+def small_vectors(draw) -> torch.Tensor:
+    dtype = draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float64,
+                                  torch.int64, torch.int8, torch.bool]))
+    n = draw(st.integers(0, MIN_CODED + 4))
+    rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
+    t = torch.from_numpy(rng.standard_normal(n) * 4).to(dtype)
+    kind = draw(st.sampled_from(["plain", "zeros", "constant", "negzero", "strided", "2-D"]))
+    if kind == "zeros" and n:
+        t[:: draw(st.integers(1, 7))] = 0
+    elif kind == "constant":
+        t = torch.full((n,), 3, dtype=dtype)
+    elif kind == "negzero" and n and dtype.is_floating_point:
+        t[::3] = -0.0
+    elif kind == "strided":
+        t = torch.cat([t, t])[::2]
+    elif kind == "2-D" and n % 2 == 0:
+        t = t.reshape(2, -1)
+    return t
+
+
+@SETTINGS
+@given(t=small_vectors())
+def test_the_small_vector_shortcut_is_what_the_chooser_saves(t):
+    """Where the shortcut answers (a small vector with no zero, not constant), it is the dense
+    encoding ``save``'s chooser picks, with the same bits; otherwise it leaves the choice."""
+    view = TensorView.of(t)
+    quick = small_vector_choice(t, None)
+    chosen = choose(t, only=saved_encodings(view, None))
+    if quick is None:
+        has_zero = not view.bits.all() if view.bits.ndim == 1 else True
+        constant = t.numel() <= 1 or bool((view.bits == view.bits[:1]).all())
+        assert t.dim() > 1 or t.numel() >= MIN_CODED or has_zero or constant \
+            or t.dtype == torch.bfloat16
+        return
+    assert chosen.encoding == quick.encoding == "dense" and quick.meta == chosen.meta
+    assert quick.shape == chosen.shape and quick.dtype == chosen.dtype
+    assert quick.payload["values"].dtype == chosen.payload["values"].dtype
+    assert np.array_equal(quick.payload["values"], chosen.payload["values"])
+    assert small_vector_choice(t, "2:4") is None  # a hint: the chooser decides
+
+
+@SETTINGS
+@given(density=st.floats(0.0, 1.0), rows=st.integers(1, 8), cols=st.sampled_from([8, 16, 48]),
+       seed=st.integers(0, 2**31 - 1), structured=st.booleans())
+def test_the_kofn_family_bound_is_below_every_kofn_candidate(density, rows, cols, seed,
+                                                             structured):
+    """The chooser skips k-of-n where this bound loses: it must not exceed any candidate's
+    size, on irregular and on k-of-n patterns."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((rows, cols, 3)).astype(np.float32)
+    if structured:  # 2 of every 4 along dim 1
+        keep = np.argsort(rng.random((rows, cols // 4, 4, 3)), axis=2) < 2
+        w = np.where(keep.reshape(rows, cols, 3), w, 0)
+    else:
+        w = np.where(rng.random(w.shape) < density, w, 0)
+    view = TensorView.of(torch.from_numpy(w))
+    kofn = KofNEncoding()
+    bound = kofn.family_bound(view, {})
+    for params in kofn.candidates(view, {}):
+        assert bound <= kofn.sizes(view, params).total(4), params
 
 
 def test_analysed_tensors_are_read_in_place_and_never_written(tmp_path):

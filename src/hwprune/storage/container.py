@@ -80,7 +80,14 @@ from torch import Tensor, nn
 
 from ..files import write_atomic
 from .bits import dtype_from_name
-from .encodings import EncodedTensor, Hints, TensorView, decode, saved_encodings
+from .encodings import (
+    EncodedTensor,
+    Hints,
+    TensorView,
+    decode,
+    saved_encodings,
+    small_vector_choice,
+)
 from .encodings.chooser import choose_view
 from .errors import StorageError
 from .fileformat import (
@@ -193,7 +200,9 @@ def _choose_all(state: Mapping[str, Tensor], hints: Mapping[str, Hints],
     def choose_one(name: str) -> EncodedTensor:
         key = _same_choice_key(state[name], hints.get(name))
         if key is None or key not in seen:
-            enc = _choose(state[name], hints.get(name), code_values)
+            enc = small_vector_choice(state[name], hints.get(name))
+            if enc is None:
+                enc = _choose(state[name], hints.get(name), code_values)
             if key is None:
                 return enc
             seen[key] = enc

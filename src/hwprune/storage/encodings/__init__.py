@@ -83,7 +83,7 @@ arrays, so a file's data section is the sum of the tensors' ``total_bytes``.
 
 from .base import ZERO_SIGNS, EncodedTensor, Encoding, TensorView
 from .block import BLOCK_SIZES, BlockEncoding
-from .chooser import Hints, choose, encodings_for, saved_encodings
+from .chooser import Hints, choose, encodings_for, saved_encodings, small_vector_choice
 from .dense import Dense
 from .gaps import Gaps
 from .irregular import CSR, Bitmask
@@ -104,6 +104,7 @@ __all__ = [
     "encodings_for",
     "choose",
     "saved_encodings",
+    "small_vector_choice",
     "stored_bytes",
     "summarize",
     "TensorView",

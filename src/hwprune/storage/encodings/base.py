@@ -257,6 +257,12 @@ class Encoding:
         be stored as quantized codes: the bound counts them at full width)."""
         return 0
 
+    def family_bound(self, view: TensorView, hints: dict[str, tuple[int, int]]) -> int:
+        """Bytes every parameter set of ``candidates(view, hints)`` takes at least, from the
+        view's counts alone: the chooser skips the whole encoding where this already loses,
+        before its candidates are analysed (the same rule as ``lower_bound``)."""
+        return 0
+
     def sizes(self, view: TensorView, params: dict) -> Size:
         """The ``Size`` of ``encode_view(view, **params)`` (``StorageError`` where it does not
         apply). Encodings with a closed form override this; the default encodes, for those

@@ -29,8 +29,9 @@ from .tiling import (
 
 __all__ = ["BlockEncoding", "BLOCK_SIZES"]
 
-#: the tile sizes the chooser tries (plus the one a hint names)
-BLOCK_SIZES = tuple(s for b in (2, 4, 8, 16) for s in ((b, b), (1, b), (b, 1)))
+#: the tile sizes the chooser tries (plus the one a hint names); rows and columns of 2 first:
+#: every other size is a union of their tiles, so their kept counts bound all the others
+BLOCK_SIZES = tuple(s for b in (2, 4, 8, 16) for s in ((1, b), (b, 1), (b, b)))
 
 
 class BlockEncoding(Encoding):

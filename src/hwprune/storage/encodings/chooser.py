@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from ...errors import HwpruneError
@@ -18,7 +19,7 @@ from .valuecoding import MIN_CODED
 from .valuecoding import code_values as code_value_planes
 
 __all__ = ["Hints", "Candidate", "encodings_for", "choose", "choose_view", "normalize_hints",
-           "saved_encodings", "SMALL_VECTOR_NUMEL", "SMALL_VECTOR_ENCODINGS"]
+           "saved_encodings", "small_vector_choice", "SMALL_VECTOR_NUMEL", "SMALL_VECTOR_ENCODINGS"]
 
 #: ``None``, a structure (``"2:4"``, ``"block:4x4"``, a ``Structure``), or explicit sizes:
 #: ``{"kofn": (k, n), "block": (bh, bw), "unified": (bh, bw)}``
@@ -103,6 +104,9 @@ def _candidates(view: TensorView, hints: Hints, shortcut: bool = True,
             # the quantized-values variant: found once per analysed tensor, where tried
             found = None if only is not None or enc.name in ("dense", "quantized") else (
                 find_scale(base))
+            if shortcut and found is None and best is not None and (
+                    enc.family_bound(base, sizes), enc.simplicity) > (best.total, best.rank[0]):
+                continue
             for params in enc.candidates(base, sizes):
                 # a bound at the best total loses the tie too where this one is less simple.
                 # The bounds count raw values: not used where the values could be codes
@@ -163,6 +167,26 @@ def saved_encodings(view: TensorView, hint: Hints) -> tuple[str, ...] | None:
             and not (view.bits == view.bits[:1]).all()):
         return SMALL_VECTOR_ENCODINGS
     return None
+
+
+def small_vector_choice(t: Tensor, hint: Hints) -> EncodedTensor | None:
+    """What ``save`` chooses for a small vector with no zero and not constant (BatchNorm's
+    trained parameters and statistics, biases), found without analysing it: dense, the only
+    one of ``SMALL_VECTOR_ENCODINGS`` a tensor without zeros can take (and too short for its
+    values to be coded). ``None`` for any other tensor (the chooser decides)."""
+    if (hint is not None or t.dim() > 1 or not 1 < t.numel() < SMALL_VECTOR_NUMEL
+            or t.layout != torch.strided or t.device.type != "cpu"):
+        return None
+    try:  # numpy's view: the raw bits of ``raw_bits`` without its torch calls
+        values = t.detach().numpy()
+    except (TypeError, RuntimeError):  # a dtype numpy lacks (bfloat16, float8), a conj view
+        return None
+    if values.itemsize not in (1, 2, 4, 8):
+        return None
+    bits = np.ascontiguousarray(values).reshape(-1).view(f"u{values.itemsize}")
+    if not bits.all() or (bits == bits[0]).all():
+        return None
+    return EncodedTensor("dense", t.dtype, tuple(t.shape), {"values": bits}, {})
 
 
 def choose(t: Tensor, hints: Hints = None, code_values: bool = True,

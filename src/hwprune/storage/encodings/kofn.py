@@ -108,17 +108,29 @@ class KofNEncoding(Encoding):
         flat = np.moveaxis(out.reshape(moved), -1, 1).reshape(-1)
         return from_raw_bits(flat, enc.dtype, enc.shape, owned=True)
 
+    @staticmethod
+    def _lengths(view: TensorView, hints: dict[str, tuple[int, int]]) -> list[int]:
+        """The run lengths tried on ``view``: those of ``KOFN_N`` and the hint that fit it."""
+        ns = set(KOFN_N) | ({hints["kofn"][1]} if "kofn" in hints else set())
+        return [n for n in sorted(ns) if 2 <= n <= 64 and view.shape[1] % n == 0]
+
     def candidates(self, view: TensorView, hints: dict[str, tuple[int, int]]) -> list[dict]:
         if not view.sparse_ok() or len(view.shape) < 2:
             return []
-        ns = set(KOFN_N) | ({hints["kofn"][1]} if "kofn" in hints else set())
         out = []
-        for n in sorted(ns):
-            if 2 <= n <= 64 and view.shape[1] % n == 0:
-                most = int(run_counts(view, n).max())
-                if most < n:
-                    out += [{"k": max(most, 1), "n": n, "positions": p} for p in self.POSITIONS]
+        for n in self._lengths(view, hints):
+            most = int(run_counts(view, n).max())
+            if most < n:
+                out += [{"k": max(most, 1), "n": n, "positions": p} for p in self.POSITIONS]
         return out
+
+    def family_bound(self, view: TensorView, hints: dict[str, tuple[int, int]]) -> int:
+        """k values in every run of n, k at least the average count of a run (and 1): the
+        fewest over the run lengths tried."""
+        if not view.sparse_ok() or len(view.shape) < 2:
+            return 0
+        runs = [view.numel // n for n in self._lengths(view, hints)]
+        return min((r * max(1, -(-view.nonzero // r)) * view.itemsize for r in runs), default=0)
 
     def sizes(self, view: TensorView, params: dict) -> Size:
         k, n, mode = params["k"], params["n"], params.get("positions", "rank")
