@@ -2,7 +2,7 @@
 
 * value planes (de)compressed in threads: the same coded bytes as one after the other;
 * the chooser's shortcuts (k-of-n run counts from halvings, the gaps lower bound) give the
-  direct counts and never skip a candidate that could win (the k-of-n family bound among
+  direct counts and never skip a candidate that could win (the encodings' family bounds among
   them); small vectors are saved dense or as a bitmask (without analysis where they have no
   zero), and ``stored_bytes`` counts what the file holds; analysed tensors are read
   in place and never written; value planes are coded only where their entropy gains;
@@ -309,24 +309,36 @@ def test_the_small_vector_shortcut_is_what_the_chooser_saves(t):
 
 
 @SETTINGS
-@given(density=st.floats(0.0, 1.0), rows=st.integers(1, 8), cols=st.sampled_from([8, 16, 48]),
-       seed=st.integers(0, 2**31 - 1), structured=st.booleans())
-def test_the_kofn_family_bound_is_below_every_kofn_candidate(density, rows, cols, seed,
-                                                             structured):
-    """The chooser skips k-of-n where this bound loses: it must not exceed any candidate's
-    size, on irregular and on k-of-n patterns."""
+@given(density=st.floats(0.0, 1.0), rows=st.integers(1, 9), cols=st.sampled_from([4, 8, 16, 48]),
+       seed=st.integers(0, 2**31 - 1), pattern=st.sampled_from(["irregular", "2:4", "blocks"]),
+       hint=st.sampled_from([None, "2:4", "block:3x3", "block:2x2"]))
+def test_every_family_bound_is_below_every_candidate_of_its_encoding(density, rows, cols, seed,
+                                                                     pattern, hint):
+    """The chooser skips an encoding where its family bound loses: the bound must not exceed
+    any of its candidates' sizes, on irregular, k-of-n and block patterns, with any hint."""
+    from hwprune.storage.encodings import ENCODINGS
+    from hwprune.storage.encodings.chooser import normalize_hints
+
     rng = np.random.default_rng(seed)
     w = rng.standard_normal((rows, cols, 3)).astype(np.float32)
-    if structured:  # 2 of every 4 along dim 1
+    if pattern == "2:4":  # 2 of every 4 along dim 1
         keep = np.argsort(rng.random((rows, cols // 4, 4, 3)), axis=2) < 2
         w = np.where(keep.reshape(rows, cols, 3), w, 0)
+    elif pattern == "blocks":  # whole 1 x 6 runs of the im2col rows
+        w = np.where(np.repeat(rng.random((rows, cols // 2)) < density, 6).reshape(w.shape),
+                     w, 0)
     else:
         w = np.where(rng.random(w.shape) < density, w, 0)
     view = TensorView.of(torch.from_numpy(w))
-    kofn = KofNEncoding()
-    bound = kofn.family_bound(view, {})
-    for params in kofn.candidates(view, {}):
-        assert bound <= kofn.sizes(view, params).total(4), params
+    hints = normalize_hints(hint)
+    for enc in ENCODINGS.values():
+        bound = enc.family_bound(view, hints)
+        for params in enc.candidates(view, hints):
+            try:
+                size = enc.sizes(view, params).total(4)
+            except StorageError:
+                continue
+            assert bound <= size, (enc.name, params)
 
 
 def test_analysed_tensors_are_read_in_place_and_never_written(tmp_path):

@@ -89,6 +89,23 @@ class BlockEncoding(Encoding):
         kept = max(finer, default=view.nonzero)
         return kept * view.itemsize + -(-tiles // 8)
 
+    def family_bound(self, view: TensorView, hints: dict[str, tuple[int, int]]) -> int:
+        """The fewest of ``lower_bound`` over the sizes tried, with the elements that 1 x 2 and
+        2 x 1 tiles keep as the finer tilings (counted here: one halving of the mask each)."""
+        sizes = self.candidates(view, hints)
+        if not sizes or view.nonzero == view.numel:
+            return 0
+        rows, cols = view.matrix
+        pairs = {(h, w): real_elements(kept_grid(view, h, w), rows, cols, h, w)
+                 for h, w in ((1, 2), (2, 1)) if h <= rows and w <= cols}
+        bounds = []
+        for p in sizes:
+            bh, bw = p["bh"], p["bw"]
+            kept = max([view.nonzero] + [n for (h, w), n in pairs.items()
+                                         if bh % h == 0 and bw % w == 0])
+            bounds.append(kept * view.itemsize + -(-(-(-rows // bh) * -(-cols // bw)) // 8))
+        return min(bounds)
+
     def min_index_bits(self, enc: EncodedTensor) -> float | None:
         rows, cols = matrix_of(enc)
         count = -(-rows // enc.meta["bh"]) * -(-cols // enc.meta["bw"])

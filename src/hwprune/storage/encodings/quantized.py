@@ -98,6 +98,13 @@ def _find_scale(view: TensorView) -> tuple[int, Tensor] | None:
     head = np.sort(head[head != 0][: 2 * limit])
     if head.size and 1 + np.count_nonzero(head[1:] != head[:-1]) > limit:
         return None
+    # every value is near a multiple of top / q: tested on a few of the prefix's first
+    if head.size and view.dtype.is_floating_point:
+        keep = view.bits.dtype.type((1 << (8 * view.itemsize - 1)) - 1)
+        largest = (view.bits & keep).max()  # finite floats: magnitude order is bit order
+        top = float(_float64(np.array([largest], view.bits.dtype), view.dtype)[0])
+        if top and not _possible_q(_float64(head[:16], view.dtype), top, view.dtype).any():
+            return None
     uniq = np.unique(view.bits[:4096])
     if uniq.size > limit:
         return None

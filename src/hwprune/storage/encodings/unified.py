@@ -108,10 +108,21 @@ class Unified(Encoding):
         nonzero = view.nonzero
         kept = nonzero if nonzero == view.numel else real_elements(kept_grid(view, bh, bw),
                                                                     rows, cols, bh, bw)
-        if "equal neighbours" not in view.memo:
-            view.memo["equal neighbours"] = equal_neighbours(view.bits, view.itemsize)
         tiles = view.numel // bw
-        return (kept - view.memo["equal neighbours"]) * view.itemsize + tiles // 4
+        return (kept - _equal_neighbours(view)) * view.itemsize + tiles // 4
+
+    def family_bound(self, view: TensorView, hints: dict[str, tuple[int, int]]) -> int:
+        """``lower_bound`` of every size tried, from the elements that 1 x 2 tiles keep (a
+        1 x b tile with b even is a union of those) and the fewest tiles."""
+        sizes = self.candidates(view, hints)
+        if not sizes or any(p["bh"] != 1 for p in sizes):
+            return 0
+        kept = view.nonzero
+        if kept < view.numel and all(p["bw"] % 2 == 0 for p in sizes):
+            rows, cols = view.matrix
+            kept = real_elements(kept_grid(view, 1, 2), rows, cols, 1, 2)
+        tiles = min(view.numel // p["bw"] for p in sizes)
+        return (kept - _equal_neighbours(view)) * view.itemsize + tiles // 4
 
     def min_index_bits(self, enc: EncodedTensor) -> float | None:
         """log2 of the multinomial of the three states + the sign bits (incompressible)."""
@@ -122,6 +133,13 @@ class Unified(Encoding):
         counts = [int((states == s).sum()) for s in BLOCK_STATES]
         signs = int(valid_tiles(rows, cols, bh, bw)[states == UNIFIED].sum())
         return unified_min_bits(counts, signs)
+
+
+def _equal_neighbours(view: TensorView) -> int:
+    """``equal_neighbours`` of the view's bits, kept in ``view.memo``."""
+    if "equal neighbours" not in view.memo:
+        view.memo["equal neighbours"] = equal_neighbours(view.bits, view.itemsize)
+    return view.memo["equal neighbours"]
 
 
 #: elements compared per step by ``equal_neighbours`` (its temporaries stay small)
