@@ -5,6 +5,7 @@ unsafe files."""
 import hashlib
 import json
 import math
+import os
 import pickle
 import struct
 import zlib
@@ -821,3 +822,17 @@ def test_a_version_2_file_with_a_lying_array_list_is_refused(tmp_path):
         path.write_bytes(safetensors.numpy.save(packed, metadata=metadata))
         with pytest.raises(StorageError):
             load(path)
+
+
+def test_save_flushes_to_disk_unless_asked_not_to_and_writes_the_same_bytes(tmp_path,
+                                                                           monkeypatch):
+    import hwprune.files
+
+    real_fsync, calls = os.fsync, []
+    monkeypatch.setattr(hwprune.files.os, "fsync", lambda fd: (calls.append(fd), real_fsync(fd)))
+    sd = pruned("2:4")
+    save(sd, tmp_path / "synced.hwp")
+    assert len(calls) == 1
+    save(sd, tmp_path / "unsynced.hwp", sync=False)
+    assert len(calls) == 1
+    assert (tmp_path / "synced.hwp").read_bytes() == (tmp_path / "unsynced.hwp").read_bytes()

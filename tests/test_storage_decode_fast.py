@@ -90,7 +90,7 @@ def monkeypatch_module():
 def _state() -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     w = torch.randn(64, 64)
-    w[0, 0] = 0.0  # one zero: stored by the gaps encoding, zeros coded
+    w[0, :5] = 0.0  # a few zeros (more than FEW_ZEROS_SHARE allows): gaps, zeros coded
     sparse = torch.randn(32, 32) * (torch.rand(32, 32) < 0.1)
     return {"coded": torch.randn(40, 40), "zero": w, "sparse": sparse,
             "small": torch.randn(7), "ints": torch.arange(300, dtype=torch.int64),

@@ -341,6 +341,24 @@ def test_every_family_bound_is_below_every_candidate_of_its_encoding(density, ro
             assert bound <= size, (enc.name, params)
 
 
+@pytest.mark.parametrize("zeros", [1, 4, 5, 40])
+def test_a_tensor_with_a_few_stray_zeros_is_saved_dense_losing_at_most_their_bytes(zeros):
+    """At most one zero in ``FEW_ZEROS_SHARE`` elements: the sparse encodings are not searched,
+    and the full search could have saved no more than the zeros' bytes."""
+    from hwprune.storage.encodings.chooser import FEW_ZEROS_SHARE, Candidate, _candidates
+
+    torch.manual_seed(zeros)
+    t = torch.randn(64, 64)
+    t.view(-1)[torch.randperm(t.numel())[:zeros]] = 0.0
+    chosen = choose(t, code_values=False)
+    every = min(_candidates(TensorView.of(t), None, shortcut=False), key=Candidate.key)
+    if zeros * FEW_ZEROS_SHARE <= t.numel():
+        assert chosen.encoding == "dense"
+        assert chosen.total_bytes - every.total <= zeros * 4
+    else:
+        assert chosen.total_bytes == every.total and chosen.encoding == "gaps"
+
+
 def test_analysed_tensors_are_read_in_place_and_never_written(tmp_path):
     t = torch.randn(32, 16)
     t[t.abs() < 0.5] = -0.0  # the zero-signs variant rewrites the zeros: in a copy

@@ -8,11 +8,12 @@ ViT-B/16's size) in two initialisations: PyTorch's default (uniform), whose low 
 bytes are partly zero and compress, and the truncated normal of std 0.02 that ViTs start
 from, whose mantissa bytes are full-entropy as trained weights' are (the pretrained
 ResNet-56's three low byte planes do not compress at all). Each repeat runs torch.save,
-hp.save, hp.save with ``code_values=False`` (the same choices, values stored as they are:
-what the value coder costs), torch.load and hp.load of the same state dict back to back
-(interleaved, so load on a shared machine hits both alike); the table gives the median of
-the repeats and the ratio of the medians. ``hp.report(model, example)`` is timed warm (one
-call first: it imports the FLOP counter).
+torch.save followed by ``os.fsync`` (the flush to the disk hp.save does by default), hp.save,
+hp.save with ``sync=False`` (without that flush), hp.save with ``code_values=False`` (the same
+choices, values stored as they are: what the value coder costs), torch.load and hp.load of
+the same state dict back to back (interleaved, so load on a shared machine hits both alike);
+the table gives the median of the repeats and the ratio of the medians.
+``hp.report(model, example)`` is timed warm (one call first: it imports the FLOP counter).
 
 Goals (issue 18): hp.save and hp.load within 3x torch.save / torch.load; hp.report under
 0.5 s on ResNet-56 and under 10 s on the 86 M model.
@@ -24,6 +25,7 @@ Writes bench/results/storage/storage_speed.md and .json.
 
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 import tempfile
@@ -63,13 +65,17 @@ def _timed(fn) -> float:
 def speed_case(label: str, model: torch.nn.Module, example: torch.Tensor, repeats: int,
                report_goal: float) -> dict:
     state = model.state_dict()
-    times: dict[str, list[float]] = {k: [] for k in ("torch_save", "hp_save", "hp_save_uncoded",
+    times: dict[str, list[float]] = {k: [] for k in ("torch_save", "torch_save_fsync", "hp_save",
+                                                     "hp_save_nosync", "hp_save_uncoded",
                                                      "torch_load", "hp_load")}
     with tempfile.TemporaryDirectory() as tmp:
         pt, hwp, raw = Path(tmp) / "m.pt", Path(tmp) / "m.hwp", Path(tmp) / "raw.hwp"
         for _ in range(repeats):
             times["torch_save"].append(_timed(lambda: torch.save(state, pt)))
+            times["torch_save_fsync"].append(_timed(lambda: _torch_save_synced(state, pt)))
             times["hp_save"].append(_timed(lambda: hp.save(state, hwp)))
+            # what the flush to the disk costs: hp.save's default does it, torch.save does not
+            times["hp_save_nosync"].append(_timed(lambda: hp.save(state, hwp, sync=False)))
             # the same choices with the values stored as they are: the value coder's share
             times["hp_save_uncoded"].append(_timed(lambda: hp.save(state, raw,
                                                                    code_values=False)))
@@ -87,12 +93,22 @@ def speed_case(label: str, model: torch.nn.Module, example: torch.Tensor, repeat
     return {"case": label, "params": sum(t.numel() for t in state.values()), "repeats": repeats,
             **{f"{k}_s": v for k, v in med.items()},
             "save_ratio": med["hp_save"] / med["torch_save"],
+            "nosync_save_ratio": med["hp_save_nosync"] / med["torch_save"],
+            "synced_save_ratio": med["hp_save"] / med["torch_save_fsync"],
             "uncoded_save_ratio": med["hp_save_uncoded"] / med["torch_save"],
             "hp_uncoded_file": sizes[2],
             "load_ratio": med["hp_load"] / med["torch_load"],
             "report_s": statistics.median(report_s), "report_goal_s": report_goal,
             "torch_file": sizes[0], "hp_file": sizes[1], "round_trip_exact": exact,
             "all_times_s": times}
+
+
+def _torch_save_synced(state: dict, path: Path) -> None:
+    """``torch.save`` and the flush to the disk that ``hp.save`` does by default."""
+    with open(path, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def linear_stack(normal: bool = False) -> torch.nn.Module:
@@ -121,6 +137,8 @@ def write_summary(rows: list[dict], cmd: str, note: str = "") -> None:
     body = [[r["case"], f"{r['params']:,}", f"{r['torch_save_s'] * 1e3:,.1f}",
              f"{r['hp_save_s'] * 1e3:,.1f}", f"{r['save_ratio']:.2f}x",
              ok(r["save_ratio"], GOALS["save_ratio"]),
+             f"{r['nosync_save_ratio']:.2f}x" if "nosync_save_ratio" in r else "-",
+             f"{r['synced_save_ratio']:.2f}x" if "synced_save_ratio" in r else "-",
              f"{r['uncoded_save_ratio']:.2f}x ({r['hp_uncoded_file']:,} B)",
              f"{r['torch_load_s'] * 1e3:,.1f}",
              f"{r['hp_load_s'] * 1e3:,.1f}", f"{r['load_ratio']:.2f}x",
@@ -131,16 +149,21 @@ def write_summary(rows: list[dict], cmd: str, note: str = "") -> None:
     lines = [header("hp.save / hp.load / hp.report speed against torch.save / torch.load", cmd,
                     f"{machine()} (as hwprune.app.machine.machine() reads it)."), "",
              *([f"This run: {note}", ""] if note else []),
-             "Median of the repeats (each repeat: torch.save, hp.save, hp.save with "
-             "code_values=False, torch.load, hp.load back to back), wall clock, ms; "
+             "Median of the repeats (each repeat: torch.save, torch.save followed by "
+             "os.fsync, hp.save, hp.save with sync=False, hp.save with code_values=False, "
+             "torch.load, hp.load back to back), wall clock, ms. hp.save flushes the file to "
+             "the disk before it returns (fsync) by default, torch.save does not: 'sync=False' "
+             "is hp.save's ratio without that flush, 'vs torch.save + fsync' its ratio against "
+             "torch.save with the same flush; "
              "hp.report: median of warm calls, s. Goals (issue 18): "
              "save and load within 3x torch's, report under 0.5 s (ResNet-56) and 10 s (86 M). "
              "The machine is shared, so absolute times vary between runs.", ""]
     columns = ["model", "params", "torch.save", "hp.save", "save ratio", "<= 3x",
+               "sync=False: save ratio", "vs torch.save + fsync",
                "values uncoded: save ratio (file)", "torch.load", "hp.load", "load ratio",
                "<= 3x", "hp.report s", "goal", "met",
                "torch file B", "hp file B", "exact"]
-    write_lines(OUT.with_suffix(".md"), [*lines, *table(columns, "lrrrrlrrrrlrllrrl", body)])
+    write_lines(OUT.with_suffix(".md"), [*lines, *table(columns, "lrrrrlrrrrrrlrllrrl", body)])
     write_json(OUT.with_suffix(".json"), {"command": cmd, "machine": machine(), "note": note,
                                           "speed": rows})
 

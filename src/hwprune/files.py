@@ -13,10 +13,12 @@ from typing import Any
 _TMP = ".tmp"
 
 
-def write_atomic(path: Path, data: bytes | Sequence[Any]) -> None:
+def write_atomic(path: Path, data: bytes | Sequence[Any], sync: bool = True) -> None:
     """Write ``data`` (bytes, or buffers such as bytes and contiguous numpy arrays, written one
     after the other: no joined copy) to a temporary file beside ``path``, then rename: never a
-    half-written file.
+    half-written file. ``sync``: the file's bytes reach the disk before the rename (a power
+    loss after the return cannot lose them); ``False`` leaves the flush to the OS, as
+    ``torch.save`` does (a crash of this process still leaves the old file or the new one).
 
     A process killed mid-write (SIGKILL, power loss) leaves the temporary file
     (``.NAME.*.tmp``) behind; ``remove_stale_temporaries`` removes it."""
@@ -26,7 +28,8 @@ def write_atomic(path: Path, data: bytes | Sequence[Any]) -> None:
             for part in [data] if isinstance(data, (bytes, bytearray, memoryview)) else data:
                 f.write(part)
             f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:

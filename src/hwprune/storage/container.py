@@ -122,12 +122,15 @@ __all__ = ["save", "load", "plan", "pack", "pack_parts", "FilePlan", "file_layou
 
 def save(obj: nn.Module | Mapping[str, Tensor], path: str | os.PathLike,
          compress: str | None = None, hints: Mapping[str, Hints] | None = None,
-         code_values: bool = True) -> int:
+         code_values: bool = True, sync: bool = True) -> int:
     """Write ``obj`` (a module's ``state_dict()`` or a dict of tensors) to ``path``.
 
     Each tensor takes ``choose(t, hints.get(name), code_values)``, its smallest exact
     encoding (``code_values``: its values as Huffman-coded byte planes where that is smaller).
     ``compress`` (``None``, ``"zlib"``, ``"lzma"``) wraps the file in the compressed layout.
+    The file is written beside ``path`` and renamed into place (never half-written);
+    ``sync=True`` flushes it to the disk first, so that a power loss after the return cannot
+    lose it (``False``: the OS flushes it later, as after ``torch.save``).
     Returns the number of bytes written.
     """
     if compress is not None and compress not in CODECS:
@@ -136,7 +139,7 @@ def save(obj: nn.Module | Mapping[str, Tensor], path: str | os.PathLike,
     if compress is not None:
         parts = [_wrap(b"".join(parts), compress)]
     # the parts go to the file as they are: no joined copy of the whole file
-    write_atomic(Path(path), parts)
+    write_atomic(Path(path), parts, sync=sync)
     return sum(memoryview(p).nbytes for p in parts)
 
 

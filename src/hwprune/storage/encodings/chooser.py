@@ -19,7 +19,8 @@ from .valuecoding import MIN_CODED
 from .valuecoding import code_values as code_value_planes
 
 __all__ = ["Hints", "Candidate", "encodings_for", "choose", "choose_view", "normalize_hints",
-           "saved_encodings", "small_vector_choice", "SMALL_VECTOR_NUMEL", "SMALL_VECTOR_ENCODINGS"]
+           "saved_encodings", "small_vector_choice", "FEW_ZEROS_SHARE", "SMALL_VECTOR_NUMEL",
+           "SMALL_VECTOR_ENCODINGS"]
 
 #: ``None``, a structure (``"2:4"``, ``"block:4x4"``, a ``Structure``), or explicit sizes:
 #: ``{"kofn": (k, n), "block": (bh, bw), "unified": (bh, bw)}``
@@ -80,6 +81,13 @@ class Candidate:
         return (self.total, self.rank)
 
 
+#: a tensor with at most one zero in this many elements is not searched for an encoding that
+#: needs zeros (every one but dense, unified and quantized): it could save at most that share
+#: of the dense bytes (a few bytes of a large dense layer with a stray zero), and the search
+#: costs more time than the rest of that tensor's saving
+FEW_ZEROS_SHARE = 1024
+
+
 def _candidates(view: TensorView, hints: Hints, shortcut: bool = True,
                 only: tuple[str, ...] | None = None) -> list[Candidate]:
     """Every applicable (encoding, parameters, variant) with its exact total bytes; with
@@ -98,8 +106,9 @@ def _candidates(view: TensorView, hints: Hints, shortcut: bool = True,
         for base, signs in variants:
             if signs and enc.name == "dense":
                 continue
-            if shortcut and enc.needs_zeros and base.nonzero == base.numel:
-                continue  # no zeros: the payload alone would be the dense size
+            if shortcut and enc.needs_zeros and (
+                    base.numel - base.nonzero) * FEW_ZEROS_SHARE <= base.numel:
+                continue  # its payload alone is at most its zeros' bytes below dense
             signs_bytes = -(-int(np.count_nonzero(~base.nz)) // 8) if signs else 0
             # the quantized-values variant: found once per analysed tensor, where tried
             found = None if only is not None or enc.name in ("dense", "quantized") else (
