@@ -191,10 +191,10 @@ def pack_radix(digits: np.ndarray, radix: int) -> np.ndarray:
     d = digits.astype(np.uint64).reshape(-1)
     padded = np.zeros(-(-d.size // g) * g, np.uint64)
     padded[: d.size] = d
-    groups = padded.reshape(-1, g)
-    acc = np.zeros(groups.shape[0], np.uint64)
-    for j in range(g):  # Horner: radix^g < 2^64, so nothing overflows
-        acc = acc * np.uint64(radix) + groups[:, j]
+    # each group's number: its digits times the powers of radix, summed (every partial sum
+    # is below radix^g < 2^64, so nothing overflows)
+    powers = np.array([radix ** (g - 1 - j) for j in range(g)], np.uint64)
+    acc = (padded.reshape(-1, g) * powers).sum(axis=1, dtype=np.uint64)
     return pack_uint(acc, width)
 
 
@@ -206,11 +206,8 @@ def unpack_radix(packed: np.ndarray, radix: int, count: int) -> np.ndarray:
     acc = unpack_uint(packed, width, groups)
     if groups and int(acc.max()) >= radix ** g:
         raise StorageError(f"a packed group is out of range for {g} digits of base {radix}")
-    out = np.zeros((groups, g), np.uint64)
-    for j in range(g - 1, -1, -1):
-        out[:, j] = acc % np.uint64(radix)
-        acc //= np.uint64(radix)
-    out = out.reshape(-1)
+    powers = np.array([radix ** (g - 1 - j) for j in range(g)], np.uint64)
+    out = (acc[:, None] // powers[None, :] % np.uint64(radix)).reshape(-1)
     if out[count:].any():
         raise StorageError("the padding digits of a packed group are not zero")
     return out[:count]
