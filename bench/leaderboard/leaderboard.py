@@ -196,6 +196,14 @@ ENTRIES: list[tuple[str, dict, float, tuple[str, ...]]] = [
     ("darb-4x-gradual", {"name": "DARB", "ratio": 4.0, "schedule": GRADUAL,
                          "targets": CONVS}, 0.5,
      ("magnitude-element-4x", "magnitude-1of4", "darb-4x")),
+    # round 7: ADMM's accuracy rose with its share of the budget (2 + 6 < 3 + 5 < 4 + 4 at 4x
+    # blocks): 6 ADMM epochs with the fitted growth, 2 to fine-tune the fixed pattern
+    ("admm-zero-4x-fitted-long", {"name": "ADMM", "block": [1, 4], "unify": 0.0, "zero": 0.75,
+                                  "rho_growth": None, "admm_interval": 20,
+                                  "targets": CONVS}, 0.75, ("magnitude-block-4x",)),
+    ("admm-element-8x-fitted-long", {"name": "ADMM", "block": "element", "unify": 0.0,
+                                     "zero": 0.875, "rho_growth": None, "admm_interval": 20,
+                                     "targets": CONVS}, 0.75, ("magnitude-element-8x",)),
 ]
 BASELINE = {name: base for name, _, _, base in ENTRIES}
 
