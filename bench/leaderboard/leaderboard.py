@@ -22,11 +22,14 @@ before running it, and finished rows are kept (rerunning resumes the queue)::
 
 ``--table-only`` rewrites the tables and the plot from the finished rows; a file
 ``<out>_note.md`` beside them (how the rows ran: which copies, at which commits) is put under
-the header.
+the header. The run folders are not committed: in a checkout without them, every row of the
+committed ``<out>.json`` first gets its folder back (its ``summary.json``), so that a run of
+a few rows adds them to the table instead of replacing it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import statistics
@@ -256,6 +259,29 @@ def claim(folder: Path) -> bool:
     return True
 
 
+#: fields ``load_runs`` adds to a summary (not stored in a run folder's summary.json)
+_DERIVED = ("dir", "delta", "speedup")
+
+
+def restore_finished(out: Path, runs: Path) -> list[Path]:
+    """The run folder (its ``summary.json``) of every row in the committed ``<out>.json``
+    whose folder is missing under ``runs``; a folder that exists (finished, running or
+    stopped) is left as it is. Returns the folders made."""
+    table = out.with_suffix(".json")
+    if not table.exists():
+        return []
+    made = []
+    for row in json.loads(table.read_text()):
+        folder = runs / Path(row["dir"]).name
+        if folder.exists():
+            continue
+        folder.mkdir(parents=True)
+        summary = {k: v for k, v in row.items() if k not in _DERIVED}
+        (folder / "summary.json").write_text(json.dumps(summary, indent=2))
+        made.append(folder)
+    return made
+
+
 def finished(runs: Path) -> list[Path]:
     """Every finished row folder under ``runs``, in queue order, seeds in order."""
     out = []
@@ -343,6 +369,10 @@ def main(argv=None) -> int:
     unknown = set(args.only or ()) - set(BASELINE)
     if unknown:
         parser.error(f"unknown rows {sorted(unknown)}; allowed: {list(BASELINE)}")
+    restored = restore_finished(out, runs)
+    if restored:
+        print(f"restored {len(restored)} finished rows from {out.with_suffix('.json')} "
+              f"into {runs}", flush=True)
     for name, method, share, _ in ([] if args.table_only else ENTRIES):
         if args.only and name not in args.only:
             continue
