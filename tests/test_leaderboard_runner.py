@@ -36,7 +36,6 @@ def test_a_fresh_checkout_rewrites_the_committed_table_row_for_row(leaderboard, 
     assert len(made) == len(committed) == len(leaderboard.finished(runs))
     leaderboard.main(["--out", str(out), "--runs", str(runs), "--table-only"])
     assert _table_rows(out.with_suffix(".md")) == _table_rows(RESULTS / "leaderboard.md")
-    assert json.loads(out.with_suffix(".json").read_text()) != []
 
 
 def test_existing_run_folders_are_left_as_they_are(leaderboard, tmp_path):

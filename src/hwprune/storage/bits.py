@@ -69,16 +69,30 @@ def raw_bits(t: Tensor, copy: bool = True) -> np.ndarray:
     element's bytes; only the dense encoding accepts those. ``copy=False``: a read-only view
     of ``t``'s memory where it is a contiguous CPU tensor (no copy of a large tensor).
     """
-    t = t.detach().cpu().contiguous().reshape(-1)
+    t = t.detach()
     size = t.element_size()
-    if size in _SIGNED:
-        bits = t.view(_SIGNED[size]).numpy().view(_UNSIGNED[size])
-    else:
-        bits = t.view(torch.uint8).numpy().reshape(-1, size)
+    bits = _numpy_bits(t, size)
+    if bits is None:
+        t = t.cpu().contiguous().reshape(-1)
+        bits = (t.view(_SIGNED[size]).numpy().view(_UNSIGNED[size]) if size in _SIGNED
+                else t.view(torch.uint8).numpy().reshape(-1, size))
     if copy:
         return bits.copy()
     bits.flags.writeable = False
     return bits
+
+
+def _numpy_bits(t: Tensor, size: int) -> np.ndarray | None:
+    """``raw_bits``' flat bits of a CPU tensor through numpy's view of it (a few torch calls
+    fewer: what a small tensor's bits cost); ``None`` where numpy has no such dtype (bfloat16,
+    float8), the tensor is not on the CPU or has a conj/neg view bit."""
+    if t.device.type != "cpu" or size not in _SIGNED:
+        return None
+    try:
+        values = t.numpy()
+    except (TypeError, RuntimeError):
+        return None
+    return np.ascontiguousarray(values).reshape(-1).view(_UNSIGNED[size])
 
 
 def from_raw_bits(bits: np.ndarray, dtype: torch.dtype, shape: tuple[int, ...],

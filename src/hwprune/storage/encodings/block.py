@@ -90,21 +90,17 @@ class BlockEncoding(Encoding):
         return kept * view.itemsize + -(-tiles // 8)
 
     def family_bound(self, view: TensorView, hints: dict[str, tuple[int, int]]) -> int:
-        """The fewest of ``lower_bound`` over the sizes tried, with the elements that 1 x 2 and
-        2 x 1 tiles keep as the finer tilings (counted here: one halving of the mask each)."""
+        """The fewest of ``lower_bound`` over the sizes tried, once the sizes of 1 x 2 and
+        2 x 1 tiles are counted (one halving of the mask each): their kept elements bound
+        every tiling made of their tiles."""
         sizes = self.candidates(view, hints)
         if not sizes or view.nonzero == view.numel:
             return 0
         rows, cols = view.matrix
-        pairs = {(h, w): real_elements(kept_grid(view, h, w), rows, cols, h, w)
-                 for h, w in ((1, 2), (2, 1)) if h <= rows and w <= cols}
-        bounds = []
-        for p in sizes:
-            bh, bw = p["bh"], p["bw"]
-            kept = max([view.nonzero] + [n for (h, w), n in pairs.items()
-                                         if bh % h == 0 and bw % w == 0])
-            bounds.append(kept * view.itemsize + -(-(-(-rows // bh) * -(-cols // bw)) // 8))
-        return min(bounds)
+        for h, w in ((1, 2), (2, 1)):
+            if h <= rows and w <= cols:
+                self.sizes(view, {"bh": h, "bw": w})  # kept elements into view.memo
+        return min(self.lower_bound(view, p) for p in sizes)
 
     def min_index_bits(self, enc: EncodedTensor) -> float | None:
         rows, cols = matrix_of(enc)

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from ...errors import HwpruneError
 from ...structures import Block, Element, KofN, Structure, parse_structure
+from ..bits import raw_bits
 from ..errors import StorageError
 from .base import EncodedTensor, TensorView, add_zero_signs
 from .quantized import find_scale, quantize_values
@@ -186,14 +187,8 @@ def small_vector_choice(t: Tensor, hint: Hints) -> EncodedTensor | None:
     if (hint is not None or t.dim() > 1 or not 1 < t.numel() < SMALL_VECTOR_NUMEL
             or t.layout != torch.strided or t.device.type != "cpu"):
         return None
-    try:  # numpy's view: the raw bits of ``raw_bits`` without its torch calls
-        values = t.detach().numpy()
-    except (TypeError, RuntimeError):  # a dtype numpy lacks (bfloat16, float8), a conj view
-        return None
-    if values.itemsize not in (1, 2, 4, 8):
-        return None
-    bits = np.ascontiguousarray(values).reshape(-1).view(f"u{values.itemsize}")
-    if not bits.all() or (bits == bits[0]).all():
+    bits = raw_bits(t, copy=False)
+    if bits.ndim != 1 or not bits.all() or (bits == bits[0]).all():
         return None
     return EncodedTensor("dense", t.dtype, tuple(t.shape), {"values": bits}, {})
 

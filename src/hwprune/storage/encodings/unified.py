@@ -108,8 +108,7 @@ class Unified(Encoding):
         nonzero = view.nonzero
         kept = nonzero if nonzero == view.numel else real_elements(kept_grid(view, bh, bw),
                                                                     rows, cols, bh, bw)
-        tiles = view.numel // bw
-        return (kept - _equal_neighbours(view)) * view.itemsize + tiles // 4
+        return _bound(view, kept, view.numel // bw)
 
     def family_bound(self, view: TensorView, hints: dict[str, tuple[int, int]]) -> int:
         """``lower_bound`` of every size tried, from the elements that 1 x 2 tiles keep (a
@@ -121,8 +120,7 @@ class Unified(Encoding):
         if kept < view.numel and all(p["bw"] % 2 == 0 for p in sizes):
             rows, cols = view.matrix
             kept = real_elements(kept_grid(view, 1, 2), rows, cols, 1, 2)
-        tiles = min(view.numel // p["bw"] for p in sizes)
-        return (kept - _equal_neighbours(view)) * view.itemsize + tiles // 4
+        return _bound(view, kept, min(view.numel // p["bw"] for p in sizes))
 
     def min_index_bits(self, enc: EncodedTensor) -> float | None:
         """log2 of the multinomial of the three states + the sign bits (incompressible)."""
@@ -135,11 +133,12 @@ class Unified(Encoding):
         return unified_min_bits(counts, signs)
 
 
-def _equal_neighbours(view: TensorView) -> int:
-    """``equal_neighbours`` of the view's bits, kept in ``view.memo``."""
+def _bound(view: TensorView, kept: int, tiles: int) -> int:
+    """The values of ``kept`` elements, less one per pair of equal nonzero neighbours (a
+    unified block's saving), and at least a quarter byte per tile (its state)."""
     if "equal neighbours" not in view.memo:
         view.memo["equal neighbours"] = equal_neighbours(view.bits, view.itemsize)
-    return view.memo["equal neighbours"]
+    return (kept - view.memo["equal neighbours"]) * view.itemsize + tiles // 4
 
 
 #: elements compared per step by ``equal_neighbours`` (its temporaries stay small)
