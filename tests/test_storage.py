@@ -121,6 +121,21 @@ def test_other_dtypes_round_trip(dtype):
     assert choose(empty).encoding == "dense" and choose(empty).total_bytes == 0
 
 
+
+@pytest.mark.parametrize("numel", [5, 600, 3000])  # the small-vector, chooser and bitmask paths
+def test_conjugate_and_negative_views_save_the_values_they_read(tmp_path, numel):
+    g = torch.Generator().manual_seed(numel)
+    real = torch.randn(numel, generator=g)
+    real[::3] = 0.0
+    views = {"conj": torch.complex(real, torch.randn(numel, generator=g)).conj(),
+             "neg": torch._neg_view(real)}  # their memory differs from their values
+    save(views, tmp_path / "views.hwp")
+    back = load(tmp_path / "views.hwp")
+    for name, view in views.items():
+        assert not back[name].is_conj() and not back[name].is_neg()
+        assert_bits_equal(back[name], view.resolve_conj().resolve_neg())
+        assert_bits_equal(choose(view).decode(), view.resolve_conj().resolve_neg())
+
 # -- k-of-n ------------------------------------------------------------------------------------
 kofn_cases = st.tuples(st.sampled_from([2, 4, 8, 16]), st.integers(1, 15)).filter(
     lambda nk: nk[1] < nk[0]).map(lambda nk: (nk[1], nk[0]))

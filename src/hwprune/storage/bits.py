@@ -73,7 +73,8 @@ def raw_bits(t: Tensor, copy: bool = True) -> np.ndarray:
     size = t.element_size()
     bits = _numpy_bits(t, size)
     if bits is None:
-        t = t.cpu().contiguous().reshape(-1)
+        # a conjugate or negative view stores its values as they read, not its memory
+        t = t.cpu().resolve_conj().resolve_neg().contiguous().reshape(-1)
         bits = (t.view(_SIGNED[size]).numpy().view(_UNSIGNED[size]) if size in _SIGNED
                 else t.view(torch.uint8).numpy().reshape(-1, size))
     if copy:

@@ -241,7 +241,8 @@ def _same_choice_key(t: Any, hint: Hints) -> tuple | None:
     try:  # numpy's view of the tensor gives its bytes in flat order, contiguous or not
         raw = t.detach().numpy().tobytes()
     except (TypeError, RuntimeError):  # a dtype numpy lacks (bfloat16, float8), a conj view
-        raw = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        raw = (t.detach().resolve_conj().resolve_neg().contiguous().reshape(-1)
+               .view(torch.uint8).numpy().tobytes())
     return (t.dtype, tuple(t.shape), hint, raw)
 
 
