@@ -766,6 +766,15 @@ def test_writes_are_atomic_and_bad_input_is_refused(tmp_path, monkeypatch):
         save({"w": [1, 2]}, path)
     with pytest.raises(StorageError):
         load(tmp_path / "missing.hwp")
+    # tensors whose bits are not their values are refused by name, before anything is encoded
+    quantized = torch.quantize_per_tensor(torch.randn(4), 0.1, 3, torch.qint8)
+    for bad, why in ((torch.empty(4, device="meta"), "meta device"),
+                     (quantized, "quantized tensors"), (torch.eye(3).to_sparse(), "strided")):
+        with pytest.raises(StorageError, match=f"'b': .*{why}"):
+            save({"a": torch.ones(3), "b": bad}, path)
+        with pytest.raises(StorageError, match=why):
+            choose(bad)
+    assert path.read_bytes() == before
 
 
 def test_registry_and_errors():

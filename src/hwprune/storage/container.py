@@ -88,6 +88,7 @@ from .encodings import (
     saved_encodings,
     small_vector_choice,
 )
+from .encodings.base import check_storable
 from .encodings.chooser import choose_view
 from .errors import StorageError
 from .fileformat import (
@@ -329,6 +330,10 @@ def _state(obj: nn.Module | Mapping[str, Tensor]) -> dict[str, Tensor]:
             raise StorageError(
                 f"save stores str -> torch.Tensor entries only; {name!r} is a {type(t).__name__}"
             )
+        try:  # every tensor checked before any is encoded: no time lost on a file never written
+            check_storable(t)
+        except StorageError as err:
+            raise StorageError(f"{name!r}: {err}") from None
     return dict(obj)
 
 

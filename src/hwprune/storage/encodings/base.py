@@ -18,6 +18,7 @@ from ..bits import element_size, from_raw_bits, raw_bits, unpack_bits
 from ..errors import StorageError
 
 __all__ = [
+    "check_storable",
     "EncodedTensor",
     "TensorView",
     "Encoding",
@@ -32,6 +33,24 @@ __all__ = [
     "Size",
 ]
 
+
+
+def check_storable(t: object) -> None:
+    """``StorageError`` unless ``t`` is a tensor whose values are its bits: strided, with
+    data (not on the meta device), not quantized (a quantized tensor's values also need its
+    scale and zero point, which no encoding stores)."""
+    if not isinstance(t, Tensor):
+        raise StorageError(f"expected a torch.Tensor; got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise StorageError(f"only strided (dense-layout) tensors are stored; got {t.layout} "
+                           "(call .to_dense() first)")
+    if t.device.type == "meta":
+        raise StorageError("a tensor on the meta device holds no values to store (load or "
+                           "initialise its weights first)")
+    if t.is_quantized:
+        raise StorageError(f"quantized tensors ({t.dtype}) are not stored: their scale and zero "
+                           "point are not saved (store t.dequantize(), or t.int_repr() and the "
+                           "quantization parameters)")
 
 @dataclass(frozen=True, eq=False)
 class EncodedTensor:
@@ -81,11 +100,7 @@ class TensorView:
 
     @classmethod
     def of(cls, t: Tensor) -> TensorView:
-        if not isinstance(t, Tensor):
-            raise StorageError(f"expected a torch.Tensor; got {type(t).__name__}")
-        if t.layout != torch.strided:
-            raise StorageError(f"only strided (dense-layout) tensors are stored; got {t.layout} "
-                               "(call .to_dense() first)")
+        check_storable(t)
         t = t.detach().cpu()
         bits = raw_bits(t, copy=False)  # read-only: nothing writes to an analysed tensor
         nz = bits != 0 if bits.ndim == 1 else (bits != 0).any(axis=1)
