@@ -43,6 +43,14 @@ def same_state(a, b):
 def test_targets_of_a_wrong_type_is_a_target_error():
     with pytest.raises(TargetError, match="targets must be .* got 5"):
         hp.Magnitude(mlp(), "element", sparsity=0.5, targets=5)
+    with pytest.raises(TargetError, match=r"targets must be .* got \[<class 'torch\.nn"):
+        hp.Magnitude(mlp(), "element", sparsity=0.5, targets=[nn.Linear, "0"])
+
+
+@pytest.mark.parametrize("types", [nn.Linear, (nn.Linear,), [nn.Linear, nn.Conv2d]])
+def test_targets_by_module_type_take_a_type_a_tuple_or_a_list(types):
+    pruner = hp.Magnitude(mlp(), "element", sparsity=0.5, targets=types)
+    assert list(pruner.layers) == ["0.weight", "2.weight", "4.weight"]
 
 
 @pytest.mark.parametrize("damage, field", [

@@ -12,7 +12,7 @@ says why. A method leaves a default target that cannot carry its structure dense
 
 * a name or glob, or a list of them, matched against module names (``"layer1.*"``) and
   parameter names (``"layer1.0.conv1.weight"``);
-* module types (``nn.Conv2d`` or a tuple of types);
+* module types (``nn.Conv2d``, or a list or tuple of types);
 * a predicate ``f(name, module) -> bool`` over modules.
 
 Linear-like layers of other libraries are known by name through ``LINEAR_LAYOUTS`` (no import
@@ -232,7 +232,7 @@ def _matches(pattern: str, t: Target) -> bool:
     return fnmatch.fnmatchcase(t.name, pattern) or fnmatch.fnmatchcase(t.module_name, pattern)
 
 
-Spec = str | type | tuple | Callable[[str, nn.Module], bool] | Iterable[str] | None
+Spec = str | type | tuple | list | Callable[[str, nn.Module], bool] | Iterable[str] | None
 
 
 def resolve_targets(model: nn.Module, targets: Spec = None,
@@ -252,11 +252,10 @@ def resolve_targets(model: nn.Module, targets: Spec = None,
         chosen = _default(model, candidates)
         what = ("the default (every Conv/Linear/attention weight but the first conv and the "
                 "layers that produce the output)")
-    elif isinstance(targets, type) or (
-        isinstance(targets, tuple) and targets and all(isinstance(t, type) for t in targets)
-    ):
-        chosen = [t for t in candidates if isinstance(t.module, targets)]
-        what = f"types {targets}"
+    elif isinstance(targets, type) or _all_types(targets):
+        types = targets if isinstance(targets, type) else tuple(targets)
+        chosen = [t for t in candidates if isinstance(t.module, types)]
+        what = f"types {types}"
     elif callable(targets):
         chosen = [t for t in candidates if targets(t.module_name, t.module)]
         what = "the predicate"
@@ -265,8 +264,8 @@ def resolve_targets(model: nn.Module, targets: Spec = None,
                     else list(targets) if isinstance(targets, Iterable) else [targets])
         if not all(isinstance(p, str) for p in patterns):
             raise TargetError(
-                "targets must be None, a name/glob or a list of them, module types, or a "
-                f"predicate f(name, module) -> bool; got {targets!r}"
+                "targets must be None, a name/glob or a list of them, a module type or a list "
+                f"of them, or a predicate f(name, module) -> bool; got {targets!r}"
             )
         chosen = [t for t in candidates if any(_matches(p, t) for p in patterns)]
         unmatched = [p for p in patterns if not any(_matches(p, t) for t in candidates)]
@@ -281,6 +280,12 @@ def resolve_targets(model: nn.Module, targets: Spec = None,
     for t in chosen:
         _check_prunable(t)
     return chosen
+
+
+def _all_types(targets: object) -> bool:
+    """Whether ``targets`` is a non-empty list or tuple of module types."""
+    return (isinstance(targets, (list, tuple)) and len(targets) > 0
+            and all(isinstance(t, type) for t in targets))
 
 
 def _check_prunable(t: Target) -> None:
