@@ -11,7 +11,12 @@ What can go is inside the blocks, found from the layout of the modules (``sites`
   to one), a constant that the output projection's bias takes;
 * a **feed-forward neuron** goes when its column of the down projection is zero, or when its
   row of the up projection is: then it always outputs ``act(bias)``, which the down
-  projection's bias takes.
+  projection's bias takes. A gated neuron, ``act(gate(x)) * up(x)``, goes when one factor is
+  a constant zero (its up row and bias zero, or its gate row zero and ``act(gate bias)`` zero)
+  or both are constants (their product goes into the down projection's bias).
+
+A unit of attention is a head, or under grouped-query attention a key/value head with the
+query heads that read it (``sites``): the query heads of a group go together.
 
 A head whose query or key rows are zero stays: its attention is uniform, not zero. At least
 one head and one neuron stay per block (a layer of zero heads is not an HF module). The
@@ -66,13 +71,15 @@ def _heads(site: AttentionSite, result: ShrinkResult) -> tuple[Tensor, Tensor]:
         if not (wq[cols].any() and wk[cols].any()):
             uniform.append(h)
     if uniform:
-        result.kept.append(KeptChannels(f"{site.name} heads", uniform, "their query or key "
-                                        "weights are zero, which makes the attention uniform, "
-                                        "not zero: the head still adds its values' average"))
+        result.kept.append(KeptChannels(f"{site.name} {site.unit}", uniform,
+                                        "their query or key weights are zero, which makes the "
+                                        "attention uniform, not zero: the head still adds its "
+                                        "values' average"))
     if not keep:
         keep = [0]
-        result.kept.append(KeptChannels(f"{site.name} heads", [0], "every head is zero; one "
-                                        "stays, as an attention of no heads is not a module"))
+        result.kept.append(KeptChannels(f"{site.name} {site.unit}", [0],
+                                        "every head is zero; one stays, as an attention of no "
+                                        "heads is not a module"))
         add -= _head_constant(site, 0)
     return torch.tensor(keep, dtype=torch.long), add
 
@@ -90,15 +97,20 @@ def _head_constant(site: AttentionSite, h: int) -> Tensor:
 def _neurons(site: FeedForwardSite, result: ShrinkResult) -> tuple[Tensor, Tensor]:
     """The neurons that stay and the constant the down projection's bias takes."""
     up, down = linear_weight(site.up), linear_weight(site.down)
-    b = (site.up.bias.detach() if site.up.bias is not None
-         else torch.zeros(up.shape[0], dtype=up.dtype))
+    b = _bias(site.up, up)
     read = down.ne(0).any(0)
     written = up.ne(0).any(1)
-    keep = read & written
-    const = torch.zeros_like(b)
     with torch.no_grad():
-        value = site.act(b.clone())  # each neuron's output where its row is zero
-    const[read & ~written] = value[read & ~written]
+        if site.gate is None:  # a zero row outputs act(bias)
+            constant, value = ~written, site.act(b.clone())
+        else:  # act(gate) * up: constant where a zero factor makes it so
+            gate = linear_weight(site.gate)
+            gated, opened = gate.ne(0).any(1), site.act(_bias(site.gate, gate).clone())
+            constant = (~written & (~gated | (b == 0))) | (~gated & (opened == 0))
+            value = opened * b
+    keep = read & ~constant
+    const = torch.zeros_like(b)
+    const[read & constant] = value[read & constant]
     if not keep.any():
         keep[0] = True
         const[0] = 0
@@ -106,6 +118,12 @@ def _neurons(site: FeedForwardSite, result: ShrinkResult) -> tuple[Tensor, Tenso
                                         "zero; one stays, as a layer of no neurons is not "
                                         "an HF module"))
     return keep.nonzero().flatten(), down.double() @ const.double()
+
+
+def _bias(layer: nn.Module, w: Tensor) -> Tensor:
+    """A linear-like layer's bias (zeros where it has none)."""
+    return layer.bias.detach() if layer.bias is not None else torch.zeros(w.shape[0],
+                                                                           dtype=w.dtype)
 
 
 def shrink_transformer(model: nn.Module, example_inputs: Any, *, rtol: float, atol: float,
@@ -120,7 +138,7 @@ def shrink_transformer(model: nn.Module, example_inputs: Any, *, rtol: float, at
             keep, add = _heads(site, result)
             if len(keep) < site.heads:
                 site.narrow(keep, add)
-                result.layers[f"{site.name} (heads)"] = ((site.heads, site.heads),
+                result.layers[f"{site.name} ({site.unit})"] = ((site.heads, site.heads),
                                                          (len(keep), len(keep)))
         for ff in feed_forward_sites(work):
             n = linear_weight(ff.up).shape[0]
