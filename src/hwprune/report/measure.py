@@ -44,6 +44,7 @@ from torch.nn.utils import parametrize
 
 from ..errors import HwpruneError
 from ..storage import EncodedTensor, FilePlan, plan
+from ..storage.aliases import ALIAS
 from ..structures import Channel, Filter, Kernel, Structure, parse_structure
 from ..targets import (
     ATTENTION_TYPES,
@@ -205,12 +206,13 @@ def report(
     # the file hwprune.save(model, hints=hints) writes; rows that are state-dict tensors reuse
     # its encodings (a parametrized weight's effective value is not one)
     file = plan(model, hints)
+    encoded = _row_encodings(file, names)
     with one_torch_thread():
         out = [
             _layer_row(row_name, _module_type(m), getattr(m, p).detach(), structure_of[row_name],
                        dense, extras.get(row_name, {}),
                        # a parametrized weight's effective value is not a state-dict tensor
-                       None if parametrize.is_parametrized(m, p) else file.encoded.get(row_name),
+                       None if parametrize.is_parametrized(m, p) else encoded.get(row_name),
                        transposed=p == "weight" and weight_transposed(m))
             for (_, m, p), row_name, dense in zip(weights, names, macs, strict=True)
         ]
@@ -279,6 +281,22 @@ def _totals(rows: list[LayerRow], file: FilePlan, state: Mapping[str, Tensor]) -
     }
 
 
+def _row_encodings(file: FilePlan, names: list[str]) -> dict[str, EncodedTensor]:
+    """Each row's encoding in ``file``. A row tied to a tensor the file stores under another
+    name (an output layer sharing the embedding's weight) is charged that tensor's bytes where
+    that tensor is not a row itself (and no earlier row took them): its values are stored
+    there. Otherwise it stays an alias of no bytes, so no byte is counted twice."""
+    out, charged = {}, set(names)
+    for name in names:
+        enc = file.encoded.get(name)
+        if enc is not None and enc.encoding == ALIAS and enc.meta["of"] not in charged:
+            charged.add(enc.meta["of"])
+            enc = file.encoded[enc.meta["of"]]
+        if enc is not None:
+            out[name] = enc
+    return out
+
+
 def report_state_dict(state: Mapping[str, Tensor], name: str = "state dict",
                       structures: str | Structure | Mapping[str, str | Structure] | None = None
                       ) -> Report:
@@ -295,9 +313,10 @@ def report_state_dict(state: Mapping[str, Tensor], name: str = "state dict",
                            f"its tensors: {list(state)[:8]}")
     structure_of = _structure_for(structures, names)
     file = plan(dict(state), {n: s for n, s in structure_of.items() if s != "-"})
+    encoded = _row_encodings(file, names)
     with one_torch_thread():
         rows = [_layer_row(n, "Linear" if state[n].dim() == 2 else f"Conv{state[n].dim() - 2}d",
-                           state[n].detach(), structure_of[n], None, {}, file.encoded[n])
+                           state[n].detach(), structure_of[n], None, {}, encoded[n])
                 for n in names]
     total = _totals(rows, file, state)
     total.update({"model_macs": None, "model_macs_remaining": None,

@@ -14,12 +14,13 @@ bytes          content
 [0, 8)         ``H``: u64 little-endian, length of the JSON header (safetensors)
 [8, 8+H)       the JSON header: the two arrays' entries (dtype U8, shape, offsets) and
                ``"__metadata__"``, whose one key ``"hwprune"`` holds the JSON
-               ``{"format":"hwprune.storage","version":4}``; safetensors pads the header with
+               ``{"format":"hwprune.storage","version":6}``; safetensors pads the header with
                spaces to a multiple of 8 bytes
 then           ``hwprune.doc``: the document, compact JSON compressed with zlib: ``sha256``
                (see ``packing.checksum``), ``tensors`` (one record per tensor in state-dict order:
                name, encoding, dtype, shape, the encoding's parameters ``meta``, and the
-               names of its ``payload`` and ``index`` arrays) and ``arrays`` (``[key, dtype,
+               names of its ``payload`` and ``index`` arrays; a tied entry's record is an
+               alias of the earlier one, ``aliases``) and ``arrays`` (``[key, dtype,
                count]`` per array, keys ``"<name>/<array>"``, in the order of the data)
                and ``hwprune.data``: every array's bytes, back to back with no padding
 =============  ==========================================================================
@@ -79,6 +80,7 @@ import torch
 from torch import Tensor, nn
 
 from ..files import write_atomic
+from .aliases import ALIAS, alias_of, find_aliases
 from .bits import dtype_from_name
 from .encodings import (
     EncodedTensor,
@@ -178,7 +180,10 @@ def _encode(obj: nn.Module | Mapping[str, Tensor], hints: Mapping[str, Hints] | 
             code_values: bool) -> tuple[dict[str, EncodedTensor], list]:
     """Each tensor's chosen encoding, by name, and the file's bytes in parts (``pack_parts``)."""
     state = _state(obj)
-    encoded = _choose_all(state, hints or {}, code_values)
+    aliases = find_aliases(state)  # tied tensors: stored once
+    encoded = _choose_all({n: t for n, t in state.items() if n not in aliases}, hints or {},
+                          code_values)
+    encoded.update((n, alias_of(state[n], of)) for n, of in aliases.items())
     records, arrays = [], {}
     for name in state:
         records.append(tensor_record(name, encoded[name], arrays))
@@ -287,7 +292,7 @@ def _read(path: str | os.PathLike, max_bytes: int) -> tuple[list, dict[str, np.n
         doc, arrays = unpack(cut_arrays(data, header), max_bytes)
     del data
     tensors = doc["tensors"]
-    check_records(tensors, max_bytes)
+    check_records(tensors, max_bytes, header.version)
     if doc.get("sha256") != checksum(tensors, arrays, header.version):
         raise StorageError("checksum mismatch; the file is damaged")
     return tensors, arrays
@@ -350,15 +355,20 @@ def _decode_all(tensors: list, arrays: dict[str, np.ndarray]) -> dict[str, Tenso
     tensors in a thread pool, as ``_choose_all`` encodes them: each depends on its own arrays
     alone."""
     encoded: dict[str, EncodedTensor] = {}
+    aliases: dict[str, str] = {}  # checked by check_records: each names a tensor before it
     used: set[str] = set()
     for rec in tensors:
+        if rec["encoding"] == ALIAS:
+            aliases[rec["name"]] = rec["meta"]["of"]
+            continue
         with _naming(rec["name"]):
             encoded[rec["name"]] = _record_encoding(rec, arrays, used)
     large = {n for n, e in encoded.items() if math.prod(e.shape) >= PARALLEL_NUMEL}
     out = _large_in_threads(list(encoded), large, lambda n: _decode_one(n, encoded[n]))
     if used != set(arrays):
         raise StorageError("arrays and tensor records do not match")
-    return out
+    # tied entries are one tensor again, as torch.load gives them; in the order saved
+    return {rec["name"]: out[aliases.get(rec["name"], rec["name"])] for rec in tensors}
 
 
 def _record_encoding(rec: dict, arrays: dict[str, np.ndarray], used: set[str]) -> EncodedTensor:

@@ -23,11 +23,11 @@ FORMAT = "hwprune.storage"
 #: 2 (the layout of 3, without the Golomb-coded gaps, coded k-of-n ranks and coded value
 #: planes that version 3 added), 3 (the layout of 4, whose checksum takes each array of
 #: more than 4 KiB by its own SHA-256 instead of its bytes, so that it is computed in
-#: threads) and 4 (the layout of 5, whose coded value planes are all deflate streams: 5 codes
-#: planes of a MiB or more as Zstandard frames). An older hwprune refuses a newer file by its
-#: version
-VERSION = 5
-READABLE_VERSIONS = (1, 2, 3, 4, 5)
+#: threads), 4 (the layout of 5, whose coded value planes are all deflate streams: 5 codes
+#: planes of a MiB or more as Zstandard frames) and 5 (the layout of 6 without alias records,
+#: ``aliases``). An older hwprune refuses a newer file by its version
+VERSION = 6
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6)
 #: the two arrays of version 2 and after: the zlib-compressed JSON document, and every array
 #: back to back
 DOC_KEY, DATA_KEY = "hwprune.doc", "hwprune.data"

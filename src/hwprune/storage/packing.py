@@ -38,7 +38,7 @@ def pack_parts(records: list[dict[str, Any]], arrays: Mapping[str, np.ndarray],
                version: int = VERSION) -> list:
     """``pack``'s file as the buffers that, joined, are its bytes (the arrays' own memory,
     not copies): ``save`` writes them one after the other."""
-    if version not in (2, 3, 4, VERSION):
+    if version not in range(2, VERSION + 1):
         raise StorageError(f"pack writes versions 2 to {VERSION}; got {version!r}")
     tensors = canonical_json(records)  # once, for the checksum and the document
     listed = [[key, a.dtype.str, int(a.size)] for key, a in arrays.items()]

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from .aliases import ALIAS, check_alias
 from .bits import dtype_from_name, element_size
 from .errors import StorageError
 from .fileformat import (
@@ -335,11 +336,14 @@ def unpack(stored: dict[str, np.ndarray],
     return doc, arrays
 
 
-def check_records(tensors: list, max_bytes: int) -> None:
-    """Every tensor record well formed, names distinct, shapes lists of non-negative ints, and
-    the decoded tensors together at most ``max_bytes``: checked before any is decoded (each
-    encoding then checks its arrays against the shape before it allocates)."""
+def check_records(tensors: list, max_bytes: int, version: int) -> None:
+    """Every tensor record well formed, names distinct, shapes lists of non-negative ints, an
+    alias record naming a stored tensor before it (``aliases.check_alias``), and the decoded
+    tensors together at most ``max_bytes`` (an alias shares its tensor's memory): checked
+    before any is decoded (each encoding then checks its arrays against the shape before it
+    allocates)."""
     total, names = 0, set()
+    stored: dict[str, tuple[str, list]] = {}  # the records that hold data, for the aliases
     for rec in tensors:
         if not (isinstance(rec, dict) and all(isinstance(rec.get(k), str)
                                               for k in ("name", "encoding", "dtype"))
@@ -356,7 +360,12 @@ def check_records(tensors: list, max_bytes: int) -> None:
         if name in names:
             raise StorageError(f"two tensor records are named {name[:80]!r}")
         names.add(name)
-        total += math.prod(shape) * element_size(dtype_from_name(rec["dtype"]))
+        size = element_size(dtype_from_name(rec["dtype"]))
+        if rec["encoding"] == ALIAS:
+            check_alias(rec, stored, version)
+            continue
+        stored[name] = (rec["dtype"], shape)
+        total += math.prod(shape) * size
         if total > max_bytes:
             raise StorageError(
                 f"the tensors decode to more than max_bytes={max_bytes} bytes ({name[:80]!r} "

@@ -21,6 +21,11 @@ def _summary(enc: EncodedTensor, view: TensorView) -> dict[str, Any]:
     numel = math.prod(enc.shape)
     size = torch.empty((), dtype=enc.dtype).element_size()
     kept = int((view.nz & ~view.negzero).sum())
+    if enc.encoding not in ENCODINGS:  # an alias record (a tied tensor): stored elsewhere
+        return {"encoding": enc.encoding, "params": dict(enc.meta), "payload_bytes": 0,
+                "index_bytes": 0, "total_bytes": 0, "dense_bytes": numel * size,
+                "numel": numel, "kept": kept, "min_index_bits": 0,
+                "bits_per_kept_weight": 0.0 if kept else None}
     # the pattern's minimum does not depend on how the values are coded (dense has no
     # pattern: its values are not inflated to say so)
     coded = enc.meta.get(VCODED) is not None and enc.encoding != "dense"
