@@ -30,6 +30,7 @@ import transformers
 
 import hwprune as hp
 from common import arguments, command, header, machine, parse, write_json, write_table
+from hwprune.storage.aliases import find_aliases
 
 
 def gpt2_small() -> torch.nn.Module:
@@ -48,7 +49,7 @@ MODELS = {"GPT-2 small": (gpt2_small, "transformer.h.*"),
 
 def measure(label: str, model: torch.nn.Module, case: str, tmp: Path) -> dict:
     state = model.state_dict()
-    tied = [n for n, t in state.items() if any(t is u for m, u in state.items() if m < n)]
+    tied = find_aliases(state)  # {entry: the earlier entry it is tied to}
     paths = {k: tmp / f"m.{k}" for k in ("hwp", "pt", "st", "hwp_old")}
     hp.save(state, paths["hwp"])
     torch.save(state, paths["pt"])
@@ -57,20 +58,17 @@ def measure(label: str, model: torch.nn.Module, case: str, tmp: Path) -> dict:
     exact = list(back) == list(state) and all(
         torch.equal(back[n].view(torch.uint8), state[n].contiguous().view(torch.uint8))
         for n in state)
-    ties_kept = all(back[n] is back[_first_of(state, n)] for n in tied)
+    ties_kept = bool(tied) and all(back[n] is back[of] for n, of in tied.items())
     # the bytes a file without alias records takes: the tied entries stored again
     untied = {n: (t.clone() if n in tied else t) for n, t in state.items()}
     hp.save(untied, paths["hwp_old"])
     size = {k: p.stat().st_size for k, p in paths.items()}
     xz = len(lzma.compress(paths["st"].read_bytes(), preset=9))
     return {"model": label, "case": case, "params": sum(p.numel() for p in model.parameters()),
-            "tied": tied, "hp_save": size["hwp"], "hp_save_untied": size["hwp_old"],
+            "tied": [f"{n} = {of}" for n, of in tied.items()], "hp_save": size["hwp"],
+            "hp_save_untied": size["hwp_old"],
             "torch_save": size["pt"], "safetensors": size["st"], "safetensors_xz9": xz,
             "exact": exact, "ties_kept": ties_kept}
-
-
-def _first_of(state: dict, name: str) -> str:
-    return next(m for m, u in state.items() if u is state[name])
 
 
 def main(argv: list[str] | None = None) -> int:
