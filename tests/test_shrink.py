@@ -184,6 +184,18 @@ def test_flatten_into_linear_folds_the_constant():
     assert _params(model) - _params(r.model) == 2 * (16 * 9 + 2 + 16 * 64)
 
 
+def test_a_compiled_model_is_refused_with_what_to_shrink_instead():
+    torch.manual_seed(0)
+    model = _randomize_bn(SmallCNN(width=8)).eval()
+    compiled = torch.compile(model)  # no forward: nothing is compiled here
+    hp.Magnitude(compiled, "channel", 0.5).finalize()  # the pruner reaches the wrapped model
+    x = torch.randn(3, 1, 8, 8)
+    with pytest.raises(ShrinkError, match=r"hp\.shrink\(compiled\._orig_mod, x\)"):
+        shrink(compiled, x)
+    small = shrink(compiled._orig_mod, x)
+    assert _params(small) < _params(model) and _max_diff(model, small, x) < 1e-4
+
+
 def test_lstm_input_features():
     torch.manual_seed(0)
     model = TinyLSTM().eval()  # emb 20x8, 2-layer LSTM 8->16, head 16->20

@@ -56,6 +56,10 @@ def shrink(model: nn.Module, example_inputs: Any, *, atol: float = ATOL, rtol: f
         raise ShrinkError("shrink the bare model (ddp.module), not its DistributedDataParallel "
                           "wrapper; the result has new parameters: wrap it in a new "
                           "DistributedDataParallel to train it further")
+    if isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's wrapper
+        raise ShrinkError(f"shrink the model torch.compile wrapped ({type(model).__name__}: "
+                          "hp.shrink(compiled._orig_mod, x)), not the compiled wrapper, which "
+                          "cannot be traced; then torch.compile the shrunk model")
     if is_transformer(model):  # heads and neurons from the modules' layout, no trace
         return shrink_transformer(model, example_inputs, rtol=rtol, atol=atol,
                                   return_result=return_result)
