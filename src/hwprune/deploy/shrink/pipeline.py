@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from ..tracing import trace
+from ..tracing import check_not_compiled, trace
 from ..verify import ATOL, RTOL, compare_outputs, example_args, flat_outputs, outputs_of
 from .analysis import Analysis
 from .nodes import set_module
@@ -44,8 +44,9 @@ def shrink(model: nn.Module, example_inputs: Any, *, atol: float = ATOL, rtol: f
         class when shrinking only narrowed layers, else a ``torch.fx.GraphModule`` (a graph
         rewritten: padding changed, a branch or a concatenated layer gone, a constant folded).
 
-    A Hugging Face transformer (BERT, GPT-2 and their kin) is not traced: its zero attention
-    heads and feed-forward neurons are removed from the modules' layout (``transformer``).
+    A Hugging Face transformer (BERT, GPT-2, Llama, ViT and their kin) is not traced: its zero
+    attention heads and feed-forward neurons are removed from the modules' layout
+    (``transformer``).
 
     Raises:
         ShrinkError: the model cannot be traced, or the verification fails.
@@ -56,10 +57,7 @@ def shrink(model: nn.Module, example_inputs: Any, *, atol: float = ATOL, rtol: f
         raise ShrinkError("shrink the bare model (ddp.module), not its DistributedDataParallel "
                           "wrapper; the result has new parameters: wrap it in a new "
                           "DistributedDataParallel to train it further")
-    if isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's wrapper
-        raise ShrinkError(f"shrink the model torch.compile wrapped ({type(model).__name__}: "
-                          "hp.shrink(compiled._orig_mod, x)), not the compiled wrapper, which "
-                          "cannot be traced; then torch.compile the shrunk model")
+    check_not_compiled(model, ShrinkError)  # before a forward pass would compile it
     if is_transformer(model):  # heads and neurons from the modules' layout, no trace
         return shrink_transformer(model, example_inputs, rtol=rtol, atol=atol,
                                   return_result=return_result)
