@@ -195,3 +195,22 @@ def test_a_load_failing_after_the_layers_puts_the_pruner_back(name, monkeypatch)
         pruner.load_state_dict(other)
     assert _same(pruner.state_dict(), before)
 
+
+
+@pytest.mark.parametrize("wrap", ["weight_norm", "spectral_norm", "legacy weight_norm"])
+def test_a_weight_under_another_parametrization_is_skipped_by_default_and_refused_by_name(wrap):
+    def model():
+        m = mlp()
+        if wrap == "legacy weight_norm":  # the weight becomes a computed tensor
+            with pytest.warns(FutureWarning):
+                nn.utils.weight_norm(m[2])
+        else:
+            getattr(nn.utils.parametrizations, wrap)(m[2])
+        return m
+
+    with pytest.warns(hp.SkippedLayersWarning, match=r"2\.weight"):
+        pruner = hp.Magnitude(model(), "element", sparsity=0.5)
+    assert "2.weight" in pruner.skipped and "2.weight" not in pruner.layers
+    with pytest.raises(hp.HwpruneError, match=r"2\.weight.*(remove_parametrizations|"
+                                              r"not an nn\.Parameter)"):
+        hp.Magnitude(model(), "element", sparsity=0.5, targets=["0", "2"])

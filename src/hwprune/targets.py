@@ -44,7 +44,8 @@ from torch.nn.utils import parametrize
 
 from .errors import TargetError
 
-__all__ = ["Target", "resolve_targets", "output_layers", "layer_weights", "SkippedLayersWarning",
+__all__ = ["Target", "resolve_targets", "check_prunable", "output_layers", "layer_weights",
+           "SkippedLayersWarning",
            "LINEAR_LAYOUTS", "register_linear_layer", "is_linear", "weight_transposed",
            "out_in", "CONV_TYPES", "LINEAR_TYPES", "RNN_TYPES", "ATTENTION_TYPES", "NORM_TYPES",
            "PRUNABLE_TYPES"]
@@ -277,8 +278,9 @@ def resolve_targets(model: nn.Module, targets: Spec = None,
         what = f"targets {patterns}"
     if not chosen:
         raise TargetError(f"{what} selects no weight; prunable weights are: {_preview(candidates)}")
-    for t in chosen:
-        _check_prunable(t)
+    if targets is not None:  # a default target that is not prunable is the pruner's to skip
+        for t in chosen:
+            check_prunable(t)
     return chosen
 
 
@@ -288,7 +290,7 @@ def _all_types(targets: object) -> bool:
             and all(isinstance(t, type) for t in targets))
 
 
-def _check_prunable(t: Target) -> None:
+def check_prunable(t: Target) -> None:
     """A target must be a non-empty parameter of its module (or already parametrized, which
     the pruner reports itself): a computed tensor cannot carry a parametrization, and an
     empty weight has no groups to prune."""

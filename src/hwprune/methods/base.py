@@ -25,15 +25,36 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .. import distributed
-from ..errors import ConfigError, HwpruneError, LifecycleError, StructureError
+from ..errors import ConfigError, HwpruneError, LifecycleError, StructureError, TargetError
 from ..structures import FeatureMap, Structure, parse_structure, transposed
-from ..targets import SkippedLayersWarning, Spec, Target, resolve_targets
+from ..targets import SkippedLayersWarning, Spec, Target, check_prunable, resolve_targets
 from .filter_maps import attach_ties, bake_ties, checked_ties, filter_ties
 from .layer import PrunedLayer
 from .registry import get_method
 from .state import Resumable
 
 __all__ = ["Pruner", "PrunedLayer"]
+
+
+def _pruned_by_hwprune(t: Target) -> bool:
+    """Whether a hwprune pruner's parametrization is on the target's weight."""
+    return parametrize.is_parametrized(t.module, t.param) and any(
+        type(p).__module__.startswith("hwprune.") for p in t.module.parametrizations[t.param])
+
+
+def _check_plain(t: Target) -> None:
+    """A target's weight must be a plain parameter: not a computed tensor, and not
+    parametrized by anything but hwprune (weight_norm, spectral_norm: the default selection
+    leaves it out, a named target is refused)."""
+    if not parametrize.is_parametrized(t.module, t.param):
+        check_prunable(t)
+        return
+    kinds = [type(p) for p in t.module.parametrizations[t.param]]
+    raise StructureError(f"{t.name}: parametrized by {', '.join(k.__name__ for k in kinds)}, "
+                         "which hwprune does not prune through: "
+                         f"torch.nn.utils.parametrize.remove_parametrizations(module, "
+                         f"{t.param!r}) bakes it into a plain parameter; or leave the layer out "
+                         "with targets=")
 
 
 def _select_layers(pruner: Pruner, targets: Spec, strict: bool) -> None:
@@ -54,9 +75,14 @@ def _select_layers(pruner: Pruner, targets: Spec, strict: bool) -> None:
 
     for t in pruner._targets(model, targets):
         shape = tuple(getattr(t.module, t.param).shape)
-        if parametrize.is_parametrized(t.module, t.param):
-            raise StructureError(
-                f"{t.name} is already parametrized (another pruner?); finalize it first")
+        if _pruned_by_hwprune(t):
+            raise StructureError(f"{t.name} is already parametrized by another pruner; "
+                                 "finalize it first")
+        try:
+            _check_plain(t)
+        except (StructureError, TargetError) as e:
+            skip(t.name, e)
+            continue
         try:
             # a Conv1D stores (in, out): the method picks the structure of the (out, in) view
             structure = pruner._layer_structure(t.out_in_shape, t.name)
