@@ -767,6 +767,13 @@ def test_writes_are_atomic_and_bad_input_is_refused(tmp_path, monkeypatch):
         save({"w": [1, 2]}, path)
     with pytest.raises(StorageError):
         load(tmp_path / "missing.hwp")
+    # a path no file can be written to is refused by name before anything is encoded
+    monkeypatch.setattr(container_mod, "_encode", fail)
+    with pytest.raises(IsADirectoryError, match="is a folder.*" + str(tmp_path)):
+        save({"w": torch.ones(3)}, tmp_path)
+    with pytest.raises(FileNotFoundError, match="no such folder.*missing"):
+        save({"w": torch.ones(3)}, tmp_path / "missing" / "m.hwp")
+    monkeypatch.undo()
     # tensors whose bits are not their values are refused by name, before anything is encoded
     with warnings.catch_warnings():  # torch deprecates making quantized tensors, not holding them
         warnings.simplefilter("ignore", UserWarning)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import glob
 import os
 import tempfile
@@ -22,6 +23,7 @@ def write_atomic(path: Path, data: bytes | Sequence[Any], sync: bool = True) -> 
 
     A process killed mid-write (SIGKILL, power loss) leaves the temporary file
     (``.NAME.*.tmp``) behind; ``remove_stale_temporaries`` removes it."""
+    check_file_path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TMP, dir=path.parent or ".")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -36,6 +38,18 @@ def write_atomic(path: Path, data: bytes | Sequence[Any], sync: bool = True) -> 
         with suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def check_file_path(path: Path) -> None:
+    """``OSError`` naming ``path`` where no file can be written there: it is a folder, or its
+    folder does not exist (checked before any work that writes it, so none is done in vain)."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "is a folder; give the path of a file to write",
+                                str(path))
+    if not path.parent.is_dir():
+        raise FileNotFoundError(errno.ENOENT, "no such folder to write the file into",
+                                str(path.parent))
 
 
 def remove_stale_temporaries(path: Path) -> list[Path]:

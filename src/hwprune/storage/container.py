@@ -79,7 +79,7 @@ import safetensors.numpy
 import torch
 from torch import Tensor, nn
 
-from ..files import write_atomic
+from ..files import check_file_path, write_atomic
 from .aliases import ALIAS, alias_of, find_aliases
 from .bits import dtype_from_name
 from .encodings import (
@@ -138,6 +138,7 @@ def save(obj: nn.Module | Mapping[str, Tensor], path: str | os.PathLike,
     """
     if compress is not None and compress not in CODECS:
         raise StorageError(f"compress must be None, 'zlib' or 'lzma'; got {compress!r}")
+    check_file_path(Path(path))  # before the encoding, which can take a while
     _, parts = _encode(obj, hints, code_values)
     if compress is not None:
         parts = [_wrap(b"".join(parts), compress)]
