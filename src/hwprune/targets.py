@@ -186,6 +186,9 @@ def output_layers(model: nn.Module) -> set[str]:
     where the path meets an ``nn.MultiheadAttention``). Raises what torch.fx raises for a
     model it cannot trace, and ``TargetError`` where a path meets a module that holds layers
     but could only be traced as a whole."""
+    inner = getattr(model, "_orig_mod", None)
+    if isinstance(inner, nn.Module):  # torch.compile's wrapper: the wrapped model's graph
+        return {f"_orig_mod.{name}" for name in output_layers(inner)}
     graph = _graph(model)
     modules = dict(model.named_modules())
     found: set[str] = set()
