@@ -9,6 +9,8 @@ import pytest
 import torch
 from torch import nn
 from transformers import (
+    BartConfig,
+    BartModel,
     CLIPVisionConfig,
     CLIPVisionModel,
     GemmaConfig,
@@ -206,3 +208,36 @@ def test_llama_kin_share_the_layout(model_class, config_class):
     assert result.layers == {"layers.0.self_attn (key/value groups)": ((2, 2), (1, 1)),
                              "layers.0.mlp (neurons)": ((64, 64), (32, 32))}
     same_function(model, result.model, tokens())
+
+
+def test_bart_self_and_cross_attention_heads_and_neurons_removed_by_shrink():
+    torch.manual_seed(0)
+    body = BartModel(BartConfig(vocab_size=VOCAB, d_model=HIDDEN, encoder_layers=1,
+                                decoder_layers=1, encoder_attention_heads=HEADS,
+                                decoder_attention_heads=HEADS, encoder_ffn_dim=64,
+                                decoder_ffn_dim=64, max_position_embeddings=32, pad_token_id=1,
+                                bos_token_id=0, eos_token_id=2,
+                                decoder_start_token_id=2)).eval()
+    hp.Magnitude(body, f"head:{D}", sparsity=0.5, targets="*.out_proj").finalize()
+    hp.Magnitude(body, "channel", sparsity=0.5, targets="*.fc2").finalize()
+
+    class Seq2Seq(nn.Module):  # the decoder reads the tokens too
+        def __init__(self, body: nn.Module):
+            super().__init__()
+            self.body = body
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.body(input_ids=x, decoder_input_ids=x).last_hidden_state
+
+    model = Seq2Seq(body)
+    x = torch.randint(3, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(1))
+    result = hp.shrink(model, x, return_result=True)
+    assert result.layers == {
+        **{f"body.{a} (heads)": ((HEADS, HEADS), (2, 2)) for a in (
+            "encoder.layers.0.self_attn", "decoder.layers.0.self_attn",
+            "decoder.layers.0.encoder_attn")},
+        "body.encoder.layers.0 (neurons)": ((64, 64), (32, 32)),
+        "body.decoder.layers.0 (neurons)": ((64, 64), (32, 32))}
+    with torch.no_grad():
+        ref, got = model(x), result.model(x)
+    assert float((got - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
