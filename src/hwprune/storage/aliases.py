@@ -14,12 +14,11 @@ from collections.abc import Mapping
 
 from torch import Tensor
 
-from .encodings import EncodedTensor
+from .encodings.base import ALIAS, EncodedTensor
 from .errors import StorageError
 
 __all__ = ["ALIAS", "ALIAS_VERSION", "find_aliases", "alias_of", "check_alias"]
 
-ALIAS = "alias"
 #: the first container version that may hold alias records
 ALIAS_VERSION = 6
 

@@ -226,8 +226,8 @@ def _gpt2_feed_forward(name: str, m: nn.Module) -> FeedForwardSite | None:
 
 def _fc_feed_forward(name: str, m: nn.Module) -> FeedForwardSite | None:
     up, down, act = (getattr(m, a, None) for a in ("fc1", "fc2", "activation_fn"))
-    if not (isinstance(up, nn.Module) and isinstance(down, nn.Module) and is_linear(up)
-            and is_linear(down) and isinstance(act, nn.Module)):
+    if not (all(isinstance(p, nn.Module) and is_linear(p) for p in (up, down))
+            and isinstance(act, nn.Module)):
         return None
 
     def narrow(keep: Tensor, bias_add: Tensor) -> None:

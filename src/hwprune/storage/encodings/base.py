@@ -18,6 +18,7 @@ from ..bits import element_size, from_raw_bits, raw_bits, unpack_bits
 from ..errors import StorageError
 
 __all__ = [
+    "ALIAS",
     "check_storable",
     "EncodedTensor",
     "TensorView",
@@ -296,6 +297,9 @@ class Encoding:
 
 # -- the zero-signs variant ------------------------------------------------------------------
 ZERO_SIGNS = "zero_signs"
+#: the encoding name of a record that holds no data: a tied entry, stored under an earlier name
+#: (``hwprune.storage.aliases``)
+ALIAS = "alias"
 
 
 def add_zero_signs(enc: EncodedTensor, view: TensorView) -> EncodedTensor:

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import ZERO_SIGNS, EncodedTensor, TensorView
+from .base import ALIAS, ZERO_SIGNS, EncodedTensor, TensorView
 from .chooser import Hints, choose_view, saved_encodings
 from .quantized import QVALUES, dequantize_values
 from .registry import ENCODINGS
@@ -21,7 +21,7 @@ def _summary(enc: EncodedTensor, view: TensorView) -> dict[str, Any]:
     numel = math.prod(enc.shape)
     size = torch.empty((), dtype=enc.dtype).element_size()
     kept = int((view.nz & ~view.negzero).sum())
-    if enc.encoding not in ENCODINGS:  # an alias record (a tied tensor): stored elsewhere
+    if enc.encoding == ALIAS:  # a tied tensor: its values are stored under another name
         return {"encoding": enc.encoding, "params": dict(enc.meta), "payload_bytes": 0,
                 "index_bytes": 0, "total_bytes": 0, "dense_bytes": numel * size,
                 "numel": numel, "kept": kept, "min_index_bits": 0,
