@@ -774,6 +774,15 @@ def test_writes_are_atomic_and_bad_input_is_refused(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="no such folder.*missing"):
         save({"w": torch.ones(3)}, tmp_path / "missing" / "m.hwp")
     monkeypatch.undo()
+
+    def refuse(*args, **kwargs):  # a folder that takes no new file (read-only, /proc)
+        raise PermissionError(13, "Permission denied", str(tmp_path / ".m.hwp.x.tmp"))
+
+    monkeypatch.setattr("hwprune.files.tempfile.mkstemp", refuse)
+    with pytest.raises(PermissionError, match=f"cannot create a file in {tmp_path}") as err:
+        save({"w": torch.ones(3)}, path)
+    assert err.value.filename == str(path)  # the user's path, not the temporary file's
+    monkeypatch.undo()
     # tensors whose bits are not their values are refused by name, before anything is encoded
     with warnings.catch_warnings():  # torch deprecates making quantized tensors, not holding them
         warnings.simplefilter("ignore", UserWarning)

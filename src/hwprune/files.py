@@ -24,7 +24,11 @@ def write_atomic(path: Path, data: bytes | Sequence[Any], sync: bool = True) -> 
     A process killed mid-write (SIGKILL, power loss) leaves the temporary file
     (``.NAME.*.tmp``) behind; ``remove_stale_temporaries`` removes it."""
     check_file_path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TMP, dir=path.parent or ".")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TMP, dir=path.parent or ".")
+    except OSError as err:  # the folder takes no new file: say so with the user's path
+        raise type(err)(err.errno, f"cannot create a file in {path.parent} "
+                        f"({err.strerror})", str(path)) from err
     try:
         with os.fdopen(fd, "wb") as f:
             for part in [data] if isinstance(data, (bytes, bytearray, memoryview)) else data:
