@@ -75,7 +75,7 @@ def test_a_weight_that_is_not_a_parameter_is_a_target_error():
     w = model[2].weight
     del model[2].weight
     model[2].weight = w * 2  # a computed tensor (not a leaf), not a parameter
-    with pytest.raises(TargetError, match=r"2\.weight is a Tensor, not an nn\.Parameter"):
+    with pytest.raises(TargetError, match=r"2\.weight: a Tensor, not an nn\.Parameter"):
         magnitude(model)
     assert not parametrize.is_parametrized(model[0])  # refused before anything is attached
 
@@ -86,7 +86,7 @@ def test_an_empty_layer_is_a_target_error_for_every_method(name, shape):
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(*shape))
     spec = SPECS[name]
     config = {**spec.config(spec.structures[0]), "targets": ["0", "1"]}
-    with pytest.raises(TargetError, match=r"1\.weight is empty"):
+    with pytest.raises(TargetError, match=r"1\.weight: empty"):
         spec.cls(model, **config)
     assert not parametrize.is_parametrized(model[0])
 
@@ -211,6 +211,7 @@ def test_a_weight_under_another_parametrization_is_skipped_by_default_and_refuse
     with pytest.warns(hp.SkippedLayersWarning, match=r"2\.weight"):
         pruner = hp.Magnitude(model(), "element", sparsity=0.5)
     assert "2.weight" in pruner.skipped and "2.weight" not in pruner.layers
+    assert "2.weight" not in pruner.skipped["2.weight"]  # the reason, without the name again
     with pytest.raises(hp.HwpruneError, match=r"2\.weight.*(remove_parametrizations|"
                                               r"not an nn\.Parameter)"):
         hp.Magnitude(model(), "element", sparsity=0.5, targets=["0", "2"])

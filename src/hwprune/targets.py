@@ -301,12 +301,12 @@ def check_prunable(t: Target) -> None:
         return
     w = getattr(t.module, t.param)
     if not isinstance(w, nn.Parameter):
-        raise TargetError(f"{t.name} is a {type(w).__name__}, not an nn.Parameter of "
+        raise TargetError(f"{t.name}: a {type(w).__name__}, not an nn.Parameter of "
                           f"{type(t.module).__name__} (a computed tensor, not a leaf); "
                           "hwprune prunes parameters: assign an nn.Parameter, or exclude it "
                           "with targets=")
     if w.numel() == 0:
-        raise TargetError(f"{t.name} is empty (shape {tuple(w.shape)}): nothing to prune; "
+        raise TargetError(f"{t.name}: empty (shape {tuple(w.shape)}), nothing to prune; "
                           "exclude it with targets=")
 
 
