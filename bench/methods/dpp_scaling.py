@@ -72,7 +72,7 @@ MODELS = {"mlp": (MLP3, (256, 1024), 1024),
 
 
 def build(model_name: str, variant: str):
-    """(model, pruner or None, optimizer, step function) with fixed seeds."""
+    """(model, pruner or None, step function) with fixed seeds."""
     factory, shape, classes = MODELS[model_name]
     torch.manual_seed(0)
     model = factory()
