@@ -8,11 +8,13 @@ ViT-B/16's size) in two initialisations: PyTorch's default (uniform), whose low 
 bytes are partly zero and compress, and the truncated normal of std 0.02 that ViTs start
 from, whose mantissa bytes are full-entropy as trained weights' are (the pretrained
 ResNet-56's three low byte planes do not compress at all). Each repeat runs torch.save,
-torch.save followed by ``os.fsync`` (the flush to the disk hp.save does by default), hp.save,
-hp.save with ``sync=False`` (without that flush), hp.save with ``code_values=False`` (the same
-choices, values stored as they are: what the value coder costs), torch.load and hp.load of
-the same state dict back to back (interleaved, so load on a shared machine hits both alike);
-the table gives the median of the repeats and the ratio of the medians.
+torch.save followed by ``os.fsync`` (the flush to the disk hp.save does by default),
+torch.save written as hp.save writes (temporary file, fsync, rename: the atomic write
+alone), hp.save, hp.save with ``sync=False`` (without that flush), hp.save with
+``code_values=False`` (the same choices, values stored as they are: what the value coder
+costs), torch.load and hp.load of the same state dict back to back (interleaved, so load on a
+shared machine hits both alike); the table gives the median of the repeats and the ratio of
+the medians.
 ``hp.report(model, example)`` is timed warm (one call first: it imports the FLOP counter).
 
 Goals (issue 18): hp.save and hp.load within 3x torch.save / torch.load; hp.report under
@@ -65,7 +67,8 @@ def _timed(fn) -> float:
 def speed_case(label: str, model: torch.nn.Module, example: torch.Tensor, repeats: int,
                report_goal: float) -> dict:
     state = model.state_dict()
-    times: dict[str, list[float]] = {k: [] for k in ("torch_save", "torch_save_fsync", "hp_save",
+    times: dict[str, list[float]] = {k: [] for k in ("torch_save", "torch_save_fsync",
+                                                     "torch_save_atomic", "hp_save",
                                                      "hp_save_nosync", "hp_save_uncoded",
                                                      "torch_load", "hp_load")}
     with tempfile.TemporaryDirectory() as tmp:
@@ -73,6 +76,8 @@ def speed_case(label: str, model: torch.nn.Module, example: torch.Tensor, repeat
         for _ in range(repeats):
             times["torch_save"].append(_timed(lambda: torch.save(state, pt)))
             times["torch_save_fsync"].append(_timed(lambda: _torch_save_synced(state, pt)))
+            # torch.save written the way hp.save writes: what the atomic write itself costs
+            times["torch_save_atomic"].append(_timed(lambda: _torch_save_atomic(state, pt)))
             times["hp_save"].append(_timed(lambda: hp.save(state, hwp)))
             # what the flush to the disk costs: hp.save's default does it, torch.save does not
             times["hp_save_nosync"].append(_timed(lambda: hp.save(state, hwp, sync=False)))
@@ -95,6 +100,7 @@ def speed_case(label: str, model: torch.nn.Module, example: torch.Tensor, repeat
             "save_ratio": med["hp_save"] / med["torch_save"],
             "nosync_save_ratio": med["hp_save_nosync"] / med["torch_save"],
             "synced_save_ratio": med["hp_save"] / med["torch_save_fsync"],
+            "atomic_save_ratio": med["hp_save"] / med["torch_save_atomic"],
             "uncoded_save_ratio": med["hp_save_uncoded"] / med["torch_save"],
             "hp_uncoded_file": sizes[2],
             "load_ratio": med["hp_load"] / med["torch_load"],
@@ -109,6 +115,17 @@ def _torch_save_synced(state: dict, path: Path) -> None:
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
+
+
+def _torch_save_atomic(state: dict, path: Path) -> None:
+    """``torch.save`` written as ``hp.save`` writes a file: into a temporary file beside
+    ``path``, flushed to the disk, then renamed over ``path`` (never a half-written file)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def linear_stack(normal: bool = False) -> torch.nn.Module:
@@ -139,6 +156,7 @@ def write_summary(rows: list[dict], cmd: str, note: str = "") -> None:
              ok(r["save_ratio"], GOALS["save_ratio"]),
              f"{r['nosync_save_ratio']:.2f}x" if "nosync_save_ratio" in r else "-",
              f"{r['synced_save_ratio']:.2f}x" if "synced_save_ratio" in r else "-",
+             f"{r['atomic_save_ratio']:.2f}x" if "atomic_save_ratio" in r else "-",
              f"{r['uncoded_save_ratio']:.2f}x ({r['hp_uncoded_file']:,} B)",
              f"{r['torch_load_s'] * 1e3:,.1f}",
              f"{r['hp_load_s'] * 1e3:,.1f}", f"{r['load_ratio']:.2f}x",
@@ -150,20 +168,25 @@ def write_summary(rows: list[dict], cmd: str, note: str = "") -> None:
                     f"{machine()} (as hwprune.app.machine.machine() reads it)."), "",
              *([f"This run: {note}", ""] if note else []),
              "Median of the repeats (each repeat: torch.save, torch.save followed by "
-             "os.fsync, hp.save, hp.save with sync=False, hp.save with code_values=False, "
+             "os.fsync, torch.save written as hp.save writes (a temporary file beside the "
+             "path, fsync, rename over the path), hp.save, hp.save with sync=False, hp.save "
+             "with code_values=False, "
              "torch.load, hp.load back to back), wall clock, ms. hp.save flushes the file to "
              "the disk before it returns (fsync) by default, torch.save does not: 'sync=False' "
              "is hp.save's ratio without that flush, 'vs torch.save + fsync' its ratio against "
-             "torch.save with the same flush; "
+             "torch.save with the same flush, 'vs torch.save written atomically' against "
+             "torch.save written with hp.save's whole protocol (what is left is the "
+             "encoding); "
              "hp.report: median of warm calls, s. Goals (issue 18): "
              "save and load within 3x torch's, report under 0.5 s (ResNet-56) and 10 s (86 M). "
              "The machine is shared, so absolute times vary between runs.", ""]
     columns = ["model", "params", "torch.save", "hp.save", "save ratio", "<= 3x",
                "sync=False: save ratio", "vs torch.save + fsync",
+               "vs torch.save written atomically",
                "values uncoded: save ratio (file)", "torch.load", "hp.load", "load ratio",
                "<= 3x", "hp.report s", "goal", "met",
                "torch file B", "hp file B", "exact"]
-    write_lines(OUT.with_suffix(".md"), [*lines, *table(columns, "lrrrrlrrrrrrlrllrrl", body)])
+    write_lines(OUT.with_suffix(".md"), [*lines, *table(columns, "lrrrrlrrrrrrrlrllrrl", body)])
     write_json(OUT.with_suffix(".json"), {"command": cmd, "machine": machine(), "note": note,
                                           "speed": rows})
 
