@@ -28,6 +28,8 @@ from transformers import (
     Qwen3Model,
     ViTConfig,
     ViTModel,
+    WhisperConfig,
+    WhisperModel,
 )
 
 import hwprune as hp
@@ -210,27 +212,48 @@ def test_llama_kin_share_the_layout(model_class, config_class):
     same_function(model, result.model, tokens())
 
 
-def test_bart_self_and_cross_attention_heads_and_neurons_removed_by_shrink():
-    torch.manual_seed(0)
+class EncoderDecoder(nn.Module):
+    """An encoder-decoder model's last hidden state from its encoder's and decoder's inputs."""
+
+    def __init__(self, body: nn.Module, encoder_input: str):
+        super().__init__()
+        self.body, self.encoder_input = body, encoder_input
+
+    def forward(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.body(**{self.encoder_input: source},
+                         decoder_input_ids=target).last_hidden_state
+
+
+def bart() -> tuple[nn.Module, torch.Tensor]:
     body = BartModel(BartConfig(vocab_size=VOCAB, d_model=HIDDEN, encoder_layers=1,
                                 decoder_layers=1, encoder_attention_heads=HEADS,
                                 decoder_attention_heads=HEADS, encoder_ffn_dim=64,
                                 decoder_ffn_dim=64, max_position_embeddings=32, pad_token_id=1,
-                                bos_token_id=0, eos_token_id=2,
-                                decoder_start_token_id=2)).eval()
-    hp.Magnitude(body, f"head:{D}", sparsity=0.5, targets="*.out_proj").finalize()
-    hp.Magnitude(body, "channel", sparsity=0.5, targets="*.fc2").finalize()
+                                bos_token_id=0, eos_token_id=2, decoder_start_token_id=2))
+    return EncoderDecoder(body, "input_ids"), tokens()
 
-    class Seq2Seq(nn.Module):  # the decoder reads the tokens too
-        def __init__(self, body: nn.Module):
-            super().__init__()
-            self.body = body
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.body(input_ids=x, decoder_input_ids=x).last_hidden_state
+def whisper() -> tuple[nn.Module, torch.Tensor]:
+    body = WhisperModel(WhisperConfig(vocab_size=VOCAB, d_model=HIDDEN, encoder_layers=1,
+                                      decoder_layers=1, encoder_attention_heads=HEADS,
+                                      decoder_attention_heads=HEADS, encoder_ffn_dim=64,
+                                      decoder_ffn_dim=64, num_mel_bins=8,
+                                      max_source_positions=SEQ, max_target_positions=32,
+                                      pad_token_id=1, bos_token_id=0, eos_token_id=2,
+                                      decoder_start_token_id=2))
+    # log-mel features: 8 bins, two frames per encoder position
+    features = torch.randn(2, 8, 2 * SEQ, generator=torch.Generator().manual_seed(2))
+    return EncoderDecoder(body, "input_features"), features
 
-    model = Seq2Seq(body)
-    x = torch.randint(3, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(1))
+
+@pytest.mark.parametrize("build", [bart, whisper])
+def test_encoder_decoder_self_and_cross_attention_heads_and_neurons_removed_by_shrink(build):
+    torch.manual_seed(0)
+    model, source = build()
+    model.eval()
+    hp.Magnitude(model, f"head:{D}", sparsity=0.5, targets="*.out_proj").finalize()
+    hp.Magnitude(model, "channel", sparsity=0.5, targets="*.fc2").finalize()
+    x = (source, tokens())
     result = hp.shrink(model, x, return_result=True)
     assert result.layers == {
         **{f"body.{a} (heads)": ((HEADS, HEADS), (2, 2)) for a in (
@@ -239,5 +262,5 @@ def test_bart_self_and_cross_attention_heads_and_neurons_removed_by_shrink():
         "body.encoder.layers.0 (neurons)": ((64, 64), (32, 32)),
         "body.decoder.layers.0 (neurons)": ((64, 64), (32, 32))}
     with torch.no_grad():
-        ref, got = model(x), result.model(x)
+        ref, got = model(*x), result.model(*x)
     assert float((got - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
