@@ -208,11 +208,13 @@ def _choose_all(state: Mapping[str, Tensor], hints: Mapping[str, Hints],
     seen: dict[tuple, EncodedTensor] = {}
 
     def choose_one(name: str) -> EncodedTensor:
+        # a trained small vector is dense, found without its bits as a key
+        enc = small_vector_choice(state[name], hints.get(name))
+        if enc is not None:
+            return enc
         key = _same_choice_key(state[name], hints.get(name))
         if key is None or key not in seen:
-            enc = small_vector_choice(state[name], hints.get(name))
-            if enc is None:
-                enc = _choose(state[name], hints.get(name), code_values)
+            enc = _choose(state[name], hints.get(name), code_values)
             if key is None:
                 return enc
             seen[key] = enc
