@@ -190,3 +190,4 @@ def test_top_k_by_selection_keeps_exactly_k_of_the_largest(rows, n, k_frac, dtyp
         top = z.topk(k, dim=1, sorted=False).indices
         assert torch.equal(mask, torch.zeros_like(mask).scatter_(1, top, True))
         assert torch.equal(low.reshape(-1), z.topk(k, dim=1).values[:, -1])
+        assert torch.equal(high.reshape(-1), z.topk(k + 1, dim=1).values[:, -1])
