@@ -15,6 +15,7 @@ from hwprune.relaxations import (
     as_float,
     gumbel_noise,
     ksoftmax_st,
+    leading_values,
     row_max,
     row_sum,
     sigmoid_st,
@@ -124,6 +125,36 @@ def test_branch_free_ksoftmax_gradient_equals_the_masked_fill_form(case):
     torch.testing.assert_close(logits.grad, ref.grad, rtol=tol, atol=tol / tau)
 
 
+def _scores(rows: int, n: int, dtype: torch.dtype, ties: bool, nan: bool,
+            seed: int) -> torch.Tensor:
+    """Random rows of ``n`` perturbed logits; ``ties``: twice them rounded (many equal);
+    ``nan``: one NaN in the first row."""
+    z = torch.randn(rows, n, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    if ties:
+        z = (z * 2).round()
+    if nan:
+        z[0, n // 2] = float("nan")
+    return z
+
+
+@settings(max_examples=150, deadline=None)
+@given(rows=st.integers(1, 20), n=st.integers(2, 8), k_frac=st.floats(0, 1),
+       dtype=st.sampled_from(FLOATS), ties=st.booleans(), nan=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_the_selection_network_gives_the_leading_values_or_defers_on_a_tie(rows, n, k_frac,
+                                                                           dtype, ties, nan,
+                                                                           seed):
+    k = min(n - 1, max(1, round(k_frac * n)))
+    z = _scores(rows, n, dtype, ties, nan, seed)
+    top = leading_values(z, k)
+    ordered = z.double().sort(dim=1, descending=True).values[:, : k + 1]  # NaN sorts first
+    strict = bool((ordered[:, :-1] > ordered[:, 1:]).all())  # no tie, no NaN
+    assert (top is None) == (not strict)
+    if top is not None:
+        assert len(top) == k + 1 and all(v.dtype == dtype for v in top)
+        assert torch.equal(torch.stack(top, 1).double(), ordered)
+
+
 def _sigmoid_masked_fill(z, up, k, tau):
     """The threshold sigmoid's gradient for the upstream gradient ``up``, with the threshold
     found by masked_fill (as it was written before)."""
@@ -171,11 +202,7 @@ def test_a_sampled_mask_is_the_top_k_of_logits_plus_scaled_gumbel_noise(seed, n,
 def test_top_k_by_selection_keeps_exactly_k_of_the_largest(rows, n, k_frac, dtype, ties, nan,
                                                            seed):
     k = max(1, round(k_frac * n))
-    z = torch.randn(rows, n, generator=torch.Generator().manual_seed(seed)).to(dtype)
-    if ties:
-        z = (z * 2).round()
-    if nan:
-        z[0, n // 2] = float("nan")
+    z = _scores(rows, n, dtype, ties, nan, seed)
     mask = top_k_rows(z, k)
     assert (mask.sum(1) == k).all()
     ok = ~torch.isnan(z).any(1)

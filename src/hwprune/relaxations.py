@@ -37,8 +37,8 @@ from .structures import KofN
 
 __all__ = ["GumbelTopK", "RELAXATIONS", "KSOFTMAX_MAX_K", "PAIRWISE_MAX_N",
            "check_relaxation", "resolve_relaxation", "gumbel_noise", "is_short", "row_sum",
-           "row_max", "rank_rows", "split_values", "top_k_rows", "row_entropy", "ksoftmax_st",
-           "sigmoid_st", "as_float"]
+           "row_max", "rank_rows", "leading_values", "split_values", "top_k_rows",
+           "row_entropy", "ksoftmax_st", "sigmoid_st", "as_float"]
 
 RELAXATIONS = ("ksoftmax", "sigmoid", "auto")
 #: "auto" keeps the paper's k-step softmax up to this many steps per row
@@ -123,10 +123,30 @@ def rank_rows(cols: Tensor) -> Tensor:
     return rank
 
 
+def leading_values(z: Tensor, k: int) -> list[Tensor] | None:
+    """For short rows of ``z`` (rows, n) and ``k < n``: each row's ``k + 1`` largest entries,
+    largest first, as ``k + 1`` vectors (rows,), from a selection network over the columns (k + 1
+    bubble passes of column maxima and minima: about as many passes as the pairwise ranks, but
+    over the values themselves, so the k-th and (k+1)-th need no masked maxima after it).
+    ``None`` where they do not strictly decrease in some row (a tie among them, which only an
+    index order breaks, or a NaN): the caller ranks pairwise."""
+    cols = list(z.unbind(1))
+    for j in range(k + 1):
+        for i in range(len(cols) - 1, j, -1):
+            a, b = cols[i - 1], cols[i]
+            cols[i - 1], cols[i] = torch.maximum(a, b), torch.minimum(a, b)
+    top = cols[: k + 1]
+    if not all(bool((a > b).all()) for a, b in zip(top, top[1:], strict=False)):
+        return None
+    return top
+
+
 def _chosen_order(z: Tensor, k: int) -> Tensor:
     """Rank of each chosen entry of ``z`` (rows, n) in the order of choice (largest first),
     ``k`` for the rest."""
     if is_short(z.shape[1]):
+        # (leading_values, which the sigmoid takes, is slower here: the order of choice would
+        # need k comparisons of every entry with a row's value, broadcast over rows of n)
         return rank_rows(z.t()).t().clamp_(max=k)
     order = z.topk(k, dim=1).indices
     rank = torch.full(z.shape, k, dtype=torch.uint8 if k < 256 else torch.long,
@@ -291,6 +311,10 @@ def ksoftmax_st(logits: Tensor, z: Tensor, k: int, tau: float) -> Tensor:
 def sigmoid_st(logits: Tensor, z: Tensor, k: int, tau: float) -> Tensor:
     """Hard top-k of ``z`` forward, the threshold sigmoid's gradient into ``logits`` backward."""
     lowest = torch.finfo(z.dtype).max
+    top = leading_values(z, k) if is_short(z.shape[1]) and k < z.shape[1] else None
+    if top is not None:  # no tie among the k+1 largest: the kept set is every entry >= k-th
+        low, high = top[k - 1].unsqueeze(1), top[k].unsqueeze(1)
+        return _SigmoidST.apply(logits, z, z >= low, (low + high) / 2, tau)
     if is_short(z.shape[1]):
         hard = rank_rows(z.t()).t() < k
         # the k-th largest: the dropped entries pushed to the highest float (branch-free)
