@@ -18,6 +18,7 @@ from hwprune.relaxations import (
     leading_values,
     row_max,
     row_sum,
+    rowwise_,
     sigmoid_st,
     split_values,
     top_k_rows,
@@ -80,6 +81,15 @@ def test_row_reductions_and_as_float_are_torch_s(rows, n, seed):
                                       dtype=torch.float64))
     flags = x > 0
     assert torch.equal(as_float(flags, torch.float64), flags.double())
+    # a value per row applied column by column is the broadcast op, bit for bit, in place
+    v, other = row_sum(x), torch.randn(x.shape, dtype=torch.float64)
+    for method, args in (("sub_", (v,)), ("div_", (v,)), ("mul_", (v,)),
+                         ("addcmul_", (other, v))):
+        y = x.clone()
+        out = rowwise_(y, method, v, *args[:-1], **({"value": -1} if len(args) > 1 else {}))
+        assert out is y
+        assert torch.equal(y, getattr(x.clone(), method)(
+            *args, **({"value": -1} if len(args) > 1 else {})))
 
 
 def _ksoftmax_masked_fill(z, k, tau):

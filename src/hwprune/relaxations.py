@@ -37,7 +37,7 @@ from .structures import KofN
 
 __all__ = ["GumbelTopK", "RELAXATIONS", "KSOFTMAX_MAX_K", "PAIRWISE_MAX_N",
            "check_relaxation", "resolve_relaxation", "gumbel_noise", "is_short", "row_sum",
-           "row_max", "rank_rows", "leading_values", "split_values", "top_k_rows",
+           "row_max", "rowwise_", "rank_rows", "leading_values", "split_values", "top_k_rows",
            "row_entropy", "ksoftmax_st", "sigmoid_st", "as_float"]
 
 RELAXATIONS = ("ksoftmax", "sigmoid", "auto")
@@ -104,6 +104,24 @@ def row_max(x: Tensor) -> Tensor:
     for c in cols[2:]:
         torch.maximum(out, c, out=out)
     return out.unsqueeze(-1)
+
+
+def rowwise_(x: Tensor, method: str, v: Tensor, other: Tensor | None = None,
+             **kwargs) -> Tensor:
+    """``x.<method>(v)`` in place (``x.<method>(other, v)`` where ``other`` is given, as for
+    ``addcmul_``), with ``v`` one value per row of ``x`` (keepdim, as ``row_sum`` gives it).
+    Short rows go column by column: broadcasting a value per row over rows of a few entries
+    costs several times an elementwise pass."""
+    if not is_short(x.shape[-1]):
+        return getattr(x, method)(v, **kwargs) if other is None else getattr(x, method)(
+            other, v, **kwargs)
+    v = v.squeeze(-1)
+    for j, col in enumerate(x.unbind(-1)):
+        if other is None:
+            getattr(col, method)(v, **kwargs)
+        else:
+            getattr(col, method)(other.select(-1, j), v, **kwargs)
+    return x
 
 
 def rank_rows(cols: Tensor) -> Tensor:
@@ -203,7 +221,7 @@ class _RowEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
-        y = x - row_max(x)
+        y = rowwise_(x.clone(), "sub_", row_max(x))
         e = y.exp()
         total = row_sum(e)
         log_total = total.log()
@@ -214,7 +232,8 @@ class _RowEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: Tensor):
         e, y, total, shift = ctx.saved_tensors  # p = e / total, log p + H = y - shift
-        return (y - shift).mul_(e).mul_(g.unsqueeze(-1).neg() / total)
+        return rowwise_(rowwise_(y.clone(), "sub_", shift).mul_(e), "mul_",
+                        g.unsqueeze(-1).neg() / total)
 
 
 def row_entropy(logits: Tensor) -> Tensor:
@@ -229,7 +248,7 @@ def _exp_shifted(x: Tensor, inplace: bool = True) -> Tensor:
     next to a row maximum of 1). Softmaxes are written out, not torch.softmax: on a busy CPU
     its thread pool takes milliseconds even for tiny rows, while these ops stay on one
     thread."""
-    y = x.sub_(row_max(x)) if inplace else x - row_max(x)
+    y = rowwise_(x if inplace else x.clone(), "sub_", row_max(x))
     return y.clamp_(min=math.log(torch.finfo(x.dtype).tiny) + 1.0).exp_()
 
 
@@ -246,13 +265,13 @@ def _step_softmaxes(scaled: Tensor, rank: Tensor, steps: Tensor) -> Tensor:
                           device=scaled.device)
     e = _exp_shifted(torch.addcmul(scaled, before, lowest, value=-1))
     e.addcmul_(before, e, value=-1)  # exactly 0 where chosen before, e - 0 elsewhere
-    return e.div_(row_sum(e))
+    return rowwise_(e, "div_", row_sum(e))
 
 
 def _step_gradient(p: Tensor, g: Tensor) -> Tensor:
     """``p (g - <p, g>)`` per row: the vector-Jacobian product of one softmax step."""
     pg = p * g
-    return pg.addcmul_(p, row_sum(pg), value=-1)
+    return rowwise_(pg, "addcmul_", row_sum(pg), p, value=-1)
 
 
 class _KSoftmaxST(torch.autograd.Function):
@@ -271,7 +290,7 @@ class _KSoftmaxST(torch.autograd.Function):
         scaled = z / ctx.tau
         # step 0 is over every entry: a plain softmax, nothing to exclude
         first = _exp_shifted(scaled, inplace=ctx.k == 1)  # later steps read scaled
-        grad = _step_gradient(first.div_(row_sum(first)), g)
+        grad = _step_gradient(rowwise_(first, "div_", row_sum(first)), g)
         chunk = max(1, _CHUNK // max(z.numel(), 1))
         for j0 in range(1, ctx.k, chunk):
             steps = torch.arange(j0, min(j0 + chunk, ctx.k), device=z.device,
@@ -296,11 +315,12 @@ class _SigmoidST(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: Tensor):
         z, threshold = ctx.saved_tensors
-        s = (z - threshold).div_(ctx.tau).sigmoid_()
+        s = rowwise_(z.clone(), "sub_", threshold).div_(ctx.tau).sigmoid_()
         w = torch.addcmul(s, s, s, value=-1)  # s (1 - s); 0 in every row when k == n
         wg = w * g
         mean = row_sum(wg) / row_sum(w).clamp_min(1e-30)
-        return wg.addcmul_(w, mean, value=-1).div_(ctx.tau), None, None, None, None
+        return (rowwise_(wg, "addcmul_", mean, w, value=-1).div_(ctx.tau), None, None, None,
+                None)
 
 
 def ksoftmax_st(logits: Tensor, z: Tensor, k: int, tau: float) -> Tensor:
