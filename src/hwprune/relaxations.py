@@ -110,9 +110,10 @@ def rowwise_(x: Tensor, method: str, v: Tensor, other: Tensor | None = None,
              **kwargs) -> Tensor:
     """``x.<method>(v)`` in place (``x.<method>(other, v)`` where ``other`` is given, as for
     ``addcmul_``), with ``v`` one value per row of ``x`` (keepdim, as ``row_sum`` gives it).
-    Short rows go column by column: broadcasting a value per row over rows of a few entries
-    costs several times an elementwise pass."""
-    if not is_short(x.shape[-1]):
+    Short rows on the CPU go column by column: broadcasting a value per row over rows of a few
+    entries costs several times an elementwise pass there (a GPU takes the broadcast in one
+    kernel)."""
+    if not is_short(x.shape[-1]) or x.device.type != "cpu":
         return getattr(x, method)(v, **kwargs) if other is None else getattr(x, method)(
             other, v, **kwargs)
     v = v.squeeze(-1)
@@ -331,8 +332,11 @@ def ksoftmax_st(logits: Tensor, z: Tensor, k: int, tau: float) -> Tensor:
 def sigmoid_st(logits: Tensor, z: Tensor, k: int, tau: float) -> Tensor:
     """Hard top-k of ``z`` forward, the threshold sigmoid's gradient into ``logits`` backward."""
     lowest = torch.finfo(z.dtype).max
-    top = leading_values(z, k) if is_short(z.shape[1]) and k < z.shape[1] else None
-    if top is not None:  # no tie among the k+1 largest: the kept set is every entry >= k-th
+    # on the CPU (a GPU would wait for the tie check): without a tie among the k+1 largest,
+    # the kept set is every entry at or above the k-th
+    top = (leading_values(z, k) if is_short(z.shape[1]) and k < z.shape[1]
+           and z.device.type == "cpu" else None)
+    if top is not None:
         low, high = top[k - 1].unsqueeze(1), top[k].unsqueeze(1)
         return _SigmoidST.apply(logits, z, z >= low, (low + high) / 2, tau)
     if is_short(z.shape[1]):
