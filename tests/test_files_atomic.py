@@ -49,6 +49,7 @@ def test_a_full_disk_fails_before_writing_and_keeps_the_old_file(tmp_path, monke
     monkeypatch.setattr(files.os, "posix_fallocate", full)
     with pytest.raises(OSError) as err:
         write_atomic(path, [memoryview(b"x" * 10)] * 3)
-    assert err.value.errno == code
+    assert err.value.errno == code and err.value.filename == str(path)  # the user's path
+    assert "30 bytes" in str(err.value)
     assert path.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]  # no temporary file left

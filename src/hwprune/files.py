@@ -32,7 +32,7 @@ def write_atomic(path: Path, data: bytes | Sequence[Any], sync: bool = True) -> 
     parts = [data] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
     try:
         with os.fdopen(fd, "wb") as f:
-            _reserve(f.fileno(), sum(memoryview(p).nbytes for p in parts))
+            _reserve(f.fileno(), sum(memoryview(p).nbytes for p in parts), path)
             for part in parts:
                 f.write(part)
             f.flush()
@@ -46,7 +46,7 @@ def write_atomic(path: Path, data: bytes | Sequence[Any], sync: bool = True) -> 
         raise
 
 
-def _reserve(fd: int, size: int) -> None:
+def _reserve(fd: int, size: int, path: Path) -> None:
     """Allocate the new file's ``size`` bytes on the disk before writing them: a new file
     whose blocks the file system allocates as it goes (ext4's delayed allocation) was far
     slower to write than a file rewritten in place (docs/storage.md, "The file system"), and
@@ -58,7 +58,8 @@ def _reserve(fd: int, size: int) -> None:
         os.posix_fallocate(fd, 0, size)
     except OSError as err:
         if err.errno in (errno.ENOSPC, errno.EFBIG):  # the file cannot be written at all
-            raise
+            raise type(err)(err.errno, f"no room for its {size:,} bytes ({err.strerror})",
+                            str(path)) from err
         # EOPNOTSUPP, EINVAL, ENODEV: not offered here; the writes allocate as they go
 
 
