@@ -16,6 +16,7 @@ from hwprune.relaxations import (
     gumbel_noise,
     ksoftmax_st,
     leading_values,
+    minus_rows,
     row_max,
     row_sum,
     rowwise_,
@@ -83,6 +84,8 @@ def test_row_reductions_and_as_float_are_torch_s(rows, n, seed):
     assert torch.equal(as_float(flags, torch.float64), flags.double())
     # a value per row applied column by column is the broadcast op, bit for bit, in place
     v, other = row_sum(x), torch.randn(x.shape, dtype=torch.float64)
+    before = x.clone()
+    assert torch.equal(minus_rows(x, v), x - v) and torch.equal(x, before)
     for method, args in (("sub_", (v,)), ("div_", (v,)), ("mul_", (v,)),
                          ("addcmul_", (other, v))):
         y = x.clone()

@@ -37,8 +37,8 @@ from .structures import KofN
 
 __all__ = ["GumbelTopK", "RELAXATIONS", "KSOFTMAX_MAX_K", "PAIRWISE_MAX_N",
            "check_relaxation", "resolve_relaxation", "gumbel_noise", "is_short", "row_sum",
-           "row_max", "rowwise_", "rank_rows", "leading_values", "split_values", "top_k_rows",
-           "row_entropy", "ksoftmax_st", "sigmoid_st", "as_float"]
+           "row_max", "rowwise_", "minus_rows", "rank_rows", "leading_values", "split_values",
+           "top_k_rows", "row_entropy", "ksoftmax_st", "sigmoid_st", "as_float"]
 
 RELAXATIONS = ("ksoftmax", "sigmoid", "auto")
 #: "auto" keeps the paper's k-step softmax up to this many steps per row
@@ -123,6 +123,14 @@ def rowwise_(x: Tensor, method: str, v: Tensor, other: Tensor | None = None,
         else:
             getattr(col, method)(other.select(-1, j), v, **kwargs)
     return x
+
+
+def minus_rows(x: Tensor, v: Tensor) -> Tensor:
+    """``x - v``, a new tensor, with ``v`` one value per row of ``x`` (keepdim): a copy of short
+    CPU rows with ``v`` taken off column by column (``rowwise_``), one broadcast otherwise."""
+    if not is_short(x.shape[-1]) or x.device.type != "cpu":
+        return x - v
+    return rowwise_(x.clone(), "sub_", v)
 
 
 def rank_rows(cols: Tensor) -> Tensor:
@@ -222,7 +230,7 @@ class _RowEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
-        y = rowwise_(x.clone(), "sub_", row_max(x))
+        y = minus_rows(x, row_max(x))
         e = y.exp()
         total = row_sum(e)
         log_total = total.log()
@@ -233,8 +241,7 @@ class _RowEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: Tensor):
         e, y, total, shift = ctx.saved_tensors  # p = e / total, log p + H = y - shift
-        return rowwise_(rowwise_(y.clone(), "sub_", shift).mul_(e), "mul_",
-                        g.unsqueeze(-1).neg() / total)
+        return rowwise_(minus_rows(y, shift).mul_(e), "mul_", g.unsqueeze(-1).neg() / total)
 
 
 def row_entropy(logits: Tensor) -> Tensor:
@@ -249,7 +256,7 @@ def _exp_shifted(x: Tensor, inplace: bool = True) -> Tensor:
     next to a row maximum of 1). Softmaxes are written out, not torch.softmax: on a busy CPU
     its thread pool takes milliseconds even for tiny rows, while these ops stay on one
     thread."""
-    y = rowwise_(x if inplace else x.clone(), "sub_", row_max(x))
+    y = rowwise_(x, "sub_", row_max(x)) if inplace else minus_rows(x, row_max(x))
     return y.clamp_(min=math.log(torch.finfo(x.dtype).tiny) + 1.0).exp_()
 
 
@@ -316,7 +323,7 @@ class _SigmoidST(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: Tensor):
         z, threshold = ctx.saved_tensors
-        s = rowwise_(z.clone(), "sub_", threshold).div_(ctx.tau).sigmoid_()
+        s = minus_rows(z, threshold).div_(ctx.tau).sigmoid_()
         w = torch.addcmul(s, s, s, value=-1)  # s (1 - s); 0 in every row when k == n
         wg = w * g
         mean = row_sum(wg) / row_sum(w).clamp_min(1e-30)
