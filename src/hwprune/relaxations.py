@@ -338,7 +338,6 @@ def ksoftmax_st(logits: Tensor, z: Tensor, k: int, tau: float) -> Tensor:
 
 def sigmoid_st(logits: Tensor, z: Tensor, k: int, tau: float) -> Tensor:
     """Hard top-k of ``z`` forward, the threshold sigmoid's gradient into ``logits`` backward."""
-    lowest = torch.finfo(z.dtype).max
     # on the CPU (a GPU would wait for the tie check): without a tie among the k+1 largest,
     # the kept set is every entry at or above the k-th
     top = (leading_values(z, k) if is_short(z.shape[1]) and k < z.shape[1]
@@ -346,6 +345,7 @@ def sigmoid_st(logits: Tensor, z: Tensor, k: int, tau: float) -> Tensor:
     if top is not None:
         low, high = top[k - 1].unsqueeze(1), top[k].unsqueeze(1)
         return _SigmoidST.apply(logits, z, z >= low, (low + high) / 2, tau)
+    lowest = torch.finfo(z.dtype).max
     if is_short(z.shape[1]):
         hard = rank_rows(z.t()).t() < k
         # the k-th largest: the dropped entries pushed to the highest float (branch-free)
