@@ -186,6 +186,20 @@ def test_bit_packing_is_exact_and_tight(width, values):
     packed = pack_uint(v, width)
     assert packed.size == math.ceil(v.size * width / 8)
     assert np.array_equal(unpack_uint(packed, width, v.size), v)
+    # the layout itself: each value's bits, most significant first, back to back
+    written = "".join(format(int(x), f"0{width}b") for x in v) if width else ""
+    assert np.unpackbits(packed)[: len(written)].tolist() == [int(c) for c in written]
+    assert not np.unpackbits(packed)[len(written):].any()  # zero padding
+
+
+@given(width=st.integers(1, 64), values=st.lists(st.integers(0, 2**64 - 1), max_size=40),
+       dtype=st.sampled_from([np.uint64, np.int64, np.uint32, np.uint16, np.uint8]))
+def test_bit_packing_keeps_the_low_bits_of_any_integer_dtype(width, values, dtype):
+    # a value wider than its field is cut to its low ``width`` bits, whatever the array's dtype
+    v = np.array([x % (1 << (8 * np.dtype(dtype).itemsize)) for x in values],
+                 np.uint64).astype(dtype)
+    low = np.array([int(x) % (1 << 64) % (1 << width) for x in v.astype(np.uint64)], np.uint64)
+    assert np.array_equal(pack_uint(v, width), pack_uint(low, width))
 
 
 def test_kofn_refuses_what_does_not_fit():

@@ -141,10 +141,29 @@ def pack_uint(values: np.ndarray, width: int) -> np.ndarray:
     """
     if width == 0 or values.size == 0:
         return np.zeros(0, np.uint8)
-    v = values.astype(np.uint64).reshape(-1)
-    shifts = np.arange(width - 1, -1, -1, dtype=np.uint64)
-    bits = ((v[:, None] >> shifts) & np.uint64(1)).astype(np.uint8)
-    return np.packbits(bits.reshape(-1))
+    if width <= 8:
+        return _pack_narrow(values.reshape(-1), width)
+    # each value's bytes most significant first, in the narrowest word that holds ``width``
+    # bits, expanded by numpy's bit table: its last ``width`` bits are the value's
+    size = next(b for b in (2, 4, 8) if width <= 8 * b)
+    words = values.reshape(-1).astype(f">u{size}")  # the low bytes, as a cast keeps them
+    bits = np.unpackbits(words.view(np.uint8)).reshape(-1, 8 * size)
+    return np.packbits(bits[:, 8 * size - width:])
+
+
+def _pack_narrow(values: np.ndarray, width: int) -> np.ndarray:
+    """``pack_uint`` for ``width`` <= 8: eight values at a time make ``width`` whole bytes,
+    shifted into one 64-bit word whose low bytes, most significant first, are those bytes."""
+    groups = -(-values.size // 8)
+    v = np.zeros(groups * 8, np.uint64)
+    v[: values.size] = values
+    v &= np.uint64((1 << width) - 1)  # the low bits, as a field of ``width`` bits keeps them
+    words = np.zeros(groups, np.uint64)
+    for j in range(8):  # column by column: a reduction along a short axis is slow in numpy
+        words |= v[j::8] << np.uint64((7 - j) * width)
+    words = words.astype(">u8")
+    out = words.view(np.uint8).reshape(groups, 8)[:, 8 - width:]
+    return np.ascontiguousarray(out).reshape(-1)[: -(-values.size * width // 8)]
 
 
 def unpack_uint(packed: np.ndarray, width: int, count: int) -> np.ndarray:

@@ -72,7 +72,7 @@ class KofNEncoding(Encoding):
         missing = k - counts.astype(np.int64)
         chosen = nz if not missing.any() else nz | (np.cumsum(~nz, axis=1) <= missing[:, None])
         at = np.flatnonzero(chosen)  # row-major: run by run, each run's positions ascending
-        pos = (at % n).reshape(-1, k)
+        pos = (at & (n - 1) if n & (n - 1) == 0 else at % n).reshape(-1, k)  # & : cheaper
         values = self._runs(view.bits, view.shape, n).reshape(-1)[at]
         if positions == "rank":
             code = pack_uint(subset_rank(pos, n), kofn_rank_bits(n, k))
