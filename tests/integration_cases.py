@@ -41,32 +41,37 @@ def task() -> tuple[torch.Tensor, torch.Tensor]:
 def plain_fit(cls: type, kwargs: dict[str, Any], epochs: int = EPOCHS, accumulate: int = 1,
               penalty_first: bool = False, fix_after: int | None = None
               ) -> tuple[nn.Module, Any]:
-    """The README's loop: the same model (seeded), the same batches in order, SGD over
-    ``pruner.param_groups``; finalized at the end. Returns (model, pruner).
+    """The README's loop as the callbacks run it: the same model (seeded), the same batches in
+    order, SGD over ``pruner.param_groups``; finalized at the end. Returns (model, pruner).
 
-    With ``accumulate`` > 1, each optimizer step accumulates that many batches, each loss
-    divided by ``accumulate``, and the penalty once, unscaled: after them, or with
-    ``penalty_first`` before them (the order fixes the float sums). ``fix_after``: the
-    pattern is fixed (``fix_pattern()``) after that many epochs."""
+    The penalty's gradient is added by its own backward, once per optimizer step, after the
+    task's (Lightning's order) or, with ``penalty_first``, before it (the transformers
+    Trainer's): a parameter both reach (DPP's logits) takes the two gradients summed in that
+    order, which can differ in the last bit from one backward of ``task loss + penalty``.
+    Each optimizer step accumulates ``accumulate`` batches, each loss divided by
+    ``accumulate``; the penalty is not divided. ``fix_after``: the pattern is fixed
+    (``fix_pattern()``) after that many epochs."""
     torch.manual_seed(SEED)
     model = make_mlp()
     pruner = cls(model, **copy.deepcopy(kwargs))
     optimizer = torch.optim.SGD(pruner.param_groups(lr=LR, momentum=0.9))
     x, y = task()
     batches = [(x[i:i + BATCH], y[i:i + BATCH]) for i in range(0, ROWS, BATCH)]
+
+    def add_penalty() -> None:
+        penalty = pruner.penalty()
+        if penalty.requires_grad:  # methods without a penalty give a constant zero
+            penalty.backward()
+
     for _ in range(epochs):
         for i in range(0, len(batches), accumulate):
             optimizer.zero_grad()
-            if accumulate == 1:
-                xb, yb = batches[i]
-                (F.cross_entropy(model(xb), yb) + pruner.penalty()).backward()
-            else:
-                if penalty_first:
-                    pruner.penalty().backward()
-                for xb, yb in batches[i:i + accumulate]:
-                    (F.cross_entropy(model(xb), yb) / accumulate).backward()
-                if not penalty_first:
-                    pruner.penalty().backward()
+            if penalty_first:
+                add_penalty()
+            for xb, yb in batches[i:i + accumulate]:
+                (F.cross_entropy(model(xb), yb) / accumulate).backward()
+            if not penalty_first:
+                add_penalty()
             optimizer.step()
             pruner.step()
         pruner.epoch_end()

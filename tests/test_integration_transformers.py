@@ -83,7 +83,7 @@ def train(tmp_path, callback, model=None, resume=None, assist=True, extra=(), **
 @pytest.mark.parametrize("case", method_cases(), ids=case_id)
 def test_every_method_equals_the_plain_api(case, tmp_path):
     cls, kwargs = case
-    ref_model, ref_pruner = plain_fit(cls, kwargs)
+    ref_model, ref_pruner = plain_fit(cls, kwargs, penalty_first=True)
     callback = PruningCallback(cls, module="model", finish=Finish(finalize=True),
                                **copy.deepcopy(kwargs))
     model, trainer = train(tmp_path, callback)
@@ -128,7 +128,7 @@ def test_resumed_from_a_trainer_checkpoint_equals_an_uninterrupted_run(tmp_path)
 
 def test_fix_pattern_at_equals_the_plain_api_and_resumes_fixed(tmp_path):
     kwargs = {"structure": "2:4", "noise_scale": 1.0, "logit_lr": 5.0}
-    ref_model, ref_pruner = plain_fit(hp.DPP, kwargs, fix_after=1)
+    ref_model, ref_pruner = plain_fit(hp.DPP, kwargs, penalty_first=True, fix_after=1)
     straight = PruningCallback(hp.DPP, module="model", finish=Finish(finalize=True),
                                fix_pattern_at=1, **copy.deepcopy(kwargs))
     model, _ = train(tmp_path / "a", straight)
