@@ -102,9 +102,10 @@ def checksum(tensors: list, arrays: Mapping[str, np.ndarray], version: int,
     digests = _array_digests(arrays, keys) if version >= 4 else {}
     for key in keys:
         a = np.ascontiguousarray(arrays[key])
-        text(key)
-        text(f"{a.dtype.str}{a.shape}")
-        small.append(int(a.nbytes).to_bytes(8, "little"))
+        name, layout = key.encode(), f"{a.dtype.str}{a.shape}".encode()
+        # text(key), text(layout) and the byte count, written out: this runs once per array
+        small += (len(name).to_bytes(8, "little"), name, len(layout).to_bytes(8, "little"),
+                  layout, int(a.nbytes).to_bytes(8, "little"))
         if a.nbytes <= _SMALL_PART:
             small.append(a.tobytes())
         elif key in digests:

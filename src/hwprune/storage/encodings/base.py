@@ -120,7 +120,7 @@ class TensorView:
         """How many elements are nonzero (counted once for every candidate's size)."""
         return int(np.count_nonzero(self.nz))
 
-    @property
+    @cached_property
     def matrix(self) -> tuple[int, int]:
         """The im2col view: (shape[0], rest) for 2+ dimensions, else one row."""
         return im2col_shape(self.shape)

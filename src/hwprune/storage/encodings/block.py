@@ -32,6 +32,8 @@ __all__ = ["BlockEncoding", "BLOCK_SIZES"]
 #: the tile sizes the chooser tries (plus the one a hint names); rows and columns of 2 first:
 #: every other size is a union of their tiles, so their kept counts bound all the others
 BLOCK_SIZES = tuple(s for b in (2, 4, 8, 16) for s in ((1, b), (b, 1), (b, b)))
+#: ``view.memo``'s entry of the elements each tile size computed so far keeps, by (bh, bw)
+_KEPT = "block kept"
 
 
 class BlockEncoding(Encoding):
@@ -75,15 +77,15 @@ class BlockEncoding(Encoding):
         rows, cols = check_tile(view, bh, bw)
         kept = kept_grid(view, bh, bw)
         values = real_elements(kept, rows, cols, bh, bw)
-        view.memo[("block", bh, bw)] = values
+        view.memo.setdefault(_KEPT, {})[(bh, bw)] = values
         return Size({"values": values}, -(-kept.size // 8))
 
     def lower_bound(self, view: TensorView, params: dict) -> int:
         """Every nonzero is kept, and a tiling whose tiles are unions of a finer one's
         (bh' | bh, bw' | bw) keeps at least the elements the finer one keeps; + one bit a tile."""
         bh, bw = params.get("bh", 4), params.get("bw", 4)
-        finer = [v for key, v in view.memo.items() if isinstance(key, tuple)
-                 and key[0] == "block" and bh % key[1] == 0 and bw % key[2] == 0]
+        finer = [v for (h, w), v in view.memo.get(_KEPT, {}).items() if bh % h == 0
+                 and bw % w == 0]
         rows, cols = view.matrix
         tiles = -(-rows // bh) * -(-cols // bw)
         kept = max(finer, default=view.nonzero)
