@@ -102,12 +102,44 @@ class UnifiedBlocks(nn.Module):
 
     def forward(self, w: Tensor) -> Tensor:
         # the magnitudes take part in both phases (DDP sees no unused parameter); during ADMM
-        # the pattern is all FREE and the weight is w, without a pass of where/masked_fill
+        # the pattern is all FREE and the weight is w, without a pass over it
         if not self.fixed:
-            return w + 0.0 * self.magnitude.sum()
+            return _Unchanged.apply(w, self.magnitude)
         tied = self.signs * self.structure.expand(self.magnitude, self.shape)
         out = torch.where(self.pattern == UNIFIED, tied, w)
         return out.masked_fill(self.pattern == ZERO, 0.0)
+
+
+class _Unchanged(torch.autograd.Function):
+    """``w`` itself, with ``unused`` (the tied magnitudes) in the graph at a zero gradient:
+    what ``w + 0.0 * unused.sum()`` gives the gradients, without its two passes over ``w``."""
+
+    @staticmethod
+    def forward(ctx, w: Tensor, unused: Tensor) -> Tensor:
+        ctx.unused_shape = unused.shape
+        return w.view_as(w)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        return g, g.new_zeros(ctx.unused_shape)
+
+
+class _SquaredDistance(torch.autograd.Function):
+    """``||w - z + u||^2`` with the gradient ``2 (w - z + u) g`` into ``w`` (the same bits as
+    autograd of the formula), from one saved difference: autograd of ``(w - z + u) ** 2``
+    takes a pass for the square, its sum, and two for the power's backward."""
+
+    @staticmethod
+    def forward(ctx, w: Tensor, z: Tensor, u: Tensor) -> Tensor:
+        d = (w - z).add_(u)
+        ctx.save_for_backward(d)
+        flat = d.reshape(-1)
+        return torch.dot(flat, flat)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        (d,) = ctx.saved_tensors
+        return d * (2 * g), None, None
 
 
 #: rho's growth per ADMM round where the length of the ADMM phase is not known
@@ -236,8 +268,8 @@ class ADMM(Pruner):
     def _penalty(self) -> Tensor | None:
         if self.phase != "admm":
             return None
-        total = sum(((l.original() - l.parametrization.z + l.parametrization.u) ** 2).sum()
-                    for l in self.layers.values())
+        total = sum(_SquaredDistance.apply(l.original(), l.parametrization.z,
+                                           l.parametrization.u) for l in self.layers.values())
         return 0.5 * self.rho * total
 
     def _on_step(self) -> None:
