@@ -15,7 +15,7 @@ from torch.nn.utils import parametrize
 import hwprune as hp
 from hwprune.errors import ConfigError, LifecycleError, StructureError
 from hwprune.hardware import FREE, UNIFIED, ZERO
-from hwprune.methods.admm import DEFAULT_RHO_GROWTH
+from hwprune.methods.admm import DEFAULT_RHO_GROWTH, _SquaredDistance, _Unchanged
 from hwprune.methods.unify import (
     assign_blocks,
     block_counts,
@@ -393,3 +393,30 @@ def test_retraining_keeps_training_the_free_weights_and_the_loss_falls(tiny, x8)
     start = F.mse_loss(tiny(x8), y).item()
     fit_full_batch(tiny, pruner, opt, x8, y, 15)
     assert F.mse_loss(tiny(x8), y).item() < 0.5 * start
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), rows=st.integers(1, 40), cols=st.integers(1, 40),
+       scale=st.floats(1e-6, 1e3), dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_penalty_function_gives_the_formulas_gradient_bit_for_bit(seed, rows, cols, scale, dtype):
+    # the hand-written backward must train exactly as autograd of the penalty's formula
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g, dtype=dtype, requires_grad=True)
+    z, u = (torch.randn(rows, cols, generator=g, dtype=dtype) for _ in range(2))
+    formula = scale * ((w - z + u) ** 2).sum()
+    (expected,) = torch.autograd.grad(formula, w)
+    value = _SquaredDistance.apply(w, z, u)
+    (got,) = torch.autograd.grad(scale * value, w)
+    assert torch.equal(got, expected)
+    assert torch.allclose(scale * value, formula, rtol=1e-5 if dtype == torch.float32 else 1e-12)
+
+
+def test_admm_phase_weight_is_the_weight_and_the_magnitudes_get_zero_gradients():
+    w = torch.randn(8, 12, requires_grad=True)
+    magnitude = torch.randn(24, requires_grad=True)
+    out = _Unchanged.apply(w, magnitude)
+    assert out.data_ptr() == w.data_ptr() and torch.equal(out, w)
+    upstream = torch.randn(8, 12)
+    (out * upstream).sum().backward()
+    assert torch.equal(w.grad, upstream)
+    assert torch.equal(magnitude.grad, torch.zeros(24))
