@@ -31,6 +31,7 @@ import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -86,6 +87,11 @@ def speed_case(label: str, model: torch.nn.Module, example: torch.Tensor, repeat
                                                                    code_values=False)))
             times["torch_load"].append(_timed(lambda: torch.load(pt, weights_only=True)))
             times["hp_load"].append(_timed(lambda: hp.load(hwp)))
+        # memory apart from the times (the sampling thread takes a share of a core)
+        peaks: dict[str, list[int]] = {"torch_save": [], "hp_save": []}
+        for _ in range(3):
+            peaks["torch_save"].append(_peak_above(lambda: torch.save(state, pt)))
+            peaks["hp_save"].append(_peak_above(lambda: hp.save(state, hwp)))
         sizes = (pt.stat().st_size, hwp.stat().st_size, raw.stat().st_size)
         back = hp.load(hwp)
     exact = list(back) == list(state) and all(
@@ -106,7 +112,35 @@ def speed_case(label: str, model: torch.nn.Module, example: torch.Tensor, repeat
             "load_ratio": med["hp_load"] / med["torch_load"],
             "report_s": statistics.median(report_s), "report_goal_s": report_goal,
             "torch_file": sizes[0], "hp_file": sizes[1], "round_trip_exact": exact,
+            **{f"{k}_peak_bytes": statistics.median(v) for k, v in peaks.items()},
             "all_times_s": times}
+
+
+def _rss() -> int:
+    """The process's resident memory now, bytes (Linux)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_above(fn) -> int:
+    """How far the resident memory rose above its level before ``fn()`` while it ran,
+    sampled every 2 ms by a thread (memory freed but kept by the allocator counts too)."""
+    base = _rss()
+    peak, done = [base], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss())
+            done.wait(0.002)
+
+    watcher = threading.Thread(target=sample)
+    watcher.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        watcher.join()
+    return max(peak[0], _rss()) - base
 
 
 def _torch_save_synced(state: dict, path: Path) -> None:
@@ -162,8 +196,9 @@ def write_summary(rows: list[dict], cmd: str, note: str = "") -> None:
              f"{r['hp_load_s'] * 1e3:,.1f}", f"{r['load_ratio']:.2f}x",
              ok(r["load_ratio"], GOALS["load_ratio"]), f"{r['report_s']:.2f}",
              f"< {r['report_goal_s']:g}", ok(r["report_s"], r["report_goal_s"]),
-             f"{r['torch_file']:,}", f"{r['hp_file']:,}", "yes" if r["round_trip_exact"]
-             else "**no**"] for r in rows]
+             f"{r['torch_file']:,}", f"{r['hp_file']:,}",
+             _mb(r, "torch_save_peak_bytes"), _mb(r, "hp_save_peak_bytes"),
+             "yes" if r["round_trip_exact"] else "**no**"] for r in rows]
     lines = [header("hp.save / hp.load / hp.report speed against torch.save / torch.load", cmd,
                     f"{machine()} (as hwprune.app.machine.machine() reads it)."), "",
              *([f"This run: {note}", ""] if note else []),
@@ -179,16 +214,24 @@ def write_summary(rows: list[dict], cmd: str, note: str = "") -> None:
              "encoding); "
              "hp.report: median of warm calls, s. Goals (issue 18): "
              "save and load within 3x torch's, report under 0.5 s (ResNet-56) and 10 s (86 M). "
-             "The machine is shared, so absolute times vary between runs.", ""]
+             "The machine is shared, so absolute times vary between runs. Peak MB: how far "
+             "the process's resident memory rose above its level before the call while "
+             "torch.save or hp.save ran (sampled every 2 ms by a thread; median of 3 calls "
+             "after the timed ones; memory the allocator freed but kept counts too).", ""]
     columns = ["model", "params", "torch.save", "hp.save", "save ratio", "<= 3x",
                "sync=False: save ratio", "vs torch.save + fsync",
                "vs torch.save written atomically",
                "values uncoded: save ratio (file)", "torch.load", "hp.load", "load ratio",
                "<= 3x", "hp.report s", "goal", "met",
-               "torch file B", "hp file B", "exact"]
-    write_lines(OUT.with_suffix(".md"), [*lines, *table(columns, "lrrrrlrrrrrrrlrllrrl", body)])
+               "torch file B", "hp file B", "torch.save peak MB", "hp.save peak MB", "exact"]
+    write_lines(OUT.with_suffix(".md"), [*lines, *table(columns, "lrrrrlrrrrrrrlrllrrrrl",
+                                                        body)])
     write_json(OUT.with_suffix(".json"), {"command": cmd, "machine": machine(), "note": note,
                                           "speed": rows})
+
+
+def _mb(row: dict, key: str) -> str:
+    return f"{row[key] / 2**20:,.0f}" if key in row else "-"
 
 
 def main(argv=None) -> int:

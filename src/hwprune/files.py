@@ -6,10 +6,10 @@ import errno
 import glob
 import os
 import tempfile
-from collections.abc import Sequence
-from contextlib import suppress
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 _TMP = ".tmp"
 
@@ -17,9 +17,22 @@ _TMP = ".tmp"
 def write_atomic(path: Path, data: bytes | Sequence[Any], sync: bool = True) -> None:
     """Write ``data`` (bytes, or buffers such as bytes and contiguous numpy arrays, written one
     after the other: no joined copy) to a temporary file beside ``path``, then rename: never a
-    half-written file. ``sync``: the file's bytes reach the disk before the rename (a power
-    loss after the return cannot lose them); ``False`` leaves the flush to the OS, as
-    ``torch.save`` does (a crash of this process still leaves the old file or the new one).
+    half-written file (``atomic_file``). ``sync``: the file's bytes reach the disk before the
+    rename (a power loss after the return cannot lose them); ``False`` leaves the flush to the
+    OS, as ``torch.save`` does (a crash of this process still leaves the old file or the new
+    one)."""
+    parts = [data] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
+    with atomic_file(path, sync) as f:
+        reserve(f, sum(memoryview(p).nbytes for p in parts), path)
+        for part in parts:
+            f.write(part)
+
+
+@contextmanager
+def atomic_file(path: Path, sync: bool = True) -> Iterator[BinaryIO]:
+    """A new file opened for writing beside ``path``, renamed over ``path`` when the block
+    ends without an error (flushed to the disk first where ``sync``), removed where it
+    raises: the old file or the new one, never a half-written one.
 
     A process killed mid-write (SIGKILL, power loss) leaves the temporary file
     (``.NAME.*.tmp``) behind; ``remove_stale_temporaries`` removes it."""
@@ -29,12 +42,9 @@ def write_atomic(path: Path, data: bytes | Sequence[Any], sync: bool = True) -> 
     except OSError as err:  # the folder takes no new file: say so with the user's path
         raise type(err)(err.errno, f"cannot create a file in {path.parent} "
                         f"({err.strerror})", str(path)) from err
-    parts = [data] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
     try:
         with os.fdopen(fd, "wb") as f:
-            _reserve(f.fileno(), sum(memoryview(p).nbytes for p in parts), path)
-            for part in parts:
-                f.write(part)
+            yield f
             f.flush()
             if sync:
                 os.fsync(f.fileno())
@@ -46,16 +56,16 @@ def write_atomic(path: Path, data: bytes | Sequence[Any], sync: bool = True) -> 
         raise
 
 
-def _reserve(fd: int, size: int, path: Path) -> None:
-    """Allocate the new file's ``size`` bytes on the disk before writing them: a new file
+def reserve(f: BinaryIO, size: int, path: Path) -> None:
+    """Allocate the first ``size`` bytes of ``f`` on the disk before writing them: a new file
     whose blocks the file system allocates as it goes (ext4's delayed allocation) was far
     slower to write than a file rewritten in place (docs/storage.md, "The file system"), and
-    a full disk fails here, before a byte is written. A file system without the call writes
-    as before."""
+    a full disk fails here, before those bytes are written. A file system without the call
+    writes as before. The file's size becomes at least ``size``."""
     if size <= 0 or not hasattr(os, "posix_fallocate"):
         return
     try:
-        os.posix_fallocate(fd, 0, size)
+        os.posix_fallocate(f.fileno(), 0, size)
     except OSError as err:
         if err.errno in (errno.ENOSPC, errno.EFBIG):  # the file cannot be written at all
             raise type(err)(err.errno, f"no room for its {size:,} bytes ({err.strerror})",

@@ -56,8 +56,10 @@ every array's key, dtype, shape and bytes (an array over 4 KiB by its own SHA-25
 the arrays are hashed in threads), so a changed byte in the data or in hwprune's
 metadata is caught even where safetensors would still parse the file; the document itself is
 guarded by zlib's checksum. Writes are atomic: a temporary file in the same folder, fsync,
-then ``os.replace``. ``load`` trusts nothing it reads: ``reading`` checks every size against
-a bound (``max_bytes``, the data section, the declared lengths) before it allocates.
+then ``os.replace``; a large model's arrays go to that file as each tensor is chosen
+(``streaming``), the same bytes as ``plan``'s. ``load`` trusts nothing it reads: ``reading``
+checks every size against a bound (``max_bytes``, the data section, the declared lengths)
+before it allocates.
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ import safetensors.numpy
 import torch
 from torch import Tensor, nn
 
-from ..files import check_file_path, write_atomic
+from ..files import atomic_file, check_file_path, write_atomic
 from .aliases import ALIAS, alias_of, find_aliases
 from .bits import dtype_from_name
 from .encodings import (
@@ -117,6 +119,7 @@ from .reading import (
     unpack,
     unwrap,
 )
+from .streaming import write_container
 
 __all__ = ["save", "load", "plan", "pack", "pack_parts", "FilePlan", "file_layout", "FORMAT",
            "VERSION", "COMPRESSED_HEADER_SIZE", "DEFAULT_MAX_BYTES", "DOC_KEY", "DATA_KEY",
@@ -139,12 +142,18 @@ def save(obj: nn.Module | Mapping[str, Tensor], path: str | os.PathLike,
     if compress is not None and compress not in CODECS:
         raise StorageError(f"compress must be None, 'zlib' or 'lzma'; got {compress!r}")
     check_file_path(Path(path))  # before the encoding, which can take a while
-    _, parts = _encode(obj, hints, code_values)
     if compress is not None:
-        parts = [_wrap(b"".join(parts), compress)]
-    # the parts go to the file as they are: no joined copy of the whole file
-    write_atomic(Path(path), parts, sync=sync)
-    return sum(memoryview(p).nbytes for p in parts)
+        _, parts = _encode(obj, hints, code_values)
+        data = _wrap(b"".join(parts), compress)
+        write_atomic(Path(path), data, sync=sync)
+        return len(data)
+    state = _state(obj)
+    # the arrays go to the file as they are (no joined copy of the whole file), and those of
+    # a large model as each tensor is chosen (``streaming``): the same bytes as ``plan``'s
+    raw = sum(t.numel() * t.element_size() for t in state.values())
+    with atomic_file(Path(path), sync) as f:
+        return write_container(f, _encoded(state, hints or {}, code_values), Path(path), raw,
+                               len(state))
 
 
 @dataclass(frozen=True)
@@ -180,14 +189,10 @@ def plan(obj: nn.Module | Mapping[str, Tensor],
 def _encode(obj: nn.Module | Mapping[str, Tensor], hints: Mapping[str, Hints] | None,
             code_values: bool) -> tuple[dict[str, EncodedTensor], list]:
     """Each tensor's chosen encoding, by name, and the file's bytes in parts (``pack_parts``)."""
-    state = _state(obj)
-    aliases = find_aliases(state)  # tied tensors: stored once
-    encoded = _choose_all({n: t for n, t in state.items() if n not in aliases}, hints or {},
-                          code_values)
-    encoded.update((n, alias_of(state[n], of)) for n, of in aliases.items())
-    records, arrays = [], {}
-    for name in state:
-        records.append(tensor_record(name, encoded[name], arrays))
+    encoded, records, arrays = {}, [], {}
+    for name, enc in _encoded(_state(obj), hints or {}, code_values):
+        encoded[name] = enc
+        records.append(tensor_record(name, enc, arrays))
     return encoded, pack_parts(records, arrays)
 
 
@@ -198,10 +203,13 @@ PARALLEL_NUMEL = 1 << 20
 SAME_CHOICE_NUMEL = 1 << 12
 
 
-def _choose_all(state: Mapping[str, Tensor], hints: Mapping[str, Hints],
-                code_values: bool) -> dict[str, EncodedTensor]:
-    """``choose`` of every tensor, by name; the large ones in a thread pool. Each choice
-    depends on its tensor alone, so the result is the same as one after the other."""
+def _encoded(state: Mapping[str, Tensor], hints: Mapping[str, Hints],
+             code_values: bool) -> Iterator[tuple[str, EncodedTensor]]:
+    """(name, chosen encoding) of every tensor, in the state's order; a tied entry is an
+    alias of the first. The large tensors are chosen ahead in a thread pool, as many at a
+    time as it has threads, while the others are chosen in this thread: each choice depends
+    on its tensor alone, so the result is that of one after the other."""
+    aliases = find_aliases(state)  # tied tensors: stored once
     # small tensors with the same bits and hints (BatchNorm's ones and zeros at
     # initialisation, tied copies) have the same choice: made once (in the calling thread:
     # a large tensor has no such key)
@@ -220,8 +228,25 @@ def _choose_all(state: Mapping[str, Tensor], hints: Mapping[str, Hints],
             seen[key] = enc
         return seen[key]
 
-    large = {n for n, t in state.items() if isinstance(t, Tensor) and t.numel() >= PARALLEL_NUMEL}
-    return _large_in_threads(list(state), large, choose_one)
+    large = [n for n, t in state.items() if n not in aliases and t.numel() >= PARALLEL_NUMEL]
+    workers = max(1, min(len(large), os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        queue, futures = iter(large), {}
+
+        def top_up() -> None:  # the next large tensors in order, up to one per thread
+            while len(futures) < workers and (n := next(queue, None)) is not None:
+                futures[n] = pool.submit(choose_one, n)
+
+        top_up()
+        for name in state:
+            if name in aliases:
+                yield name, alias_of(state[name], aliases[name])
+            elif name in futures:
+                enc = futures.pop(name).result()
+                top_up()
+                yield name, enc
+            else:
+                yield name, choose_one(name)
 
 
 def _large_in_threads(names: list[str], large: set[str], fn: Callable[[str], Any]
@@ -355,7 +380,7 @@ def _wrap(data: bytes, codec: str) -> bytes:
 # -- decoding -------------------------------------------------------------------------------
 def _decode_all(tensors: list, arrays: dict[str, np.ndarray]) -> dict[str, Tensor]:
     """Every record decoded (``check_records`` has bounded their shapes and sizes); the large
-    tensors in a thread pool, as ``_choose_all`` encodes them: each depends on its own arrays
+    tensors in a thread pool, as ``_encoded`` chooses them: each depends on its own arrays
     alone."""
     encoded: dict[str, EncodedTensor] = {}
     aliases: dict[str, str] = {}  # checked by check_records: each names a tensor before it

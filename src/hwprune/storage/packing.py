@@ -22,7 +22,9 @@ from .encodings import EncodedTensor
 from .errors import StorageError
 from .fileformat import DATA_KEY, DOC_KEY, FORMAT, META_KEY, VERSION
 
-__all__ = ["pack", "pack_parts", "tensor_record", "checksum", "canonical_json"]
+__all__ = ["pack", "pack_parts", "tensor_record", "checksum", "canonical_json", "document",
+           "file_header", "checksum_of_entries", "array_entry", "array_digest",
+           "needs_digest"]
 
 
 def pack(records: list[dict[str, Any]], arrays: Mapping[str, np.ndarray],
@@ -42,23 +44,36 @@ def pack_parts(records: list[dict[str, Any]], arrays: Mapping[str, np.ndarray],
         raise StorageError(f"pack writes versions 2 to {VERSION}; got {version!r}")
     tensors = canonical_json(records)  # once, for the checksum and the document
     listed = [[key, a.dtype.str, int(a.size)] for key, a in arrays.items()]
-    # canonical_json of the document, its keys in sorted order, with the records' text as it is
-    digest = canonical_json(checksum(records, arrays, version, tensors))
-    text = f'{{"arrays":{canonical_json(listed)},"sha256":{digest},"tensors":{tensors}}}'
-    body = zlib.compress(text.encode(), 9)
+    body = document(tensors, listed, checksum(records, arrays, version, tensors))
     parts = [np.ascontiguousarray(a).reshape(-1).view(np.uint8) for a in arrays.values()]
-    size = sum(int(p.size) for p in parts)
-    # the safetensors file of two uint8 arrays, as safetensors writes it (its header: metadata
-    # first, then the arrays by name, offsets in that order; padded with spaces to 8 bytes),
-    # its parts the arrays themselves: no concatenation, no serialization.
-    # One metadata key: safetensors writes a multi-key map in no fixed order.
+    return [file_header(sum(int(p.size) for p in parts), len(body), version), *parts, body]
+
+
+def document(tensors_json: str, listed: list, digest: str) -> bytes:
+    """The compressed document: ``canonical_json`` of ``{"arrays": listed, "sha256": digest,
+    "tensors": ...}``, its keys in sorted order, with the records' text ``tensors_json`` as it
+    is."""
+    text = (f'{{"arrays":{canonical_json(listed)},"sha256":{canonical_json(digest)},'
+            f'"tensors":{tensors_json}}}')
+    return zlib.compress(text.encode(), 9)
+
+
+def file_header(data_bytes: int, doc_bytes: int, version: int = VERSION) -> bytes:
+    """The file's first bytes (the header's length, then the header) before ``data_bytes`` of
+    arrays and a document of ``doc_bytes``: the safetensors file of two uint8 arrays, as
+    safetensors writes it (its header: metadata first, then the arrays by name, offsets in
+    that order; padded with spaces to 8 bytes), so that the arrays themselves can follow as
+    they are, with no concatenation. One metadata key: safetensors writes a multi-key map in
+    no fixed order."""
+    size = data_bytes
     header = json.dumps({
         "__metadata__": {META_KEY: canonical_json({"format": FORMAT, "version": version})},
         DATA_KEY: {"dtype": "U8", "shape": [size], "data_offsets": [0, size]},
-        DOC_KEY: {"dtype": "U8", "shape": [len(body)], "data_offsets": [size, size + len(body)]},
+        DOC_KEY: {"dtype": "U8", "shape": [doc_bytes],
+                  "data_offsets": [size, size + doc_bytes]},
     }, separators=(",", ":")).encode()
     header += b" " * (-len(header) % 8)
-    return [len(header).to_bytes(8, "little") + header, *parts, body]
+    return len(header).to_bytes(8, "little") + header
 
 
 def tensor_record(name: str, enc: EncodedTensor,
@@ -87,29 +102,20 @@ def checksum(tensors: list, arrays: Mapping[str, np.ndarray], version: int,
     computed in threads (hashlib releases the GIL), so a large file is hashed on every core,
     writing and reading.
     """
-    h = hashlib.sha256()
-    small: list[bytes] = []  # short parts hashed together: the same digest as one by one
-
-    def text(t: str) -> None:
-        b = t.encode()
-        small.extend((len(b).to_bytes(8, "little"), b))
-
     if tensors_json is None:
         tensors_json = canonical_json(tensors)
-    for item in (FORMAT, str(version), tensors_json):
-        text(item)
     keys = sorted(arrays)
-    digests = _array_digests(arrays, keys) if version >= 4 else {}
-    for key in keys:
+    if version >= 4:
+        digests = _array_digests(arrays, keys)
+        return checksum_of_entries(tensors_json, version, {
+            key: array_entry(key, arrays[key], digests.get(key)) for key in keys})
+    h = hashlib.sha256()
+    small = [_text(FORMAT), _text(str(version)), _text(tensors_json)]
+    for key in keys:  # versions 2 and 3: every array's bytes
         a = np.ascontiguousarray(arrays[key])
-        name, layout = key.encode(), f"{a.dtype.str}{a.shape}".encode()
-        # text(key), text(layout) and the byte count, written out: this runs once per array
-        small += (len(name).to_bytes(8, "little"), name, len(layout).to_bytes(8, "little"),
-                  layout, int(a.nbytes).to_bytes(8, "little"))
+        small.append(_entry_head(key, a))
         if a.nbytes <= _SMALL_PART:
             small.append(a.tobytes())
-        elif key in digests:
-            small.append(digests[key])
         else:  # its bytes, read in place
             h.update(b"".join(small))
             small.clear()
@@ -118,14 +124,53 @@ def checksum(tensors: list, arrays: Mapping[str, np.ndarray], version: int,
     return h.hexdigest()
 
 
+def checksum_of_entries(tensors_json: str, version: int, entries: Mapping[str, bytes]) -> str:
+    """``checksum`` of a version 4+ file from each array's ``array_entry``, by key (in any
+    order: they enter sorted by key)."""
+    h = hashlib.sha256(_text(FORMAT) + _text(str(version)) + _text(tensors_json))
+    for key in sorted(entries):
+        h.update(entries[key])
+    return h.hexdigest()
+
+
+def array_entry(key: str, a: np.ndarray, digest: bytes | None) -> bytes:
+    """What one array adds to a version 4+ checksum: its key, dtype, shape and byte count, then
+    its bytes where it has at most ``_SMALL_PART`` of them, else ``digest``, their SHA-256."""
+    a = np.ascontiguousarray(a)
+    if needs_digest(a) and digest is None:
+        raise StorageError(f"array {key!r}: {a.nbytes} bytes enter the checksum by their "
+                           "SHA-256, and none was given")
+    return _entry_head(key, a) + (digest if needs_digest(a) else a.tobytes())
+
+
+def needs_digest(a: np.ndarray) -> bool:
+    """Whether an array enters a version 4+ checksum by its SHA-256 (else by its bytes)."""
+    return a.nbytes > _SMALL_PART
+
+
+def array_digest(a: np.ndarray) -> bytes:
+    """The SHA-256 of an array's bytes (hashlib releases the GIL: callable in threads)."""
+    return hashlib.sha256(np.ascontiguousarray(a).reshape(-1).view(np.uint8)).digest()
+
+
+def _entry_head(key: str, a: np.ndarray) -> bytes:
+    """An array's key and layout (dtype, shape) as length-prefixed texts, then its byte count:
+    every part length-prefixed, so parts cannot shift."""
+    return _text(key) + _text(f"{a.dtype.str}{a.shape}") + int(a.nbytes).to_bytes(8, "little")
+
+
+def _text(t: str) -> bytes:
+    b = t.encode()
+    return len(b).to_bytes(8, "little") + b
+
+
 def _array_digests(arrays: Mapping[str, np.ndarray], keys: list[str]) -> dict[str, bytes]:
     """The SHA-256 of each array of more than ``_SMALL_PART`` bytes, by key; the large ones
     in threads."""
-    big = [k for k in keys if arrays[k].nbytes > _SMALL_PART]
+    big = [k for k in keys if needs_digest(arrays[k])]
 
     def digest(key: str) -> bytes:
-        return hashlib.sha256(np.ascontiguousarray(arrays[key]).reshape(-1).view(np.uint8)
-                              ).digest()
+        return array_digest(arrays[key])
 
     if sum(arrays[k].nbytes for k in big) < _THREADED_HASH:
         return {k: digest(k) for k in big}

@@ -1,0 +1,141 @@
+"""Writing a container whose encoded arrays need not all be in memory at once.
+
+``write_container(f, items, path, raw_bytes)`` writes to the open file ``f`` exactly the bytes
+``packing.pack`` makes of the tensors that ``items`` yields (name and chosen encoding, in
+order). While their arrays come to less than ``STREAM_BYTES`` they are held and written in
+one go, as ``pack_parts`` gives them. Past that, each tensor's arrays go to the file as the
+tensor comes and are let go: memory holds the encodings of the tensors in flight, not the
+whole file's (on a large model, the file's size less). The header, which gives the data's
+size, is then written last: the data start where the header most likely ends (laid out for
+the data's size at the ratio the tensors so far were encoded at, and a document in
+proportion to their records), and in the rare case the real header is longer or shorter
+(its numbers have other digit counts, beyond what the padding to 8 bytes absorbs), the data
+are moved to where it ends before it is written.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import zlib
+from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+
+from ..files import reserve
+from .bits import element_size
+from .encodings import EncodedTensor
+from .errors import StorageError
+from .fileformat import VERSION
+from .packing import (
+    array_digest,
+    array_entry,
+    canonical_json,
+    checksum_of_entries,
+    document,
+    file_header,
+    needs_digest,
+    pack_parts,
+    tensor_record,
+)
+
+__all__ = ["write_container", "STREAM_BYTES"]
+
+#: encoded arrays held before the file is written array by array
+STREAM_BYTES = 64 << 20
+#: the file's blocks are reserved (``files.reserve``) at least this many bytes ahead
+_RESERVE_STEP = 64 << 20
+#: bytes copied per step where the data move
+_MOVE_STEP = 4 << 20
+
+
+def write_container(f: BinaryIO, items: Iterable[tuple[str, EncodedTensor]], path: Path,
+                    raw_bytes: int, count: int) -> int:
+    """Write the container of ``items`` to ``f`` (at its start); returns its size in bytes.
+    ``path``: the file's name in errors; ``raw_bytes`` and ``count``: the tensors' own bytes
+    and their number (what the first header is laid out for)."""
+    records: list[dict] = []
+    held: dict[str, np.ndarray] = {}  # arrays not written yet, in the data's order
+    listed: dict[str, list] = {}  # every array's [dtype, count], in the data's order
+    entries: dict[str, Future | bytes] = {}  # streamed arrays' checksum entries
+    start = None  # where the data section starts, once the arrays go out as they come
+    written = reserved = held_bytes = raw_seen = 0
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as hashing:
+        for name, enc in items:
+            new: dict[str, np.ndarray] = {}
+            records.append(tensor_record(name, enc, new))
+            for key, a in new.items():
+                if key in listed:  # tensor_record checks within one tensor, this across
+                    raise StorageError(f"two tensors' arrays would share the key {key!r}; "
+                                       "rename one")
+                listed[key] = [a.dtype.str, int(a.size)]
+            held.update(new)
+            held_bytes += sum(a.nbytes for a in new.values())
+            raw_seen += math.prod(enc.shape) * element_size(enc.dtype)
+            if start is None and held_bytes >= STREAM_BYTES:
+                start = len(_first_header(records, held_bytes, raw_seen, raw_bytes, count))
+                f.seek(start)
+            if start is None:
+                continue
+            for key, a in held.items():
+                end = start + written + a.nbytes
+                if end > reserved:
+                    reserved = max(end, reserved + _RESERVE_STEP)
+                    f.flush()  # the reservation extends the file: nothing buffered past it
+                    reserve(f, reserved, path)
+                f.write(a.view(np.uint8))
+                written += a.nbytes
+                # a large array enters the checksum by its SHA-256, hashed beside the encoding
+                entries[key] = (hashing.submit(_entry, key, a) if needs_digest(a)
+                                else array_entry(key, a, None))
+            held.clear()
+        if start is None:  # it all fitted: the file in one go
+            parts = pack_parts(records, held)
+            reserve(f, sum(memoryview(p).nbytes for p in parts), path)
+            for part in parts:
+                f.write(part)
+            return sum(memoryview(p).nbytes for p in parts)
+        done = {k: e.result() if isinstance(e, Future) else e for k, e in entries.items()}
+    tensors = canonical_json(records)
+    body = document(tensors, [[k, *v] for k, v in listed.items()],
+                    checksum_of_entries(tensors, VERSION, done))
+    head = file_header(written, len(body))
+    f.flush()
+    if len(head) != start:
+        _move(f.fileno(), start, len(head), written)
+    f.seek(0)
+    f.write(head)
+    f.seek(len(head) + written)
+    f.write(body)
+    f.truncate()  # past the body: the reservation's rest, or what the data left moving down
+    return len(head) + written + len(body)
+
+
+def _first_header(records: list[dict], held_bytes: int, raw_seen: int, raw_bytes: int,
+                  count: int) -> bytes:
+    """The header the file will most likely need, from the tensors so far: the data's size
+    at the ratio of their encoded to their own bytes, the document's at their records' share
+    of it. Only the digit counts matter, and the padding to 8 bytes absorbs most of those."""
+    data = round(held_bytes * raw_bytes / max(raw_seen, 1))
+    doc = len(zlib.compress(canonical_json(records).encode(), 9)) * count // len(records)
+    return file_header(max(data, held_bytes), max(doc, 1))
+
+
+def _entry(key: str, a: np.ndarray) -> bytes:
+    return array_entry(key, a, array_digest(a))
+
+
+def _move(fd: int, src: int, dst: int, count: int) -> None:
+    """Move ``count`` bytes of the file from offset ``src`` to ``dst`` in steps: from the
+    front where they move down, from the back where they move up, so that no step overwrites
+    bytes still to be moved."""
+    steps = range(0, count, _MOVE_STEP)
+    for at in (steps if dst < src else reversed(steps)):
+        n = min(_MOVE_STEP, count - at)
+        chunk = os.pread(fd, n, src + at)
+        if len(chunk) != n:
+            raise StorageError(f"moving the data: read {len(chunk)} of {n} bytes")
+        os.pwrite(fd, chunk, dst + at)
