@@ -107,8 +107,8 @@ def checksum(tensors: list, arrays: Mapping[str, np.ndarray], version: int,
     keys = sorted(arrays)
     if version >= 4:
         digests = _array_digests(arrays, keys)
-        return checksum_of_entries(tensors_json, version, {
-            key: array_entry(key, arrays[key], digests.get(key)) for key in keys})
+        return _sha256_of(tensors_json, version,
+                          [array_entry(key, arrays[key], digests.get(key)) for key in keys])
     h = hashlib.sha256()
     small = [_text(FORMAT), _text(str(version)), _text(tensors_json)]
     for key in keys:  # versions 2 and 3: every array's bytes
@@ -127,20 +127,25 @@ def checksum(tensors: list, arrays: Mapping[str, np.ndarray], version: int,
 def checksum_of_entries(tensors_json: str, version: int, entries: Mapping[str, bytes]) -> str:
     """``checksum`` of a version 4+ file from each array's ``array_entry``, by key (in any
     order: they enter sorted by key)."""
-    h = hashlib.sha256(_text(FORMAT) + _text(str(version)) + _text(tensors_json))
-    for key in sorted(entries):
-        h.update(entries[key])
-    return h.hexdigest()
+    return _sha256_of(tensors_json, version, [entries[k] for k in sorted(entries)])
+
+
+def _sha256_of(tensors_json: str, version: int, entries: list[bytes]) -> str:
+    """The version 4+ checksum of the arrays' entries in the order of their keys."""
+    head = _text(FORMAT) + _text(str(version)) + _text(tensors_json)
+    return hashlib.sha256(b"".join([head, *entries])).hexdigest()
 
 
 def array_entry(key: str, a: np.ndarray, digest: bytes | None) -> bytes:
     """What one array adds to a version 4+ checksum: its key, dtype, shape and byte count, then
     its bytes where it has at most ``_SMALL_PART`` of them, else ``digest``, their SHA-256."""
     a = np.ascontiguousarray(a)
-    if needs_digest(a) and digest is None:
+    if a.nbytes <= _SMALL_PART:
+        return _entry_head(key, a) + a.tobytes()
+    if digest is None:
         raise StorageError(f"array {key!r}: {a.nbytes} bytes enter the checksum by their "
                            "SHA-256, and none was given")
-    return _entry_head(key, a) + (digest if needs_digest(a) else a.tobytes())
+    return _entry_head(key, a) + digest
 
 
 def needs_digest(a: np.ndarray) -> bool:
@@ -156,7 +161,9 @@ def array_digest(a: np.ndarray) -> bytes:
 def _entry_head(key: str, a: np.ndarray) -> bytes:
     """An array's key and layout (dtype, shape) as length-prefixed texts, then its byte count:
     every part length-prefixed, so parts cannot shift."""
-    return _text(key) + _text(f"{a.dtype.str}{a.shape}") + int(a.nbytes).to_bytes(8, "little")
+    name, layout = key.encode(), f"{a.dtype.str}{a.shape}".encode()
+    return b"".join((len(name).to_bytes(8, "little"), name, len(layout).to_bytes(8, "little"),
+                     layout, int(a.nbytes).to_bytes(8, "little")))
 
 
 def _text(t: str) -> bytes:

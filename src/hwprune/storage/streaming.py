@@ -1,16 +1,16 @@
 """Writing a container whose encoded arrays need not all be in memory at once.
 
-``write_container(f, items, path, raw_bytes)`` writes to the open file ``f`` exactly the bytes
-``packing.pack`` makes of the tensors that ``items`` yields (name and chosen encoding, in
-order). While their arrays come to less than ``STREAM_BYTES`` they are held and written in
-one go, as ``pack_parts`` gives them. Past that, each tensor's arrays go to the file as the
-tensor comes and are let go: memory holds the encodings of the tensors in flight, not the
-whole file's (on a large model, the file's size less). The header, which gives the data's
-size, is then written last: the data start where the header most likely ends (laid out for
-the data's size at the ratio the tensors so far were encoded at, and a document in
-proportion to their records), and in the rare case the real header is longer or shorter
-(its numbers have other digit counts, beyond what the padding to 8 bytes absorbs), the data
-are moved to where it ends before it is written.
+``write_container(f, items, path, raw_bytes, count)`` writes to the open file ``f`` exactly
+the bytes ``packing.pack`` makes of the tensors that ``items`` yields (name and chosen
+encoding, in order). While the tensors come to less than ``STREAM_BYTES`` their arrays are
+held and written in one go, as ``pack_parts`` gives them. Past that, each tensor's arrays go
+to the file as the tensor comes and are let go: memory holds the encodings of the tensors in
+flight, not the whole file's (on a large model, the file's size less). The header, which
+gives the data's size, is then written last: the data start where the header most likely
+ends (laid out for the data's size at the ratio the tensors so far were encoded at, and a
+document in proportion to their records), and in the rare case the real header is longer or
+shorter (its numbers have other digit counts, beyond what the padding to 8 bytes absorbs),
+the data are moved to where it ends before it is written.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import os
 import zlib
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 from typing import BinaryIO
 
@@ -44,7 +45,8 @@ from .packing import (
 
 __all__ = ["write_container", "STREAM_BYTES"]
 
-#: encoded arrays held before the file is written array by array
+#: tensors of this many bytes in all (their own size, which bounds their encodings') are
+#: held before the file is written array by array
 STREAM_BYTES = 64 << 20
 #: the file's blocks are reserved (``files.reserve``) at least this many bytes ahead
 _RESERVE_STEP = 64 << 20
@@ -59,27 +61,32 @@ def write_container(f: BinaryIO, items: Iterable[tuple[str, EncodedTensor]], pat
     and their number (what the first header is laid out for)."""
     records: list[dict] = []
     held: dict[str, np.ndarray] = {}  # arrays not written yet, in the data's order
-    listed: dict[str, list] = {}  # every array's [dtype, count], in the data's order
+    listed: dict[str, list] = {}  # once streaming: every array's [dtype, count], in order
     entries: dict[str, Future | bytes] = {}  # streamed arrays' checksum entries
     start = None  # where the data section starts, once the arrays go out as they come
-    written = reserved = held_bytes = raw_seen = 0
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as hashing:
+    written = reserved = raw_seen = 0
+    with ExitStack() as stack:  # the hashing threads, once the arrays are streamed
         for name, enc in items:
-            new: dict[str, np.ndarray] = {}
-            records.append(tensor_record(name, enc, new))
-            for key, a in new.items():
-                if key in listed:  # tensor_record checks within one tensor, this across
-                    raise StorageError(f"two tensors' arrays would share the key {key!r}; "
-                                       "rename one")
-                listed[key] = [a.dtype.str, int(a.size)]
-            held.update(new)
-            held_bytes += sum(a.nbytes for a in new.values())
-            raw_seen += math.prod(enc.shape) * element_size(enc.dtype)
-            if start is None and held_bytes >= STREAM_BYTES:
+            if start is None:  # held with the others: tensor_record finds a shared key
+                records.append(tensor_record(name, enc, held))
+                if raw_bytes < STREAM_BYTES:  # the whole file is held: nothing to count
+                    continue
+                # the tensors' own bytes bound their encodings' (and cost less to count)
+                raw_seen += math.prod(enc.shape) * element_size(enc.dtype)
+                if raw_seen < STREAM_BYTES:
+                    continue
+                held_bytes = sum(a.nbytes for a in held.values())
                 start = len(_first_header(records, held_bytes, raw_seen, raw_bytes, count))
                 f.seek(start)
-            if start is None:
-                continue
+                hashing = stack.enter_context(ThreadPoolExecutor(os.cpu_count() or 1))
+                listed = {k: [a.dtype.str, int(a.size)] for k, a in held.items()}
+            else:
+                records.append(tensor_record(name, enc, held))
+                for key, a in held.items():
+                    if key in listed:  # tensor_record checks within one tensor, this across
+                        raise StorageError(f"two tensors' arrays would share the key {key!r}; "
+                                           "rename one")
+                    listed[key] = [a.dtype.str, int(a.size)]
             for key, a in held.items():
                 end = start + written + a.nbytes
                 if end > reserved:
@@ -94,10 +101,11 @@ def write_container(f: BinaryIO, items: Iterable[tuple[str, EncodedTensor]], pat
             held.clear()
         if start is None:  # it all fitted: the file in one go
             parts = pack_parts(records, held)
-            reserve(f, sum(memoryview(p).nbytes for p in parts), path)
+            size = sum(memoryview(p).nbytes for p in parts)
+            reserve(f, size, path)
             for part in parts:
                 f.write(part)
-            return sum(memoryview(p).nbytes for p in parts)
+            return size
         done = {k: e.result() if isinstance(e, Future) else e for k, e in entries.items()}
     tensors = canonical_json(records)
     body = document(tensors, [[k, *v] for k, v in listed.items()],
