@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from hwprune.storage import container, packing, streaming
 from hwprune.storage.container import load, plan, save
@@ -81,6 +83,39 @@ def test_a_streamed_save_holds_a_few_tensors_not_the_file(tmp_path, monkeypatch)
     assert (tmp_path / "held.hwp").read_bytes() == (tmp_path / "streamed.hwp").read_bytes()
     assert peaks["held"] > 0.9 * size  # every encoding at once
     assert peaks["streamed"] < 0.35 * size  # a tensor or two of them at a time
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 10_000),
+       tensors=st.lists(st.tuples(st.integers(0, 8), st.integers(0, 80),
+                                  st.sampled_from([torch.float32, torch.float16, torch.bfloat16,
+                                                   torch.int32, torch.uint8, torch.float64]),
+                                  st.sampled_from([0.0, 0.5, 0.9, 1.0]), st.booleans()),
+                        min_size=0, max_size=6),
+       threshold=st.integers(0, 4_000))
+def test_any_state_streamed_from_any_point_is_the_planned_file(tmp_path, monkeypatch, seed,
+                                                               tensors, threshold):
+    # shapes (some empty), dtypes, sparsities and ties drawn at random; streaming starts
+    # wherever the threshold falls (or not at all)
+    monkeypatch.setattr(streaming, "STREAM_BYTES", threshold)
+    g = torch.Generator().manual_seed(seed)
+    state: dict[str, torch.Tensor] = {}
+    for i, (rows, cols, dtype, sparsity, tie) in enumerate(tensors):
+        if tie and state:
+            state[f"t{i}"] = next(iter(state.values()))  # tied to the first
+            continue
+        t = torch.randn(rows, cols, generator=g) * 50
+        t[torch.rand(rows, cols, generator=g) < sparsity] = 0
+        state[f"t{i}"] = t.to(dtype)
+    path = tmp_path / "m.hwp"
+    size = save(state, path)
+    data = path.read_bytes()
+    assert data == plan(state).data and size == len(data)
+    out = load(path)
+    assert list(out) == list(state)
+    for name, t in state.items():
+        assert out[name].dtype == t.dtype and torch.equal(out[name], t), name
 
 
 def test_an_error_mid_stream_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
