@@ -57,7 +57,7 @@ def test_data_move_where_the_first_header_guess_was_wrong(monkeypatch, guess, st
     moved = []
     real = streaming._move
     monkeypatch.setattr(streaming, "_move", lambda *a: (moved.append(a[1:]), real(*a)))
-    with tempfile.TemporaryFile("w+b") as f:  # a real file: the data move with pread/pwrite
+    with tempfile.TemporaryFile("w+b") as f:  # read and written, as atomic_file opens it
         size = streaming.write_container(f, container._encoded(state, {}, True),
                                          Path("m.hwp"), 1, len(state))
         f.seek(0)

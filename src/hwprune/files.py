@@ -30,9 +30,9 @@ def write_atomic(path: Path, data: bytes | Sequence[Any], sync: bool = True) -> 
 
 @contextmanager
 def atomic_file(path: Path, sync: bool = True) -> Iterator[BinaryIO]:
-    """A new file opened for writing beside ``path``, renamed over ``path`` when the block
-    ends without an error (flushed to the disk first where ``sync``), removed where it
-    raises: the old file or the new one, never a half-written one.
+    """A new file opened for writing (and reading) beside ``path``, renamed over ``path``
+    when the block ends without an error (flushed to the disk first where ``sync``), removed
+    where it raises: the old file or the new one, never a half-written one.
 
     A process killed mid-write (SIGKILL, power loss) leaves the temporary file
     (``.NAME.*.tmp``) behind; ``remove_stale_temporaries`` removes it."""
@@ -43,7 +43,7 @@ def atomic_file(path: Path, sync: bool = True) -> Iterator[BinaryIO]:
         raise type(err)(err.errno, f"cannot create a file in {path.parent} "
                         f"({err.strerror})", str(path)) from err
     try:
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(fd, "w+b") as f:  # readable too: a writer may move what it wrote
             yield f
             f.flush()
             if sync:

@@ -111,9 +111,8 @@ def write_container(f: BinaryIO, items: Iterable[tuple[str, EncodedTensor]], pat
     body = document(tensors, [[k, *v] for k, v in listed.items()],
                     checksum_of_entries(tensors, VERSION, done))
     head = file_header(written, len(body))
-    f.flush()
     if len(head) != start:
-        _move(f.fileno(), start, len(head), written)
+        _move(f, start, len(head), written)
     f.seek(0)
     f.write(head)
     f.seek(len(head) + written)
@@ -136,14 +135,16 @@ def _entry(key: str, a: np.ndarray) -> bytes:
     return array_entry(key, a, array_digest(a))
 
 
-def _move(fd: int, src: int, dst: int, count: int) -> None:
-    """Move ``count`` bytes of the file from offset ``src`` to ``dst`` in steps: from the
-    front where they move down, from the back where they move up, so that no step overwrites
-    bytes still to be moved."""
+def _move(f: BinaryIO, src: int, dst: int, count: int) -> None:
+    """Move ``count`` bytes of the file ``f`` (open for reading and writing) from offset
+    ``src`` to ``dst`` in steps: from the front where they move down, from the back where they
+    move up, so that no step overwrites bytes still to be moved."""
     steps = range(0, count, _MOVE_STEP)
     for at in (steps if dst < src else reversed(steps)):
         n = min(_MOVE_STEP, count - at)
-        chunk = os.pread(fd, n, src + at)
+        f.seek(src + at)
+        chunk = f.read(n)
         if len(chunk) != n:
             raise StorageError(f"moving the data: read {len(chunk)} of {n} bytes")
-        os.pwrite(fd, chunk, dst + at)
+        f.seek(dst + at)
+        f.write(chunk)
