@@ -140,7 +140,7 @@ def array_entry(key: str, a: np.ndarray, digest: bytes | None) -> bytes:
     """What one array adds to a version 4+ checksum: its key, dtype, shape and byte count, then
     its bytes where it has at most ``_SMALL_PART`` of them, else ``digest``, their SHA-256."""
     a = np.ascontiguousarray(a)
-    if a.nbytes <= _SMALL_PART:
+    if not needs_digest(a):
         return _entry_head(key, a) + a.tobytes()
     if digest is None:
         raise StorageError(f"array {key!r}: {a.nbytes} bytes enter the checksum by their "
@@ -161,9 +161,7 @@ def array_digest(a: np.ndarray) -> bytes:
 def _entry_head(key: str, a: np.ndarray) -> bytes:
     """An array's key and layout (dtype, shape) as length-prefixed texts, then its byte count:
     every part length-prefixed, so parts cannot shift."""
-    name, layout = key.encode(), f"{a.dtype.str}{a.shape}".encode()
-    return b"".join((len(name).to_bytes(8, "little"), name, len(layout).to_bytes(8, "little"),
-                     layout, int(a.nbytes).to_bytes(8, "little")))
+    return _text(key) + _text(f"{a.dtype.str}{a.shape}") + int(a.nbytes).to_bytes(8, "little")
 
 
 def _text(t: str) -> bytes:
