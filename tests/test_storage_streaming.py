@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import tempfile
 import tracemalloc
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,8 @@ from hypothesis import strategies as st
 
 from hwprune.storage import container, packing, streaming
 from hwprune.storage.container import load, plan, save
+from hwprune.storage.encodings import choose
+from hwprune.storage.errors import StorageError
 
 
 def mixed_state() -> dict[str, torch.Tensor]:
@@ -135,3 +138,15 @@ def test_an_error_mid_stream_leaves_the_old_file_and_no_temporary(tmp_path, monk
         save(state, path)
     assert path.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["m.hwp"]
+
+
+@pytest.mark.parametrize("threshold", [0, 1 << 40])
+def test_two_tensors_whose_arrays_share_a_key_are_refused_streamed_or_held(monkeypatch,
+                                                                           threshold):
+    # "a" + "b/values" and "a/b" + "values" join to the same key: refused, not overwritten
+    monkeypatch.setattr(streaming, "STREAM_BYTES", threshold)
+    one = choose(torch.randn(300))
+    clash = [("a", replace(one, payload={f"b/{k}": v for k, v in one.payload.items()})),
+             ("a/b", one)]
+    with tempfile.TemporaryFile("w+b") as f, pytest.raises(StorageError, match="share the key"):
+        streaming.write_container(f, iter(clash), Path("m.hwp"), 2400, 2)

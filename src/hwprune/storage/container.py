@@ -206,9 +206,8 @@ SAME_CHOICE_NUMEL = 1 << 12
 def _encoded(state: Mapping[str, Tensor], hints: Mapping[str, Hints],
              code_values: bool) -> Iterator[tuple[str, EncodedTensor]]:
     """(name, chosen encoding) of every tensor, in the state's order; a tied entry is an
-    alias of the first. The large tensors are chosen ahead in a thread pool, as many at a
-    time as it has threads, while the others are chosen in this thread: each choice depends
-    on its tensor alone, so the result is that of one after the other."""
+    alias of the first. The large tensors are chosen ahead in threads (``_in_order``): each
+    choice depends on its tensor alone, so the result is that of one after the other."""
     aliases = find_aliases(state)  # tied tensors: stored once
     # small tensors with the same bits and hints (BatchNorm's ones and zeros at
     # initialisation, tied copies) have the same choice: made once (in the calling thread:
@@ -228,36 +227,34 @@ def _encoded(state: Mapping[str, Tensor], hints: Mapping[str, Hints],
             seen[key] = enc
         return seen[key]
 
-    large = [n for n, t in state.items() if n not in aliases and t.numel() >= PARALLEL_NUMEL]
+    def one(name: str) -> EncodedTensor:
+        return alias_of(state[name], aliases[name]) if name in aliases else choose_one(name)
+
+    large = {n for n, t in state.items() if n not in aliases and t.numel() >= PARALLEL_NUMEL}
+    yield from _in_order(list(state), large, one)
+
+
+def _in_order(names: list[str], large: set[str], fn: Callable[[str], Any]
+              ) -> Iterator[tuple[str, Any]]:
+    """``(name, fn(name))`` of every name, in the order of ``names``: those in ``large``
+    computed ahead in a thread pool, as many at a time as it has threads (numpy, zlib and
+    zstd release the GIL on them), the others meanwhile in this thread."""
     workers = max(1, min(len(large), os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        queue, futures = iter(large), {}
+        queue, futures = (n for n in names if n in large), {}
 
-        def top_up() -> None:  # the next large tensors in order, up to one per thread
+        def top_up() -> None:  # the next large ones in order, up to one per thread
             while len(futures) < workers and (n := next(queue, None)) is not None:
-                futures[n] = pool.submit(choose_one, n)
+                futures[n] = pool.submit(fn, n)
 
         top_up()
-        for name in state:
-            if name in aliases:
-                yield name, alias_of(state[name], aliases[name])
-            elif name in futures:
-                enc = futures.pop(name).result()
+        for name in names:
+            if name in futures:
+                result = futures.pop(name).result()
                 top_up()
-                yield name, enc
             else:
-                yield name, choose_one(name)
-
-
-def _large_in_threads(names: list[str], large: set[str], fn: Callable[[str], Any]
-                      ) -> dict[str, Any]:
-    """``fn(name)`` of every name, in the order of ``names``: those in ``large`` in a thread
-    pool (numpy and zlib release the GIL on them), the others meanwhile in this thread."""
-    with ThreadPoolExecutor(max_workers=max(1, min(len(large), os.cpu_count() or 1))) as pool:
-        futures = {n: pool.submit(fn, n) for n in names if n in large}
-        done = {n: fn(n) for n in names if n not in futures}
-        done.update((n, future.result()) for n, future in futures.items())
-    return {n: done[n] for n in names}
+                result = fn(name)
+            yield name, result
 
 
 def _choose(t: Tensor, hint: Hints, code_values: bool) -> EncodedTensor:
@@ -392,7 +389,7 @@ def _decode_all(tensors: list, arrays: dict[str, np.ndarray]) -> dict[str, Tenso
         with _naming(rec["name"]):
             encoded[rec["name"]] = _record_encoding(rec, arrays, used)
     large = {n for n, e in encoded.items() if math.prod(e.shape) >= PARALLEL_NUMEL}
-    out = _large_in_threads(list(encoded), large, lambda n: _decode_one(n, encoded[n]))
+    out = dict(_in_order(list(encoded), large, lambda n: _decode_one(n, encoded[n])))
     if used != set(arrays):
         raise StorageError("arrays and tensor records do not match")
     # tied entries are one tensor again, as torch.load gives them; in the order saved

@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import zlib
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -24,7 +24,7 @@ from .fileformat import DATA_KEY, DOC_KEY, FORMAT, META_KEY, VERSION
 
 __all__ = ["pack", "pack_parts", "tensor_record", "checksum", "canonical_json", "document",
            "file_header", "checksum_of_entries", "array_entry", "array_digest",
-           "needs_digest"]
+           "needs_digest", "check_key_free"]
 
 
 def pack(records: list[dict[str, Any]], arrays: Mapping[str, np.ndarray],
@@ -58,14 +58,13 @@ def document(tensors_json: str, listed: list, digest: str) -> bytes:
     return zlib.compress(text.encode(), 9)
 
 
-def file_header(data_bytes: int, doc_bytes: int, version: int = VERSION) -> bytes:
-    """The file's first bytes (the header's length, then the header) before ``data_bytes`` of
+def file_header(size: int, doc_bytes: int, version: int = VERSION) -> bytes:
+    """The file's first bytes (the header's length, then the header) before ``size`` bytes of
     arrays and a document of ``doc_bytes``: the safetensors file of two uint8 arrays, as
     safetensors writes it (its header: metadata first, then the arrays by name, offsets in
     that order; padded with spaces to 8 bytes), so that the arrays themselves can follow as
     they are, with no concatenation. One metadata key: safetensors writes a multi-key map in
     no fixed order."""
-    size = data_bytes
     header = json.dumps({
         "__metadata__": {META_KEY: canonical_json({"format": FORMAT, "version": version})},
         DATA_KEY: {"dtype": "U8", "shape": [size], "data_offsets": [0, size]},
@@ -83,12 +82,18 @@ def tensor_record(name: str, enc: EncodedTensor,
     for role, group in (("payload", enc.payload), ("index", enc.index)):
         for arr_name, arr in group.items():
             key = f"{name}/{arr_name}"
-            if key in arrays:
-                raise StorageError(f"two tensors' arrays would share the key {key!r}; rename one")
+            check_key_free(key, arrays)
             arrays[key] = np.ascontiguousarray(arr).reshape(-1)
             keys[role].append(arr_name)
     return {"name": name, "encoding": enc.encoding, "dtype": dtype_name(enc.dtype),
             "shape": list(enc.shape), "meta": enc.meta, **keys}
+
+
+def check_key_free(key: str, taken: Container[str]) -> None:
+    """``StorageError`` where an array's key is taken already (two tensors' names and arrays
+    that join to the same key)."""
+    if key in taken:
+        raise StorageError(f"two tensors' arrays would share the key {key!r}; rename one")
 
 
 def checksum(tensors: list, arrays: Mapping[str, np.ndarray], version: int,

@@ -35,6 +35,7 @@ from .packing import (
     array_digest,
     array_entry,
     canonical_json,
+    check_key_free,
     checksum_of_entries,
     document,
     file_header,
@@ -82,16 +83,13 @@ def write_container(f: BinaryIO, items: Iterable[tuple[str, EncodedTensor]], pat
                 listed = {k: [a.dtype.str, int(a.size)] for k, a in held.items()}
             else:
                 records.append(tensor_record(name, enc, held))
-                for key, a in held.items():
-                    if key in listed:  # tensor_record checks within one tensor, this across
-                        raise StorageError(f"two tensors' arrays would share the key {key!r}; "
-                                           "rename one")
+                for key, a in held.items():  # tensor_record checks within one tensor
+                    check_key_free(key, listed)
                     listed[key] = [a.dtype.str, int(a.size)]
             for key, a in held.items():
                 end = start + written + a.nbytes
                 if end > reserved:
                     reserved = max(end, reserved + _RESERVE_STEP)
-                    f.flush()  # the reservation extends the file: nothing buffered past it
                     reserve(f, reserved, path)
                 f.write(a.view(np.uint8))
                 written += a.nbytes
