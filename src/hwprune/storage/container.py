@@ -206,7 +206,8 @@ SAME_CHOICE_NUMEL = 1 << 12
 def _encoded(state: Mapping[str, Tensor], hints: Mapping[str, Hints],
              code_values: bool) -> Iterator[tuple[str, EncodedTensor]]:
     """(name, chosen encoding) of every tensor, in the state's order; a tied entry is an
-    alias of the first. The large tensors are chosen ahead in threads (``_in_order``): each
+    alias of the first. The large tensors are chosen ahead in threads, one waiting per
+    thread at most (``_in_order``, bounded: a streamed save lets each go once written): each
     choice depends on its tensor alone, so the result is that of one after the other."""
     aliases = find_aliases(state)  # tied tensors: stored once
     # small tensors with the same bits and hints (BatchNorm's ones and zeros at
@@ -231,20 +232,23 @@ def _encoded(state: Mapping[str, Tensor], hints: Mapping[str, Hints],
         return alias_of(state[name], aliases[name]) if name in aliases else choose_one(name)
 
     large = {n for n, t in state.items() if n not in aliases and t.numel() >= PARALLEL_NUMEL}
-    yield from _in_order(list(state), large, one)
+    yield from _in_order(list(state), large, one, bounded=True)
 
 
-def _in_order(names: list[str], large: set[str], fn: Callable[[str], Any]
-              ) -> Iterator[tuple[str, Any]]:
+def _in_order(names: list[str], large: set[str], fn: Callable[[str], Any],
+              bounded: bool = False) -> Iterator[tuple[str, Any]]:
     """``(name, fn(name))`` of every name, in the order of ``names``: those in ``large``
-    computed ahead in a thread pool, as many at a time as it has threads (numpy, zlib and
-    zstd release the GIL on them), the others meanwhile in this thread."""
+    computed ahead in a thread pool (numpy, zlib and zstd release the GIL on them), the
+    others meanwhile in this thread. ``bounded``: at most one large result per thread waits
+    ahead (what a caller that lets each result go before the next keeps in memory); else
+    every large one is queued at once, so that no thread idles while an earlier one runs."""
     workers = max(1, min(len(large), os.cpu_count() or 1))
+    ahead = workers if bounded else len(large)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         queue, futures = (n for n in names if n in large), {}
 
-        def top_up() -> None:  # the next large ones in order, up to one per thread
-            while len(futures) < workers and (n := next(queue, None)) is not None:
+        def top_up() -> None:  # the next large ones in order
+            while len(futures) < ahead and (n := next(queue, None)) is not None:
                 futures[n] = pool.submit(fn, n)
 
         top_up()
