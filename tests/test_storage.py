@@ -683,6 +683,23 @@ def test_a_flipped_byte_is_always_refused(small_files, compress, where, flip):
         load(path)
 
 
+def test_every_byte_flip_of_the_header_is_refused(small_files):
+    # found by hypothesis: a padding space of the safetensors header flipped to a tab, a
+    # newline or a carriage return parsed the same and was not refused (the checksum does not
+    # cover the header); the flips that keep ASCII whitespace, and a low and a high bit
+    d, files = small_files
+    data = files[None]
+    path = d / "bad_header.hwp"
+    end = 8 + int.from_bytes(data[:8], "little")
+    for i in range(end):
+        for flip in (0x29, 0x2A, 0x2D, 1, 128):
+            bad = bytearray(data)
+            bad[i] ^= flip
+            path.write_bytes(bytes(bad))
+            with pytest.raises(StorageError):
+                load(path)
+
+
 def test_every_byte_flip_of_the_compressed_header_is_refused(small_files):
     # the uncompressed length field lies outside the body's checksum (found by hypothesis:
     # a flipped top bit made zlib raise OverflowError instead of the container's error)
