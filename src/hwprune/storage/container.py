@@ -109,7 +109,7 @@ from .fileformat import (
     VERSION,
     WRAPPER_VERSION,
 )
-from .packing import checksum, file_header, pack, pack_parts, tensor_record
+from .packing import checksum, pack, pack_parts, tensor_record
 from .reading import (
     check_max_bytes,
     check_records,
@@ -318,13 +318,6 @@ def _read(path: str | os.PathLike, max_bytes: int) -> tuple[list, dict[str, np.n
             raise StorageError("the data section does not match the arrays it declares")
         doc, arrays = header.meta, stored
     else:  # the arrays are views of the file's bytes: no copy of the whole file
-        # the header must be the very one its two arrays' sizes make: the checksum does not
-        # cover it, and a byte of its padding turned into other whitespace parses the same
-        size, doc_size = (end - start for start, end in (
-            header.entries[key]["data_offsets"] for key in (DATA_KEY, DOC_KEY)))
-        if data[: PREFIX_SIZE + header.length] != file_header(size, doc_size, header.version):
-            raise StorageError("not an intact hwprune file: its header differs from the one "
-                               "its arrays' sizes make")
         doc, arrays = unpack(cut_arrays(data, header), max_bytes)
     del data
     tensors = doc["tensors"]

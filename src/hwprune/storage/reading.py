@@ -171,7 +171,12 @@ def parse_header(data: bytes) -> Header:
     (length,) = struct.unpack_from("<Q", data)
     if length > len(data) - PREFIX_SIZE:
         raise StorageError("not an intact hwprune file: the header runs past the end (truncated?)")
-    entries = parse_json(data[PREFIX_SIZE: PREFIX_SIZE + length], "the safetensors header")
+    raw = bytes(data[PREFIX_SIZE: PREFIX_SIZE + length])
+    # safetensors pads the JSON with spaces alone: a padding byte turned into other whitespace
+    # (a flip the checksum, which does not cover the header, cannot see) would parse the same
+    if not raw.rstrip(b" ").endswith(b"}"):
+        raise StorageError("not an intact hwprune file: the header's padding is not spaces")
+    entries = parse_json(raw, "the safetensors header")
     metadata = entries.pop("__metadata__", None) if isinstance(entries, dict) else None
     text = metadata.get(META_KEY) if isinstance(metadata, dict) else None
     if not isinstance(text, str):
