@@ -4,7 +4,8 @@
 exact tensors: same names (in order), dtypes, shapes and bits. The file is a safetensors file, so
 it holds only arrays and strings: nothing in it is ever unpickled or executed. Any damage (a
 flipped byte, a truncation, trailing bytes, a foreign file) raises ``StorageError`` before a
-single tensor is returned.
+single tensor is returned; the one flip that loads changes nothing (the padding bits of the
+document's last deflate byte, which zlib ignores).
 
 File layout, uncompressed (the default): a safetensors file with two uint8 arrays.
 
