@@ -35,3 +35,17 @@ def test_export_check_is_relative_to_the_output_scale(fmt):
     hp.export_model(LargeDrifting(), x, format=fmt)  # relative drift 1e-6 < RTOL: passes
     with pytest.raises(ExportError, match="output scale"):
         hp.export_model(LargeDrifting(), x, format=fmt, rtol=1e-9)
+
+
+@pytest.mark.parametrize("fmt,suffix", [("torch.export", "pt2"), ("torchscript", "pt")])
+def test_a_program_that_fails_its_check_leaves_no_file(tmp_path, fmt, suffix):
+    x = torch.randn(2, 4)
+    path = tmp_path / f"m.{suffix}"
+    path.write_bytes(b"the old file")  # an earlier program under that name stays as it was
+    with pytest.raises(ExportError, match="output scale"):
+        hp.export_model(LargeDrifting(), x, path, format=fmt, rtol=1e-9)
+    assert path.read_bytes() == b"the old file"
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file either
+    hp.export_model(LargeDrifting(), x, path, format=fmt)  # a good one replaces it
+    assert path.read_bytes() != b"the old file"
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]

@@ -36,18 +36,32 @@ def atomic_file(path: Path, sync: bool = True) -> Iterator[BinaryIO]:
 
     A process killed mid-write (SIGKILL, power loss) leaves the temporary file
     (``.NAME.*.tmp``) behind; ``remove_stale_temporaries`` removes it."""
+    # readable too: a writer may move what it wrote
+    with atomic_path(path) as tmp, open(tmp, "r+b") as f:
+        yield f
+        f.flush()
+        if sync:
+            os.fsync(f.fileno())
+
+
+@contextmanager
+def atomic_path(path: Path, keep_suffix: bool = False) -> Iterator[Path]:
+    """The path of a new, empty temporary file beside ``path``, for a writer that takes a
+    path: renamed over ``path`` when the block ends without an error, removed where it raises
+    (what ``atomic_file`` writes through). ``keep_suffix``: the temporary name ends in
+    ``path``'s suffix too, for writers that read the format from it."""
+    path = Path(path)
     check_file_path(path)
+    suffix = _TMP + (path.suffix if keep_suffix else "")
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TMP, dir=path.parent or ".")
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix,
+                                   dir=path.parent or ".")
     except OSError as err:  # the folder takes no new file: say so with the user's path
         raise type(err)(err.errno, f"cannot create a file in {path.parent} "
                         f"({err.strerror})", str(path)) from err
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w+b") as f:  # readable too: a writer may move what it wrote
-            yield f
-            f.flush()
-            if sync:
-                os.fsync(f.fileno())
+        yield Path(tmp)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
@@ -86,9 +100,10 @@ def check_file_path(path: Path) -> None:
 
 
 def remove_stale_temporaries(path: Path) -> list[Path]:
-    """Remove the temporary files ``write_atomic(path, ...)`` left behind when its process was
-    killed mid-write; returns them. Call it only when no write to ``path`` is in progress."""
-    stale = sorted(Path(path).parent.glob(f".{glob.escape(Path(path).name)}.*{_TMP}"))
+    """Remove the temporary files this module's writers (``write_atomic``, ``atomic_file``,
+    ``atomic_path``) left behind for ``path`` when their process was killed mid-write;
+    returns them. Call it only when no write to ``path`` is in progress."""
+    stale = sorted(Path(path).parent.glob(f".{glob.escape(Path(path).name)}.*{_TMP}*"))
     for tmp in stale:
         with suppress(FileNotFoundError):
             tmp.unlink()

@@ -1,12 +1,12 @@
 """Export a (shrunk) model to a deployable program: ``torch.export``, TorchScript or ONNX.
 
 ``export_model(model, example_inputs, path, format=...)`` traces the model in eval mode, writes
-it to ``path`` when given, loads the written file back and checks its outputs against the
-model's on ``example_inputs``, so a file that would compute something else is never left
-behind silently. ONNX needs the optional extra ``pip install "hwprune[onnx]"`` (the ``onnx``
-and ``onnxscript`` packages that ``torch.onnx.export`` uses); the check of an ONNX file runs
-it with ``onnxruntime`` where that is installed, and otherwise validates it with
-``onnx.checker``.
+it beside ``path`` when given, loads the written file back and checks its outputs against the
+model's on ``example_inputs``, and renames it to ``path`` only when they match, so a file that
+would compute something else is never left behind. ONNX needs the optional extra
+``pip install "hwprune[onnx]"`` (the ``onnx`` and ``onnxscript`` packages that
+``torch.onnx.export`` uses); the check of an ONNX file runs it with ``onnxruntime`` where that
+is installed, and otherwise validates it with ``onnx.checker``.
 """
 
 from __future__ import annotations
@@ -14,12 +14,14 @@ from __future__ import annotations
 import copy
 import importlib.util
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, HwpruneError
+from ..files import atomic_path
 from .verify import ATOL, RTOL, compare_outputs, flat_outputs
 
 __all__ = ["EXPORT_FORMATS", "ExportError", "export_model"]
@@ -48,7 +50,8 @@ def export_model(model: nn.Module, example_inputs: Any, path: str | os.PathLike 
         model: any traceable model, e.g. the output of ``hp.shrink``; not modified.
         example_inputs: a tensor or a tuple of positional inputs.
         path: where to write the program (``.pt2`` for torch.export, ``.pt`` for TorchScript,
-            ``.onnx``); required for ONNX. The written file is loaded back and checked.
+            ``.onnx``); required for ONNX. The program is written beside it, loaded back and
+            checked, and only then renamed to ``path``: a failed check leaves no file.
         format: ``"torch.export"`` (default; an ``ExportedProgram``), ``"torchscript"`` (a
             traced ``ScriptModule``) or ``"onnx"``.
         rtol, atol: tolerance of the check on every output: max |difference| <= rtol * the
@@ -63,6 +66,20 @@ def export_model(model: nn.Module, example_inputs: Any, path: str | os.PathLike 
     model = copy.deepcopy(model).eval()
     with torch.no_grad():
         ref = flat_outputs(model(*args))
+    if path is None:
+        return _export(model, args, ref, None, format, rtol, atol)
+    if format == "onnx":
+        _onnx_packages()  # before a temporary file is made
+    # written beside ``path``, read back and checked there, then renamed: a program whose
+    # check fails is never left under the name asked for
+    with atomic_path(Path(path), keep_suffix=True) as tmp:
+        result = _export(model, args, ref, tmp, format, rtol, atol)
+    return os.fspath(path) if format == "onnx" else result
+
+
+def _export(model: nn.Module, args: tuple, ref: list[Tensor], path: Path | None, format: str,
+            rtol: float, atol: float) -> Any:
+    """``export_model``'s program, written to ``path`` (where given), loaded back and checked."""
     try:
         if format == "torch.export":
             program = torch.export.export(model, args)
@@ -88,12 +105,17 @@ def export_model(model: nn.Module, example_inputs: Any, path: str | os.PathLike 
         raise ExportError(f"{format} export of {type(model).__name__} failed: {e}") from e
 
 
-def _onnx(model: nn.Module, args: tuple, ref: list[Tensor], path: Any, rtol: float,
-          atol: float) -> str:
+def _onnx_packages() -> None:
+    """``ConfigError`` naming the optional packages ONNX export needs, where one is missing."""
     missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
     if missing:
         raise ConfigError(f"ONNX export needs the optional packages {missing}: "
                           'pip install "hwprune[onnx]"')
+
+
+def _onnx(model: nn.Module, args: tuple, ref: list[Tensor], path: Any, rtol: float,
+          atol: float) -> str:
+    _onnx_packages()
     if path is None:
         raise ConfigError("ONNX export writes a file: give path=")
     path = os.fspath(path)
