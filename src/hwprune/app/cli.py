@@ -6,6 +6,8 @@ once, pruned by each registered method, finalized, shrunk, saved, timed; one tab
 checkpoints and results in an output folder (see ``hwprune.app.runner``, docs/cli.md).
 ``hwprune compare RUN_DIR ...``: one table and one plot from several run folders.
 ``hwprune methods``: the registered methods, their structures, recipes and docs pages.
+``hwprune report CKPT``, ``hwprune shrink CKPT``, ``hwprune export CKPT``: the report, the
+shrunk tensors and a deployable program of a run folder or a saved file.
 Bad arguments get one clear line naming the field and the allowed values, never a traceback.
 """
 
@@ -66,9 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     listing = sub.add_parser("methods", help="list the methods: structures, recipe, docs page")
     listing.set_defaults(func=_cmd_methods)
     _add_run_parsers(sub)
+    from .cli_deploy import add_deploy_parsers  # hwprune shrink / export CKPT
     from .cli_report import add_report_parser  # hwprune report CKPT
 
     add_report_parser(sub)
+    add_deploy_parsers(sub)
     return parser
 
 

@@ -23,18 +23,14 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-import torch
 from rich.console import Console
-from torch import Tensor, nn
+from torch import Tensor
 
-from ..errors import ConfigError
 from ..report.measure import Report, report, report_state_dict, weights_of
 from .outputs import output_file, output_folder
+from .rebuild import load_saved
 
 __all__ = ["add_report_parser", "load_report"]
-
-#: the first bytes of a torch.save file (a zip archive): a run checkpoint, not an .hwp file
-_ZIP = b"PK\x03\x04"
 
 
 def add_report_parser(sub: argparse._SubParsersAction) -> None:
@@ -85,77 +81,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 def load_report(ckpt: str | Path, model: str | None = None, input_shape: str = "3,32,32"
                 ) -> tuple[Report, dict[str, Tensor], list[dict[str, Any]] | None]:
     """(report, {row name: weight}, method history or None) of CKPT (see the module doc)."""
-    path = Path(ckpt)
-    if path.is_dir():
-        if not (path / "checkpoint.pt").is_file():
-            raise ConfigError(f"report: {path} is a folder without checkpoint.pt; allowed: a "
-                              "run folder of 'hwprune run', its checkpoint.pt, or a .hwp file")
-        return _from_run(path / "checkpoint.pt")
-    if not path.is_file():
-        what = "is not a regular file" if path.exists() else "does not exist"
-        raise ConfigError(f"report: {path} {what}; allowed: a .hwp file, a run folder "
-                          "or its checkpoint.pt")
-    with path.open("rb") as f:
-        is_checkpoint = f.read(len(_ZIP)) == _ZIP
-    if is_checkpoint:
-        if model is not None:
-            raise ConfigError("report: --model applies to .hwp files; a run checkpoint names "
-                              "its model in the run's recipe.yaml")
-        return _from_run(path)
-    from ..storage import load
-
-    state = load(path)  # StorageError (one line) for anything but an intact hwprune file
-    if model is None:
-        rep = report_state_dict(state, name=path.name)
-        return rep, {r.name: state[r.name] for r in rep.rows}, None
-    net = _zoo_model(model, state)
-    example = torch.zeros(1, *_shape(input_shape))
-    return report(net, example, name=f"{path.name} ({model})"), weights_of(net), None
-
-
-def _shape(text: str) -> tuple[int, ...]:
-    try:
-        shape = tuple(int(s) for s in text.split(","))
-    except ValueError:
-        shape = ()
-    if not shape or min(shape) < 1:
-        raise ConfigError(f"report: --input-shape must be positive ints separated by commas "
-                          f"(e.g. 3,32,32); got {text!r}")
-    return shape
-
-
-def _zoo_model(name: str, state: dict[str, Tensor]) -> nn.Module:
-    from ..models import MODELS
-
-    if name not in MODELS:
-        raise ConfigError(f"report: --model {name!r} is not a zoo model; allowed: "
-                          f"{', '.join(sorted(MODELS))}")
-    net = MODELS[name]()
-    mine = net.state_dict()
-    bad = sorted(set(mine) ^ set(state)) + sorted(
-        k for k in set(mine) & set(state) if mine[k].shape != state[k].shape)
-    if bad:
-        raise ConfigError(f"report: the file's tensors do not fit --model {name} (default "
-                          f"arguments; a shrunk model has other shapes): {', '.join(bad[:4])}"
-                          f"{', ...' if len(bad) > 4 else ''}")
-    net.load_state_dict(state)
-    return net.eval()
-
-
-def _from_run(checkpoint: Path) -> tuple[Report, dict[str, Tensor], list[dict[str, Any]] | None]:
-    """Rebuild a run from its folder's recipe.yaml and ``checkpoint`` (data and model as the
-    recipe says; nothing is trained or written) and report its model as it stands."""
-    from .checkpoint import load_checkpoint
-    from .recipe import load_recipe
-    from .runner import Run
-
-    recipe = checkpoint.parent / "recipe.yaml"
-    if not recipe.is_file():
-        raise ConfigError(f"report: {checkpoint} has no recipe.yaml beside it; a run "
-                          "checkpoint is read together with the recipe of its run folder")
-    state = load_checkpoint(checkpoint)
-    run = Run(load_recipe(str(recipe)), console=Console(quiet=True))
-    run.restore(state)
-    rep = report(run.model, run.example, pruner=run.pruner, name=run.cfg["name"])
-    history = getattr(run.pruner, "history", None)
-    return rep, weights_of(run.model), history
+    saved = load_saved(ckpt, "report", model, input_shape)
+    if saved.run is not None:
+        run = saved.run
+        rep = report(run.model, run.example, pruner=run.pruner, name=saved.name)
+        return rep, weights_of(run.model), getattr(run.pruner, "history", None)
+    if saved.model is None:
+        rep = report_state_dict(saved.state, name=saved.name)
+        return rep, {r.name: saved.state[r.name] for r in rep.rows}, None
+    return report(saved.model, saved.example, name=saved.name), weights_of(saved.model), None

@@ -18,7 +18,7 @@ from .build import new_model
 from .loop import TrainingLoop
 from .outdir import write_json
 
-__all__ = ["finish", "latencies_ms"]
+__all__ = ["finish", "final_model", "deployable_model", "shrunk_and_folded", "latencies_ms"]
 
 #: the report's totals that summary.json repeats (its pruning and compression ratios are
 #: computed against the dense model instead, see ``finish``)
@@ -30,13 +30,9 @@ def finish(loop: TrainingLoop, out: Path, info: dict[str, Any], console: Console
            ) -> dict[str, Any]:
     """Finish the trained run in ``loop`` as ``cfg["end"]`` says; write the results into
     ``out`` and return the summary (``info`` is added to it)."""
-    cfg, pruner, model, example = loop.cfg, loop.pruner, loop.model, loop.parts.example
+    cfg, pruner, example = loop.cfg, loop.pruner, loop.parts.example
     end, plan = cfg["end"], loop.plan
-    if pruner is not None and end["finalize"]:
-        pruner.finalize()
-    if end["recalibrate_bn"]:
-        batches = ((x, y) for _, x, y in plan.batches(plan.total_epochs, 0))
-        recalibrate_batchnorm(model, batches, end["recalibrate_bn"])
+    model = final_model(loop, end["finalize"])
     test_loss, accuracy = loop.evaluate(model)
     model.eval()
     deployable = deployable_model(model, example, end)
@@ -78,16 +74,39 @@ def finish(loop: TrainingLoop, out: Path, info: dict[str, Any], console: Console
     return summary
 
 
+def final_model(loop: TrainingLoop, finalize: bool) -> nn.Module:
+    """The trained model as the run ends it, in place: finalized where ``finalize`` (and there
+    is a pruner), its BatchNorm statistics re-estimated where the recipe's
+    ``end.recalibrate_bn`` says (on the run's own seeded batches)."""
+    end, plan, model = loop.cfg["end"], loop.plan, loop.model
+    if loop.pruner is not None and finalize:
+        loop.pruner.finalize()
+    if end["recalibrate_bn"]:
+        batches = ((x, y) for _, x, y in plan.batches(plan.total_epochs, 0))
+        recalibrate_batchnorm(model, batches, end["recalibrate_bn"])
+    return model
+
+
 def deployable_model(model: nn.Module, example: Tensor, end: dict[str, Any]) -> nn.Module:
     """``model`` (eval mode), shrunk and/or with BatchNorm folded as ``end`` says."""
-    from ..deploy import fold_batchnorm, shrink
+    return shrunk_and_folded(model, example, end["shrink"], end["fold_batchnorm"])[0]
 
-    deployable = model
-    if end["shrink"]:
-        deployable = shrink(model, example)
-    if end["fold_batchnorm"]:  # inference BatchNorm into the layer before it
+
+def shrunk_and_folded(model: nn.Module, example: Tensor, shrink: bool, fold: bool
+                      ) -> tuple[nn.Module, Any]:
+    """``model`` shrunk (``hwprune.shrink``) and/or with its inference BatchNorm folded into
+    the layer before it (``hwprune.fold_batchnorm``), and the ``ShrinkResult`` (None where
+    not shrunk)."""
+    from ..deploy import fold_batchnorm
+    from ..deploy import shrink as shrink_model
+
+    deployable, result = model, None
+    if shrink:
+        result = shrink_model(model, example, return_result=True)
+        deployable = result.model
+    if fold:
         deployable = fold_batchnorm(deployable, example)
-    return deployable
+    return deployable, result
 
 
 def _plots(folder: Path, rep: Any, deployable: nn.Module, loop: TrainingLoop,

@@ -1,0 +1,117 @@
+"""``hwprune shrink CKPT`` and ``hwprune export CKPT``: the deployable model of saved work.
+
+CKPT is a run folder of ``hwprune run`` (or its ``checkpoint.pt``), or a file ``hwprune.save``
+wrote together with ``--model NAME``, the zoo model it belongs to (``hwprune.app.rebuild``).
+A run is rebuilt from its recipe and checkpoint and ended as the run ends it: the pruner
+finalized, BatchNorm re-estimated where the recipe's ``end.recalibrate_bn`` says. Then:
+
+* ``shrink`` removes the channels, filters and layers that are entirely zero
+  (``hwprune.shrink``, verified on the example inputs), optionally folds inference BatchNorm
+  (``--fold-batchnorm``), prints what changed and writes the tensors with ``hwprune.save``.
+  A run whose recipe had ``end.shrink: true`` and the same ``fold_batchnorm`` saved these very
+  tensors as its ``model.hwp``.
+* ``export`` does the same (``--no-shrink``: not shrunk) and writes a program that carries the
+  architecture too (``hwprune.export_model``: torch.export ``.pt2``, TorchScript ``.pt`` or
+  ONNX ``.onnx``, by ``--format`` or the file's suffix), traced at the example's batch size,
+  read back and checked against the model before it takes the name ``--out``.
+
+Errors are one line (``hwprune: error:``), and ``--out`` is checked before any work.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from .outputs import output_file
+from .rebuild import load_saved
+
+__all__ = ["add_deploy_parsers", "SUFFIX_FORMATS"]
+
+#: the file suffixes ``export`` reads a format from
+SUFFIX_FORMATS = {".pt2": "torch.export", ".pt": "torchscript", ".onnx": "onnx"}
+
+
+def add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
+    shrink = sub.add_parser("shrink", help="the shrunk model of a run or a saved file, "
+                                           "written with hwprune.save")
+    _common(shrink, "the file to write (hwprune.save's format, e.g. model.hwp)")
+    shrink.set_defaults(func=cmd_shrink)
+    export = sub.add_parser("export", help="a run's or a saved file's model, shrunk, as a "
+                                           "torch.export, TorchScript or ONNX program")
+    _common(export, "the program to write: .pt2 (torch.export), .pt (TorchScript) or .onnx")
+    export.add_argument("--format", choices=sorted(set(SUFFIX_FORMATS.values())),
+                        help="the program's format (default: from the suffix of --out)")
+    export.add_argument("--no-shrink", action="store_true",
+                        help="export the finalized model as it is, without shrinking it")
+    export.set_defaults(func=cmd_export)
+
+
+def _common(p: argparse.ArgumentParser, out_help: str) -> None:
+    p.add_argument("ckpt", metavar="CKPT", help="a run folder of 'hwprune run', its "
+                                                "checkpoint.pt, or a file hwprune.save wrote "
+                                                "(with --model)")
+    p.add_argument("--out", required=True, metavar="FILE", help=out_help)
+    p.add_argument("--fold-batchnorm", action="store_true",
+                   help="fold inference BatchNorm into the conv or linear layer before it")
+    p.add_argument("--model", metavar="NAME",
+                   help="for an .hwp file: the zoo model its tensors belong to")
+    p.add_argument("--input-shape", metavar="SHAPE", default="3,32,32",
+                   help="with --model: one example's shape, comma-separated (default 3,32,32)")
+
+
+def cmd_shrink(args: argparse.Namespace) -> int:
+    out = output_file("shrink --out", args.out)
+    deployable, _, lines = deployable_of(args, "shrink", shrink=True)
+    from ..storage import save
+
+    size = save(deployable, out)
+    print("\n".join([*lines, f"wrote {out} ({size:,} B, hwprune.save; its tensors have the "
+                              "shrunk model's shapes: 'hwprune export' writes a program that "
+                              "carries the architecture too)"]))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    out = output_file("export --out", args.out)
+    fmt = args.format or SUFFIX_FORMATS.get(out.suffix)
+    if fmt is None:
+        raise ConfigError(f"export: cannot tell the format of {out.name!r} from its suffix; "
+                          f"allowed: {', '.join(SUFFIX_FORMATS)}, or give --format")
+    deployable, example, lines = deployable_of(args, "export", shrink=not args.no_shrink)
+    from ..deploy import export_model
+
+    export_model(deployable, example, out, format=fmt)
+    print("\n".join([*lines, f"wrote {out} ({fmt}, {out.stat().st_size:,} B), traced at batch "
+                              f"{example.shape[0]}; read back, its outputs match the model's "
+                              "on the example inputs"]))
+    return 0
+
+
+def deployable_of(args: argparse.Namespace, command: str, shrink: bool
+                  ) -> tuple[nn.Module, Tensor, list[str]]:
+    """The deployable model of ``args.ckpt`` (finalized, shrunk where ``shrink``, BatchNorm
+    folded where ``args.fold_batchnorm``), the example inputs it was verified on, and the
+    lines that say what was done."""
+    from .finish import final_model, shrunk_and_folded
+
+    saved = load_saved(args.ckpt, command, args.model, args.input_shape)
+    if saved.model is None:
+        raise ConfigError(f"{command}: {args.ckpt} holds tensors alone; give --model NAME (the "
+                          "zoo model they belong to) or a run folder")
+    model, lines = saved.model, []
+    if saved.run is not None:
+        run = saved.run
+        model = final_model(run.loop, finalize=True)
+        pruner = run.pruner
+        lines.append(f"{saved.name}: " + (f"{type(pruner).__name__} {pruner.structure}, "
+                                          "finalized" if pruner is not None else "dense run"))
+    deployable, result = shrunk_and_folded(model.eval(), saved.example, shrink,
+                                           args.fold_batchnorm)
+    if result is not None:
+        lines += ["shrunk: " + result.summary()]
+    if args.fold_batchnorm:
+        lines.append("BatchNorm folded into the layers before it")
+    return deployable, saved.example, lines
