@@ -101,6 +101,14 @@ def _scenarios(root: Path) -> dict[str, tuple[list[str], list[str]]]:
                        ["--out a-file is a file, not a folder"]),
         "truncated checkpoint": (["report", "truncated"],
                                  ["truncated/checkpoint.pt", "the file is truncated"]),
+        "export under a file": (["export", "model.hwp", "--model", "small_cnn", "--out",
+                                 "a-file/m.pt2"], ["export --out a-file/m.pt2",
+                                                   "a-file is a file"]),
+        "shrink truncated checkpoint": (["shrink", "truncated", "--out", "s.hwp"],
+                                        ["truncated/checkpoint.pt", "the file is truncated"]),
+        "export another model's tensors": (["export", "model.hwp", "--model", "small_cnn",
+                                            "--out", "m.pt2"],
+                                           ["do not fit --model small_cnn"]),
     }
 
 
@@ -143,7 +151,8 @@ def assert_one_line(returncode, stderr, words):
 CASES = ["out under a file", "out under /proc", "out a file, force", "report plots a file",
          "report json under a file", "report json under /proc", "compare markdown a folder",
          "compare plot under a file", "binary recipe", "huge seed", "huge count",
-         "string accuracy", "resume without recipe.yaml", "out a file", "truncated checkpoint"]
+         "string accuracy", "resume without recipe.yaml", "out a file", "truncated checkpoint",
+         "export under a file", "shrink truncated checkpoint", "export another model's tensors"]
 
 
 @pytest.mark.parametrize("case", CASES)
