@@ -71,10 +71,15 @@ def test_export_of_a_run_carries_the_saved_weights_and_runs(run_folder, tmp_path
     for name, t in saved.items():  # the program holds exactly the tensors the run saved
         assert torch.equal(weights[name], t), name
     assert weights["conv2.0.weight"].shape[0] < 16  # shrunk: half the filters are gone
-    x = torch.rand(1, 1, 8, 8)  # traced at batch 1
+    x = torch.rand(3, 1, 8, 8)  # any batch size (the run's example has one)
     with torch.no_grad():
-        assert run(x).shape == (1, 10)
+        assert run(x).shape == (3, 10)
     assert not list(tmp_path.glob(".*"))  # no temporary file left
+    if suffix == "pt2":  # --static-batch: the example's batch size alone
+        static = tmp_path / "static.pt2"
+        assert main(["export", str(run_folder), "--out", str(static), "--static-batch"]) == 0
+        with pytest.raises(Exception, match="batch|size|shape|Expected"):
+            torch.export.load(str(static)).module()(x)
 
 
 def test_export_of_a_saved_file_with_its_zoo_model(tmp_path, capsys):

@@ -12,8 +12,9 @@ finalized, BatchNorm re-estimated where the recipe's ``end.recalibrate_bn`` says
   tensors as its ``model.hwp``.
 * ``export`` does the same (``--no-shrink``: not shrunk) and writes a program that carries the
   architecture too (``hwprune.export_model``: torch.export ``.pt2``, TorchScript ``.pt`` or
-  ONNX ``.onnx``, by ``--format`` or the file's suffix), traced at the example's batch size,
-  read back and checked against the model before it takes the name ``--out``.
+  ONNX ``.onnx``, by ``--format`` or the file's suffix) for any batch size
+  (``--static-batch``: the example's), read back and checked against the model (at two batch
+  sizes) before it takes the name ``--out``.
 
 Errors are one line (``hwprune: error:``), and ``--out`` is checked before any work.
 """
@@ -46,6 +47,9 @@ def add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
                         help="the program's format (default: from the suffix of --out)")
     export.add_argument("--no-shrink", action="store_true",
                         help="export the finalized model as it is, without shrinking it")
+    export.add_argument("--static-batch", action="store_true",
+                        help="fix the program's batch size at the example's (default: any "
+                             "batch size, checked at two)")
     export.set_defaults(func=cmd_export)
 
 
@@ -83,10 +87,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     deployable, example, lines = deployable_of(args, "export", shrink=not args.no_shrink)
     from ..deploy import export_model
 
-    export_model(deployable, example, out, format=fmt)
-    print("\n".join([*lines, f"wrote {out} ({fmt}, {out.stat().st_size:,} B), traced at batch "
-                              f"{example.shape[0]}; read back, its outputs match the model's "
-                              "on the example inputs"]))
+    export_model(deployable, example, out, format=fmt, dynamic_batch=not args.static_batch)
+    batch = (f"at batch {example.shape[0]}" if args.static_batch
+             else "for any batch size (checked at two)")
+    print("\n".join([*lines, f"wrote {out} ({fmt}, {out.stat().st_size:,} B), {batch}; read "
+                              "back, its outputs match the model's on the example inputs"]))
     return 0
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError, HwpruneError
 from ..files import atomic_path
-from .verify import ATOL, RTOL, compare_outputs, flat_outputs
+from .verify import ATOL, RTOL, compare_outputs, flat_outputs, outputs_of
 
 __all__ = ["EXPORT_FORMATS", "ExportError", "export_model"]
 
@@ -42,8 +43,8 @@ def _check(got: Any, ref: list[Tensor], what: str, rtol: float, atol: float) -> 
 
 
 def export_model(model: nn.Module, example_inputs: Any, path: str | os.PathLike | None = None,
-                 *, format: str = "torch.export", rtol: float = RTOL,
-                 atol: float = ATOL) -> Any:
+                 *, format: str = "torch.export", dynamic_batch: bool = False,
+                 rtol: float = RTOL, atol: float = ATOL) -> Any:
     """Export ``model`` (eval mode) and check the result on ``example_inputs``.
 
     Args:
@@ -54,6 +55,10 @@ def export_model(model: nn.Module, example_inputs: Any, path: str | os.PathLike 
             checked, and only then renamed to ``path``: a failed check leaves no file.
         format: ``"torch.export"`` (default; an ``ExportedProgram``), ``"torchscript"`` (a
             traced ``ScriptModule``) or ``"onnx"``.
+        dynamic_batch: the program takes any batch size (dimension 0 of every tensor input,
+            one size for all), checked at two batch sizes; else it is fixed at the example's.
+            An example of batch 1 is exported at batch 2 (its rows repeated): torch.export
+            fixes a dimension of size 1.
         rtol, atol: tolerance of the check on every output: max |difference| <= rtol * the
             output's largest magnitude + atol (``hwprune.deploy.verify``).
 
@@ -63,46 +68,96 @@ def export_model(model: nn.Module, example_inputs: Any, path: str | os.PathLike 
     if format not in EXPORT_FORMATS:
         raise ConfigError(f"format must be one of {EXPORT_FORMATS}, got {format!r}")
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    if dynamic_batch:
+        args = _rows_repeated(args, max(0, 2 - _batch_size(args)))
+    # a program that takes any batch size is checked at a second one too
+    checks = [args, _rows_repeated(args, 1)] if dynamic_batch else [args]
     model = copy.deepcopy(model).eval()
-    with torch.no_grad():
-        ref = flat_outputs(model(*args))
+    refs = [outputs_of(model, a) for a in checks]
+    spec = _Spec(format, dynamic_batch, checks, refs, rtol, atol)
     if path is None:
-        return _export(model, args, ref, None, format, rtol, atol)
+        return _export(model, None, spec)
     if format == "onnx":
         _onnx_packages()  # before a temporary file is made
     # written beside ``path``, read back and checked there, then renamed: a program whose
     # check fails is never left under the name asked for
     with atomic_path(Path(path), keep_suffix=True) as tmp:
-        result = _export(model, args, ref, tmp, format, rtol, atol)
+        result = _export(model, tmp, spec)
     return os.fspath(path) if format == "onnx" else result
 
 
-def _export(model: nn.Module, args: tuple, ref: list[Tensor], path: Path | None, format: str,
-            rtol: float, atol: float) -> Any:
+@dataclass(frozen=True)
+class _Spec:
+    """What one export makes and how it is checked: ``checks[0]`` is what it is traced with,
+    ``refs[i]`` the model's outputs on ``checks[i]``."""
+
+    format: str
+    dynamic_batch: bool
+    checks: list[tuple]
+    refs: list[list[Tensor]]
+    rtol: float
+    atol: float
+
+    def check(self, run: Any, what: str) -> None:
+        """``run(*args)`` against the model on every checked input."""
+        with torch.no_grad():
+            for args, ref in zip(self.checks, self.refs, strict=True):
+                _check(run(*args), ref, what, self.rtol, self.atol)
+
+    def batch_dims(self) -> tuple | None:
+        """torch.export's ``dynamic_shapes``: dimension 0 of every tensor input, one size."""
+        if not self.dynamic_batch:
+            return None
+        batch = torch.export.Dim("batch", min=1)
+        return tuple({0: batch} if isinstance(a, Tensor) and a.dim() else None
+                     for a in self.checks[0])
+
+
+def _export(model: nn.Module, path: Path | None, spec: _Spec) -> Any:
     """``export_model``'s program, written to ``path`` (where given), loaded back and checked."""
+    args = spec.checks[0]
     try:
-        if format == "torch.export":
-            program = torch.export.export(model, args)
+        if spec.format == "torch.export":
+            program = torch.export.export(model, args, dynamic_shapes=spec.batch_dims())
             if path is not None:
                 torch.export.save(program, os.fspath(path))
                 program = torch.export.load(os.fspath(path))
-            with torch.no_grad():
-                _check(program.module()(*args), ref, "exported program", rtol, atol)
+            spec.check(program.module(), "exported program")
             return program
-        if format == "torchscript":
+        if spec.format == "torchscript":
             with torch.no_grad():
                 script = torch.jit.trace(model, args, check_trace=False)
             if path is not None:
                 script.save(os.fspath(path))
                 script = torch.jit.load(os.fspath(path))
-            with torch.no_grad():
-                _check(script(*args), ref, "TorchScript module", rtol, atol)
+            spec.check(script, "TorchScript module")
             return script
-        return _onnx(model, args, ref, path, rtol, atol)
+        return _onnx(model, path, spec)
     except (ConfigError, ExportError):
         raise
     except Exception as e:  # the exporters raise many types; name the cause, keep the chain
-        raise ExportError(f"{format} export of {type(model).__name__} failed: {e}") from e
+        hint = (" (with a dynamic batch: the model's code may fix the batch size; export it "
+                "at the example's)" if spec.dynamic_batch else "")
+        raise ExportError(f"{spec.format} export of {type(model).__name__} failed{hint}: "
+                          f"{e}") from e
+
+
+def _batch_size(args: tuple) -> int:
+    """The one size of dimension 0 of the tensor inputs (``ConfigError`` where they differ)."""
+    sizes = {a.shape[0] for a in args if isinstance(a, Tensor) and a.dim()}
+    if len(sizes) != 1:
+        raise ConfigError(f"dynamic_batch needs tensor inputs with one batch size (dimension "
+                          f"0); got {sorted(sizes) or 'none'}")
+    return sizes.pop()
+
+
+def _rows_repeated(args: tuple, extra: int) -> tuple:
+    """``args`` with their first ``extra`` rows (cycled) appended along dimension 0."""
+    if extra == 0:
+        return args
+    n = _batch_size(args)
+    rows = torch.arange(n + extra) % n
+    return tuple(a[rows] if isinstance(a, Tensor) and a.dim() else a for a in args)
 
 
 def _onnx_packages() -> None:
@@ -113,13 +168,13 @@ def _onnx_packages() -> None:
                           'pip install "hwprune[onnx]"')
 
 
-def _onnx(model: nn.Module, args: tuple, ref: list[Tensor], path: Any, rtol: float,
-          atol: float) -> str:
+def _onnx(model: nn.Module, path: Any, spec: _Spec) -> str:
     _onnx_packages()
     if path is None:
         raise ConfigError("ONNX export writes a file: give path=")
     path = os.fspath(path)
-    torch.onnx.export(model, args, path)
+    torch.onnx.export(model, spec.checks[0], path, dynamic_shapes=spec.batch_dims(),
+                      verbose=False)
     import onnx
 
     onnx.checker.check_model(onnx.load(path))
@@ -127,7 +182,11 @@ def _onnx(model: nn.Module, args: tuple, ref: list[Tensor], path: Any, rtol: flo
         import onnxruntime
 
         session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
-        feeds = {i.name: a.numpy() for i, a in zip(session.get_inputs(), args, strict=True)}
-        _check([torch.from_numpy(o) for o in session.run(None, feeds)], ref, "ONNX model",
-               rtol, atol)
+        names = [i.name for i in session.get_inputs()]
+
+        def run(*args: Tensor) -> list[Tensor]:
+            feeds = {n: a.numpy() for n, a in zip(names, args, strict=True)}
+            return [torch.from_numpy(o) for o in session.run(None, feeds)]
+
+        spec.check(run, "ONNX model")
     return path
