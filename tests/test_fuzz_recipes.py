@@ -129,18 +129,25 @@ FLAGS = {
     "report": {"--plots": PATHS, "--json": PATHS, "--markdown": PATHS,
                "--model": ["small_cnn", "resnet20", "bogus"],
                "--input-shape": ["3,8,8", "0", "a,b", "-1"]},
+    "shrink": {"--out": PATHS, "--fold-batchnorm": None,
+               "--model": ["small_cnn", "resnet20", "bogus"],
+               "--input-shape": ["3,8,8", "0", "a,b", "-1"]},
+    "export": {"--out": [*PATHS, "m.pt2", "m.onnx", "m.bin"], "--no-shrink": None,
+               "--format": ["torch.export", "torchscript", "onnx", "tflite"],
+               "--static-batch": None, "--model": ["small_cnn", "resnet20", "bogus"],
+               "--input-shape": ["3,8,8", "0", "a,b", "-1"]},
 }
 
 
 def argument_list(pick) -> list[str]:
     """One command line; ``pick(options)`` chooses (hypothesis or a seeded random)."""
-    command = pick(["run", "compare", "report", "bogus"])
+    command = pick(["run", "compare", "report", "shrink", "export", "bogus"])
     args = [command]
     if command == "run":
         args += [pick(RECIPES), "--dry-run"]  # --dry-run: validated and built, never trained
     elif command == "compare":
         args += [pick(PATHS) for _ in range(pick([0, 1, 2]))]
-    elif command == "report":
+    elif command in ("report", "shrink", "export"):
         args += [pick(PATHS)]
     for _ in range(pick([0, 1, 2, 3])):
         flags = FLAGS.get(command, {"--help": None})
@@ -162,7 +169,7 @@ def assert_clean(code, out, err):
         assert len(err.strip().splitlines()) == 1, err
 
 
-@settings(FUZZ, max_examples=40)
+@settings(FUZZ, max_examples=60)
 @given(data=st.data())
 def test_random_command_lines_succeed_or_fail_in_one_line(paths, data, monkeypatch):
     args = argument_list(lambda options: data.draw(st.sampled_from(list(options))))
