@@ -403,10 +403,14 @@ def test_report_rows_run_on_one_torch_thread_and_the_count_is_restored():
 
 def _reference_digest(records, arrays, version) -> str:
     """The checksum as the format defines it, one length-prefixed part at a time (the
-    container hashes short parts together: the same digest)."""
+    container hashes short parts together: the same digest): BLAKE3 from version 7, SHA-256
+    before."""
     import hashlib
 
-    h = hashlib.sha256()
+    import blake3
+
+    new = blake3.blake3 if version >= 7 else hashlib.sha256
+    h = new()
     parts = [FORMAT_NAME.encode(), str(version).encode(),
              packing.canonical_json(records).encode()]
     for key in sorted(arrays):
@@ -414,7 +418,7 @@ def _reference_digest(records, arrays, version) -> str:
         data = a.tobytes()
         # from version 4 an array of more than 4 KiB: its length, then its SHA-256
         parts += [key.encode(), f"{a.dtype.str}{a.shape}".encode(),
-                  (len(data), hashlib.sha256(data).digest()) if version >= 4 and len(
+                  (len(data), new(data).digest()) if version >= 4 and len(
                       data) > 4096 else data]
     for b in parts:
         length, b = b if isinstance(b, tuple) else (len(b), b)
@@ -434,7 +438,8 @@ def _safetensors_pack(records, arrays, version):
 
     import safetensors.numpy
 
-    doc = {"sha256": _reference_digest(records, arrays, version), "tensors": records,
+    doc = {"blake3" if version >= 7 else "sha256": _reference_digest(records, arrays, version),
+           "tensors": records,
            "arrays": [[key, a.dtype.str, int(a.size)] for key, a in arrays.items()]}
     blob = np.concatenate([a.view(np.uint8) for a in arrays.values()] or [np.zeros(0, np.uint8)])
     body = zlib.compress(packing.canonical_json(doc).encode(), 9)
@@ -447,7 +452,7 @@ def _safetensors_pack(records, arrays, version):
 @SETTINGS
 @given(seed=st.integers(0, 1000), sparsity=st.sampled_from([0.0, 0.5, 0.95, 1.0]),
        sizes=st.lists(st.integers(0, 300), min_size=0, max_size=4),
-       version=st.sampled_from([2, 3, container.VERSION]))
+       version=st.sampled_from([2, 3, 6, container.VERSION]))
 def test_the_joined_file_is_byte_for_byte_what_safetensors_writes(seed, sparsity, sizes, version):
     gen = torch.Generator().manual_seed(seed)
     state = {}
@@ -517,14 +522,15 @@ def test_the_threaded_checksum_is_the_formats_digest_and_older_versions_still_lo
         tmp_path, monkeypatch):
     """Version 4 hashes large arrays in threads: the digest is the format's (the reference
     above) whichever arrays are hashed in threads; a version 3 file, whose checksum reads every
-    array's bytes, still loads, and a flipped byte of a large array is caught in both."""
+    array's bytes, and a version 6 file, whose checksum is SHA-256, still load, and a flipped
+    byte of a large array is caught in each."""
     torch.manual_seed(0)
     state = {"a": torch.randn(70, 70), "b": torch.randn(3000), "c": torch.randn(10)}
     records, arrays = [], {}
     for name, t in state.items():
         records.append(packing.tensor_record(name, choose(t), arrays))
     monkeypatch.setattr(packing, "_THREADED_HASH", 0)  # every large array in the pool
-    for version in (3, container.VERSION):
+    for version in (3, 6, container.VERSION):
         assert packing.checksum(records, arrays, version) == _reference_digest(
             records, arrays, version)
         path = tmp_path / f"v{version}.hwp"

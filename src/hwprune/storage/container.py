@@ -15,14 +15,15 @@ bytes          content
 [0, 8)         ``H``: u64 little-endian, length of the JSON header (safetensors)
 [8, 8+H)       the JSON header: the two arrays' entries (dtype U8, shape, offsets) and
                ``"__metadata__"``, whose one key ``"hwprune"`` holds the JSON
-               ``{"format":"hwprune.storage","version":6}``; safetensors pads the header with
+               ``{"format":"hwprune.storage","version":7}``; safetensors pads the header with
                spaces to a multiple of 8 bytes
-then           ``hwprune.doc``: the document, compact JSON compressed with zlib: ``sha256``
-               (see ``packing.checksum``), ``tensors`` (one record per tensor in state-dict order:
-               name, encoding, dtype, shape, the encoding's parameters ``meta``, and the
-               names of its ``payload`` and ``index`` arrays; a tied entry's record is an
-               alias of the earlier one, ``aliases``) and ``arrays`` (``[key, dtype,
-               count]`` per array, keys ``"<name>/<array>"``, in the order of the data)
+then           ``hwprune.doc``: the document, compact JSON compressed with zlib:
+               ``blake3`` (the checksum, ``packing.checksum``), ``tensors`` (one record
+               per tensor in state-dict order: name, encoding, dtype, shape, the
+               encoding's parameters ``meta``, and the names of its ``payload`` and
+               ``index`` arrays; a tied entry's record is an alias of the earlier one,
+               ``aliases``) and ``arrays`` (``[key, dtype, count]`` per array, keys
+               ``"<name>/<array>"``, in the order of the data)
                and ``hwprune.data``: every array's bytes, back to back with no padding
 =============  ==========================================================================
 
@@ -52,15 +53,15 @@ offset     size  field
 56         ...   the compressed body; ``file size == 56 + len(body)``
 =========  ====  ===================================================================
 
-The checksum (``sha256`` in the document) covers the format, version and tensors JSON, and
-every array's key, dtype, shape and bytes (an array over 4 KiB by its own SHA-256, so that
-the arrays are hashed in threads), so a changed byte in the data or in hwprune's
-metadata is caught even where safetensors would still parse the file; the document itself is
-guarded by zlib's checksum. Writes are atomic: a temporary file in the same folder, fsync,
-then ``os.replace``; a large model's arrays go to that file as each tensor is chosen
-(``streaming``), the same bytes as ``plan``'s. ``load`` trusts nothing it reads: ``reading``
-checks every size against a bound (``max_bytes``, the data section, the declared lengths)
-before it allocates.
+The checksum (``blake3`` in the document: BLAKE3; version 6 and older files, ``sha256``) covers
+the format, version and tensors JSON, and every array's key, dtype, shape and bytes (an array
+over 4 KiB by its own digest, so that the arrays are hashed in threads), so a changed byte in
+the data or in hwprune's metadata is caught even where safetensors would still parse the file;
+the document itself is guarded by zlib's checksum. Writes are atomic: a temporary file in the
+same folder, fsync, then ``os.replace``; a large model's arrays go to that file as each tensor
+is chosen (``streaming``), the same bytes as ``plan``'s. ``load`` trusts nothing it reads:
+``reading`` checks every size against a bound (``max_bytes``, the data section, the declared
+lengths) before it allocates.
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ from .fileformat import (
     VERSION,
     WRAPPER_VERSION,
 )
-from .packing import checksum, pack, pack_parts, tensor_record
+from .packing import checksum, checksum_key, pack, pack_parts, tensor_record
 from .reading import (
     check_max_bytes,
     check_records,
@@ -323,7 +324,7 @@ def _read(path: str | os.PathLike, max_bytes: int) -> tuple[list, dict[str, np.n
     del data
     tensors = doc["tensors"]
     check_records(tensors, max_bytes, header.version)
-    if doc.get("sha256") != checksum(tensors, arrays, header.version):
+    if doc.get(checksum_key(header.version)) != checksum(tensors, arrays, header.version):
         raise StorageError("checksum mismatch; the file is damaged")
     return tensors, arrays
 

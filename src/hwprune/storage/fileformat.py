@@ -24,10 +24,12 @@ FORMAT = "hwprune.storage"
 #: planes that version 3 added), 3 (the layout of 4, whose checksum takes each array of
 #: more than 4 KiB by its own SHA-256 instead of its bytes, so that it is computed in
 #: threads), 4 (the layout of 5, whose coded value planes are all deflate streams: 5 codes
-#: planes of a MiB or more as Zstandard frames) and 5 (the layout of 6 without alias records,
-#: ``aliases``). An older hwprune refuses a newer file by its version
-VERSION = 6
-READABLE_VERSIONS = (1, 2, 3, 4, 5, 6)
+#: planes of a MiB or more as Zstandard frames), 5 (the layout of 6 without alias records,
+#: ``aliases``) and 6 (the layout of 7 whose checksum is SHA-256, under the document's key
+#: ``sha256``: 7 hashes with BLAKE3, key ``blake3``). An older hwprune refuses a newer file by
+#: its version
+VERSION = 7
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7)
 #: the two arrays of version 2 and after: the zlib-compressed JSON document, and every array
 #: back to back
 DOC_KEY, DATA_KEY = "hwprune.doc", "hwprune.data"
