@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from hwprune.storage import StorageError, choose, container, decode, encode, load, packing, save
 from hwprune.storage.bits import pack_radix, radix_group, raw_bits, unpack_radix
+from hwprune.storage.encodings import valuecoding
 from hwprune.storage.encodings.valuecoding import VCODED, code_values, decode_values
 from hwprune.storage.golomb import golomb_bits, golomb_decode, golomb_encode
 
@@ -163,19 +164,23 @@ def test_trained_weights_planes_are_smaller_and_uniform_planes_stay_raw():
     assert coded.total_bytes < 0.9 * w.numel() * 4
 
 
-def test_coded_planes_that_lie_about_their_sizes_are_refused():
+@pytest.mark.parametrize("coder", ["zstd", "deflate"])
+def test_coded_planes_that_lie_about_their_sizes_are_refused(coder, monkeypatch):
+    if coder == "deflate":  # what files of versions 3 and 4 hold
+        monkeypatch.setattr(valuecoding, "ZSTD_BYTES", 1 << 62)
     w = torch.randn(4096, generator=torch.Generator().manual_seed(0))
     coded = code_values(encode(w, "dense"))
-    count, lengths = coded.meta[VCODED]["values"]
-    for info in ({"values": [count + 1, lengths]}, {"values": [count, lengths[:3]]},
-                 {"values": [count, [*lengths[:3], lengths[3] - 1]]},
-                 {"values": [-1, lengths]}, {"values": "x"}, [1]):
+    count, lengths, *tag = coded.meta[VCODED]["values"]
+    assert tag == ([valuecoding.ZSTD] if coder == "zstd" else [])
+    for info in ({"values": [count + 1, lengths, *tag]}, {"values": [count, lengths[:3], *tag]},
+                 {"values": [count, [*lengths[:3], lengths[3] - 1], *tag]},
+                 {"values": [-1, lengths, *tag]}, {"values": "x"}, [1]):
         bad = type(coded)(coded.encoding, coded.dtype, coded.shape, coded.payload, coded.index,
                           {VCODED: info})
         with pytest.raises(StorageError):
             decode(bad)
     planes = coded.payload["values_planes"].copy()
-    planes[-5:] ^= 0xA5  # a damaged deflate stream
+    planes[-5:] ^= 0xA5  # a damaged stream
     bad = type(coded)(coded.encoding, coded.dtype, coded.shape, {"values_planes": planes},
                       coded.index, coded.meta)
     with pytest.raises(StorageError):

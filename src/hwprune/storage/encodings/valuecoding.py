@@ -4,19 +4,23 @@ A trained float32 weight's top byte (sign and 7 exponent bits) takes a handful o
 low mantissa bytes are close to uniform. So each payload array (raw values of 1, 2, 4 or 8
 bytes, or the packed codes of quantized values) is split into its byte planes (plane j = byte j
 of every value, little-endian), and each plane is stored either as it is or entropy-coded,
-whichever is smaller. A plane is coded only where the order-0 entropy of a byte sample (a
-histogram, no trial compression) says Huffman coding saves at least 3 % of it, so the uniform
-ones cost a copy and no compressor call. The stored bytes decode to exactly the same bits: the
-values are never rounded.
+whichever is smaller: coded where that saves at least 3 % of it. A plane of more than
+``_TRIAL_BYTES`` is coded only where the order-0 entropy of an evenly spaced sample (a
+histogram, no trial compression) says so, so the uniform planes of a large model cost a copy
+and no compressor call; a shorter one is simply coded and kept if it gains, which costs less
+than the histogram (here zstd gave up on uniform planes of 16-256 KiB in 8-26 us, the
+histogram took 21-26 us). The stored bytes decode to exactly the same bits: the values are
+never rounded.
 
-Two coders, by the plane's length:
-
-* shorter than ``ZSTD_BYTES``: a raw deflate stream with Huffman coding only (``zlib``,
-  standard library: order-0 entropy coding, the fewest bytes on the planes of a CNN's layers);
-* from ``ZSTD_BYTES`` on: one Zstandard frame at level 1 with matches of at least 7 bytes
-  (``zstandard``: its Huffman literals code about 2.5 times as fast as zlib's Huffman-only
-  deflate on a large model's top planes, for about 5 % more bytes of those planes; it decodes
-  about 4 times as fast), in zstd's own worker threads.
+Every plane is one Zstandard frame at level 1 with matches of at least 7 bytes
+(``zstandard``: its Huffman-coded literals do the work), made in zstd's own worker threads
+from ``THREADED_BYTES`` on. Before, planes shorter than a MiB were raw deflate streams with
+Huffman coding only (``zlib``), the fewest bytes on the planes of a CNN's layers: zstd's
+frames of a pretrained ResNet's planes are up to 7 % larger, its files 0.1-0.8 % larger, but
+it codes a small plane 2-4 times as fast and decodes it about 6 times as fast, and coding the
+values had become the largest part of saving a ResNet-56 after the search for encodings
+(``bench/storage/save_floor.py``). Planes below ``ZSTD_BYTES`` (none, at the default) are
+still deflated: files of versions 3 and 4 hold such streams, and the reader takes both.
 
 Meta: ``meta["vcoded"] = {array: [count, [len of plane 0, ...]]}`` (-1: the plane is stored
 raw, ``count`` bytes; other planes deflated), or ``[count, [...], "zstd"]`` where the coded
@@ -26,6 +30,7 @@ planes are Zstandard frames; the payload array ``<array>_planes`` holds the plan
 from __future__ import annotations
 
 import os
+import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -50,12 +55,15 @@ MIN_CODED = 256
 #: that entropy, so the planes it skips would save less than 3 %
 _SAMPLE = 1 << 14
 _GAIN = 0.97
+#: planes up to this many bytes are coded as a trial instead (module docstring)
+_TRIAL_BYTES = 1 << 18
 #: planes of at least this many bytes are (de)compressed in threads: zlib releases the GIL
 THREADED_BYTES = 1 << 20
 
 
-#: planes of at least this many bytes are coded with zstd (module docstring)
-ZSTD_BYTES = 1 << 20
+#: planes of at least this many bytes are coded with zstd, shorter ones deflated (module
+#: docstring): at the default, every plane that is coded at all
+ZSTD_BYTES = MIN_CODED
 #: zstd's parameters: level 1 with longer minimal matches (a plane's rare matches cost more
 #: than its Huffman-coded literals), a small window and the smallest hash table: it stays in
 #: the first-level cache, and its few, recent matches are the ones worth taking (on the top
@@ -73,10 +81,22 @@ def _deflate(data: np.ndarray) -> bytes:
 
 
 def _zstd(data: np.ndarray) -> bytes:
-    """One Zstandard frame of ``data``, its length in the frame header."""
-    params = zstandard.ZstdCompressionParameters(threads=max(1, min(os.cpu_count() or 1, 8)),
-                                                 **_ZSTD_PARAMS)
-    return zstandard.ZstdCompressor(compression_params=params).compress(data)
+    """One Zstandard frame of ``data``, its length in the frame header: in zstd's worker
+    threads from ``THREADED_BYTES`` on, else in this thread by a compressor made once per
+    thread (making one costs about what coding a small layer's plane does)."""
+    if data.size >= THREADED_BYTES:
+        params = zstandard.ZstdCompressionParameters(
+            threads=max(1, min(os.cpu_count() or 1, 8)), **_ZSTD_PARAMS)
+        return zstandard.ZstdCompressor(compression_params=params).compress(data)
+    compressor = getattr(_THIS_THREAD, "zstd", None)
+    if compressor is None:  # a compressor is not for two threads at once
+        params = zstandard.ZstdCompressionParameters(**_ZSTD_PARAMS)
+        compressor = _THIS_THREAD.zstd = zstandard.ZstdCompressor(compression_params=params)
+    return compressor.compress(data)
+
+
+#: each thread's own single-threaded compressor (``_zstd``)
+_THIS_THREAD = threading.local()
 
 
 def worth_coding(plane: np.ndarray) -> bool:
@@ -88,12 +108,13 @@ def worth_coding(plane: np.ndarray) -> bool:
 
 
 def _code_plane(column: np.ndarray, coder) -> bytes | None:
-    """The plane (``column``: a strided view of it) coded by ``coder``, or ``None`` where
-    storing it raw is as small (or nearly)."""
-    if not worth_coding(column):
+    """The plane (``column``: a strided view of it) coded by ``coder``, or ``None`` where that
+    saves less than 3 % (``_GAIN``): a plane of more than ``_TRIAL_BYTES`` is first checked
+    by its sampled entropy (module docstring)."""
+    if column.size > _TRIAL_BYTES and not worth_coding(column):
         return None
     coded = coder(np.ascontiguousarray(column))
-    return coded if len(coded) < column.size else None
+    return coded if len(coded) < _GAIN * column.size else None
 
 
 def byte_columns(arr: np.ndarray) -> np.ndarray:
