@@ -385,6 +385,26 @@ def test_planes_are_coded_only_where_the_sampled_entropy_gains():
     assert np.array_equal(valuecoding.decode_values(coded, arr.size).payload["values"], arr)
 
 
+@pytest.mark.parametrize("trial_bytes", [1000, 1 << 20])
+def test_long_planes_meet_the_entropy_check_short_ones_a_trial(monkeypatch, trial_bytes):
+    """A plane longer than ``_TRIAL_BYTES`` reaches the coder only where its sampled entropy
+    gains; a shorter one is coded as a trial and kept only where it gains 3 %: the same
+    planes end up coded either way."""
+    rng = np.random.default_rng(1)
+    top = rng.choice(np.arange(8, dtype=np.uint32), 100_000, p=[.5, .2, .1, .1, .05, .03,
+                                                                  .01, .01])
+    arr = (top << np.uint32(24)) | rng.integers(0, 1 << 24, 100_000, dtype=np.uint32)
+    coded_sizes = []
+    real = valuecoding._zstd
+    monkeypatch.setattr(valuecoding, "_zstd", lambda d: coded_sizes.append(d.size) or real(d))
+    monkeypatch.setattr(valuecoding, "_TRIAL_BYTES", trial_bytes)
+    enc = EncodedTensor("dense", torch.float32, (arr.size,), {"values": arr}, {}, {})
+    coded = valuecoding.code_values(enc)
+    lengths = coded.meta[valuecoding.VCODED]["values"][1]
+    assert lengths[:3] == [-1, -1, -1] and 0 < lengths[3] < arr.size // 2
+    assert len(coded_sizes) == (1 if trial_bytes < arr.size else 4)  # tried: only the top
+    assert np.array_equal(valuecoding.decode_values(coded, arr.size).payload["values"], arr)
+
 def test_report_rows_run_on_one_torch_thread_and_the_count_is_restored():
     from hwprune.report.measure import one_torch_thread
 
