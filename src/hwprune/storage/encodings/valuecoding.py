@@ -16,7 +16,7 @@ Every plane is one Zstandard frame at level 1 with matches of at least 7 bytes
 (``zstandard``: its Huffman-coded literals do the work), made in zstd's own worker threads
 from ``THREADED_BYTES`` on. Before, planes shorter than a MiB were raw deflate streams with
 Huffman coding only (``zlib``), the fewest bytes on the planes of a CNN's layers: zstd's
-frames of a pretrained ResNet's planes are up to 7 % larger, its files 0.1-0.8 % larger, but
+frames of a pretrained ResNet's planes are up to 7 % larger, its files 0.06-1.3 % larger, but
 it codes a small plane 2-4 times as fast and decodes it about 6 times as fast, and coding the
 values had become the largest part of saving a ResNet-56 after the search for encodings
 (``bench/storage/save_floor.py``). Planes below ``ZSTD_BYTES`` (none, at the default) are
