@@ -107,6 +107,17 @@ def test_export_of_a_saved_file_with_its_zoo_model(tmp_path, capsys):
         model.state_dict()["conv2.0.weight"].shape)
 
 
+def test_shrink_says_where_it_removed_nothing(tmp_path, capsys):
+    torch.manual_seed(0)
+    path = tmp_path / "dense.hwp"
+    hp.save(SmallCNN(), path)  # no zero channel anywhere
+    out = tmp_path / "s.hwp"
+    assert main(["shrink", str(path), "--model", "small_cnn", "--input-shape", "1,8,8",
+                 "--out", str(out)]) == 0
+    assert "shrink removed nothing" in capsys.readouterr().out
+    assert out.read_bytes() == path.read_bytes()  # the same tensors, the same file
+
+
 def test_errors_are_one_line_and_leave_no_file(run_folder, tmp_path, capsys):
     torch.manual_seed(0)
     path = tmp_path / "model.hwp"

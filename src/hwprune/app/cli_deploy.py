@@ -22,6 +22,7 @@ Errors are one line (``hwprune: error:``), and ``--out`` is checked before any w
 from __future__ import annotations
 
 import argparse
+from typing import Any, NamedTuple
 
 from torch import Tensor, nn
 
@@ -29,7 +30,7 @@ from ..errors import ConfigError
 from .outputs import output_file
 from .rebuild import load_saved
 
-__all__ = ["add_deploy_parsers", "SUFFIX_FORMATS"]
+__all__ = ["add_deploy_parsers", "deployable_of", "Deployable", "SUFFIX_FORMATS"]
 
 #: the file suffixes ``export`` reads a format from
 SUFFIX_FORMATS = {".pt2": "torch.export", ".pt": "torchscript", ".onnx": "onnx"}
@@ -68,13 +69,14 @@ def _common(p: argparse.ArgumentParser, out_help: str) -> None:
 
 def cmd_shrink(args: argparse.Namespace) -> int:
     out = output_file("shrink --out", args.out)
-    deployable, _, lines = deployable_of(args, "shrink", shrink=True)
+    done = deployable_of(args, "shrink", shrink=True)
     from ..storage import save
 
-    size = save(deployable, out)
-    print("\n".join([*lines, f"wrote {out} ({size:,} B, hwprune.save; its tensors have the "
-                              "shrunk model's shapes: 'hwprune export' writes a program that "
-                              "carries the architecture too)"]))
+    size = save(done.model, out)
+    changed = done.shrunk.params_after != done.shrunk.params_before
+    print("\n".join([*done.lines, f"wrote {out} ({size:,} B, hwprune.save" + (
+        "; its tensors have the shrunk model's shapes: 'hwprune export' writes a program "
+        "that carries the architecture too)" if changed else "; shrink removed nothing)")]))
     return 0
 
 
@@ -84,22 +86,32 @@ def cmd_export(args: argparse.Namespace) -> int:
     if fmt is None:
         raise ConfigError(f"export: cannot tell the format of {out.name!r} from its suffix; "
                           f"allowed: {', '.join(SUFFIX_FORMATS)}, or give --format")
-    deployable, example, lines = deployable_of(args, "export", shrink=not args.no_shrink)
+    done = deployable_of(args, "export", shrink=not args.no_shrink)
     from ..deploy import export_model
 
-    export_model(deployable, example, out, format=fmt, dynamic_batch=not args.static_batch)
-    batch = (f"at batch {example.shape[0]}" if args.static_batch
+    export_model(done.model, done.example, out, format=fmt,
+                 dynamic_batch=not args.static_batch)
+    batch = (f"at batch {done.example.shape[0]}" if args.static_batch
              else "for any batch size (checked at two)")
-    print("\n".join([*lines, f"wrote {out} ({fmt}, {out.stat().st_size:,} B), {batch}; read "
-                              "back, its outputs match the model's on the example inputs"]))
+    print("\n".join([*done.lines, f"wrote {out} ({fmt}, {out.stat().st_size:,} B), {batch}; "
+                                   "read back, its outputs match the model's on the example "
+                                   "inputs"]))
     return 0
 
 
-def deployable_of(args: argparse.Namespace, command: str, shrink: bool
-                  ) -> tuple[nn.Module, Tensor, list[str]]:
-    """The deployable model of ``args.ckpt`` (finalized, shrunk where ``shrink``, BatchNorm
-    folded where ``args.fold_batchnorm``), the example inputs it was verified on, and the
-    lines that say what was done."""
+class Deployable(NamedTuple):
+    """``deployable_of``'s result: the model, the example inputs it was verified on, the
+    ``ShrinkResult`` (None where not shrunk) and the lines that say what was done."""
+
+    model: nn.Module
+    example: Tensor
+    shrunk: Any
+    lines: list[str]
+
+
+def deployable_of(args: argparse.Namespace, command: str, shrink: bool) -> Deployable:
+    """The deployable model of ``args.ckpt``: finalized, shrunk where ``shrink``, BatchNorm
+    folded where ``args.fold_batchnorm``."""
     from .finish import final_model, shrunk_and_folded
 
     saved = load_saved(args.ckpt, command, args.model, args.input_shape)
@@ -119,4 +131,4 @@ def deployable_of(args: argparse.Namespace, command: str, shrink: bool
         lines += ["shrunk: " + result.summary()]
     if args.fold_batchnorm:
         lines.append("BatchNorm folded into the layers before it")
-    return deployable, saved.example, lines
+    return Deployable(deployable, saved.example, result, lines)
