@@ -39,9 +39,8 @@ from common import (
     header,
     machine,
     parse,
-    table,
     write_json,
-    write_lines,
+    write_table,
 )
 from hwprune.data import data_dir
 from hwprune.models import load_pretrained
@@ -136,7 +135,7 @@ def main(argv=None) -> int:
              "which this table leaves out).", ""]
     columns = ["model", "torch.save", "hp.save", "ratio", "search", "no search", "ratio",
                "no search, values uncoded", "ratio", "same file"]
-    write_lines(OUT.with_suffix(".md"), [*lines, *table(columns, "lrrrrrrrrl", body)])
+    write_table(OUT.with_suffix(".md"), lines, columns, "lrrrrrrrrl", body)
     write_json(OUT.with_suffix(".json"), {"command": cmd, "machine": machine(), "rows": rows})
     return 0
 

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from .outputs import output_file
-from .rebuild import load_saved
+from .rebuild import add_model_arguments, load_saved
 
 __all__ = ["add_deploy_parsers", "deployable_of", "Deployable", "SUFFIX_FORMATS"]
 
@@ -61,10 +61,7 @@ def _common(p: argparse.ArgumentParser, out_help: str) -> None:
     p.add_argument("--out", required=True, metavar="FILE", help=out_help)
     p.add_argument("--fold-batchnorm", action="store_true",
                    help="fold inference BatchNorm into the conv or linear layer before it")
-    p.add_argument("--model", metavar="NAME",
-                   help="for an .hwp file: the zoo model its tensors belong to")
-    p.add_argument("--input-shape", metavar="SHAPE", default="3,32,32",
-                   help="with --model: one example's shape, comma-separated (default 3,32,32)")
+    add_model_arguments(p, "for an .hwp file: the zoo model its tensors belong to")
 
 
 def cmd_shrink(args: argparse.Namespace) -> int:

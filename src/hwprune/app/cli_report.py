@@ -28,7 +28,7 @@ from torch import Tensor
 
 from ..report.measure import Report, report, report_state_dict, weights_of
 from .outputs import output_file, output_folder
-from .rebuild import load_saved
+from .rebuild import add_model_arguments, load_saved
 
 __all__ = ["add_report_parser", "load_report"]
 
@@ -41,10 +41,7 @@ def add_report_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--plots", metavar="DIR", help="write the plots (PNG) into this folder")
     p.add_argument("--markdown", metavar="FILE", help="also write the report as Markdown")
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
-    p.add_argument("--model", metavar="NAME",
-                   help="for an .hwp file: the zoo model its tensors belong to (gives MACs)")
-    p.add_argument("--input-shape", metavar="SHAPE", default="3,32,32",
-                   help="with --model: one example's shape, comma-separated (default 3,32,32)")
+    add_model_arguments(p, "for an .hwp file: the zoo model its tensors belong to (gives MACs)")
     p.set_defaults(func=cmd_report)
 
 

@@ -18,7 +18,7 @@ from .build import new_model
 from .loop import TrainingLoop
 from .outdir import write_json
 
-__all__ = ["finish", "final_model", "deployable_model", "shrunk_and_folded", "latencies_ms"]
+__all__ = ["finish", "final_model", "shrunk_and_folded", "latencies_ms"]
 
 #: the report's totals that summary.json repeats (its pruning and compression ratios are
 #: computed against the dense model instead, see ``finish``)
@@ -35,7 +35,7 @@ def finish(loop: TrainingLoop, out: Path, info: dict[str, Any], console: Console
     model = final_model(loop, end["finalize"])
     test_loss, accuracy = loop.evaluate(model)
     model.eval()
-    deployable = deployable_model(model, example, end)
+    deployable = shrunk_and_folded(model, example, end["shrink"], end["fold_batchnorm"])[0]
     dense = new_model(cfg, loop.parts.factory).eval()
     summary: dict[str, Any] = {
         "name": cfg["name"], "model": cfg["model"]["name"], "data": cfg["data"]["name"],
@@ -85,11 +85,6 @@ def final_model(loop: TrainingLoop, finalize: bool) -> nn.Module:
         batches = ((x, y) for _, x, y in plan.batches(plan.total_epochs, 0))
         recalibrate_batchnorm(model, batches, end["recalibrate_bn"])
     return model
-
-
-def deployable_model(model: nn.Module, example: Tensor, end: dict[str, Any]) -> nn.Module:
-    """``model`` (eval mode), shrunk and/or with BatchNorm folded as ``end`` says."""
-    return shrunk_and_folded(model, example, end["shrink"], end["fold_batchnorm"])[0]
 
 
 def shrunk_and_folded(model: nn.Module, example: Tensor, shrink: bool, fold: bool

@@ -12,6 +12,7 @@ What a command is given (``CKPT``) is one of:
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 
-__all__ = ["Saved", "load_saved", "parse_shape", "zoo_model"]
+__all__ = ["Saved", "load_saved", "add_model_arguments", "parse_shape", "zoo_model"]
 
 #: the first bytes of a torch.save file (a zip archive): a run checkpoint, not an .hwp file
 _ZIP = b"PK\x03\x04"
@@ -71,6 +72,13 @@ def load_saved(ckpt: str | Path, command: str, model: str | None = None,
     example = torch.zeros(1, *parse_shape(input_shape, command))
     return Saved(f"{path.name} ({model})", zoo_model(model, state, command), example,
                  state=state)
+
+
+def add_model_arguments(p: argparse.ArgumentParser, model_help: str) -> None:
+    """``--model`` and ``--input-shape``, what ``load_saved`` takes for an .hwp file."""
+    p.add_argument("--model", metavar="NAME", help=model_help)
+    p.add_argument("--input-shape", metavar="SHAPE", default="3,32,32",
+                   help="with --model: one example's shape, comma-separated (default 3,32,32)")
 
 
 def parse_shape(text: str, command: str) -> tuple[int, ...]:

@@ -116,7 +116,7 @@ def checksum(tensors: list, arrays: Mapping[str, np.ndarray], version: int,
         digests = _array_digests(arrays, keys, version)
         return _digest_of(tensors_json, version,
                           [array_entry(key, arrays[key], digests.get(key)) for key in keys])
-    h = hashlib.sha256()
+    h = hash_of(version)()
     small = [_text(FORMAT), _text(str(version)), _text(tensors_json)]
     for key in keys:  # versions 2 and 3: every array's bytes
         a = np.ascontiguousarray(arrays[key])
