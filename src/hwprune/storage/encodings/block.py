@@ -27,7 +27,7 @@ from .tiling import (
     valid_tiles,
 )
 
-__all__ = ["BlockEncoding", "BLOCK_SIZES"]
+__all__ = ["BlockEncoding", "BLOCK_SIZES", "kept_elements"]
 
 #: the tile sizes the chooser tries (plus the one a hint names); rows and columns of 2 first:
 #: every other size is a union of their tiles, so their kept counts bound all the others
@@ -40,7 +40,9 @@ class BlockEncoding(Encoding):
     """bh x bw tiles of the im2col matrix: one bit per tile + the kept tiles stored dense."""
 
     name, simplicity = "block", 3
-    cost = 1
+    # tried after k-of-n: where k-of-n fits, its size is the best that the blocks' family
+    # bound (two passes) has to beat, and it rules them out before any size is computed
+    cost = 2
 
     def encode_view(self, view: TensorView, bh: int = 4, bw: int = 4) -> EncodedTensor:
         self.require_sparse_ok(view)
@@ -75,10 +77,8 @@ class BlockEncoding(Encoding):
         self.require_sparse_ok(view)
         bh, bw = params.get("bh", 4), params.get("bw", 4)
         rows, cols = check_tile(view, bh, bw)
-        kept = kept_grid(view, bh, bw)
-        values = real_elements(kept, rows, cols, bh, bw)
-        view.memo.setdefault(_KEPT, {})[(bh, bw)] = values
-        return Size({"values": values}, -(-kept.size // 8))
+        tr, tc = tile_grid(rows, cols, bh, bw)
+        return Size({"values": kept_elements(view, bh, bw)}, -(-(tr * tc) // 8))
 
     def lower_bound(self, view: TensorView, params: dict) -> int:
         """Every nonzero is kept, and a tiling whose tiles are unions of a finer one's
@@ -92,16 +92,15 @@ class BlockEncoding(Encoding):
         return kept * view.itemsize + -(-tiles // 8)
 
     def family_bound(self, view: TensorView, hints: dict[str, tuple[int, int]]) -> int:
-        """The fewest of ``lower_bound`` over the sizes tried, once the sizes of 1 x 2 and
-        2 x 1 tiles are counted (one halving of the mask each): their kept elements bound
-        every tiling made of their tiles."""
+        """The fewest of ``lower_bound`` over the sizes tried, once the kept elements of 1 x 2
+        and 2 x 1 tiles are counted: every tiling made of their tiles keeps at least as many."""
         sizes = self.candidates(view, hints)
         if not sizes or view.nonzero == view.numel:
             return 0
         rows, cols = view.matrix
         for h, w in ((1, 2), (2, 1)):
             if h <= rows and w <= cols:
-                self.sizes(view, {"bh": h, "bw": w})  # kept elements into view.memo
+                kept_elements(view, h, w)  # into view.memo, for lower_bound
         return min(self.lower_bound(view, p) for p in sizes)
 
     def min_index_bits(self, enc: EncodedTensor) -> float | None:
@@ -109,6 +108,31 @@ class BlockEncoding(Encoding):
         count = -(-rows // enc.meta["bh"]) * -(-cols // enc.meta["bw"])
         kept = int(np.unpackbits(enc.index["tiles"], count=count).sum())
         return block_min_bits(count, kept)
+
+
+def kept_elements(view: TensorView, bh: int, bw: int) -> int:
+    """The real elements that bh x bw tiles holding a nonzero keep (kept in ``view.memo``,
+    where ``lower_bound`` finds them for the coarser sizes)."""
+    kept = view.memo.setdefault(_KEPT, {})
+    if (bh, bw) not in kept:
+        if (bh, bw) in ((1, 2), (2, 1)):
+            kept[(bh, bw)] = pairs_kept(view, axis=bw - 1)
+        else:
+            kept[(bh, bw)] = real_elements(kept_grid(view, bh, bw), *view.matrix, bh, bw)
+    return kept[(bh, bw)]
+
+
+def pairs_kept(view: TensorView, axis: int) -> int:
+    """The real elements that 2 x 1 (``axis`` 0) or 1 x 2 (``axis`` 1) tiles keep: twice the
+    pairs of neighbours holding a nonzero, plus the odd last row or column's nonzeros. The
+    number ``sizes`` gives for that tile, from two strided views, without padding the mask."""
+    rows, cols = view.matrix
+    m = view.nz.reshape(rows, cols)
+    if axis == 0:
+        m = m.T
+    length = m.shape[1]
+    kept = 2 * int(np.count_nonzero(m[:, 0:length - 1:2] | m[:, 1::2]))
+    return kept + (int(np.count_nonzero(m[:, -1])) if length % 2 else 0)
 
 
 def kept_grid(view: TensorView, bh: int, bw: int) -> np.ndarray:

@@ -113,6 +113,12 @@ def _find_scale(view: TensorView) -> tuple[int, Tensor] | None:
     sign = uniq.dtype.type(1 << (8 * uniq.dtype.itemsize - 1))
     if uniq.size > limit or (uniq == sign).any():  # too many values, or a -0.0
         return None
+    magnitudes = np.unique(uniq & ~sign)
+    magnitudes = magnitudes[magnitudes != 0]
+    if magnitudes.size == 1:
+        # one magnitude (a constant tensor, BatchNorm's ones): the codes -1, 0, 1 and that
+        # magnitude rebuild every value exactly (1.0 * s is s), and no q is smaller than 1
+        return 1, from_raw_bits(magnitudes, view.dtype, ())
     as64 = _float64(uniq, view.dtype)
     top = float(np.abs(as64).max())
     possible = _possible_q(as64, top, view.dtype) if top else None

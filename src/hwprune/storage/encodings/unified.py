@@ -17,7 +17,7 @@ from .base import (
     stored_param,
     stored_values,
 )
-from .block import kept_grid
+from .block import kept_elements
 from .tiling import (
     check_tile,
     real_elements,
@@ -104,10 +104,9 @@ class Unified(Encoding):
         bh, bw = params.get("bh", 1), params.get("bw", 4)
         if bh != 1:
             return 0
-        rows, cols = check_tile(view, bh, bw)
+        check_tile(view, bh, bw)
         nonzero = view.nonzero
-        kept = nonzero if nonzero == view.numel else real_elements(kept_grid(view, bh, bw),
-                                                                    rows, cols, bh, bw)
+        kept = nonzero if nonzero == view.numel else kept_elements(view, bh, bw)
         return _bound(view, kept, view.numel // bw)
 
     def family_bound(self, view: TensorView, hints: dict[str, tuple[int, int]]) -> int:
@@ -118,8 +117,7 @@ class Unified(Encoding):
             return 0
         kept = view.nonzero
         if kept < view.numel and all(p["bw"] % 2 == 0 for p in sizes):
-            rows, cols = view.matrix
-            kept = real_elements(kept_grid(view, 1, 2), rows, cols, 1, 2)
+            kept = kept_elements(view, 1, 2)
         return _bound(view, kept, min(view.numel // p["bw"] for p in sizes))
 
     def min_index_bits(self, enc: EncodedTensor) -> float | None:
