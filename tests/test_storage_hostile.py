@@ -23,11 +23,12 @@ import numpy as np
 import pytest
 import safetensors.numpy
 import torch
+import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import hwprune as hp
-from hwprune.storage import StorageError, container, encode
+from hwprune.storage import StorageError, container, encode, packing
 from hwprune.storage.encodings.valuecoding import code_values
 from hwprune.storage.fileformat import (
     CODECS,
@@ -96,6 +97,15 @@ def zlib_repeat(head: bytes, chunk: bytes, times: int, tail: bytes) -> bytes:
     return stream[:-4] + zlib.adler32(tail, adler).to_bytes(4, "big")
 
 
+def zstd_repeat(head: bytes, chunk: bytes, times: int, tail: bytes) -> bytes:
+    """A Zstandard frame of ``head + chunk * times + tail`` that declares its length, streamed
+    in so that the whole text is never held."""
+    size = len(head) + len(chunk) * times + len(tail)
+    c = zstandard.ZstdCompressor(write_checksum=True).compressobj(size=size)
+    out = [c.compress(head)] + [c.compress(chunk) for _ in range(times)]
+    return b"".join([*out, c.compress(tail), c.flush()])
+
+
 def wrapped(body: bytes, codec: str, size: int) -> bytes:
     """A compressed wrapper around ``body`` that records ``size`` uncompressed bytes."""
     return COMPRESSED_HEADER.pack(MAGIC, 1, CODECS[codec], bytes(6), size,
@@ -103,7 +113,8 @@ def wrapped(body: bytes, codec: str, size: int) -> bytes:
 
 
 def with_document(doc_z: bytes, blob: bytes = b"", version: int = 2) -> bytes:
-    """A version 2 file whose document array holds ``doc_z`` (zlib) and data ``blob``."""
+    """A ``version`` file whose document array holds ``doc_z`` (zlib up to version 7, a
+    Zstandard frame from 8) and data ``blob``."""
     meta = json.dumps({"format": FORMAT, "version": version})
     return safetensors.numpy.save({DOC_KEY: np.frombuffer(doc_z, np.uint8),
                                    DATA_KEY: np.frombuffer(blob, np.uint8)},
@@ -185,6 +196,14 @@ def hostile(tmp_path_factory):
     files["document bomb"] = (with_document(doc), None)
     dense = b'{"arrays":[],"sha256":"","tensors":[' + b"[]," * (3 * MIB // 3) + b"[]]}"
     files["document dense with values"] = (with_document(zlib.compress(dense)), None)
+    # the same as a version 8 document's Zstandard frame: its declared length is the check
+    files["zstd document bomb"] = (with_document(zstd_repeat(
+        b'{"arrays":[],"blake3":"","tensors":[', b"[]," * (MIB // 3), 200, b"[]]}"),
+        version=8), None)
+    files["zstd document dense with values"] = (with_document(
+        packing.compress_document(dense, 8), version=8), None)
+    files["zstd document of no declared length"] = (with_document(
+        zstandard.ZstdCompressor(write_content_size=False).compress(dense), version=8), None)
     # 9. shapes that outgrow their data, with valid checksums
     f32 = np.zeros(0, np.uint32)
     files["block 4x4, shape 65536x65536"] = (forged(
@@ -249,6 +268,14 @@ def test_a_document_bomb_is_refused_by_what_the_data_section_can_need(hostile):
     assert _clean(result) and f"past {DOC_BASE_BYTES} bytes" in result["message"], result
     dense = hostile["document dense with values"][1]
     assert _clean(dense) and "JSON values" in dense["message"], dense
+    (path, _), result = hostile["zstd document bomb"]
+    assert os.path.getsize(path) < 250_000
+    assert _clean(result) and "the document's frame declares" in result["message"], result
+    assert result["rss_growth"] < 16 * MIB
+    dense = hostile["zstd document dense with values"][1]
+    assert _clean(dense) and "JSON values" in dense["message"], dense
+    undeclared = hostile["zstd document of no declared length"][1]
+    assert _clean(undeclared) and "declares -1 bytes" in undeclared["message"], undeclared
 
 
 @pytest.mark.parametrize("case", ["block 4x4, shape 65536x65536",
@@ -435,13 +462,15 @@ JSON = st.recursive(
 
 
 @FUZZ
-@given(doc=JSON, blob=st.binary(max_size=64), tensors=st.booleans())
+@given(doc=JSON, blob=st.binary(max_size=64), tensors=st.booleans(), version=st.sampled_from(
+    [2, 7, 8]))
 def test_random_documents_in_a_valid_container_are_refused_cleanly(bounded_memory, tmp_path,
-                                                                  doc, blob, tensors):
+                                                                  doc, blob, tensors, version):
     if tensors:
         doc = {"arrays": doc, "sha256": "0" * 64, "tensors": [doc]}
     path = tmp_path / "doc.hwp"
-    path.write_bytes(with_document(zlib.compress(json.dumps(doc).encode()), blob))
+    text = json.dumps(doc).encode()
+    path.write_bytes(with_document(packing.compress_document(text, version), blob, version))
     _only_storage_errors(path)
 
 

@@ -496,7 +496,6 @@ def _safetensors_pack(records, arrays, version):
     """``container.pack`` as it was written with safetensors' own serializer (the reference:
     the joined file must be byte for byte what safetensors writes)."""
     import json
-    import zlib
 
     import safetensors.numpy
 
@@ -504,7 +503,7 @@ def _safetensors_pack(records, arrays, version):
            "tensors": records,
            "arrays": [[key, a.dtype.str, int(a.size)] for key, a in arrays.items()]}
     blob = np.concatenate([a.view(np.uint8) for a in arrays.values()] or [np.zeros(0, np.uint8)])
-    body = zlib.compress(packing.canonical_json(doc).encode(), 9)
+    body = packing.compress_document(packing.canonical_json(doc).encode(), version)
     packed = {container.DOC_KEY: np.frombuffer(body, np.uint8), container.DATA_KEY: blob}
     meta = json.dumps({"format": container.FORMAT, "version": version}, separators=(",", ":"),
                       sort_keys=True)

@@ -4,8 +4,8 @@
 exact tensors: same names (in order), dtypes, shapes and bits. The file is a safetensors file, so
 it holds only arrays and strings: nothing in it is ever unpickled or executed. Any damage (a
 flipped byte, a truncation, trailing bytes, a foreign file) raises ``StorageError`` before a
-single tensor is returned; the one flip that loads changes nothing (the padding bits of the
-document's last deflate byte, which zlib ignores).
+single tensor is returned (in a version 7 or older file the one flip that loads changes
+nothing: the padding bits of the document's last deflate byte, which zlib ignores).
 
 File layout, uncompressed (the default): a safetensors file with two uint8 arrays.
 
@@ -15,9 +15,10 @@ bytes          content
 [0, 8)         ``H``: u64 little-endian, length of the JSON header (safetensors)
 [8, 8+H)       the JSON header: the two arrays' entries (dtype U8, shape, offsets) and
                ``"__metadata__"``, whose one key ``"hwprune"`` holds the JSON
-               ``{"format":"hwprune.storage","version":7}``; safetensors pads the header with
+               ``{"format":"hwprune.storage","version":8}``; safetensors pads the header with
                spaces to a multiple of 8 bytes
-then           ``hwprune.doc``: the document, compact JSON compressed with zlib:
+then           ``hwprune.doc``: the document, compact JSON as one Zstandard frame
+               (its length and checksum in it; zlib up to version 7):
                ``blake3`` (the checksum, ``packing.checksum``), ``tensors`` (one record
                per tensor in state-dict order: name, encoding, dtype, shape, the
                encoding's parameters ``meta``, and the names of its ``payload`` and
@@ -57,11 +58,11 @@ The checksum (``blake3`` in the document: BLAKE3; version 6 and older files, ``s
 the format, version and tensors JSON, and every array's key, dtype, shape and bytes (an array
 over 4 KiB by its own digest, so that the arrays are hashed in threads), so a changed byte in
 the data or in hwprune's metadata is caught even where safetensors would still parse the file;
-the document itself is guarded by zlib's checksum. Writes are atomic: a temporary file in the
-same folder, fsync, then ``os.replace``; a large model's arrays go to that file as each tensor
-is chosen (``streaming``), the same bytes as ``plan``'s. ``load`` trusts nothing it reads:
-``reading`` checks every size against a bound (``max_bytes``, the data section, the declared
-lengths) before it allocates.
+the document itself is guarded by its frame's checksum (zlib's up to version 7). Writes are
+atomic: a temporary file in the same folder, fsync, then ``os.replace``; a large model's arrays
+go to that file as each tensor is chosen (``streaming``), the same bytes as ``plan``'s.
+``load`` trusts nothing it reads: ``reading`` checks every size against a bound
+(``max_bytes``, the data section, the declared lengths) before it allocates.
 """
 
 from __future__ import annotations
@@ -320,7 +321,7 @@ def _read(path: str | os.PathLike, max_bytes: int) -> tuple[list, dict[str, np.n
             raise StorageError("the data section does not match the arrays it declares")
         doc, arrays = header.meta, stored
     else:  # the arrays are views of the file's bytes: no copy of the whole file
-        doc, arrays = unpack(cut_arrays(data, header), max_bytes)
+        doc, arrays = unpack(cut_arrays(data, header), max_bytes, header.version)
     del data
     tensors = doc["tensors"]
     check_records(tensors, max_bytes, header.version)

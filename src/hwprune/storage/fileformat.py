@@ -12,8 +12,9 @@ import struct
 import numpy as np
 
 __all__ = [
-    "FORMAT", "VERSION", "READABLE_VERSIONS", "DOC_KEY", "DATA_KEY", "ARRAY_DTYPES", "MAGIC",
-    "WRAPPER_VERSION", "CODECS", "COMPRESSED_HEADER", "COMPRESSED_HEADER_SIZE", "PREFIX_SIZE",
+    "FORMAT", "VERSION", "READABLE_VERSIONS", "ZSTD_DOC_VERSION", "DOC_KEY", "DATA_KEY",
+    "ARRAY_DTYPES", "MAGIC", "WRAPPER_VERSION", "CODECS", "COMPRESSED_HEADER",
+    "COMPRESSED_HEADER_SIZE", "PREFIX_SIZE",
     "META_KEY", "MAX_DOC_BYTES", "DOC_BASE_BYTES", "DEFAULT_MAX_BYTES", "MAX_JSON_DEPTH",
     "MAX_DIMS",
 ]
@@ -25,13 +26,16 @@ FORMAT = "hwprune.storage"
 #: more than 4 KiB by its own SHA-256 instead of its bytes, so that it is computed in
 #: threads), 4 (the layout of 5, whose coded value planes are all deflate streams: 5 codes
 #: planes of a MiB or more as Zstandard frames), 5 (the layout of 6 without alias records,
-#: ``aliases``) and 6 (the layout of 7 whose checksum is SHA-256, under the document's key
-#: ``sha256``: 7 hashes with BLAKE3, key ``blake3``). An older hwprune refuses a newer file by
+#: ``aliases``), 6 (the layout of 7 whose checksum is SHA-256, under the document's key
+#: ``sha256``: 7 hashes with BLAKE3, key ``blake3``) and 7 (the layout of 8 whose document is
+#: zlib-compressed: 8 stores it as a Zstandard frame). An older hwprune refuses a newer file by
 #: its version
-VERSION = 7
-READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7)
-#: the two arrays of version 2 and after: the zlib-compressed JSON document, and every array
-#: back to back
+VERSION = 8
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8)
+#: the version from which the document is a Zstandard frame (zlib before)
+ZSTD_DOC_VERSION = 8
+#: the two arrays of version 2 and after: the compressed JSON document, and every array back
+#: to back
 DOC_KEY, DATA_KEY = "hwprune.doc", "hwprune.data"
 #: the array dtypes a file may declare (numpy's ``dtype.str``, little-endian)
 ARRAY_DTYPES = {np.dtype(t).str: np.dtype(t) for t in

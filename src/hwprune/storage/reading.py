@@ -35,6 +35,7 @@ import numpy as np
 
 from .aliases import ALIAS, check_alias
 from .bits import dtype_from_name, element_size
+from .encodings.valuecoding import decode_frame
 from .errors import StorageError
 from .fileformat import (
     ARRAY_DTYPES,
@@ -52,6 +53,7 @@ from .fileformat import (
     PREFIX_SIZE,
     READABLE_VERSIONS,
     WRAPPER_VERSION,
+    ZSTD_DOC_VERSION,
 )
 
 __all__ = ["check_max_bytes", "read_regular", "parse_json", "unwrap", "Header", "parse_header",
@@ -298,24 +300,33 @@ def unwrap(data: bytes, max_bytes: int) -> bytes:
     return b"".join(parts)
 
 
-# -- version 2's document --------------------------------------------------------------------
-def unpack(stored: dict[str, np.ndarray],
-           max_bytes: int) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Version 2: the document (inflated to at most ``DOC_BASE_BYTES`` + the data section, and
-    ``MAX_DOC_BYTES`` and ``max_bytes`` at most) and the arrays it declares, cut from the data
-    blob in order; the blob must be used exactly."""
-    blob = stored[DATA_KEY]
-    limit = min(MAX_DOC_BYTES, max_bytes, DOC_BASE_BYTES + blob.size)
+# -- the document of version 2 and later ------------------------------------------------------
+def _zlib_document(stored: np.ndarray, limit: int, data_bytes: int) -> bytes:
+    """Versions 2 to 7: the document's zlib stream, inflated to at most ``limit`` bytes."""
     inflate = zlib.decompressobj()
     try:
-        raw = inflate.decompress(stored[DOC_KEY].tobytes(), limit + 1)
+        raw = inflate.decompress(stored.tobytes(), limit + 1)
     except zlib.error as err:
         raise StorageError(f"unreadable document ({err}); the file is damaged") from err
     if len(raw) > limit:
-        raise StorageError(f"the document inflates past {limit} bytes, more than a "
-                           f"data section of {blob.size} bytes can need; the file is forged")
+        raise StorageError(f"the document inflates past {limit} bytes, more than a data "
+                           f"section of {data_bytes} bytes can need; the file is forged")
     if not inflate.eof or inflate.unused_data:
         raise StorageError("the document is incomplete; the file is damaged")
+    return raw
+
+
+def unpack(stored: dict[str, np.ndarray], max_bytes: int,
+           version: int) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Version 2 and later: the document (decompressed to at most ``DOC_BASE_BYTES`` + the
+    data section, and ``MAX_DOC_BYTES`` and ``max_bytes`` at most) and the arrays it declares,
+    cut from the data blob in order; the blob must be used exactly."""
+    blob = stored[DATA_KEY]
+    limit = min(MAX_DOC_BYTES, max_bytes, DOC_BASE_BYTES + blob.size)
+    if version >= ZSTD_DOC_VERSION:  # its declared length checked before it is decoded
+        raw = decode_frame(stored[DOC_KEY], limit, "the document")
+    else:
+        raw = _zlib_document(stored[DOC_KEY], limit, blob.size)
     doc = parse_json(raw, "the document")
     if not isinstance(doc, dict) or not isinstance(doc.get("tensors"), list) \
             or not isinstance(doc.get("arrays"), list):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import os
-import zlib
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
@@ -37,6 +36,7 @@ from .packing import (
     canonical_json,
     check_key_free,
     checksum_of_entries,
+    compress_document,
     document,
     file_header,
     needs_digest,
@@ -125,7 +125,7 @@ def _first_header(records: list[dict], held_bytes: int, raw_seen: int, raw_bytes
     at the ratio of their encoded to their own bytes, the document's at their records' share
     of it. Only the digit counts matter, and the padding to 8 bytes absorbs most of those."""
     data = round(held_bytes * raw_bytes / max(raw_seen, 1))
-    doc = len(zlib.compress(canonical_json(records).encode(), 9)) * count // len(records)
+    doc = len(compress_document(canonical_json(records).encode())) * count // len(records)
     return file_header(max(data, held_bytes), max(doc, 1))
 
 

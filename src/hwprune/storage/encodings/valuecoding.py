@@ -42,8 +42,9 @@ import zstandard
 from ..errors import StorageError
 from .base import EncodedTensor, stored_array
 
-__all__ = ["VCODED", "ZSTD", "code_values", "decode_values", "MIN_CODED", "THREADED_BYTES",
-           "ZSTD_BYTES", "split_planes", "join_planes", "worth_coding", "byte_columns"]
+__all__ = ["VCODED", "ZSTD", "code_values", "decode_values", "decode_frame", "MIN_CODED",
+           "THREADED_BYTES", "ZSTD_BYTES", "split_planes", "join_planes", "worth_coding",
+           "byte_columns"]
 
 VCODED = "vcoded"
 #: the tag of an array whose coded planes are Zstandard frames
@@ -240,23 +241,32 @@ def _inflate(part: np.ndarray, count: int, what: str) -> np.ndarray:
 
 
 def _unzstd(part: np.ndarray, count: int, what: str) -> np.ndarray:
-    """A plane of exactly ``count`` bytes from its Zstandard frame. The frame must declare that
-    length and end where the plane does (its block headers walked, nothing decoded) before it
-    is decoded into a buffer of that length, which the decoder cannot overrun."""
+    """A plane of exactly ``count`` bytes from its Zstandard frame (``decode_frame``)."""
+    raw = decode_frame(part, count, f"{what}: a coded value plane")
+    if len(raw) != count:
+        raise StorageError(f"{what}: a coded value plane's frame declares {len(raw)} bytes, "
+                           f"not {count}")
+    return np.frombuffer(raw, np.uint8)
+
+
+def decode_frame(part: np.ndarray, most: int, what: str) -> bytes:
+    """The bytes of the one Zstandard frame that ``part`` (uint8) is. The frame must declare
+    its length, at most ``most``, and end where ``part`` does (its block headers walked,
+    nothing decoded) before it is decoded into a buffer of that length, which the decoder
+    cannot overrun; ``what`` names it in the errors."""
     try:
         declared = zstandard.frame_content_size(part)
-        if declared != count:
-            raise StorageError(f"{what}: a coded value plane's frame declares {declared} bytes, "
-                               f"not {count}")
+        if not 0 <= declared <= most:  # -1: not declared
+            raise StorageError(f"{what}'s frame declares {declared} bytes; at most {most} "
+                               "are allowed here")
         if _frame_length(part, what) != part.size:
-            raise StorageError(f"{what}: a coded value plane holds bytes after its frame")
-        raw = zstandard.ZstdDecompressor().decompress(part, max_output_size=count)
+            raise StorageError(f"{what} holds bytes after its frame")
+        raw = zstandard.ZstdDecompressor().decompress(part, max_output_size=max(declared, 1))
     except zstandard.ZstdError as err:
-        raise StorageError(f"{what}: a coded value plane does not decode ({err})") from err
-    if len(raw) != count:
-        raise StorageError(f"{what}: a coded value plane does not decode to exactly {count} "
-                           "bytes")
-    return np.frombuffer(raw, np.uint8)
+        raise StorageError(f"{what} does not decode ({err})") from err
+    if len(raw) != declared:
+        raise StorageError(f"{what} does not decode to the {declared} bytes its frame declares")
+    return raw
 
 
 def _frame_length(part: np.ndarray, what: str) -> int:
@@ -266,11 +276,11 @@ def _frame_length(part: np.ndarray, what: str) -> int:
     at = zstandard.frame_header_size(part)
     while True:
         if at + 3 > part.size:
-            raise StorageError(f"{what}: a coded value plane's frame is cut short")
+            raise StorageError(f"{what}'s frame is cut short")
         head = int.from_bytes(part[at: at + 3].tobytes(), "little")
         last, kind, size = head & 1, (head >> 1) & 3, head >> 3
         if kind == 3:
-            raise StorageError(f"{what}: a coded value plane's frame has a reserved block type")
+            raise StorageError(f"{what}'s frame has a reserved block type")
         at += 3 + (1 if kind == 1 else size)
         if last:
             break
