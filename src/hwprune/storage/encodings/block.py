@@ -83,13 +83,8 @@ class BlockEncoding(Encoding):
     def lower_bound(self, view: TensorView, params: dict) -> int:
         """Every nonzero is kept, and a tiling whose tiles are unions of a finer one's
         (bh' | bh, bw' | bw) keeps at least the elements the finer one keeps; + one bit a tile."""
-        bh, bw = params.get("bh", 4), params.get("bw", 4)
-        finer = [v for (h, w), v in view.memo.get(_KEPT, {}).items() if bh % h == 0
-                 and bw % w == 0]
-        rows, cols = view.matrix
-        tiles = -(-rows // bh) * -(-cols // bw)
-        kept = max(finer, default=view.nonzero)
-        return kept * view.itemsize + -(-tiles // 8)
+        return _kept_bound(view, params.get("bh", 4), params.get("bw", 4),
+                           view.memo.get(_KEPT, {}))
 
     def family_bound(self, view: TensorView, hints: dict[str, tuple[int, int]]) -> int:
         """The fewest of ``lower_bound`` over the sizes tried, once the kept elements of 1 x 2
@@ -100,14 +95,25 @@ class BlockEncoding(Encoding):
         rows, cols = view.matrix
         for h, w in ((1, 2), (2, 1)):
             if h <= rows and w <= cols:
-                kept_elements(view, h, w)  # into view.memo, for lower_bound
-        return min(self.lower_bound(view, p) for p in sizes)
+                kept_elements(view, h, w)  # into view.memo, for the bounds
+        known = view.memo[_KEPT]
+        return min(_kept_bound(view, p["bh"], p["bw"], known) for p in sizes)
 
     def min_index_bits(self, enc: EncodedTensor) -> float | None:
         rows, cols = matrix_of(enc)
         count = -(-rows // enc.meta["bh"]) * -(-cols // enc.meta["bw"])
         kept = int(np.unpackbits(enc.index["tiles"], count=count).sum())
         return block_min_bits(count, kept)
+
+
+def _kept_bound(view: TensorView, bh: int, bw: int, known: dict) -> int:
+    """``lower_bound`` of bh x bw tiles from the kept elements ``known`` of finer tilings."""
+    rows, cols = view.matrix
+    kept = view.nonzero
+    for (h, w), count in known.items():
+        if bh % h == 0 and bw % w == 0 and count > kept:
+            kept = count
+    return kept * view.itemsize + -(-(-(-rows // bh) * -(-cols // bw)) // 8)
 
 
 def kept_elements(view: TensorView, bh: int, bw: int) -> int:
@@ -129,10 +135,11 @@ def pairs_kept(view: TensorView, axis: int) -> int:
     rows, cols = view.matrix
     m = view.nz.reshape(rows, cols)
     if axis == 0:
-        m = m.T
-    length = m.shape[1]
-    kept = 2 * int(np.count_nonzero(m[:, 0:length - 1:2] | m[:, 1::2]))
-    return kept + (int(np.count_nonzero(m[:, -1])) if length % 2 else 0)
+        first, second, odd = m[0:rows - 1:2], m[1::2], m[-1] if rows % 2 else None
+    else:
+        first, second, odd = m[:, 0:cols - 1:2], m[:, 1::2], m[:, -1] if cols % 2 else None
+    kept = 2 * int(np.count_nonzero(first | second))
+    return kept + (int(np.count_nonzero(odd)) if odd is not None else 0)
 
 
 def kept_grid(view: TensorView, bh: int, bw: int) -> np.ndarray:
