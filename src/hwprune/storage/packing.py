@@ -63,11 +63,11 @@ def document(tensors_json: str, listed: list, digest: str, version: int = VERSIO
 
 def compress_document(text: bytes, version: int = VERSION) -> bytes:
     """The document's JSON ``text`` as a ``version`` file stores it: one Zstandard frame with
-    its length and checksum from ``ZSTD_DOC_VERSION`` on (about a third smaller than zlib's
-    best and ten times as fast on a ResNet's records), a zlib stream before."""
+    its length and checksum from ``ZSTD_DOC_VERSION`` on (smaller than zlib's best level and
+    several times as fast on a model's records: docs/storage.md), a zlib stream before."""
     if version >= ZSTD_DOC_VERSION:
-        # level 9: a quarter smaller than the default level, a few tenths of a millisecond;
-        # a compressor per call, as one is not for two threads at once
+        # level 9: smaller than the default level for well under a millisecond on a ResNet's
+        # records; a compressor per call, as one is not for two threads at once
         return zstandard.ZstdCompressor(level=9, write_checksum=True).compress(text)
     return zlib.compress(text, 9)
 
