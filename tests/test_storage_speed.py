@@ -513,7 +513,7 @@ def _safetensors_pack(records, arrays, version):
 @SETTINGS
 @given(seed=st.integers(0, 1000), sparsity=st.sampled_from([0.0, 0.5, 0.95, 1.0]),
        sizes=st.lists(st.integers(0, 300), min_size=0, max_size=4),
-       version=st.sampled_from([2, 3, 6, container.VERSION]))
+       version=st.sampled_from([2, 3, 6, 7, container.VERSION]))
 def test_the_joined_file_is_byte_for_byte_what_safetensors_writes(seed, sparsity, sizes, version):
     gen = torch.Generator().manual_seed(seed)
     state = {}
