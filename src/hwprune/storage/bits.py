@@ -226,9 +226,10 @@ def pack_radix(digits: np.ndarray, radix: int) -> np.ndarray:
     padded = np.zeros(-(-d.size // g) * g, np.uint64)
     padded[: d.size] = d
     # each group's number: its digits times the powers of radix, summed (every partial sum
-    # is below radix^g < 2^64, so nothing overflows)
+    # is below radix^g < 2^64, so nothing overflows) as one integer matrix-vector product:
+    # a reduction along rows of a few digits is slow in numpy
     powers = np.array([radix ** (g - 1 - j) for j in range(g)], np.uint64)
-    acc = (padded.reshape(-1, g) * powers).sum(axis=1, dtype=np.uint64)
+    acc = padded.reshape(-1, g) @ powers
     return pack_uint(acc, width)
 
 

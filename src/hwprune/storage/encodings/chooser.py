@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -67,9 +67,9 @@ def encodings_for(t: Tensor, hints: Hints = None) -> list[EncodedTensor]:
     return out
 
 
-@dataclass(frozen=True)
-class Candidate:
-    """One way to store a tensor, with its exact size computed without encoding it."""
+class Candidate(NamedTuple):
+    """One way to store a tensor, with its exact size computed without encoding it (a named
+    tuple: the chooser makes a few dozen per tensor)."""
 
     encoding: str
     params: dict
