@@ -1,10 +1,20 @@
-"""Small models built in the tests themselves (no data files needed)."""
+"""Small models built in the tests themselves (no data files needed), and the property tests'
+profile."""
+
+import os
 
 import pytest
 import torch
+from hypothesis import settings
 from torch import nn
 
 from hwprune.models.resnet_cifar import BasicBlock
+
+# CI (.ci/run) draws the same examples on every run, so that its outcome is the code's and not
+# the draw's; elsewhere each run draws new ones, which is how hypothesis finds what CI would not
+settings.register_profile("ci", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "explore"))
 
 
 class TinyNet(nn.Module):
