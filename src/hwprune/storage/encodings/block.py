@@ -130,8 +130,8 @@ def kept_elements(view: TensorView, bh: int, bw: int) -> int:
 
 def pairs_kept(view: TensorView, axis: int) -> int:
     """The real elements that 2 x 1 (``axis`` 0) or 1 x 2 (``axis`` 1) tiles keep: twice the
-    pairs of neighbours holding a nonzero, plus the odd last row or column's nonzeros. The
-    number ``sizes`` gives for that tile, from two strided views, without padding the mask."""
+    pairs of neighbours holding a nonzero, plus the odd last row or column's nonzeros: the
+    count of the padded tile grid (``kept_grid``), from two strided views of the mask."""
     rows, cols = view.matrix
     m = view.nz.reshape(rows, cols)
     if axis == 0:

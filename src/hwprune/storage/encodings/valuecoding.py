@@ -261,6 +261,7 @@ def decode_frame(part: np.ndarray, most: int, what: str) -> bytes:
                                "are allowed here")
         if _frame_length(part, what) != part.size:
             raise StorageError(f"{what} holds bytes after its frame")
+        # (a limit of 0 would mean none to zstandard: an empty frame gets 1)
         raw = zstandard.ZstdDecompressor().decompress(part, max_output_size=max(declared, 1))
     except zstandard.ZstdError as err:
         raise StorageError(f"{what} does not decode ({err})") from err
